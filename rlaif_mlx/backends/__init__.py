@@ -1,0 +1,57 @@
+"""Backend selection. The framework is imported only when its backend is created."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import platform
+
+from .base import Backend, BackendUnavailable
+
+_INSTALL = {
+    "torch": "pip install 'rlaif-mlx[torch]'  (CUDA users: install the torch build for your CUDA first)",
+    "mlx": "pip install 'rlaif-mlx[mlx]'  (on Linux: pip install 'mlx[cpu]' mlx-lm)",
+}
+_MODULES = {"torch": ("torch", "transformers", "peft"), "mlx": ("mlx", "mlx_lm")}
+
+
+def installed(name: str) -> bool:
+    """Whether a backend's frameworks are importable (without importing them)."""
+    return all(importlib.util.find_spec(m) is not None for m in _MODULES[name])
+
+
+def resolve_backend_name(requested: str) -> str:
+    """Turns ``auto`` into a concrete backend name.
+
+    MLX on Apple silicon; PyTorch where CUDA is available; else the first
+    installed of PyTorch, MLX.
+
+    Raises:
+        BackendUnavailable: nothing usable is installed, or the requested one is missing.
+    """
+    if requested != "auto":
+        if not installed(requested):
+            raise BackendUnavailable(f"backend '{requested}' is not installed: {_INSTALL[requested]}")
+        return requested
+    if platform.system() == "Darwin" and platform.machine() == "arm64" and installed("mlx"):
+        return "mlx"
+    if installed("torch"):
+        return "torch"
+    if installed("mlx"):
+        return "mlx"
+    raise BackendUnavailable(f"no backend is installed: {_INSTALL['torch']}  or  {_INSTALL['mlx']}")
+
+
+def create_backend(name: str, model, training, *, seed: int, total_steps: int) -> Backend:
+    """Creates the named backend (``torch`` or ``mlx``) for the given config sections."""
+    name = resolve_backend_name(name)
+    try:
+        module = importlib.import_module(f"rlaif_mlx.backends.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("rlaif_mlx"):
+            raise BackendUnavailable(f"the '{name}' backend is not part of this version of rlaif-mlx") from None
+        raise BackendUnavailable(f"backend '{name}' needs {exc.name}: {_INSTALL[name]}") from None
+    return module.create(model, training, seed=seed, total_steps=total_steps)
+
+
+__all__ = ["Backend", "BackendUnavailable", "create_backend", "installed", "resolve_backend_name"]

@@ -1,0 +1,200 @@
+"""The Backend interface and the records that cross it.
+
+Everything here is framework-free (numpy only), so the trainer, rewards and
+tests speak one language whichever backend runs the model.
+
+Conventions shared by every backend:
+- Sequences are prompt + completion token ids, right-padded. Right padding keeps
+  position ids contiguous for every row, so no position bookkeeping is needed.
+- Log-prob arrays are ``[N, T-1]``: column ``t`` is ``log p(ids[t+1] | ids[:t+1])``
+  at temperature 1 (the policy itself, not the sampling distribution).
+- ``loss_mask [N, T-1]`` is 1 where the *target* is a completion token, 0 on
+  prompt and padding targets, so neither ever reaches a loss or a denominator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample completions. Zero / one values switch a filter off."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled completion, kept as the tokens that were sampled.
+
+    ``completion_ids`` holds exactly the sampled tokens (EOS included when the
+    model emitted it; cut right after the token that completed a stop string).
+    ``logprobs[i]`` is the policy log-prob (temperature 1) of ``completion_ids[i]``.
+    Training uses these ids directly: the text is for graders and people.
+    """
+
+    uid: str
+    prompt_index: int
+    sample_index: int
+    prompt_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    text: str
+    finish_reason: str  # "eos" | "stop" | "length"
+
+
+@dataclass
+class SequenceBatch:
+    """Prompt + completion ids as a right-padded batch.
+
+    Attributes:
+        input_ids: ``[N, T]`` int64.
+        attention_mask: ``[N, T]`` int64, 1 on real tokens.
+        loss_mask: ``[N, T-1]`` float32, 1 where the target is a completion token.
+    """
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    loss_mask: np.ndarray
+
+    @classmethod
+    def from_completions(cls, completions: list[Completion], *, pad_id: int) -> "SequenceBatch":
+        """Builds the batch from sampled tokens (never from re-tokenised text)."""
+        rows = [list(c.prompt_ids) + list(c.completion_ids) for c in completions]
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+        attention = np.zeros((len(rows), width), dtype=np.int64)
+        loss_mask = np.zeros((len(rows), width - 1), dtype=np.float32)
+        for i, (row, c) in enumerate(zip(rows, completions)):
+            ids[i, : len(row)] = row
+            attention[i, : len(row)] = 1
+            start = len(c.prompt_ids)
+            # target index t predicts ids[t+1]; completion targets are ids[start:len(row)]
+            loss_mask[i, start - 1 : len(row) - 1] = 1.0
+        return cls(input_ids=ids, attention_mask=attention, loss_mask=loss_mask)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def rows(self, index: slice | np.ndarray) -> "SequenceBatch":
+        """A sub-batch, trimmed to its own longest row (no wasted padding)."""
+        ids, attn, mask = self.input_ids[index], self.attention_mask[index], self.loss_mask[index]
+        width = max(int(attn.sum(axis=1).max()), 2)
+        return SequenceBatch(ids[:, :width], attn[:, :width], mask[:, : width - 1])
+
+
+@dataclass
+class TrainBatch:
+    """What one optimizer step consumes.
+
+    Attributes:
+        sequences: the tokens.
+        advantages: ``[N]`` float32, one per sequence.
+        token_weights: ``[N, T-1]`` float32, ``loss_mask`` divided by the aggregation
+            normaliser of the *whole* batch, so micro-batch losses add up exactly.
+        old_logp: ``[N, T-1]`` behaviour-policy log-probs, or None for a single
+            update per batch (then ``old = stop_gradient(logp)``).
+        ref_logp: ``[N, T-1]`` frozen-reference log-probs, or None when the KL
+            term is not in the loss.
+    """
+
+    sequences: SequenceBatch
+    advantages: np.ndarray
+    token_weights: np.ndarray
+    old_logp: np.ndarray | None = None
+    ref_logp: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The objective's knobs, passed to ``Backend.train_step`` each step."""
+
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    kl_coef: float = 0.0  # the KL term in the loss; 0 when KL is in the reward
+
+
+@dataclass
+class StepStats:
+    """What a train step reports (plain floats)."""
+
+    loss: float
+    pg_loss: float
+    kl: float
+    clip_fraction: float
+    ratio_mean: float
+    grad_norm: float
+    lr: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One model, its tokenizer, its optimizer: everything framework-specific.
+
+    Implementations: ``backends/torch.py`` and ``backends/mlx.py``. Both take the
+    same config sections (``ModelConfig``, ``LoraConfig``, ``OptimConfig``) and
+    keep the same method order and names.
+    """
+
+    name: str  # "torch" | "mlx"
+    device: str  # e.g. "cpu", "cuda:0", "metal"
+    tokenizer: Any  # a Hugging Face compatible tokenizer (encode/decode/apply_chat_template)
+    pad_id: int
+    eos_ids: tuple[int, ...]
+
+    def sample(self, prompts: list[list[int]], *, n: int, params: SamplingParams) -> list[Completion]:
+        """Samples ``n`` completions per prompt, grouped by prompt (prompt-major order)."""
+        ...
+
+    def logprobs(self, batch: SequenceBatch, *, reference: bool = False) -> np.ndarray:
+        """Per-token log-probs ``[N, T-1]`` under the policy or the frozen reference."""
+        ...
+
+    def train_step(self, batch: TrainBatch, *, loss: LossSettings, learning_rate: float | None = None) -> StepStats:
+        """One optimizer step over the batch (micro-batched, accumulated, clipped).
+
+        With ``learning_rate`` the step uses it and the LR schedule does not advance
+        (the supervised warm-up runs outside the RL schedule).
+        """
+        ...
+
+    def rebase_reference(self) -> None:
+        """Makes the current weights the frozen KL reference and restarts the optimizer.
+
+        With LoRA: merge the adapters into the base weights and start fresh
+        adapters (the reference stays "adapters off"). Full fine-tuning: copy the
+        current weights into the reference model.
+        """
+        ...
+
+    def trainable_parameter_count(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts."""
+        ...
+
+    def save(self, path: Path) -> None:
+        """Writes trainable weights + optimizer + scheduler state into folder ``path``."""
+        ...
+
+    def load(self, path: Path) -> None:
+        """Restores what ``save`` wrote."""
+        ...
+
+    def export(self, path: Path) -> None:
+        """Writes a merged model (LoRA folded in) + tokenizer in Hugging Face layout."""
+        ...
+
+
+class BackendUnavailable(RuntimeError):
+    """The chosen backend's framework is not installed; the message says how to fix it."""

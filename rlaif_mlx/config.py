@@ -1,0 +1,251 @@
+"""Typed run configuration: YAML in, validated pydantic model out.
+
+Every key is checked at load: an unknown key, a wrong type or an out-of-range
+value becomes one ``ConfigError`` line naming the file, the line and the key
+path, e.g. ``configs/x.yaml:12: training.learning_rate: must be > 0 (got -1)``.
+Section and key names follow the original mlx-rlaif tool where they fit
+(``model.base_model``, ``rlaif.num_samples_per_prompt``, ``rlaif.kl_penalty``,
+``rlaif.target_kl``, ``training.learning_rate`` ...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem, already phrased as one line for the user."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TorchOptions(_Section):
+    """PyTorch-only knobs; the MLX backend ignores them with a note."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    attn_implementation: str | None = None  # e.g. sdpa, eager, flash_attention_2
+
+
+class MlxOptions(_Section):
+    """MLX-only knobs; the PyTorch backend ignores them with a note."""
+
+    memory_limit_gb: float | None = Field(default=None, gt=0)
+
+
+class ModelConfig(_Section):
+    base_model: str = Field(min_length=1)
+    build_tiny_if_missing: bool = False  # build the random tiny model at base_model when absent
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    use_lora: bool = True
+    lora_r: int = Field(default=16, ge=1)
+    lora_alpha: float = Field(default=32.0, gt=0)
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1
+    )
+    torch: TorchOptions = Field(default_factory=TorchOptions)
+    mlx: MlxOptions = Field(default_factory=MlxOptions)
+
+
+class DataConfig(_Section):
+    train_file: str
+    eval_file: str | None = None
+    on_bad_line: Literal["error", "skip"] = "error"
+    use_chat_template: bool = True
+    system_prompt: str | None = None
+    max_prompt_tokens: int = Field(default=1024, ge=8)
+
+
+class TrainingConfig(_Section):
+    num_epochs: int = Field(default=1, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=4, ge=1, description="prompts per optimizer step")
+    micro_batch_size: int = Field(default=8, ge=1, description="sequences per forward/backward")
+    learning_rate: float = Field(default=1e-5, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    adam_beta1: float = Field(default=0.9, ge=0, lt=1)
+    adam_beta2: float = Field(default=0.999, ge=0, lt=1)
+    warmup_steps: int = Field(default=0, ge=0)
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = "cosine"
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    updates_per_batch: int = Field(default=1, ge=1, description="PPO epochs over one batch")
+    clip_eps_low: float = Field(default=0.2, gt=0, lt=1)
+    clip_eps_high: float = Field(default=0.2, gt=0)
+    loss_aggregation: Literal["token_mean", "sequence_mean", "constant"] = "token_mean"
+    save_steps: int = Field(default=50, ge=1)
+    save_total_limit: int = Field(default=3, ge=1)
+    # supervised warm-up on the tasks' reference solutions before RL starts
+    sft_warmup_steps: int = Field(default=0, ge=0)
+    sft_learning_rate: float | None = Field(default=None, gt=0)
+    sft_batch_size: int = Field(default=8, ge=1)
+
+
+class RlaifConfig(_Section):
+    num_samples_per_prompt: int = Field(default=4, ge=1)
+    max_new_tokens: int = Field(default=256, ge=1)
+    generation_temperature: float = Field(default=1.0, gt=0)
+    top_k: int = Field(default=0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    min_p: float = Field(default=0.0, ge=0, lt=1)
+    stop: list[str] = Field(default_factory=list)
+    kl_penalty: float = Field(default=0.05, ge=0, description="initial KL coefficient (beta)")
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    kl_placement: Literal["loss", "reward"] = "loss"
+    adaptive_kl: bool = True
+    target_kl: float = Field(default=0.05, gt=0, description="per-token KL the controller aims for")
+    kl_horizon: int = Field(default=10000, ge=1)
+    baseline: Literal["group_mean", "leave_one_out", "ema", "none"] = "group_mean"
+    scale_by_std: bool = True
+    whiten_advantages: bool = False
+    ema_decay: float = Field(default=0.9, gt=0, lt=1)
+    skip_zero_variance_groups: bool = False
+
+
+class RewardConfig(_Section):
+    weights: dict[str, float] = Field(default_factory=lambda: {"has_code": 0.0, "parses": 0.1, "tests": 0.9})
+    test_timeout_s: float = Field(default=10.0, gt=0)
+    max_workers: int = Field(default=2, ge=1)
+    memory_limit_mb: int = Field(default=1024, ge=64)
+
+    @model_validator(mode="after")
+    def _known_components(self) -> "RewardConfig":
+        unknown = sorted(set(self.weights) - {"has_code", "parses", "tests"})
+        if unknown:
+            raise ValueError(f"unknown reward component(s) {unknown}; known: has_code, parses, tests")
+        return self
+
+
+class CurriculumConfig(_Section):
+    enabled: bool = False
+    num_buckets: int = Field(default=3, ge=1)
+    advance_threshold: float = Field(default=0.7, description="bucket mean reward that moves on")
+    advance_after_steps: int | None = Field(default=None, ge=1, description="step budget per bucket")
+    window: int = Field(default=16, ge=1)
+    mix_previous: float = Field(default=0.0, ge=0, le=1)
+
+
+class LoggingConfig(_Section):
+    log_every: int = Field(default=1, ge=1)
+
+
+class RunConfig(_Section):
+    seed: int = 0
+    backend: Literal["auto", "torch", "mlx"] = "auto"
+    output_dir: str = "runs/default"
+    model: ModelConfig
+    data: DataConfig
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    rlaif: RlaifConfig = Field(default_factory=RlaifConfig)
+    rewards: RewardConfig = Field(default_factory=RewardConfig)
+    curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+
+# CLI flag -> dotted key path
+CLI_OVERRIDES = {
+    "model": "model.base_model",
+    "train_file": "data.train_file",
+    "eval_file": "data.eval_file",
+    "backend": "backend",
+    "output_dir": "output_dir",
+    "max_steps": "training.max_steps",
+    "seed": "seed",
+}
+
+
+def load_config(path: str | Path, *, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Reads, overrides and validates a YAML config.
+
+    Args:
+        path: the YAML file. Relative data/model paths inside it are resolved
+            against the current directory, as a user typing them would expect.
+        overrides: dotted key path -> value (e.g. ``{"training.max_steps": 5}``);
+            ``None`` values are ignored.
+
+    Returns:
+        The validated ``RunConfig``.
+
+    Raises:
+        ConfigError: one line naming the file, line and key path.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+        lines = _key_lines(yaml.compose(text))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(raw, dotted, value)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_first_error_line(exc, path, lines)) from None
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Writes the resolved config (every default filled in) as YAML."""
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def _key_lines(node: yaml.Node | None, prefix: tuple = ()) -> dict[tuple, int]:
+    """Maps each key path in the YAML document to its 1-based line number."""
+    found: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = (*prefix, key_node.value)
+            found[key] = key_node.start_mark.line + 1
+            found.update(_key_lines(value_node, key))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found[(*prefix, i)] = item.start_mark.line + 1
+            found.update(_key_lines(item, (*prefix, i)))
+    return found
+
+
+def _first_error_line(exc: ValidationError, path: Path, lines: dict[tuple, int]) -> str:
+    err = exc.errors()[0]
+    loc = tuple(str(p) if not isinstance(p, int) else p for p in err["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    line = None
+    for n in range(len(loc), 0, -1):  # the deepest key that exists in the file
+        line = lines.get(loc[:n])
+        if line is not None:
+            break
+    where = f"{path}:{line}" if line else str(path)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        msg = "unknown key"
+    elif kind == "missing":
+        msg = "required key is missing"
+    else:
+        msg = err["msg"].removeprefix("Value error, ")
+        if "input" in err and not isinstance(err["input"], (dict, list)):
+            msg += f" (got {err['input']!r})"
+    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{where}: {key}: {msg}{more}"

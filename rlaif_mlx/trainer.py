@@ -1,0 +1,332 @@
+"""The training recipe: one backend-agnostic loop that wires the components.
+
+A step reads top to bottom: pick prompts, sample, score, reference log-probs,
+advantages, update, KL control, record. The math lives in ``advantages``,
+``kl`` and ``objective``; the framework lives in the backend.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import advantages as adv
+from . import kl as klmod
+from .backends.base import Backend, Completion, LossSettings, SamplingParams, SequenceBatch, TrainBatch
+from .checkpoint import save_checkpoint
+from .config import RunConfig
+from .curriculum import Curriculum, estimate_difficulty
+from .data import Task, TaskSet, prompt_token_ids, reference_completion_text
+from .metrics import JsonlSink
+from .objective import aggregation_weights
+from .rewards import RewardPipeline, RewardResult
+
+
+@dataclass
+class Rollout:
+    """One step's samples with everything attached to them, in prompt-major order.
+
+    Attributes:
+        tasks: ``[B]`` the prompts' tasks.
+        completions: ``[B*G]`` sampled completions.
+        results: uid -> reward result (looked up by uid, never by position).
+        rewards: ``[B, G]`` scalar reward, NaN where a sample could not be scored.
+        sequences: the ``[B*G, T]`` token batch.
+        policy_logp / ref_logp: ``[B*G, T-1]``.
+    """
+
+    tasks: list[Task]
+    completions: list[Completion]
+    results: dict[str, RewardResult]
+    rewards: np.ndarray
+    sequences: SequenceBatch
+    policy_logp: np.ndarray
+    ref_logp: np.ndarray | None
+
+
+def total_optimizer_steps(config: RunConfig, num_tasks: int) -> int:
+    """``max_steps`` when set (it overrides ``num_epochs``), else ``num_epochs`` over the tasks."""
+    if config.training.max_steps:
+        return config.training.max_steps
+    return math.ceil(num_tasks / config.training.batch_size) * config.training.num_epochs
+
+
+class Trainer:
+    """Runs RL on one backend with one reward pipeline.
+
+    Args:
+        config: the validated run config.
+        backend: the model, tokenizer and optimizer.
+        train: the training tasks.
+        rewards: scores completions.
+        output_dir: where metrics and checkpoints go.
+        log: prints one human line (the dashboard replaces it in a later version).
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        backend: Backend,
+        train: TaskSet,
+        rewards: RewardPipeline,
+        output_dir: Path,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.tasks = train.by_id()
+        self.rewards = rewards
+        self.output_dir = Path(output_dir)
+        self.log = log
+        self.total_steps = total_optimizer_steps(config, len(self.tasks))
+        self.step = 0
+        data = config.data
+        self.prompt_ids = {
+            t.id: prompt_token_ids(
+                backend.tokenizer, t, use_chat_template=data.use_chat_template,
+                system_prompt=data.system_prompt, max_prompt_tokens=data.max_prompt_tokens,
+            )
+            for t in train.tasks
+        }
+        cur = config.curriculum
+        self.curriculum = Curriculum(
+            [t.id for t in train.tasks],
+            [t.difficulty if t.difficulty is not None else estimate_difficulty(t.prompt, t.reference, t.tests)
+             for t in train.tasks],
+            enabled=cur.enabled, num_buckets=cur.num_buckets, advance_threshold=cur.advance_threshold,
+            advance_after_steps=cur.advance_after_steps, window=cur.window, mix_previous=cur.mix_previous,
+            seed=config.seed,
+        )
+        rl = config.rlaif
+        if rl.adaptive_kl:
+            self.kl_controller = klmod.AdaptiveKLController(rl.kl_penalty, rl.target_kl, rl.kl_horizon)
+        else:
+            self.kl_controller = klmod.FixedKLController(rl.kl_penalty)
+        self.ema = adv.EmaBaseline(decay=rl.ema_decay) if rl.baseline == "ema" else None
+        self.metrics = JsonlSink(self.output_dir / "metrics.jsonl", truncate_after_step=0)
+
+    # ---- the loop -------------------------------------------------------
+
+    def run(self) -> list[dict[str, Any]]:
+        """Warm-up (if configured), then RL steps until the budget; returns the step records."""
+        if self.config.training.sft_warmup_steps:
+            self.supervised_warmup()
+        records = []
+        while self.step < self.total_steps:
+            record = self.train_step()
+            records.append(record)
+            if self.step % self.config.training.save_steps == 0 or self.step == self.total_steps:
+                self.save()
+        self.metrics.close()
+        return records
+
+    def train_step(self) -> dict[str, Any]:
+        """One RL step: sample, score, advantages, update, KL control, record."""
+        t0 = time.perf_counter()
+        tasks = [self.tasks[i] for i in self.curriculum.next_batch(self.config.training.batch_size)]
+        completions = self.sample(tasks)
+        t_sample = time.perf_counter()
+        results = self.rewards.score([(c.uid, tasks[c.prompt_index], c.text) for c in completions])
+        t_score = time.perf_counter()
+        rollout = self.assemble(tasks, completions, results)
+        advantages, weights, adv_stats = self.advantages(rollout)
+        stats = self.update(rollout, advantages, weights)
+        kl_token = klmod.masked_mean_kl(
+            rollout.policy_logp, rollout.ref_logp, rollout.sequences.loss_mask, estimator=self.config.rlaif.kl_estimator
+        ) if rollout.ref_logp is not None else float("nan")
+        kl_coef = self.kl_controller.value
+        self.kl_controller.update(kl_token, len(completions))
+        for i, task in enumerate(tasks):
+            group = rollout.rewards[i]
+            if np.isfinite(group).any():
+                self.curriculum.record(task.id, float(np.nanmean(group)))
+        self.step += 1
+        t_end = time.perf_counter()
+        record = self.record(rollout, stats, adv_stats, kl_token, kl_coef,
+                             times=(t_sample - t0, t_score - t_sample, t_end - t_score, t_end - t0))
+        return record
+
+    # ---- the parts of a step ---------------------------------------------
+
+    def sample(self, tasks: list[Task]) -> list[Completion]:
+        rl = self.config.rlaif
+        params = SamplingParams(
+            max_new_tokens=rl.max_new_tokens, temperature=rl.generation_temperature, top_k=rl.top_k,
+            top_p=rl.top_p, min_p=rl.min_p, stop=tuple(rl.stop),
+            seed=self.config.seed * 1_000_003 + self.step,  # reproducible, different every step
+        )
+        return self.backend.sample([self.prompt_ids[t.id] for t in tasks], n=rl.num_samples_per_prompt, params=params)
+
+    def assemble(self, tasks: list[Task], completions: list[Completion], results: dict[str, RewardResult]) -> Rollout:
+        """Attaches rewards (by uid) and log-probs to the samples."""
+        G = self.config.rlaif.num_samples_per_prompt
+        rewards = np.full((len(tasks), G), np.nan, dtype=np.float64)
+        for c in completions:
+            r = results[c.uid].reward
+            rewards[c.prompt_index, c.sample_index] = np.nan if r is None else r
+        sequences = SequenceBatch.from_completions(completions, pad_id=self.backend.pad_id)
+        policy_logp = sampled_logprobs(completions, sequences)
+        need_ref = self.kl_controller.value > 0 or self.config.rlaif.adaptive_kl
+        ref_logp = self.backend.logprobs(sequences, reference=True) if need_ref else None
+        return Rollout(tasks, completions, results, rewards, sequences, policy_logp, ref_logp)
+
+    def advantages(self, rollout: Rollout) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """Per-sample advantages ``[B*G]`` and the token weights ``[B*G, T-1]`` of the loss."""
+        rl = self.config.rlaif
+        rewards = rollout.rewards
+        if rl.kl_placement == "reward" and rollout.ref_logp is not None:
+            flat = klmod.kl_penalised_rewards(
+                rewards.reshape(-1), rollout.ref_logp, rollout.policy_logp, rollout.sequences.loss_mask,
+                self.kl_controller.value,
+            )
+            rewards = flat.reshape(rewards.shape)
+        result = adv.compute_advantages(
+            rewards, baseline=rl.baseline, scale_by_std=rl.scale_by_std, whiten=rl.whiten_advantages,
+            ema_state=self.ema,
+        )
+        keep = result.valid_mask.copy()
+        if rl.skip_zero_variance_groups:
+            keep &= ~result.zero_variance_mask[:, None]
+        mask = rollout.sequences.loss_mask * keep.reshape(-1, 1).astype(np.float32)
+        weights = aggregation_weights(
+            mask, aggregation=self.config.training.loss_aggregation, max_tokens=self.config.rlaif.max_new_tokens
+        )
+        stats = {
+            "zero_variance_groups": int(result.zero_variance_groups),
+            "unscored": int((~result.valid_mask).sum()),
+            "advantage_abs_mean": float(np.abs(result.advantages[result.valid_mask]).mean())
+            if result.valid_mask.any() else 0.0,
+        }
+        return np.nan_to_num(result.advantages).reshape(-1).astype(np.float32), weights.astype(np.float32), stats
+
+    def update(self, rollout: Rollout, advantages: np.ndarray, weights: np.ndarray):
+        """``updates_per_batch`` optimizer steps on the rollout; returns the last step's stats."""
+        rl = self.config.rlaif
+        kl_in_loss = rl.kl_placement == "loss" and rollout.ref_logp is not None
+        settings = LossSettings(
+            clip_eps_low=self.config.training.clip_eps_low, clip_eps_high=self.config.training.clip_eps_high,
+            kl_coef=self.kl_controller.value if kl_in_loss else 0.0,
+        )
+        multi = self.config.training.updates_per_batch > 1
+        batch = TrainBatch(
+            sequences=rollout.sequences, advantages=advantages, token_weights=weights,
+            # one update: the ratio is against the current policy exactly (stop-gradient);
+            # several: against the behaviour policy that sampled the batch
+            old_logp=rollout.policy_logp if multi else None,
+            ref_logp=rollout.ref_logp if kl_in_loss else None,
+        )
+        stats = None
+        for _ in range(self.config.training.updates_per_batch):
+            stats = self.backend.train_step(batch, loss=settings)
+        return stats
+
+    def record(self, rollout: Rollout, stats, adv_stats: dict, kl_token: float, kl_coef: float, *, times) -> dict:
+        rewards = rollout.rewards[np.isfinite(rollout.rewards)]
+        lengths = [len(c.completion_ids) for c in rollout.completions]
+        components: dict[str, list[float]] = {}
+        errors = 0
+        for res in rollout.results.values():
+            errors += res.error is not None and res.reward is None
+            for name, value in res.components.items():
+                components.setdefault(name, []).append(value)
+        sample_s, score_s, train_s, total_s = times
+        record = {
+            "step": self.step,
+            "epoch": self.curriculum.epoch,
+            "reward_mean": float(rewards.mean()) if rewards.size else float("nan"),
+            "reward_std": float(rewards.std()) if rewards.size else float("nan"),
+            **{f"reward/{k}": float(np.mean(v)) for k, v in sorted(components.items())},
+            "kl": float(kl_token),
+            "kl_coef": float(kl_coef),
+            "loss": stats.loss,
+            "pg_loss": stats.pg_loss,
+            "grad_norm": stats.grad_norm,
+            "lr": stats.lr,
+            "clip_fraction": stats.clip_fraction,
+            "completion_len_mean": float(np.mean(lengths)),
+            "scoring_errors": int(errors),
+            **adv_stats,
+            "curriculum_bucket": self.curriculum.bucket,
+            "sample_seconds": sample_s,
+            "score_seconds": score_s,
+            "train_seconds": train_s,
+            "step_seconds": total_s,
+            "tokens_per_second": float(sum(lengths) / max(sample_s, 1e-9)),
+        }
+        self.metrics.write(record)
+        if self.step % self.config.logging.log_every == 0 or self.step == self.total_steps:
+            self.log(format_step_line(record, self.total_steps))
+        return record
+
+    # ---- warm-up and checkpoints -------------------------------------------
+
+    def supervised_warmup(self) -> None:
+        """Teaches the reference solutions for a few steps, then makes that the KL reference.
+
+        RL needs some successes to reinforce; a random or weak model gets none.
+        Afterwards the warmed-up weights become the frozen reference, so the KL
+        penalty keeps RL near them rather than pulling back to the raw base.
+        """
+        cfg = self.config.training
+        with_ref = [t for t in self.tasks.values() if t.reference]
+        if not with_ref:
+            self.log("supervised warm-up skipped: no task has a reference solution")
+            return
+        rng = np.random.default_rng(self.config.seed)
+        lr = cfg.sft_learning_rate or cfg.learning_rate
+        tok = self.backend.tokenizer
+        eos = self.backend.eos_ids[0]
+        for i in range(cfg.sft_warmup_steps):
+            picks = rng.choice(len(with_ref), size=min(cfg.sft_batch_size, len(with_ref)), replace=False)
+            completions = []
+            for j, k in enumerate(picks):
+                task = with_ref[k]
+                target = tok.encode(reference_completion_text(task), add_special_tokens=False) + [eos]
+                completions.append(Completion(f"sft-{j}", j, 0, tuple(self.prompt_ids[task.id]), tuple(target),
+                                              tuple([0.0] * len(target)), "", "eos"))
+            seqs = SequenceBatch.from_completions(completions, pad_id=self.backend.pad_id)
+            weights = aggregation_weights(seqs.loss_mask, aggregation="token_mean")
+            # At ratio 1 the clipped surrogate's gradient with advantage 1 is the NLL gradient.
+            self.backend.train_step(
+                TrainBatch(seqs, np.ones(len(completions), np.float32), weights.astype(np.float32)),
+                loss=LossSettings(kl_coef=0.0), learning_rate=lr,
+            )
+            if (i + 1) % 10 == 0 or i + 1 == cfg.sft_warmup_steps:
+                nll = -float((self.backend.logprobs(seqs) * weights).sum())
+                self.log(f"warm-up {i + 1}/{cfg.sft_warmup_steps}  nll/token {nll:.3f}")
+        self.backend.rebase_reference()
+
+    def save(self) -> Path:
+        state = {
+            "step": self.step,
+            "kl_controller": self.kl_controller.state_dict(),
+            "curriculum": self.curriculum.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+        }
+        return save_checkpoint(self.output_dir, step=self.step, state=state, save_backend=self.backend.save,
+                               keep=self.config.training.save_total_limit)
+
+
+def sampled_logprobs(completions: list[Completion], sequences: SequenceBatch) -> np.ndarray:
+    """The log-probs recorded while sampling, laid out as ``[N, T-1]`` like ``Backend.logprobs``."""
+    out = np.zeros(sequences.loss_mask.shape, dtype=np.float32)
+    for i, c in enumerate(completions):
+        start = len(c.prompt_ids) - 1
+        out[i, start : start + len(c.logprobs)] = c.logprobs
+    return out
+
+
+def format_step_line(record: dict[str, Any], total_steps: int) -> str:
+    """The plain one-line-per-step log."""
+    return (
+        f"step {record['step']:>4}/{total_steps}  reward {record['reward_mean']:.3f}±{record['reward_std']:.3f}  "
+        f"kl {record['kl']:.4f} (β {record['kl_coef']:.3g})  loss {record['loss']:+.4f}  "
+        f"|g| {record['grad_norm']:.3f}  lr {record['lr']:.2e}  len {record['completion_len_mean']:.0f}  "
+        f"{record['step_seconds']:.1f}s"
+    )
