@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ConfigError(ValueError):
@@ -114,12 +114,13 @@ class RewardConfig(_Section):
     max_workers: int = Field(default=2, ge=1)
     memory_limit_mb: int = Field(default=1024, ge=64)
 
-    @model_validator(mode="after")
-    def _known_components(self) -> "RewardConfig":
-        unknown = sorted(set(self.weights) - {"has_code", "parses", "tests"})
+    @field_validator("weights")
+    @classmethod
+    def _known_components(cls, weights: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(weights) - {"has_code", "parses", "tests"})
         if unknown:
             raise ValueError(f"unknown reward component(s) {unknown}; known: has_code, parses, tests")
-        return self
+        return weights
 
 
 class CurriculumConfig(_Section):

@@ -109,13 +109,14 @@ class _EpochSampler:
     def take(self, n: int, rng: np.random.Generator) -> list[int]:
         out: list[int] = []
         while len(out) < n:
-            if self.cursor >= len(self.order):
-                self.order = rng.permutation(self.pool)
-                self.cursor = 0
-                self.epoch += 1
             k = min(n - len(out), len(self.order) - self.cursor)
             out.extend(int(i) for i in self.order[self.cursor : self.cursor + k])
             self.cursor += k
+            if self.cursor >= len(self.order):
+                # Reshuffle as soon as a pass ends, so `epoch` counts finished passes.
+                self.order = rng.permutation(self.pool)
+                self.cursor = 0
+                self.epoch += 1
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -150,9 +150,10 @@ def policy_loss(
     if advantages.ndim == 1:
         advantages = advantages[:, None]
 
-    old = xp.stop_gradient(logp) if old_logp is None else old_logp
-    log_ratio = xp.where(active, logp - old, zero)
-    ratio = xp.exp(log_ratio)
+    # Sanitise first: -inf - -inf would be NaN even where it is later discarded.
+    logp = xp.where(active, logp, zero)
+    old = xp.stop_gradient(logp) if old_logp is None else xp.where(active, old_logp, zero)
+    ratio = xp.exp(logp - old)
     unclipped = -(ratio * advantages)
     clipped = -(xp.clip(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high) * advantages)
     pg = xp.maximum(unclipped, clipped)  # -min(rA, clip(r)A)
@@ -160,10 +161,8 @@ def policy_loss(
     loss = pg_loss
 
     if ref_logp is not None:
-        # Zero both sides off the mask so d = 0 there and exp(d) stays finite.
-        kl_tok = kl_estimate(
-            xp.where(active, logp, zero), xp.where(active, ref_logp, zero), estimator=kl_estimator, xp=xp
-        )
+        # Both sides are 0 off the mask, so d = 0 there and exp(d) stays finite.
+        kl_tok = kl_estimate(logp, xp.where(active, ref_logp, zero), estimator=kl_estimator, xp=xp)
         kl_sum = xp.sum(kl_tok * w)
         if kl_coef != 0:
             loss = loss + kl_coef * kl_sum

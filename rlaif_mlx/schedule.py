@@ -59,7 +59,10 @@ def learning_rate_at(
     if schedule == "constant":
         return float(base_lr)
     min_lr = base_lr * min_lr_ratio
-    progress = min(max((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0), 1.0)
+    if step >= total_steps:
+        progress = 1.0  # also covers warmup_steps >= total_steps
+    else:
+        progress = min(max((step - warmup_steps) / (total_steps - warmup_steps), 0.0), 1.0)
     if schedule == "linear":
         return min_lr + (base_lr - min_lr) * (1.0 - progress)
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))

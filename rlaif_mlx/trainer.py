@@ -97,8 +97,8 @@ class Trainer:
         cur = config.curriculum
         self.curriculum = Curriculum(
             [t.id for t in train.tasks],
-            [t.difficulty if t.difficulty is not None else estimate_difficulty(t.prompt, t.reference, t.tests)
-             for t in train.tasks],
+            [t.difficulty for t in train.tasks],
+            estimates=[estimate_difficulty(t.prompt, t.reference, t.tests) for t in train.tasks],
             enabled=cur.enabled, num_buckets=cur.num_buckets, advance_threshold=cur.advance_threshold,
             advance_after_steps=cur.advance_after_steps, window=cur.window, mix_previous=cur.mix_previous,
             seed=config.seed,
@@ -139,7 +139,7 @@ class Trainer:
         stats = self.update(rollout, advantages, weights)
         kl_token = klmod.masked_mean_kl(
             rollout.policy_logp, rollout.ref_logp, rollout.sequences.loss_mask, estimator=self.config.rlaif.kl_estimator
-        ) if rollout.ref_logp is not None else float("nan")
+        ).token_mean if rollout.ref_logp is not None else float("nan")
         kl_coef = self.kl_controller.value
         self.kl_controller.update(kl_token, len(completions))
         for i, task in enumerate(tasks):
@@ -182,14 +182,16 @@ class Trainer:
         rewards = rollout.rewards
         if rl.kl_placement == "reward" and rollout.ref_logp is not None:
             flat = klmod.kl_penalised_rewards(
-                rewards.reshape(-1), rollout.ref_logp, rollout.policy_logp, rollout.sequences.loss_mask,
-                self.kl_controller.value,
+                rewards.reshape(-1), logp=rollout.policy_logp, ref_logp=rollout.ref_logp,
+                mask=rollout.sequences.loss_mask, coef=self.kl_controller.value,
             )
             rewards = flat.reshape(rewards.shape)
         result = adv.compute_advantages(
             rewards, baseline=rl.baseline, scale_by_std=rl.scale_by_std, whiten=rl.whiten_advantages,
             ema_state=self.ema,
         )
+        if self.ema is not None:
+            self.ema.update(result.mean_reward)
         keep = result.valid_mask.copy()
         if rl.skip_zero_variance_groups:
             keep &= ~result.zero_variance_mask[:, None]

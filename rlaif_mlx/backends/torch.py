@@ -1,0 +1,584 @@
+"""PyTorch / transformers implementation of the ``Backend`` interface.
+
+Reads top to bottom like ``backends/mlx.py``: the array namespace the shared
+objective runs on, then ``TorchBackend`` (load, sample, logprobs, train_step,
+parameter counts, save/load, export), then small helpers.
+
+- Models come from ``AutoModelForCausalLM`` (a local folder or a hub id); LoRA
+  is PEFT's. With LoRA the frozen reference is the same model with its
+  adapters switched off; a full fine-tune keeps a frozen copy made at load.
+- Sampling prefills each prompt once (left-padded batch, explicit position
+  ids) and shares its KV cache among its ``n`` samples.
+- Importing this module imports torch; ``import rlaif_mlx`` never does.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import logging
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rlaif_mlx.backends.base import (
+    BackendUnavailable,
+    Completion,
+    LossSettings,
+    SamplingParams,
+    SequenceBatch,
+    StepStats,
+    TrainBatch,
+)
+
+try:
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise BackendUnavailable(
+        f"The PyTorch backend needs torch, transformers and peft ({exc}). "
+        "Install them with: pip install 'rlaif-mlx[torch]'"
+    ) from None
+
+from rlaif_mlx import objective
+from rlaif_mlx.config import ModelConfig, TrainingConfig
+from rlaif_mlx.schedule import learning_rate_at
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_STAT_MEANS = ("kl", "clip_fraction", "ratio_mean")
+
+
+class _TorchOps:
+    """``objective.ArrayOps`` over torch tensors; ``stop_gradient`` is ``detach``."""
+
+    @staticmethod
+    def exp(x: Any) -> Any:
+        return torch.exp(x)
+
+    @staticmethod
+    def log(x: Any) -> Any:
+        return torch.log(x)
+
+    @staticmethod
+    def minimum(a: Any, b: Any) -> Any:
+        return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
+
+    @staticmethod
+    def maximum(a: Any, b: Any) -> Any:
+        return torch.maximum(torch.as_tensor(a), torch.as_tensor(b))
+
+    @staticmethod
+    def clip(x: Any, lo: float, hi: float) -> Any:
+        return torch.clamp(x, lo, hi)
+
+    @staticmethod
+    def where(cond: Any, a: Any, b: Any) -> Any:
+        return torch.where(cond, a, b)
+
+    @staticmethod
+    def sum(x: Any) -> Any:
+        return torch.sum(x)
+
+    @staticmethod
+    def mean(x: Any) -> Any:
+        return torch.mean(x)
+
+    @staticmethod
+    def stop_gradient(x: Any) -> Any:
+        return x.detach()
+
+    @staticmethod
+    def abs(x: Any) -> Any:
+        return torch.abs(x)
+
+
+class TorchBackend:
+    """One transformers model (LoRA or full fine-tune), its tokenizer and its optimizer.
+
+    Args:
+        model: the ``model`` config section (path or hub id, dtype, LoRA, torch options).
+        training: the ``training`` config section (micro-batch, AdamW, LR schedule, clipping).
+        seed: seeds torch once here (LoRA initialisation depends on it).
+        total_steps: planned optimizer steps, for the LR schedule.
+    """
+
+    name = "torch"
+
+    def __init__(self, model: ModelConfig, training: TrainingConfig, *, seed: int, total_steps: int) -> None:
+        self._model_config = model
+        self._training = training
+        self._total_steps = max(int(total_steps), 1)
+        self._step = 0  # scheduled optimizer steps taken (the LR schedule position)
+        torch.manual_seed(seed)
+
+        self.device = _resolve_device(model.torch.device)
+        self._dtype = _DTYPES[model.dtype]
+        if model.mlx.memory_limit_gb is not None:
+            log.info("model.mlx options are for the MLX backend; the torch backend ignores them.")
+        base = _ensure_local_model(model)
+
+        self.tokenizer = AutoTokenizer.from_pretrained(base)
+        self._model = self._load_base(base, device=self.device)
+        # transformers 5 renamed the forward's `past_key_values` to `cache`.
+        self._cache_arg = "cache" if "cache" in inspect.signature(self._model.forward).parameters else "past_key_values"
+        self.eos_ids = _eos_ids(self.tokenizer, self._model)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.eos_ids[0])
+
+        self._lora_config: PeftLoraConfig | None = None
+        self._reference = None
+        if model.use_lora:
+            self._lora_config = PeftLoraConfig(
+                r=model.lora_r,
+                lora_alpha=model.lora_alpha,
+                lora_dropout=model.lora_dropout,
+                target_modules=list(model.lora_target_modules),
+                task_type="CAUSAL_LM",
+            )
+            self._model = _with_lora(self._model, self._lora_config)
+        else:
+            self._reference = copy.deepcopy(self._model).eval()
+            self._reference.requires_grad_(False)
+
+        self._trainable = [p for p in self._model.parameters() if p.requires_grad]
+        self._optimizer = torch.optim.AdamW(
+            self._trainable,
+            lr=training.learning_rate,
+            betas=(training.adam_beta1, training.adam_beta2),
+            weight_decay=training.weight_decay,
+        )
+
+    def _load_base(self, base: str, *, device: str):
+        kwargs: dict[str, Any] = {"dtype": self._dtype}
+        if self._model_config.torch.attn_implementation:
+            kwargs["attn_implementation"] = self._model_config.torch.attn_implementation
+        return AutoModelForCausalLM.from_pretrained(base, **kwargs).to(device)
+
+    # ------------------------------------------------------------------ sample
+
+    @torch.inference_mode()
+    def sample(self, prompts: list[list[int]], *, n: int, params: SamplingParams) -> list[Completion]:
+        """Samples ``n`` completions per prompt, prompt-major (uid ``"{prompt}-{sample}"``).
+
+        Each prompt is prefilled once; its KV cache is repeated for its ``n``
+        samples, which then decode together with every other prompt's.
+
+        Args:
+            prompts: token ids per prompt (each at least one token).
+            n: samples per prompt.
+            params: temperature, top-k/top-p/min-p, stops, length, seed.
+                ``temperature == 0`` or ``top_k == 1`` is greedy decoding.
+
+        Returns:
+            ``len(prompts) * n`` completions with the sampled ids, their
+            temperature-1 log-probs, the text and the finish reason.
+        """
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}.")
+        if not prompts:
+            return []
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("Every prompt needs at least one token.")
+        self._model.eval()
+        generator = self._generator(params.seed)
+
+        ids, mask = _left_pad(prompts, pad_id=self.pad_id, device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = self._forward_step(ids, mask, positions, None)
+        cache.batch_repeat_interleave(n)
+        logits = logits.repeat_interleave(n, dim=0)
+        mask = mask.repeat_interleave(n, dim=0)
+        next_pos = positions[:, -1].repeat_interleave(n, dim=0) + 1
+
+        rows = len(prompts) * n
+        tokens: list[list[int]] = [[] for _ in range(rows)]
+        logps: list[list[float]] = [[] for _ in range(rows)]
+        reasons: list[str | None] = [None] * rows
+        eos = set(self.eos_ids)
+        pad = torch.full((rows,), self.pad_id, dtype=torch.long, device=self.device)
+        for step in range(params.max_new_tokens):
+            alive = torch.tensor([r is None for r in reasons], device=self.device)
+            logits = logits.float()
+            chosen = torch.where(alive, _choose(logits, params, generator), pad)
+            chosen_logp = _target_logp(logits, chosen)
+            for r, (tok, lp) in enumerate(zip(chosen.tolist(), chosen_logp.tolist())):
+                if reasons[r] is not None:
+                    continue
+                tokens[r].append(tok)
+                logps[r].append(lp)
+                if tok in eos:
+                    reasons[r] = "eos"
+                elif params.stop and _find_stop(self._decode(tokens[r]), params.stop) >= 0:
+                    reasons[r] = "stop"
+            if all(r is not None for r in reasons) or step == params.max_new_tokens - 1:
+                break
+            # Finished rows keep decoding pad tokens that nothing attends to.
+            step_alive = torch.tensor([r is None for r in reasons], device=self.device)
+            mask = torch.cat([mask, step_alive.long()[:, None]], dim=1)
+            logits, cache = self._forward_step(chosen[:, None], mask, next_pos[:, None], cache)
+            next_pos = next_pos + 1
+
+        completions = []
+        for r in range(rows):
+            p, s = divmod(r, n)
+            reason = reasons[r] or "length"
+            text = self._decode(tokens[r][:-1] if reason == "eos" else tokens[r])
+            if reason == "stop":
+                text = text[: _find_stop(text, params.stop)]
+            completions.append(
+                Completion(
+                    uid=f"{p}-{s}",
+                    prompt_index=p,
+                    sample_index=s,
+                    prompt_ids=tuple(int(t) for t in prompts[p]),
+                    completion_ids=tuple(tokens[r]),
+                    logprobs=tuple(logps[r]),
+                    text=text,
+                    finish_reason=reason,
+                )
+            )
+        return completions
+
+    def _forward_step(self, ids, mask, positions, cache):
+        """One cached forward; returns the last position's logits ``[R, V]`` and the cache."""
+        out = self._model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_arg: cache},
+        )
+        cache = out.get("cache") if out.get("cache") is not None else out.past_key_values
+        return out.logits[:, -1, :], cache
+
+    def _generator(self, seed: int | None):
+        if seed is None:  # drawn from the global RNG, so a seeded run stays reproducible
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        try:
+            return torch.Generator(device=self.device).manual_seed(seed)
+        except RuntimeError:  # devices without their own generator sample on the CPU
+            return torch.Generator().manual_seed(seed)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    # ---------------------------------------------------------------- logprobs
+
+    @torch.inference_mode()
+    def logprobs(self, batch: SequenceBatch, *, reference: bool = False) -> np.ndarray:
+        """Per-token log-probs ``[N, T-1]`` (float32, 0 on padding targets).
+
+        Args:
+            batch: right-padded prompt + completion ids.
+            reference: score under the frozen reference (LoRA: adapters off)
+                instead of the policy.
+
+        Returns:
+            Column ``t`` is ``log p(ids[t+1] | ids[:t+1])`` at temperature 1.
+        """
+        self._model.eval()
+        n, width = batch.input_ids.shape
+        out = np.zeros((n, width - 1), dtype=np.float32)
+        step = self._training.micro_batch_size
+        for start in range(0, n, step):
+            rows = batch.rows(slice(start, start + step))
+            ids, attn = self._tensors(rows)
+            if not reference:
+                logp = _token_logp(self._model, ids, attn)
+            elif self._reference is not None:
+                logp = _token_logp(self._reference, ids, attn)
+            else:
+                with self._model.disable_adapter():
+                    logp = _token_logp(self._model, ids, attn)
+            out[start : start + len(rows), : logp.shape[1]] = logp.float().cpu().numpy()
+        return out
+
+    def _tensors(self, rows: SequenceBatch):
+        ids = torch.as_tensor(rows.input_ids, dtype=torch.long, device=self.device)
+        attn = torch.as_tensor(rows.attention_mask, dtype=torch.long, device=self.device)
+        return ids, attn
+
+    # -------------------------------------------------------------- train_step
+
+    def train_step(
+        self, batch: TrainBatch, *, loss: LossSettings, learning_rate: float | None = None
+    ) -> StepStats:
+        """One optimizer step over the batch: micro-batches, accumulation, clipping, AdamW.
+
+        Args:
+            batch: sequences, advantages and whole-batch-normalised token weights.
+            loss: clip ranges and the KL coefficient.
+            learning_rate: use this rate for this step and leave the schedule
+                where it is (a supervised warm-up); None follows the schedule.
+
+        Returns:
+            The step's loss, its parts, the pre-clip gradient norm and the rate used.
+        """
+        lr = learning_rate if learning_rate is not None else self.scheduled_learning_rate()
+        stats = self._accumulate_gradients(batch, loss)
+        norm = torch.nn.utils.clip_grad_norm_(self._trainable, self._training.max_grad_norm or math.inf)
+        grad_norm = float(norm)
+        if math.isfinite(grad_norm):
+            for group in self._optimizer.param_groups:
+                group["lr"] = lr
+            self._optimizer.step()
+        else:
+            log.warning("Non-finite gradient norm (%s): this step's update was skipped.", grad_norm)
+            stats["extra"]["skipped_nonfinite"] = 1.0
+        self._optimizer.zero_grad(set_to_none=True)
+        if learning_rate is None:
+            self._step += 1
+        return StepStats(grad_norm=grad_norm, lr=lr, **stats)
+
+    def scheduled_learning_rate(self) -> float:
+        """The rate the next scheduled step will use."""
+        t = self._training
+        return learning_rate_at(
+            self._step,
+            base_lr=t.learning_rate,
+            warmup_steps=t.warmup_steps,
+            total_steps=self._total_steps,
+            schedule=t.lr_scheduler_type,
+            min_lr_ratio=t.min_lr_ratio,
+        )
+
+    def _accumulate_gradients(self, batch: TrainBatch, settings: LossSettings) -> dict[str, Any]:
+        """Forward + backward per micro-batch; gradients add up to the full-batch gradient."""
+        self._model.train()
+        n = len(batch.sequences)
+        step = self._training.micro_batch_size
+        loss_sum = pg_sum = weight_total = 0.0
+        weighted = dict.fromkeys(_STAT_MEANS, 0.0)
+        micro = 0
+        for start in range(0, n, step):
+            index = slice(start, start + step)
+            rows = batch.sequences.rows(index)
+            ids, attn = self._tensors(rows)
+            width = ids.shape[1] - 1
+            logp = _token_logp(self._model, ids, attn)  # inside the differentiated computation
+            value, stats = objective.policy_loss(
+                _TorchOps,
+                logp=logp,
+                old_logp=self._slice(batch.old_logp, index, width),
+                ref_logp=self._slice(batch.ref_logp, index, width),
+                advantages=self._slice(batch.advantages, index, None),
+                token_weights=self._slice(batch.token_weights, index, width),
+                clip_eps_low=settings.clip_eps_low,
+                clip_eps_high=settings.clip_eps_high,
+                kl_coef=settings.kl_coef,
+            )
+            value.backward()
+            micro += 1
+            loss_sum += float(value.detach())
+            pg_sum += float(stats["pg_loss"])
+            w = float(stats["weight_sum"])
+            weight_total += w
+            for key in _STAT_MEANS:
+                weighted[key] += float(stats[key]) * w
+        means = {k: (v / weight_total if weight_total > 0 else 0.0) for k, v in weighted.items()}
+        return {"loss": loss_sum, "pg_loss": pg_sum, **means, "extra": {"micro_batches": float(micro)}}
+
+    def _slice(self, array: np.ndarray | None, index: slice, width: int | None):
+        if array is None:
+            return None
+        part = array[index] if width is None else array[index, :width]
+        return torch.as_tensor(np.asarray(part, dtype=np.float32), device=self.device)
+
+    # ------------------------------------------------------------- parameters
+
+    def trainable_parameter_count(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts of the policy (shared weights counted once)."""
+        total = sum(p.numel() for p in self._model.parameters())
+        return sum(p.numel() for p in self._trainable), total
+
+    # --------------------------------------------------------------- save/load
+
+    def save(self, path: Path) -> None:
+        """Writes trainable weights (safetensors), optimizer, schedule position and RNG state.
+
+        LoRA: ``adapter_model.safetensors`` + ``adapter_config.json``; full
+        fine-tune: ``model.safetensors`` (+ config). Then ``optimizer.pt``,
+        ``rng_state.pt`` and ``trainer_state.json``.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self._model.save_pretrained(str(path), safe_serialization=True)
+        torch.save(self._optimizer.state_dict(), path / "optimizer.pt")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, path / "rng_state.pt")
+        state = {"backend": self.name, "step": self._step, "total_steps": self._total_steps,
+                 "use_lora": self._lora_config is not None}
+        (path / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+
+    def load(self, path: Path) -> None:
+        """Restores what ``save`` wrote, so training continues exactly where it stopped."""
+        path = Path(path)
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state.get("use_lora") != (self._lora_config is not None):
+            kind = "LoRA" if state.get("use_lora") else "full fine-tune"
+            raise ValueError(f"{path} holds a {kind} checkpoint; set model.use_lora to match it.")
+        with torch.no_grad():
+            if self._lora_config is not None:
+                weights = load_file(str(path / "adapter_model.safetensors"), device=self.device)
+                result = set_peft_model_state_dict(self._model, weights)
+                if result.unexpected_keys:
+                    raise ValueError(f"{path}: adapter weights the model lacks: {result.unexpected_keys[:5]}")
+            else:
+                self._load_full_weights(path)
+        optimizer_state = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
+        self._optimizer.load_state_dict(optimizer_state)
+        rng = torch.load(path / "rng_state.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self._step = int(state["step"])
+
+    def _load_full_weights(self, path: Path) -> None:
+        weights: dict[str, torch.Tensor] = {}
+        index = path / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
+            "model.safetensors"
+        ]
+        for name in files:
+            weights.update(load_file(str(path / name), device=self.device))
+        result = self._model.load_state_dict(weights, strict=False)
+        current = self._model.state_dict()
+        loaded = {current[k].data_ptr() for k in weights if k in current}
+        missing = [k for k in result.missing_keys if current[k].data_ptr() not in loaded]  # tied weights are fine
+        if missing or result.unexpected_keys:
+            raise ValueError(f"{path}: weights do not match the model (missing {missing[:5]}, "
+                             f"unexpected {result.unexpected_keys[:5]}).")
+
+    # ------------------------------------------------------------------ export
+
+    def export(self, path: Path) -> None:
+        """Writes the policy as a plain Hugging Face model (LoRA merged) + tokenizer.
+
+        The merge happens on a fresh CPU copy of the base, so the live model
+        keeps its adapters and no extra accelerator memory is used.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if self._lora_config is None:
+            self._model.save_pretrained(str(path), safe_serialization=True)
+        else:
+            adapters = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(self._model).items()}
+            base = self._load_base(_ensure_local_model(self._model_config), device="cpu")
+            with torch.random.fork_rng(devices=[]):  # LoRA init of the copy must not move our RNG
+                fresh = _with_lora(base, copy.deepcopy(self._lora_config))
+            set_peft_model_state_dict(fresh, adapters)
+            fresh.merge_and_unload().save_pretrained(str(path), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(path))
+
+
+def create(model: ModelConfig, training: TrainingConfig, *, seed: int, total_steps: int) -> TorchBackend:
+    """Builds the PyTorch backend (the factory ``backends`` calls by name)."""
+    return TorchBackend(model, training, seed=seed, total_steps=total_steps)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"model.torch.device is {requested!r} but PyTorch sees no CUDA GPU; use 'auto' or 'cpu'.")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("model.torch.device is 'mps' but this PyTorch build has no MPS support; use 'auto' or 'cpu'.")
+    return str(torch.device(requested))
+
+
+def _ensure_local_model(model: ModelConfig) -> str:
+    """The path or hub id to load; builds the tiny model first when asked to."""
+    if model.build_tiny_if_missing and not (Path(model.base_model) / "config.json").exists():
+        from rlaif_mlx.tiny_model import ensure_tiny_model
+
+        ensure_tiny_model(model.base_model)
+    return model.base_model
+
+
+def _with_lora(model, config: PeftLoraConfig):
+    with warnings.catch_warnings():  # peft probes an attribute transformers 5 deprecated
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
+
+
+def _eos_ids(tokenizer, model) -> tuple[int, ...]:
+    """The tokenizer's EOS plus the generation config's (Qwen stops on several)."""
+    found: list[int] = []
+    candidates: list[Any] = [tokenizer.eos_token_id]
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        candidates.append(generation.eos_token_id)
+    for value in candidates:
+        for token in value if isinstance(value, (list, tuple)) else [value]:
+            if token is not None and int(token) not in found:
+                found.append(int(token))
+    if not found:
+        raise ValueError("The tokenizer and generation config name no EOS token; cannot tell when to stop.")
+    return tuple(found)
+
+
+def _left_pad(prompts: list[list[int]], *, pad_id: int, device: str):
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _target_logp(logits, targets):
+    """``log_softmax(logits)[target]`` as ``logit - logsumexp``: no full-vocab log-softmax tensor."""
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def _token_logp(model, ids, attn):
+    """``[N, T-1]`` float32 log-probs of each next token; 0 where the target is padding."""
+    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+    logp = _target_logp(logits[:, :-1].float(), ids[:, 1:])
+    return torch.where((attn[:, 1:] * attn[:, :-1]).bool(), logp, torch.zeros_like(logp))
+
+
+def _choose(logits, params: SamplingParams, generator):
+    """Next tokens ``[R]`` from float32 logits after temperature, top-k, top-p and min-p."""
+    if params.temperature <= 1e-6 or params.top_k == 1:
+        return logits.argmax(dim=-1)
+    logits = logits / params.temperature
+    neg_inf = torch.finfo(logits.dtype).min
+    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, neg_inf)
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = (probs.cumsum(dim=-1) - probs) > params.top_p  # the best token always stays
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, neg_inf))
+    if params.min_p > 0.0:
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), neg_inf)
+    probs = logits.softmax(dim=-1)
+    if generator.device != probs.device:
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _find_stop(text: str, stops: tuple[str, ...]) -> int:
+    """Index of the earliest stop string in ``text``, or -1."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else -1

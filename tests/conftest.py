@@ -1,0 +1,15 @@
+"""Shared fixtures: one tiny random model per test session, built locally (no network)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen2-style model + tokenizer in the Hugging Face layout."""
+    from rlaif_mlx.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny")

@@ -1,0 +1,85 @@
+"""Config loading: every mistake is one line naming the file, the line and the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlaif_mlx.config import ConfigError, load_config, save_config
+
+MINIMAL = """\
+model:
+  base_model: models/tiny
+data:
+  train_file: tasks.jsonl
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_minimal_config_fills_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert cfg.model.base_model == "models/tiny"
+    assert cfg.rlaif.num_samples_per_prompt == 4
+    assert cfg.backend == "auto"
+
+
+def test_quickstart_config_is_valid():
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "quickstart.yaml")
+    assert cfg.data.train_file.startswith("builtin:")
+
+
+def test_unknown_key_names_file_line_and_path(tmp_path):
+    path = write(tmp_path, MINIMAL + "training:\n  learning_rate: 1.0e-4\n  lerning_rate: 3\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    message = str(exc.value)
+    assert message == f"{path}:7: training.lerning_rate: unknown key"
+    assert "\n" not in message
+
+
+def test_wrong_type_and_out_of_range(tmp_path):
+    path = write(tmp_path, MINIMAL + "rlaif:\n  num_samples_per_prompt: many\n")
+    with pytest.raises(ConfigError, match=r"run.yaml:6: rlaif.num_samples_per_prompt: .*integer.*'many'"):
+        load_config(path)
+    path = write(tmp_path, MINIMAL + "training:\n  learning_rate: -1\n")
+    with pytest.raises(ConfigError, match=r"run.yaml:6: training.learning_rate: .*greater than 0.*-1"):
+        load_config(path)
+
+
+def test_missing_required_key(tmp_path):
+    path = write(tmp_path, "model:\n  base_model: x\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: data: required key is missing"):
+        load_config(path)
+
+
+def test_unknown_reward_component(tmp_path):
+    path = write(tmp_path, MINIMAL + "rewards:\n  weights: {tests: 1.0, vibes: 2}\n")
+    with pytest.raises(ConfigError, match=r"rewards.weights: unknown reward component.*vibes"):
+        load_config(path)
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    path = write(tmp_path, MINIMAL + "training: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"run.yaml:\d+: not valid YAML"):
+        load_config(path)
+
+
+def test_cli_style_overrides_are_validated(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), overrides={"training.max_steps": 7, "seed": None, "backend": "torch"})
+    assert cfg.training.max_steps == 7 and cfg.seed == 0 and cfg.backend == "torch"
+    with pytest.raises(ConfigError, match="training.max_steps"):
+        load_config(write(tmp_path, MINIMAL), overrides={"training.max_steps": 0})
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL + "rlaif:\n  kl_penalty: 0.2\n"))
+    out = tmp_path / "resolved.yaml"
+    save_config(cfg, out)
+    again = load_config(out)
+    assert again == cfg
+    assert yaml.safe_load(out.read_text())["rlaif"]["kl_penalty"] == 0.2
