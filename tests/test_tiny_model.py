@@ -250,5 +250,5 @@ def test_transformers_and_mlx_logits_match(hf, mlx):
 def _quickstart_lines() -> list[str]:
     import importlib.resources
 
-    text = (importlib.resources.files("rlaif_mlx") / "data" / "quickstart_train.jsonl").read_text()
+    text = (importlib.resources.files("rlaif_mlx") / "datasets" / "quickstart_train.jsonl").read_text()
     return [line for line in text.splitlines() if line.strip()]
