@@ -1,8 +1,9 @@
 """PyTorch / transformers implementation of the ``Backend`` interface.
 
 Reads top to bottom like ``backends/mlx.py``: the array namespace the shared
-objective runs on, then ``TorchBackend`` (load, sample, logprobs, train_step,
-parameter counts, save/load, export), then small helpers.
+objective runs on, then ``TorchBackend`` in the interface's method order
+(load, sample, logprobs, train_step, rebase_reference, parameter counts,
+save/load, export), then small helpers.
 
 - Models come from ``AutoModelForCausalLM`` (a local folder or a hub id); LoRA
   is PEFT's. With LoRA the frozen reference is the same model with its
@@ -38,8 +39,9 @@ from rlaif_mlx.backends.base import (
 try:
     import torch
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from peft import get_peft_model, set_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise BackendUnavailable(
@@ -55,50 +57,23 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _STAT_MEANS = ("kl", "clip_fraction", "ratio_mean")
+_ADAPTER = "default"  # PEFT's name for the one adapter we train
+_REFERENCE_FILE = "reference_model.safetensors"
 
 
 class _TorchOps:
     """``objective.ArrayOps`` over torch tensors; ``stop_gradient`` is ``detach``."""
 
-    @staticmethod
-    def exp(x: Any) -> Any:
-        return torch.exp(x)
-
-    @staticmethod
-    def log(x: Any) -> Any:
-        return torch.log(x)
-
-    @staticmethod
-    def minimum(a: Any, b: Any) -> Any:
-        return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
-
-    @staticmethod
-    def maximum(a: Any, b: Any) -> Any:
-        return torch.maximum(torch.as_tensor(a), torch.as_tensor(b))
-
-    @staticmethod
-    def clip(x: Any, lo: float, hi: float) -> Any:
-        return torch.clamp(x, lo, hi)
-
-    @staticmethod
-    def where(cond: Any, a: Any, b: Any) -> Any:
-        return torch.where(cond, a, b)
-
-    @staticmethod
-    def sum(x: Any) -> Any:
-        return torch.sum(x)
-
-    @staticmethod
-    def mean(x: Any) -> Any:
-        return torch.mean(x)
-
-    @staticmethod
-    def stop_gradient(x: Any) -> Any:
-        return x.detach()
-
-    @staticmethod
-    def abs(x: Any) -> Any:
-        return torch.abs(x)
+    exp = staticmethod(torch.exp)
+    log = staticmethod(torch.log)
+    minimum = staticmethod(torch.minimum)
+    maximum = staticmethod(torch.maximum)
+    clip = staticmethod(torch.clamp)
+    where = staticmethod(torch.where)
+    sum = staticmethod(torch.sum)
+    mean = staticmethod(torch.mean)
+    abs = staticmethod(torch.abs)
+    stop_gradient = staticmethod(torch.Tensor.detach)
 
 
 class TorchBackend:
@@ -124,37 +99,40 @@ class TorchBackend:
         self._dtype = _DTYPES[model.dtype]
         if model.mlx.memory_limit_gb is not None:
             log.info("model.mlx options are for the MLX backend; the torch backend ignores them.")
-        base = _ensure_local_model(model)
+        base = model.base_model
 
         self.tokenizer = AutoTokenizer.from_pretrained(base)
         self._model = self._load_base(base, device=self.device)
         # transformers 5 renamed the forward's `past_key_values` to `cache`.
-        self._cache_arg = "cache" if "cache" in inspect.signature(self._model.forward).parameters else "past_key_values"
+        forward_args = inspect.signature(self._model.forward).parameters
+        self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
         self.eos_ids = _eos_ids(self.tokenizer, self._model)
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.eos_ids[0])
 
-        self._lora_config: PeftLoraConfig | None = None
-        self._reference = None
+        self._use_lora = model.use_lora
+        self._reference = None  # full fine-tune only: a frozen copy of the starting weights
         if model.use_lora:
-            self._lora_config = PeftLoraConfig(
+            lora = PeftLoraConfig(
                 r=model.lora_r,
                 lora_alpha=model.lora_alpha,
                 lora_dropout=model.lora_dropout,
                 target_modules=list(model.lora_target_modules),
                 task_type="CAUSAL_LM",
             )
-            self._model = _with_lora(self._model, self._lora_config)
+            self._model = _with_lora(self._model, lora)
         else:
             self._reference = copy.deepcopy(self._model).eval()
             self._reference.requires_grad_(False)
 
         self._trainable = [p for p in self._model.parameters() if p.requires_grad]
-        self._optimizer = torch.optim.AdamW(
-            self._trainable,
-            lr=training.learning_rate,
-            betas=(training.adam_beta1, training.adam_beta2),
-            weight_decay=training.weight_decay,
+        self._optimizer = self._new_optimizer()
+        self._rebased = False  # the reference no longer equals the weights on disk
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        t = self._training
+        return torch.optim.AdamW(
+            self._trainable, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay
         )
 
     def _load_base(self, base: str, *, device: str):
@@ -205,8 +183,8 @@ class TorchBackend:
         reasons: list[str | None] = [None] * rows
         eos = set(self.eos_ids)
         pad = torch.full((rows,), self.pad_id, dtype=torch.long, device=self.device)
+        alive = torch.ones(rows, dtype=torch.bool, device=self.device)
         for step in range(params.max_new_tokens):
-            alive = torch.tensor([r is None for r in reasons], device=self.device)
             logits = logits.float()
             chosen = torch.where(alive, _choose(logits, params, generator), pad)
             chosen_logp = _target_logp(logits, chosen)
@@ -218,12 +196,12 @@ class TorchBackend:
                 if tok in eos:
                     reasons[r] = "eos"
                 elif params.stop and _find_stop(self._decode(tokens[r]), params.stop) >= 0:
-                    reasons[r] = "stop"
-            if all(r is not None for r in reasons) or step == params.max_new_tokens - 1:
+                    reasons[r] = "stop"  # the whole text is searched: a stop may span tokens
+            alive = torch.tensor([r is None for r in reasons], device=self.device)
+            if not alive.any() or step == params.max_new_tokens - 1:
                 break
             # Finished rows keep decoding pad tokens that nothing attends to.
-            step_alive = torch.tensor([r is None for r in reasons], device=self.device)
-            mask = torch.cat([mask, step_alive.long()[:, None]], dim=1)
+            mask = torch.cat([mask, alive.long()[:, None]], dim=1)
             logits, cache = self._forward_step(chosen[:, None], mask, next_pos[:, None], cache)
             next_pos = next_pos + 1
 
@@ -234,18 +212,8 @@ class TorchBackend:
             text = self._decode(tokens[r][:-1] if reason == "eos" else tokens[r])
             if reason == "stop":
                 text = text[: _find_stop(text, params.stop)]
-            completions.append(
-                Completion(
-                    uid=f"{p}-{s}",
-                    prompt_index=p,
-                    sample_index=s,
-                    prompt_ids=tuple(int(t) for t in prompts[p]),
-                    completion_ids=tuple(tokens[r]),
-                    logprobs=tuple(logps[r]),
-                    text=text,
-                    finish_reason=reason,
-                )
-            )
+            prompt = tuple(int(t) for t in prompts[p])
+            completions.append(Completion(f"{p}-{s}", p, s, prompt, tuple(tokens[r]), tuple(logps[r]), text, reason))
         return completions
 
     def _forward_step(self, ids, mask, positions, cache):
@@ -310,9 +278,7 @@ class TorchBackend:
 
     # -------------------------------------------------------------- train_step
 
-    def train_step(
-        self, batch: TrainBatch, *, loss: LossSettings, learning_rate: float | None = None
-    ) -> StepStats:
+    def train_step(self, batch: TrainBatch, *, loss: LossSettings, learning_rate: float | None = None) -> StepStats:
         """One optimizer step over the batch: micro-batches, accumulation, clipping, AdamW.
 
         Args:
@@ -324,7 +290,7 @@ class TorchBackend:
         Returns:
             The step's loss, its parts, the pre-clip gradient norm and the rate used.
         """
-        lr = learning_rate if learning_rate is not None else self.scheduled_learning_rate()
+        lr = learning_rate if learning_rate is not None else self._scheduled_lr()
         stats = self._accumulate_gradients(batch, loss)
         norm = torch.nn.utils.clip_grad_norm_(self._trainable, self._training.max_grad_norm or math.inf)
         grad_norm = float(norm)
@@ -340,8 +306,7 @@ class TorchBackend:
             self._step += 1
         return StepStats(grad_norm=grad_norm, lr=lr, **stats)
 
-    def scheduled_learning_rate(self) -> float:
-        """The rate the next scheduled step will use."""
+    def _scheduled_lr(self) -> float:
         t = self._training
         return learning_rate_at(
             self._step,
@@ -394,6 +359,25 @@ class TorchBackend:
         part = array[index] if width is None else array[index, :width]
         return torch.as_tensor(np.asarray(part, dtype=np.float32), device=self.device)
 
+    # ------------------------------------------------------- rebase_reference
+
+    @torch.no_grad()
+    def rebase_reference(self) -> None:
+        """Makes the current policy the frozen KL reference and restarts the optimizer.
+
+        LoRA: the adapters are folded into the base weights and start afresh
+        (B = 0), so "adapters off" is now the current policy. Full fine-tune:
+        the current weights are copied into the reference model.
+        """
+        if self._reference is not None:
+            self._reference.load_state_dict(self._model.state_dict())
+        else:
+            for module in _lora_layers(self._model).values():
+                module.get_base_layer().weight += module.get_delta_weight(_ADAPTER)
+                module.reset_lora_parameters(_ADAPTER, True)
+        self._optimizer = self._new_optimizer()
+        self._rebased = True
+
     # ------------------------------------------------------------- parameters
 
     def trainable_parameter_count(self) -> tuple[int, int]:
@@ -418,19 +402,24 @@ class TorchBackend:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, path / "rng_state.pt")
+        if self._rebased:  # the reference is no longer the model on disk: keep it too
+            frozen = self._reference if self._reference is not None else self._model
+            params = {n: p.detach().contiguous() for n, p in frozen.named_parameters() if not p.requires_grad}
+            save_file(params, str(path / _REFERENCE_FILE))
         state = {"backend": self.name, "step": self._step, "total_steps": self._total_steps,
-                 "use_lora": self._lora_config is not None}
+                 "use_lora": self._use_lora, "rebased": self._rebased}
         (path / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
 
     def load(self, path: Path) -> None:
         """Restores what ``save`` wrote, so training continues exactly where it stopped."""
         path = Path(path)
         state = json.loads((path / "trainer_state.json").read_text())
-        if state.get("use_lora") != (self._lora_config is not None):
+        if state.get("use_lora") != (self._use_lora):
             kind = "LoRA" if state.get("use_lora") else "full fine-tune"
             raise ValueError(f"{path} holds a {kind} checkpoint; set model.use_lora to match it.")
         with torch.no_grad():
-            if self._lora_config is not None:
+            self._load_reference(path, rebased=bool(state.get("rebased")))
+            if self._use_lora:
                 weights = load_file(str(path / "adapter_model.safetensors"), device=self.device)
                 result = set_peft_model_state_dict(self._model, weights)
                 if result.unexpected_keys:
@@ -445,12 +434,21 @@ class TorchBackend:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self._step = int(state["step"])
 
+    def _load_reference(self, path: Path, *, rebased: bool) -> None:
+        if not rebased:
+            if self._rebased:
+                raise ValueError(f"{path} was saved before the reference was rebased; load it into a fresh backend.")
+            return
+        frozen = self._reference if self._reference is not None else self._model
+        result = frozen.load_state_dict(load_file(str(path / _REFERENCE_FILE), device=self.device), strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"{path}: reference weights the model lacks: {result.unexpected_keys[:5]}")
+        self._rebased = True
+
     def _load_full_weights(self, path: Path) -> None:
         weights: dict[str, torch.Tensor] = {}
         index = path / "model.safetensors.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
-            "model.safetensors"
-        ]
+        files = set(json.loads(index.read_text())["weight_map"].values()) if index.exists() else {"model.safetensors"}
         for name in files:
             weights.update(load_file(str(path / name), device=self.device))
         result = self._model.load_state_dict(weights, strict=False)
@@ -471,16 +469,27 @@ class TorchBackend:
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        if self._lora_config is None:
+        if not self._use_lora:
             self._model.save_pretrained(str(path), safe_serialization=True)
         else:
-            adapters = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(self._model).items()}
-            base = self._load_base(_ensure_local_model(self._model_config), device="cpu")
-            with torch.random.fork_rng(devices=[]):  # LoRA init of the copy must not move our RNG
-                fresh = _with_lora(base, copy.deepcopy(self._lora_config))
-            set_peft_model_state_dict(fresh, adapters)
-            fresh.merge_and_unload().save_pretrained(str(path), safe_serialization=True)
+            merged = self._load_base(self._model_config.base_model, device="cpu")
+            merged.load_state_dict(self._merged_state_dict(), strict=True)
+            merged.save_pretrained(str(path), safe_serialization=True)
         self.tokenizer.save_pretrained(str(path))
+
+    @torch.no_grad()
+    def _merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """The policy's weights with each adapter folded into its base layer, on the CPU."""
+        base = self._model.get_base_model()
+        merged = {
+            name.replace(".base_layer.", "."): tensor.detach().to("cpu", copy=True)
+            for name, tensor in base.state_dict().items()
+            if "lora_" not in name
+        }
+        for name, module in _lora_layers(base).items():
+            key = f"{name}.weight"
+            merged[key] += module.get_delta_weight(_ADAPTER).to("cpu", merged[key].dtype)
+        return merged
 
 
 def create(model: ModelConfig, training: TrainingConfig, *, seed: int, total_steps: int) -> TorchBackend:
@@ -501,13 +510,8 @@ def _resolve_device(requested: str) -> str:
     return str(torch.device(requested))
 
 
-def _ensure_local_model(model: ModelConfig) -> str:
-    """The path or hub id to load; builds the tiny model first when asked to."""
-    if model.build_tiny_if_missing and not (Path(model.base_model) / "config.json").exists():
-        from rlaif_mlx.tiny_model import ensure_tiny_model
-
-        ensure_tiny_model(model.base_model)
-    return model.base_model
+def _lora_layers(model) -> dict[str, Any]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and _ADAPTER in m.lora_A}
 
 
 def _with_lora(model, config: PeftLoraConfig):
@@ -518,15 +522,11 @@ def _with_lora(model, config: PeftLoraConfig):
 
 def _eos_ids(tokenizer, model) -> tuple[int, ...]:
     """The tokenizer's EOS plus the generation config's (Qwen stops on several)."""
+    generation = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     found: list[int] = []
-    candidates: list[Any] = [tokenizer.eos_token_id]
-    generation = getattr(model, "generation_config", None)
-    if generation is not None:
-        candidates.append(generation.eos_token_id)
-    for value in candidates:
-        for token in value if isinstance(value, (list, tuple)) else [value]:
-            if token is not None and int(token) not in found:
-                found.append(int(token))
+    for token in [tokenizer.eos_token_id, *(generation if isinstance(generation, list) else [generation])]:
+        if token is not None and int(token) not in found:
+            found.append(int(token))
     if not found:
         raise ValueError("The tokenizer and generation config name no EOS token; cannot tell when to stop.")
     return tuple(found)
@@ -573,7 +573,7 @@ def _choose(logits, params: SamplingParams, generator):
         probs = logits.softmax(dim=-1)
         logits = logits.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), neg_inf)
     probs = logits.softmax(dim=-1)
-    if generator.device != probs.device:
+    if generator.device.type != probs.device.type:
         return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
