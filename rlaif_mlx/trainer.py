@@ -213,7 +213,7 @@ class Trainer:
         kl_in_loss = rl.kl_placement == "loss" and rollout.ref_logp is not None
         settings = LossSettings(
             clip_eps_low=self.config.training.clip_eps_low, clip_eps_high=self.config.training.clip_eps_high,
-            kl_coef=self.kl_controller.value if kl_in_loss else 0.0,
+            kl_coef=self.kl_controller.value if kl_in_loss else 0.0, kl_estimator=rl.kl_estimator,
         )
         multi = self.config.training.updates_per_batch > 1
         batch = TrainBatch(

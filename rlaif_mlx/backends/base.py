@@ -123,6 +123,7 @@ class LossSettings:
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
     kl_coef: float = 0.0  # the KL term in the loss; 0 when KL is in the reward
+    kl_estimator: str = "k3"
 
 
 @dataclass

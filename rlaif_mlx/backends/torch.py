@@ -43,6 +43,7 @@ try:
     from peft.tuners.lora import LoraLayer
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise BackendUnavailable(
         f"The PyTorch backend needs torch, transformers and peft ({exc}). "
@@ -54,6 +55,7 @@ from rlaif_mlx.config import ModelConfig, TrainingConfig
 from rlaif_mlx.schedule import learning_rate_at
 
 log = logging.getLogger(__name__)
+hf_logging.disable_progress_bar()  # per-file progress bars would drown the one-line-per-step log
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _STAT_MEANS = ("kl", "clip_fraction", "ratio_mean")
@@ -341,6 +343,7 @@ class TorchBackend:
                 clip_eps_low=settings.clip_eps_low,
                 clip_eps_high=settings.clip_eps_high,
                 kl_coef=settings.kl_coef,
+                kl_estimator=settings.kl_estimator,
             )
             value.backward()
             micro += 1
