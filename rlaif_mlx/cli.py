@@ -7,6 +7,7 @@ that need a backend.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from . import __version__
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -102,6 +104,11 @@ def _train(args: argparse.Namespace) -> int:
     print(f"backend {backend.name} on {backend.device}  model {config.model.base_model}  "
           f"trainable {trainable:,} of {total:,} parameters ({'LoRA' if config.model.use_lora else 'full'})")
     print(f"{len(train.tasks)} training tasks from {train.source}  output {output_dir}")
+    from .sandbox import sandbox_capabilities
+
+    caps = sandbox_capabilities()
+    print(f"sandbox: {caps['mode']} (network isolated: {caps['network_isolated']}, "
+          f"read-only outside its folder: {caps['fs_readonly']})")
     rewards = RewardPipeline(config.rewards)
     trainer = Trainer(config, backend=backend, train=train, rewards=rewards, output_dir=output_dir)
     started = time.perf_counter()
