@@ -368,7 +368,7 @@ def test_save_load_resumes_exactly(tiny_model_path, tmp_path, use_lora):
 
     names = {p.name for p in (tmp_path / "ckpt").iterdir()}
     weight_file = "adapter_model.safetensors" if use_lora else "model.safetensors"
-    assert {weight_file, "optimizer.pt", "trainer_state.json", "rng_state.pt"} <= names
+    assert {weight_file, "optimizer.pt", "backend_state.json", "rng_state.pt"} <= names
 
     resumed = make(tiny_model_path, seed=123, model=model, lr_scheduler_type="cosine", warmup_steps=1, total_steps=6)
     resumed.load(tmp_path / "ckpt")

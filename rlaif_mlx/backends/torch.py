@@ -395,7 +395,7 @@ class TorchBackend:
 
         LoRA: ``adapter_model.safetensors`` + ``adapter_config.json``; full
         fine-tune: ``model.safetensors`` (+ config). Then ``optimizer.pt``,
-        ``rng_state.pt`` and ``trainer_state.json``.
+        ``rng_state.pt`` and ``backend_state.json``.
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -411,12 +411,12 @@ class TorchBackend:
             save_file(params, str(path / _REFERENCE_FILE))
         state = {"backend": self.name, "step": self._step, "total_steps": self._total_steps,
                  "use_lora": self._use_lora, "rebased": self._rebased}
-        (path / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        (path / "backend_state.json").write_text(json.dumps(state, indent=2) + "\n")
 
     def load(self, path: Path) -> None:
         """Restores what ``save`` wrote, so training continues exactly where it stopped."""
         path = Path(path)
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = json.loads((path / "backend_state.json").read_text())
         if state.get("use_lora") != (self._use_lora):
             kind = "LoRA" if state.get("use_lora") else "full fine-tune"
             raise ValueError(f"{path} holds a {kind} checkpoint; set model.use_lora to match it.")
