@@ -83,3 +83,16 @@ def test_saved_config_round_trips(tmp_path):
     again = load_config(out)
     assert again == cfg
     assert yaml.safe_load(out.read_text())["rlaif"]["kl_penalty"] == 0.2
+
+
+def test_readme_config_tour_is_a_valid_config_with_the_real_defaults(tmp_path):
+    """The README lists every key with its default; keep it true."""
+    import re
+
+    from rlaif_mlx.config import RunConfig
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    tour = re.search(r"```yaml\n(.*?)```", readme, re.S).group(1)
+    cfg = load_config(write(tmp_path, tour))
+    defaults = RunConfig(model={"base_model": cfg.model.base_model}, data={"train_file": cfg.data.train_file})
+    assert cfg == defaults
