@@ -92,7 +92,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"skipped {train.skipped_lines} bad line(s) in {train.source} (data.on_bad_line: skip)")
 
     from .rewards import RewardPipeline
-    from .trainer import Trainer, total_optimizer_steps
+    from .trainer import ScoringFailed, Trainer, total_optimizer_steps
 
     try:
         name = resolve_backend_name(config.backend)
@@ -112,7 +112,10 @@ def _train(args: argparse.Namespace) -> int:
     rewards = RewardPipeline(config.rewards)
     trainer = Trainer(config, backend=backend, train=train, rewards=rewards, output_dir=output_dir)
     started = time.perf_counter()
-    records = trainer.run()
+    try:
+        records = trainer.run()
+    except ScoringFailed as exc:
+        raise _UserError(str(exc)) from None
     if records:
         k = max(1, len(records) // 4)
         first = sum(r["reward_mean"] for r in records[:k]) / k

@@ -17,7 +17,9 @@ import numpy as np
 
 from . import advantages as adv
 from . import kl as klmod
-from .backends.base import Backend, Completion, LossSettings, SamplingParams, SequenceBatch, TrainBatch
+from .backends.base import (
+    Backend, Completion, LossSettings, SamplingParams, SequenceBatch, StepStats, TrainBatch,
+)
 from .checkpoint import save_checkpoint
 from .config import RunConfig
 from .curriculum import Curriculum, estimate_difficulty
@@ -25,6 +27,13 @@ from .data import Task, TaskSet, prompt_token_ids, reference_completion_text
 from .metrics import JsonlSink
 from .objective import aggregation_weights
 from .rewards import RewardPipeline, RewardResult
+
+
+MAX_UNSCORED_STEPS = 3
+
+
+class ScoringFailed(RuntimeError):
+    """Every sample of several steps in a row could not be scored."""
 
 
 @dataclass
@@ -86,6 +95,7 @@ class Trainer:
         self.log = log
         self.total_steps = total_optimizer_steps(config, len(self.tasks))
         self.step = 0
+        self._unscored_steps = 0
         data = config.data
         self.prompt_ids = {
             t.id: prompt_token_ids(
@@ -135,6 +145,7 @@ class Trainer:
         results = self.rewards.score([(c.uid, tasks[c.prompt_index], c.text) for c in completions])
         t_score = time.perf_counter()
         rollout = self.assemble(tasks, completions, results)
+        self._check_scoring(rollout)
         advantages, weights, adv_stats = self.advantages(rollout)
         stats = self.update(rollout, advantages, weights)
         kl_token = klmod.masked_mean_kl(
@@ -153,6 +164,19 @@ class Trainer:
         return record
 
     # ---- the parts of a step ---------------------------------------------
+
+    def _check_scoring(self, rollout: Rollout) -> None:
+        """Stops the run when scoring keeps failing for every sample, instead of training on nothing."""
+        if np.isfinite(rollout.rewards).any():
+            self._unscored_steps = 0
+            return
+        self._unscored_steps += 1
+        if self._unscored_steps >= MAX_UNSCORED_STEPS:
+            errors = sorted({r.error for r in rollout.results.values() if r.error})
+            raise ScoringFailed(
+                f"no sample could be scored in {self._unscored_steps} consecutive steps; last error: "
+                f"{errors[0] if errors else 'unknown'}"
+            )
 
     def sample(self, tasks: list[Task]) -> list[Completion]:
         rl = self.config.rlaif
@@ -223,6 +247,11 @@ class Trainer:
             old_logp=rollout.policy_logp if multi else None,
             ref_logp=rollout.ref_logp if kl_in_loss else None,
         )
+        if not weights.any():
+            # Nothing scored (or every group skipped): an optimizer step on a zero
+            # gradient would still move the weights through Adam's momentum.
+            return StepStats(loss=0.0, pg_loss=0.0, kl=0.0, clip_fraction=0.0, ratio_mean=1.0, grad_norm=0.0,
+                             lr=0.0, extra={"update_skipped": 1.0})
         stats = None
         for _ in range(self.config.training.updates_per_batch):
             stats = self.backend.train_step(batch, loss=settings)
@@ -254,6 +283,7 @@ class Trainer:
             "completion_len_mean": float(np.mean(lengths)),
             "scoring_errors": int(errors),
             **adv_stats,
+            "update_skipped": int(stats.extra.get("update_skipped", 0)),
             "curriculum_bucket": self.curriculum.bucket,
             "sample_seconds": sample_s,
             "score_seconds": score_s,

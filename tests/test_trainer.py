@@ -137,3 +137,28 @@ def test_sequence_batch_masks_only_completion_targets():
     # target t is ids[t+1]: completion targets of row 0 are t=2,3; of row 1, t=0
     assert batch.loss_mask.tolist() == [[0, 0, 1, 1], [1, 0, 0, 0]]
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+
+
+class _BrokenRewards:
+    """A grader that can never score: every sample is an error event, not a zero."""
+
+    def score(self, items):
+        return {uid: RewardResult(None, {}, "sandbox setup error: no namespaces") for uid, _, _ in items}
+
+
+def test_unscorable_steps_skip_the_update_then_stop_the_run(tmp_path, tiny_model_path):
+    from rlaif_mlx.backends.torch import create
+    from rlaif_mlx.trainer import ScoringFailed
+
+    cfg = load_config(write_config(tmp_path, tiny_model_path, max_steps=5))
+    backend = create(cfg.model, cfg.training, seed=0, total_steps=5)
+    before = {k: v.clone() for k, v in backend._model.named_parameters() if v.requires_grad}
+    trainer = Trainer(cfg, backend=backend, train=TaskSet(TASKS, 0, "test"), rewards=_BrokenRewards(),
+                      output_dir=tmp_path)
+    with pytest.raises(ScoringFailed, match="3 consecutive steps; last error: sandbox setup error"):
+        trainer.run()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["update_skipped"] for r in records] == [1, 1]
+    assert all(r["unscored"] == 6 and r["reward_mean"] is None for r in records)
+    after = dict(backend._model.named_parameters())
+    assert all((after[k] == v).all() for k, v in before.items())
