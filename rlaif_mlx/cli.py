@@ -100,6 +100,9 @@ def _train(args: argparse.Namespace) -> int:
                                  total_steps=total_optimizer_steps(config, len(train.tasks)))
     except BackendUnavailable as exc:
         raise _UserError(str(exc)) from None
+    except OSError as exc:  # transformers / mlx-lm: no such folder, or not reachable on the hub
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise _UserError(f"{args.config}: model.base_model {config.model.base_model!r} cannot be loaded: {first}")
     trainable, total = backend.trainable_parameter_count()
     print(f"backend {backend.name} on {backend.device}  model {config.model.base_model}  "
           f"trainable {trainable:,} of {total:,} parameters ({'LoRA' if config.model.use_lora else 'full'})")

@@ -191,3 +191,10 @@ def test_training_loop_raises_a_toy_reward(tmp_path, tiny_model_path, use_lora, 
     rewards = [r["reward_mean"] for r in trainer.run()]
     assert np.mean(rewards[:3]) < 0.1, rewards
     assert np.mean(rewards[-4:]) > np.mean(rewards[:3]) + 0.3, rewards
+
+
+def test_missing_model_is_one_line_error(tmp_path, capsys):
+    path = write_config(tmp_path, tmp_path / "no-such-model")
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "model.base_model" in err and "no-such-model" in err

@@ -100,7 +100,7 @@ class TorchBackend:
         self.device = _resolve_device(model.torch.device)
         self._dtype = _DTYPES[model.dtype]
         if model.mlx.memory_limit_gb is not None:
-            log.info("model.mlx options are for the MLX backend; the torch backend ignores them.")
+            log.warning("model.mlx options are for the MLX backend; the torch backend ignores them.")
         base = model.base_model
 
         self.tokenizer = AutoTokenizer.from_pretrained(base)
