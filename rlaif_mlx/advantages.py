@@ -121,7 +121,8 @@ def compute_advantages(
             (``ema_state.value``; the batch mean before the first update),
             or ``"none"`` (raw rewards).
         scale_by_std: divide by ``group_std + eps``, where ``group_std`` is the
-            population std (ddof=0) over the group's valid rewards.
+            population std (ddof=0) over the group's valid rewards; zero-variance
+            groups are left unscaled.
         whiten: after the above, ``(a - mean) / (std + eps)`` with mean and
             population std (ddof=0) over all valid advantages of the batch.
         eps: added to every std before dividing.
@@ -168,7 +169,10 @@ def compute_advantages(
         adv = r.copy()
 
     if scale_by_std:
-        adv = adv / (np.nan_to_num(group_std)[:, None] + eps)
+        # A zero-variance group has no spread to normalise by; dividing by eps
+        # would turn an un-centred (EMA) advantage into ~1e6.
+        scale = np.where(zero_variance, 1.0, np.nan_to_num(group_std) + eps)
+        adv = adv / scale[:, None]
 
     adv = np.where(valid, adv, 0.0)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -106,6 +106,14 @@ class RlaifConfig(_Section):
     whiten_advantages: bool = False
     ema_decay: float = Field(default=0.9, gt=0, lt=1)
     skip_zero_variance_groups: bool = False
+
+
+    @model_validator(mode="after")
+    def _std_scaling_needs_a_centred_baseline(self) -> "RlaifConfig":
+        if self.scale_by_std and self.baseline == "none":
+            raise ValueError("scale_by_std: true divides raw rewards by their spread; use it with baseline "
+                             "group_mean, leave_one_out or ema, or set scale_by_std: false")
+        return self
 
 
 class RewardConfig(_Section):

@@ -122,3 +122,13 @@ def test_errors():
         compute_advantages(np.zeros(3))
     with pytest.raises(ValueError, match="decay"):
         EmaBaseline(decay=1.0)
+
+
+def test_std_scaling_leaves_zero_variance_groups_unscaled_for_ema():
+    """An EMA baseline does not centre a group: dividing its zero spread by eps gave ~1e6."""
+    ema = EmaBaseline(decay=0.9, value=0.5)
+    result = compute_advantages(np.array([[1.0, 1.0, 1.0], [0.0, 1.0, 0.5]]), baseline="ema", scale_by_std=True,
+                                ema_state=ema)
+    assert result.advantages[0].tolist() == [0.5, 0.5, 0.5]  # 1 - 0.5, unscaled
+    std = np.std([0.0, 1.0, 0.5])
+    np.testing.assert_allclose(result.advantages[1], (np.array([0.0, 1.0, 0.5]) - 0.5) / (std + 1e-6))

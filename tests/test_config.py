@@ -96,3 +96,9 @@ def test_readme_config_tour_is_a_valid_config_with_the_real_defaults(tmp_path):
     cfg = load_config(write(tmp_path, tour))
     defaults = RunConfig(model={"base_model": cfg.model.base_model}, data={"train_file": cfg.data.train_file})
     assert cfg == defaults
+
+
+def test_std_scaling_without_a_baseline_is_rejected(tmp_path):
+    path = write(tmp_path, MINIMAL + "rlaif:\n  baseline: none\n  scale_by_std: true\n")
+    with pytest.raises(ConfigError, match=r"run.yaml:5: rlaif: scale_by_std: true divides raw rewards"):
+        load_config(path)

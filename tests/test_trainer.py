@@ -198,3 +198,17 @@ def test_missing_model_is_one_line_error(tmp_path, capsys):
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "model.base_model" in err and "no-such-model" in err
+
+
+def test_lr_schedule_follows_rl_steps_not_optimizer_updates(tmp_path, tiny_model_path):
+    from rlaif_mlx.backends.torch import create
+    from rlaif_mlx.schedule import learning_rate_at
+
+    cfg = load_config(write_config(tmp_path, tiny_model_path, max_steps=3, warmup_steps=2, updates_per_batch=2,
+                                   lr_scheduler_type="linear"))
+    backend = create(cfg.model, cfg.training, seed=0, total_steps=3)
+    trainer = Trainer(cfg, backend=backend, train=TaskSet(TASKS, 0, "test"), rewards=_DigitRewards(),
+                      output_dir=tmp_path, log=lambda line: None)
+    lrs = [r["lr"] for r in trainer.run()]
+    expected = [learning_rate_at(s, base_lr=1e-3, warmup_steps=2, total_steps=3, schedule="linear") for s in range(3)]
+    assert lrs == pytest.approx(expected) and lrs[0] == pytest.approx(5e-4)
