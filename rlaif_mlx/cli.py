@@ -106,7 +106,7 @@ def _train(args: argparse.Namespace) -> int:
     trainable, total = backend.trainable_parameter_count()
     print(f"backend {backend.name} on {backend.device}  model {config.model.base_model}  "
           f"trainable {trainable:,} of {total:,} parameters ({'LoRA' if config.model.use_lora else 'full'})")
-    print(f"{len(train.tasks)} training tasks from {train.source}  output {output_dir}")
+    print(f"{len(train.tasks)} training tasks from {config.data.train_file}  output {output_dir}")
     from .sandbox import sandbox_capabilities
 
     caps = sandbox_capabilities()

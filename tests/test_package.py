@@ -40,7 +40,8 @@ def test_missing_backend_names_the_pip_command():
     result = run_blocked("""
         from rlaif_mlx.backends import BackendUnavailable, create_backend
         import importlib.util
-        importlib.util.find_spec = lambda name, *a: None  # nothing installed
+        real_find_spec = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *a: real_find_spec(name, *a) if name.startswith("rlaif_mlx") else None
         for name in ("torch", "mlx", "auto"):
             try:
                 create_backend(name, None, None, seed=0, total_steps=1)

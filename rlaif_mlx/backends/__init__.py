@@ -15,9 +15,19 @@ _INSTALL = {
 _MODULES = {"torch": ("torch", "transformers", "peft"), "mlx": ("mlx", "mlx_lm")}
 
 
-def installed(name: str) -> bool:
+def frameworks_installed(name: str) -> bool:
     """Whether a backend's frameworks are importable (without importing them)."""
     return all(importlib.util.find_spec(m) is not None for m in _MODULES[name])
+
+
+def implemented(name: str) -> bool:
+    """Whether this version of rlaif-mlx ships the backend."""
+    return importlib.util.find_spec(f"rlaif_mlx.backends.{name}") is not None
+
+
+def installed(name: str) -> bool:
+    """Whether a backend can be created here."""
+    return implemented(name) and frameworks_installed(name)
 
 
 def resolve_backend_name(requested: str) -> str:
@@ -30,8 +40,10 @@ def resolve_backend_name(requested: str) -> str:
         BackendUnavailable: nothing usable is installed, or the requested one is missing.
     """
     if requested != "auto":
-        if not installed(requested):
+        if not frameworks_installed(requested):
             raise BackendUnavailable(f"backend '{requested}' is not installed: {_INSTALL[requested]}")
+        if not implemented(requested):
+            raise BackendUnavailable(f"the '{requested}' backend is not part of this version of rlaif-mlx")
         return requested
     if platform.system() == "Darwin" and platform.machine() == "arm64" and installed("mlx"):
         return "mlx"
