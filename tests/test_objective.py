@@ -10,44 +10,15 @@ from rlaif_mlx.objective import NUMPY_OPS, aggregation_weights, policy_loss
 E = math.e
 
 
-class TorchOps:
-    """Minimal ArrayOps over torch, as a backend would write it."""
+def TorchOps():
+    """The torch backend's own ArrayOps: the tests differentiate exactly what training does."""
+    from rlaif_mlx.backends.torch import _TorchOps
 
-    def __init__(self):
-        import torch
-
-        self.t = torch
-
-    def exp(self, x):
-        return self.t.exp(x)
-
-    def log(self, x):
-        return self.t.log(x)
-
-    def minimum(self, a, b):
-        return self.t.minimum(a, b)
-
-    def maximum(self, a, b):
-        return self.t.maximum(a, b)
-
-    def clip(self, x, lo, hi):
-        return self.t.clamp(x, lo, hi)
-
-    def where(self, c, a, b):
-        return self.t.where(c, a, b)
-
-    def sum(self, x):
-        return self.t.sum(x)
-
-    def stop_gradient(self, x):
-        return x.detach()
-
-    def abs(self, x):
-        return self.t.abs(x)
+    return _TorchOps()
 
 
 class MlxOps:
-    """Minimal ArrayOps over mlx.core, as a backend would write it."""
+    """Minimal ArrayOps over mlx.core (the MLX backend will own the real one)."""
 
     def __init__(self):
         import mlx.core as mx
