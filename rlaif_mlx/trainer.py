@@ -129,12 +129,17 @@ class Trainer:
         if self.config.training.sft_warmup_steps:
             self.supervised_warmup()
         records = []
-        while self.step < self.total_steps:
-            record = self.train_step()
-            records.append(record)
-            if self.step % self.config.training.save_steps == 0 or self.step == self.total_steps:
-                self.save()
-        self.metrics.close()
+        try:
+            while self.step < self.total_steps:
+                records.append(self.train_step())
+                if self.step % self.config.training.save_steps == 0 or self.step == self.total_steps:
+                    self.save()
+        except ScoringFailed:
+            if self.step > 0:
+                self.save()  # keep what was learned before the grader broke
+            raise
+        finally:
+            self.metrics.close()
         return records
 
     def train_step(self) -> dict[str, Any]:

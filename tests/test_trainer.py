@@ -162,6 +162,7 @@ def test_unscorable_steps_skip_the_update_then_stop_the_run(tmp_path, tiny_model
     assert all(r["unscored"] == 6 and r["reward_mean"] is None for r in records)
     after = dict(backend._model.named_parameters())
     assert all((after[k] == v).all() for k, v in before.items())
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000002"]  # saved before stopping
 
 
 class _DigitRewards:
