@@ -70,6 +70,10 @@ def _train(args: argparse.Namespace) -> int:
     from .data import DataError, load_tasks
 
     overrides = {path: getattr(args, flag) for flag, path in CLI_OVERRIDES.items()}
+    if args.model:
+        # A model named on the command line is loaded as is: "Qwen/Qwen2.5-Coder-0.5B" must
+        # never become a freshly built random model in a folder of that name.
+        overrides["model.build_tiny_if_missing"] = False
     try:
         config = load_config(args.config, overrides=overrides)
     except ConfigError as exc:

@@ -213,3 +213,14 @@ def test_lr_schedule_follows_rl_steps_not_optimizer_updates(tmp_path, tiny_model
     lrs = [r["lr"] for r in trainer.run()]
     expected = [learning_rate_at(s, base_lr=1e-3, warmup_steps=2, total_steps=3, schedule="linear") for s in range(3)]
     assert lrs == pytest.approx(expected) and lrs[0] == pytest.approx(5e-4)
+
+
+def test_model_named_on_the_command_line_is_never_built(tmp_path, tiny_model_path, capsys, monkeypatch):
+    path = write_config(tmp_path, tiny_model_path)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["model"]["build_tiny_if_missing"] = True
+    path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", str(path), "--model", "Org/Model-0.5B"]) == 2
+    assert "model.base_model 'Org/Model-0.5B' cannot be loaded" in capsys.readouterr().err
+    assert not (tmp_path / "Org").exists()
