@@ -1,0 +1,675 @@
+"""MLX / mlx-lm implementation of the ``Backend`` interface.
+
+Reads top to bottom like ``backends/torch.py``: the array namespace the shared
+objective runs on, then ``MlxBackend`` in the interface's method order
+(load, sample, logprobs, train_step, rebase_reference, parameter counts,
+save/load, export), then small helpers.
+
+- Models come from ``mlx_lm.utils.load`` (a local folder or a hub id); LoRA is
+  mlx-lm's tuner (``linear_to_lora_layers``). With LoRA the frozen reference is
+  the same model with its adapters switched off (each ``LoRALinear``'s scale set
+  to 0 for the call); a full fine-tune keeps a frozen second model instance
+  holding the starting weights.
+- Sampling prefills each prompt once (left-padded batch in mlx-lm's
+  ``BatchKVCache``, which offsets RoPE and masks the padding per row) and
+  repeats its KV cache for its ``n`` samples.
+- Importing this module imports mlx; ``import rlaif_mlx`` never does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rlaif_mlx.backends.base import (
+    BackendUnavailable,
+    Completion,
+    LossSettings,
+    SamplingParams,
+    SequenceBatch,
+    StepStats,
+    TrainBatch,
+)
+
+try:
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten, tree_map, tree_unflatten
+    from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
+    from mlx_lm.tuner.lora import LoRALinear
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import _download, load, load_model
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise BackendUnavailable(
+        f"The MLX backend needs mlx and mlx-lm ({exc}). "
+        "Install them with: pip install 'rlaif-mlx[mlx]'  (on Linux: pip install 'mlx[cpu]' mlx-lm)"
+    ) from None
+
+from rlaif_mlx import objective
+from rlaif_mlx.config import ModelConfig, TrainingConfig
+from rlaif_mlx.schedule import learning_rate_at
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+_STAT_MEANS = ("kl", "clip_fraction", "ratio_mean")
+_ADAPTER_FILE = "adapters.safetensors"
+_FULL_FILE = "model.safetensors"
+_OPTIMIZER_FILE = "optimizer.safetensors"
+_REFERENCE_FILE = "reference_model.safetensors"
+_HF_FILES = ("config.json", "generation_config.json")
+_BLOCK = 256  # summation block for the gradient norm
+
+
+class _MlxOps:
+    """``objective.ArrayOps`` over mlx arrays."""
+
+    exp = staticmethod(mx.exp)
+    log = staticmethod(mx.log)
+    minimum = staticmethod(mx.minimum)
+    maximum = staticmethod(mx.maximum)
+    clip = staticmethod(mx.clip)
+    where = staticmethod(mx.where)
+    sum = staticmethod(mx.sum)
+    mean = staticmethod(mx.mean)
+    abs = staticmethod(mx.abs)
+    stop_gradient = staticmethod(mx.stop_gradient)
+
+
+class MlxBackend:
+    """One mlx-lm model (LoRA or full fine-tune), its tokenizer and its optimizer.
+
+    Args:
+        model: the ``model`` config section (path or hub id, dtype, LoRA, mlx options).
+        training: the ``training`` config section (micro-batch, AdamW, LR schedule, clipping).
+        seed: seeds MLX's global RNG once here (LoRA initialisation depends on it).
+        total_steps: planned optimizer steps, for the LR schedule.
+    """
+
+    name = "mlx"
+
+    def __init__(self, model: ModelConfig, training: TrainingConfig, *, seed: int, total_steps: int) -> None:
+        self._model_config = model
+        self._training = training
+        self._total_steps = max(int(total_steps), 1)
+        self._step = 0  # scheduled optimizer steps taken (the LR schedule position)
+        mx.random.seed(seed)
+
+        self.device = "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
+        self._dtype = _DTYPES[model.dtype]
+        if model.torch.device != "auto" or model.torch.attn_implementation is not None:
+            log.warning("model.torch options are for the PyTorch backend; the MLX backend ignores them.")
+        if model.mlx.memory_limit_gb is not None:
+            limit = int(model.mlx.memory_limit_gb * 1024**3)
+            mx.set_memory_limit(limit)
+            if self.device == "gpu":
+                with contextlib.suppress(Exception):  # wired memory exists on Metal only
+                    mx.set_wired_limit(limit)
+
+        self._path = _download(model.base_model)  # a local folder, or the hub snapshot's
+        self._model, wrapper = load(str(self._path))
+        self._model.set_dtype(self._dtype)
+        self._model.eval()
+        self.tokenizer = getattr(wrapper, "_tokenizer", wrapper)  # the Hugging Face tokenizer itself
+        self.eos_ids = _eos_ids(self.tokenizer, self._path)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.eos_ids[0])
+
+        self._use_lora = model.use_lora
+        self._reference = None  # full fine-tune only: a frozen copy of the starting weights
+        if model.use_lora:
+            self._model.freeze()
+            self._lora_config = {
+                "rank": model.lora_r,
+                "scale": model.lora_alpha / model.lora_r,  # PEFT's alpha / r
+                "dropout": model.lora_dropout,
+                "keys": _lora_keys(self._model, model.lora_target_modules),
+            }
+            linear_to_lora_layers(self._model, len(self._model.layers), self._lora_config)
+            mx.eval(self._model.parameters())
+        else:
+            self._reference = self._load_base()
+            self._reference.update(tree_map(mx.array, self._model.parameters()))
+            self._reference.freeze()
+            self._reference.eval()
+
+        self._optimizer = self._new_optimizer()
+        self._rebased = False  # the reference no longer equals the weights on disk
+
+    def _new_optimizer(self) -> optim.Optimizer:
+        t = self._training
+        # bias_correction: the textbook (and torch) AdamW; mlx's default omits it.
+        return optim.AdamW(
+            t.learning_rate, betas=[t.adam_beta1, t.adam_beta2], weight_decay=t.weight_decay, bias_correction=True
+        )
+
+    def _load_base(self) -> nn.Module:
+        model, _ = load_model(self._path)
+        model.set_dtype(self._dtype)
+        model.eval()
+        mx.eval(model.parameters())
+        return model
+
+    # ------------------------------------------------------------------ sample
+
+    def sample(self, prompts: list[list[int]], *, n: int, params: SamplingParams) -> list[Completion]:
+        """Samples ``n`` completions per prompt, prompt-major (uid ``"{prompt}-{sample}"``).
+
+        Each prompt is prefilled once; its KV cache is repeated for its ``n``
+        samples, which then decode together with every other prompt's.
+
+        Args:
+            prompts: token ids per prompt (each at least one token).
+            n: samples per prompt.
+            params: temperature, top-k/top-p/min-p, stops, length, seed.
+                ``temperature == 0`` or ``top_k == 1`` is greedy decoding.
+
+        Returns:
+            ``len(prompts) * n`` completions with the sampled ids, their
+            temperature-1 log-probs, the text and the finish reason.
+        """
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}.")
+        if not prompts:
+            return []
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("Every prompt needs at least one token.")
+        self._model.eval()
+        key = self._key(params.seed)
+
+        ids, padding = _left_pad(prompts, pad_id=self.pad_id)
+        cache = _batch_cache(self._model, padding)
+        logits = self._forward_step(ids, cache)
+        _repeat_cache(cache, n)
+        logits = mx.repeat(logits, n, axis=0)
+
+        rows = len(prompts) * n
+        tokens: list[list[int]] = [[] for _ in range(rows)]
+        logps: list[list[float]] = [[] for _ in range(rows)]
+        reasons: list[str | None] = [None] * rows
+        eos = set(self.eos_ids)
+        pad = mx.full((rows,), self.pad_id, dtype=mx.int32)
+        alive = mx.ones((rows,), dtype=mx.bool_)
+        for step in range(params.max_new_tokens):
+            logits = logits.astype(mx.float32)
+            key, sub = mx.random.split(key)
+            chosen = mx.where(alive, _choose(logits, params, sub).astype(mx.int32), pad)
+            chosen_logp = _target_logp(logits, chosen)
+            mx.eval(chosen, chosen_logp)
+            for r, (tok, lp) in enumerate(zip(chosen.tolist(), chosen_logp.tolist())):
+                if reasons[r] is not None:
+                    continue
+                tokens[r].append(tok)
+                logps[r].append(lp)
+                if tok in eos:
+                    reasons[r] = "eos"
+                elif params.stop and _find_stop(self._decode(tokens[r]), params.stop) >= 0:
+                    reasons[r] = "stop"  # the whole text is searched: a stop may span tokens
+            alive = mx.array([r is None for r in reasons])
+            if not any(r is None for r in reasons) or step == params.max_new_tokens - 1:
+                break
+            # Finished rows keep decoding pad tokens; no other row attends to them.
+            logits = self._forward_step(chosen[:, None], cache)
+
+        completions = []
+        for r in range(rows):
+            p, s = divmod(r, n)
+            reason = reasons[r] or "length"
+            text = self._decode(tokens[r][:-1] if reason == "eos" else tokens[r])
+            if reason == "stop":
+                text = text[: _find_stop(text, params.stop)]
+            prompt = tuple(int(t) for t in prompts[p])
+            completions.append(Completion(f"{p}-{s}", p, s, prompt, tuple(tokens[r]), tuple(logps[r]), text, reason))
+        return completions
+
+    def _forward_step(self, ids, cache):
+        """One cached forward; returns the last position's logits ``[R, V]`` (the cache updates in place)."""
+        return self._model(ids, cache=cache)[:, -1, :]
+
+    def _key(self, seed: int | None):
+        if seed is None:  # drawn from the global RNG, so a seeded run stays reproducible
+            seed = int(mx.random.randint(0, 2**31 - 1, shape=()).item())
+        return mx.random.key(seed)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    # ---------------------------------------------------------------- logprobs
+
+    def logprobs(self, batch: SequenceBatch, *, reference: bool = False) -> np.ndarray:
+        """Per-token log-probs ``[N, T-1]`` (float32, 0 on padding targets).
+
+        Args:
+            batch: right-padded prompt + completion ids.
+            reference: score under the frozen reference (LoRA: adapters off)
+                instead of the policy.
+
+        Returns:
+            Column ``t`` is ``log p(ids[t+1] | ids[:t+1])`` at temperature 1.
+        """
+        self._model.eval()
+        n, width = batch.input_ids.shape
+        out = np.zeros((n, width - 1), dtype=np.float32)
+        step = self._training.micro_batch_size
+        for start in range(0, n, step):
+            rows = batch.rows(slice(start, start + step))
+            ids, attn = self._arrays(rows)
+            if not reference:
+                logp = _token_logp(self._model, ids, attn)
+            elif self._reference is not None:
+                logp = _token_logp(self._reference, ids, attn)
+            else:
+                with self._adapters_off():
+                    logp = _token_logp(self._model, ids, attn)
+                    mx.eval(logp)
+            out[start : start + len(rows), : logp.shape[1]] = np.array(logp.astype(mx.float32))
+        return out
+
+    @contextlib.contextmanager
+    def _adapters_off(self):
+        """The policy with every LoRA update scaled by 0: exactly the base model, no second copy."""
+        layers = _lora_layers(self._model)
+        scales = [m.scale for m in layers]
+        try:
+            for m in layers:
+                m.scale = 0.0
+            yield
+        finally:
+            for m, s in zip(layers, scales):
+                m.scale = s
+
+    def _arrays(self, rows: SequenceBatch):
+        ids = mx.array(np.asarray(rows.input_ids, dtype=np.int32))
+        attn = mx.array(np.asarray(rows.attention_mask, dtype=np.int32))
+        return ids, attn
+
+    # -------------------------------------------------------------- train_step
+
+    def train_step(self, batch: TrainBatch, *, loss: LossSettings, learning_rate: float | None = None) -> StepStats:
+        """One optimizer step over the batch: micro-batches, accumulation, clipping, AdamW.
+
+        Args:
+            batch: sequences, advantages and whole-batch-normalised token weights.
+            loss: clip ranges and the KL coefficient.
+            learning_rate: use this rate for this step and leave the schedule
+                where it is (a supervised warm-up); None follows the schedule.
+
+        Returns:
+            The step's loss, its parts, the pre-clip gradient norm and the rate used.
+        """
+        lr = learning_rate if learning_rate is not None else self._scheduled_lr()
+        grads, stats = self._accumulate_gradients(batch, loss)
+        grads, norm = _clip_grad_norm(grads, self._training.max_grad_norm or math.inf)
+        grad_norm = float(norm)
+        if math.isfinite(grad_norm):
+            self._optimizer.learning_rate = lr
+            self._optimizer.update(self._model, grads)
+            mx.eval(self._model.parameters(), self._optimizer.state)
+        else:
+            log.warning("Non-finite gradient norm (%s): this step's update was skipped.", grad_norm)
+            stats["extra"]["skipped_nonfinite"] = 1.0
+        if learning_rate is None:
+            self._step += 1
+        return StepStats(grad_norm=grad_norm, lr=lr, **stats)
+
+    def _scheduled_lr(self) -> float:
+        t = self._training
+        return learning_rate_at(
+            self._step,
+            base_lr=t.learning_rate,
+            warmup_steps=t.warmup_steps,
+            total_steps=self._total_steps,
+            schedule=t.lr_scheduler_type,
+            min_lr_ratio=t.min_lr_ratio,
+        )
+
+    def _accumulate_gradients(self, batch: TrainBatch, settings: LossSettings) -> tuple[dict, dict[str, Any]]:
+        """Forward + backward per micro-batch; gradients add up to the full-batch gradient."""
+        self._model.train()
+        n = len(batch.sequences)
+        step = self._training.micro_batch_size
+        loss_sum = pg_sum = weight_total = 0.0
+        weighted = dict.fromkeys(_STAT_MEANS, 0.0)
+        micro = 0
+        total = None
+        for start in range(0, n, step):
+            index = slice(start, start + step)
+            rows = batch.sequences.rows(index)
+            ids, attn = self._arrays(rows)
+            width = ids.shape[1] - 1
+            inputs = {
+                "old_logp": self._slice(batch.old_logp, index, width),
+                "ref_logp": self._slice(batch.ref_logp, index, width),
+                "advantages": self._slice(batch.advantages, index, None),
+                "token_weights": self._slice(batch.token_weights, index, width),
+            }
+
+            def loss_fn(model, ids=ids, attn=attn, inputs=inputs):
+                logp = _token_logp(model, ids, attn)  # inside the differentiated computation
+                return objective.policy_loss(
+                    _MlxOps(),
+                    logp=logp,
+                    clip_eps_low=settings.clip_eps_low,
+                    clip_eps_high=settings.clip_eps_high,
+                    kl_coef=settings.kl_coef,
+                    kl_estimator=settings.kl_estimator,
+                    **inputs,
+                )
+
+            (value, stats), grads = nn.value_and_grad(self._model, loss_fn)(self._model)
+            total = grads if total is None else tree_map(mx.add, total, grads)
+            mx.eval(total, value, stats)
+            micro += 1
+            loss_sum += float(value)
+            pg_sum += float(stats["pg_loss"])
+            w = float(stats["weight_sum"])
+            weight_total += w
+            for key in _STAT_MEANS:
+                weighted[key] += float(stats[key]) * w
+        self._model.eval()
+        means = {k: (v / weight_total if weight_total > 0 else 0.0) for k, v in weighted.items()}
+        return total, {"loss": loss_sum, "pg_loss": pg_sum, **means, "extra": {"micro_batches": float(micro)}}
+
+    def _slice(self, array: np.ndarray | None, index: slice, width: int | None):
+        if array is None:
+            return None
+        part = array[index] if width is None else array[index, :width]
+        return mx.array(np.asarray(part, dtype=np.float32))
+
+    # ------------------------------------------------------- rebase_reference
+
+    def rebase_reference(self) -> None:
+        """Makes the current policy the frozen KL reference and restarts the optimizer.
+
+        LoRA: the adapters are folded into the base weights and start afresh
+        (new A, B = 0), so "adapters off" is now the current policy. Full
+        fine-tune: the current weights are copied into the reference model.
+        """
+        if self._reference is not None:
+            self._reference.update(tree_map(mx.array, self._model.parameters()))
+            mx.eval(self._reference.parameters())
+        else:
+            for module in _lora_layers(self._model):
+                weight = module.linear.weight
+                module.linear.weight = weight + _lora_delta(module).astype(weight.dtype)
+                bound = 1 / math.sqrt(module.lora_a.shape[0])  # LoRALinear's own initialisation
+                module.lora_a = mx.random.uniform(-bound, bound, module.lora_a.shape).astype(module.lora_a.dtype)
+                module.lora_b = mx.zeros_like(module.lora_b)
+            mx.eval(self._model.parameters())
+        self._optimizer = self._new_optimizer()
+        self._rebased = True
+
+    # ------------------------------------------------------------- parameters
+
+    def trainable_parameter_count(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts of the policy."""
+        total = sum(v.size for _, v in tree_flatten(self._model.parameters()))
+        return sum(v.size for _, v in tree_flatten(self._model.trainable_parameters())), total
+
+    # --------------------------------------------------------------- save/load
+
+    def save(self, path: Path) -> None:
+        """Writes trainable weights (safetensors), optimizer, schedule position and RNG state.
+
+        LoRA: ``adapters.safetensors`` + ``adapter_config.json`` (mlx-lm's
+        layout); full fine-tune: ``model.safetensors`` (+ config). Then
+        ``optimizer.safetensors`` and ``backend_state.json`` (step, flags, RNG seed).
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if self._use_lora:
+            mx.save_safetensors(str(path / _ADAPTER_FILE), dict(tree_flatten(self._model.trainable_parameters())))
+            config = {"fine_tune_type": "lora", "num_layers": len(self._model.layers),
+                      "lora_parameters": self._lora_config}
+            (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        else:
+            mx.save_safetensors(str(path / _FULL_FILE), dict(tree_flatten(self._model.parameters())),
+                                metadata={"format": "pt"})
+            self._copy_hf_files(path)
+        mx.save_safetensors(str(path / _OPTIMIZER_FILE), dict(tree_flatten(self._optimizer.state)))
+        # MLX's global key cannot be set back directly: draw a seed from it and reseed now, so
+        # this run and one resumed from here continue from the same RNG state.
+        rng_seed = int(mx.random.randint(0, 2**31 - 1, shape=()).item())
+        mx.random.seed(rng_seed)
+        if self._rebased:  # the reference is no longer the model on disk: keep it too
+            if self._reference is not None:
+                frozen = dict(tree_flatten(self._reference.parameters()))
+            else:
+                trainable = dict(tree_flatten(self._model.trainable_parameters()))
+                frozen = {k: v for k, v in tree_flatten(self._model.parameters()) if k not in trainable}
+            mx.save_safetensors(str(path / _REFERENCE_FILE), frozen)
+        state = {"backend": self.name, "step": self._step, "total_steps": self._total_steps,
+                 "use_lora": self._use_lora, "rebased": self._rebased, "rng_seed": rng_seed}
+        (path / "backend_state.json").write_text(json.dumps(state, indent=2) + "\n")
+
+    def load(self, path: Path) -> None:
+        """Restores what ``save`` wrote, so training continues exactly where it stopped."""
+        path = Path(path)
+        state = json.loads((path / "backend_state.json").read_text())
+        if state.get("use_lora") != (self._use_lora):
+            kind = "LoRA" if state.get("use_lora") else "full fine-tune"
+            raise ValueError(f"{path} holds a {kind} checkpoint; set model.use_lora to match it.")
+        self._load_reference(path, rebased=bool(state.get("rebased")))
+        name = _ADAPTER_FILE if self._use_lora else _FULL_FILE
+        weights = mx.load(str(path / name))
+        params = self._model.trainable_parameters() if self._use_lora else self._model.parameters()
+        expected = {name for name, _ in tree_flatten(params)}
+        if set(weights) != expected:
+            missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+            raise ValueError(f"{path}: weights do not match the model (missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}).")
+        self._model.update(tree_unflatten(list(weights.items())))
+        optimizer_state = mx.load(str(path / _OPTIMIZER_FILE))
+        self._optimizer = self._new_optimizer()
+        self._optimizer.state = tree_unflatten(list(optimizer_state.items()))
+        mx.random.seed(int(state["rng_seed"]))
+        mx.eval(self._model.parameters(), self._optimizer.state)
+        self._step = int(state["step"])
+
+    def _load_reference(self, path: Path, *, rebased: bool) -> None:
+        if not rebased:
+            if self._rebased:
+                raise ValueError(f"{path} was saved before the reference was rebased; load it into a fresh backend.")
+            return
+        frozen = self._reference if self._reference is not None else self._model
+        weights = mx.load(str(path / _REFERENCE_FILE))
+        known = dict(tree_flatten(frozen.parameters()))
+        unexpected = [k for k in weights if k not in known]
+        if unexpected:
+            raise ValueError(f"{path}: reference weights the model lacks: {unexpected[:5]}")
+        frozen.update(tree_unflatten(list(weights.items())))
+        mx.eval(frozen.parameters())
+        self._rebased = True
+
+    def _copy_hf_files(self, path: Path) -> None:
+        """The base folder's config (its dtype set to the weights') and generation config."""
+        for name in _HF_FILES:
+            if (self._path / name).exists():
+                shutil.copy(self._path / name, path / name)
+        config = path / "config.json"
+        if config.exists():
+            data = json.loads(config.read_text())
+            for key in ("torch_dtype", "dtype"):
+                if key in data or key == "dtype":
+                    data[key] = self._model_config.dtype
+            config.write_text(json.dumps(data, indent=2) + "\n")
+
+    # ------------------------------------------------------------------ export
+
+    def export(self, path: Path) -> None:
+        """Writes the policy as a plain Hugging Face model (LoRA merged) + tokenizer.
+
+        The merge is computed into a new weight dict, so the live model keeps
+        its adapters. mlx-lm's parameter names for these models are the Hugging
+        Face names (with LoRA, ``<proj>.linear.weight`` -> ``<proj>.weight``).
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        mx.save_safetensors(str(path / "model.safetensors"), self._merged_weights(), metadata={"format": "pt"})
+        self._copy_hf_files(path)
+        self.tokenizer.save_pretrained(str(path))
+
+    def _merged_weights(self) -> dict[str, mx.array]:
+        """The policy's weights with each adapter folded into its base layer."""
+        merged = {}
+        for name, value in tree_flatten(self._model.parameters()):
+            if ".lora_a" in name or ".lora_b" in name:
+                continue
+            merged[name.replace(".linear.", ".")] = value
+        for name, module in self._model.named_modules():
+            if isinstance(module, LoRALinear):
+                key = f"{name}.weight"
+                merged[key] = merged[key] + _lora_delta(module).astype(merged[key].dtype)
+        mx.eval(merged)
+        return merged
+
+
+def create(model: ModelConfig, training: TrainingConfig, *, seed: int, total_steps: int) -> MlxBackend:
+    """Builds the MLX backend (the factory ``backends`` calls by name)."""
+    return MlxBackend(model, training, seed=seed, total_steps=total_steps)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _lora_keys(model: nn.Module, targets: list[str]) -> list[str]:
+    """Per-block module keys (``self_attn.q_proj``) whose last part is a target name."""
+    wanted = set(targets)
+    keys = []
+    for layer in model.layers:
+        for name, module in layer.named_modules():
+            if name and name.split(".")[-1] in wanted and isinstance(module, nn.Linear) and name not in keys:
+                keys.append(name)
+    if not keys:
+        raise ValueError(f"model.lora_target_modules {targets} match no linear layer of the model.")
+    return keys
+
+
+def _lora_layers(model: nn.Module) -> list[LoRALinear]:
+    return [m for _, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def _lora_delta(module: LoRALinear):
+    """The weight-shaped update ``scale * B^T A^T`` an adapter adds (what ``LoRALinear.fuse`` adds)."""
+    return (module.scale * module.lora_b.T) @ module.lora_a.T
+
+
+def _eos_ids(tokenizer, path: Path) -> tuple[int, ...]:
+    """The tokenizer's EOS plus the generation config's (Qwen stops on several)."""
+    generation = None
+    config = path / "generation_config.json"
+    if config.exists():
+        generation = json.loads(config.read_text()).get("eos_token_id")
+    found: list[int] = []
+    for token in [tokenizer.eos_token_id, *(generation if isinstance(generation, list) else [generation])]:
+        if token is not None and int(token) not in found:
+            found.append(int(token))
+    if not found:
+        raise ValueError("The tokenizer and generation config name no EOS token; cannot tell when to stop.")
+    return tuple(found)
+
+
+def _left_pad(prompts: list[list[int]], *, pad_id: int):
+    """``[B, P]`` int32 ids, left-padded, and each row's pad count (``BatchKVCache``'s left_padding)."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, dtype=np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = p
+    return mx.array(ids), [width - len(p) for p in prompts]
+
+
+def _batch_cache(model, padding: list[int]) -> list:
+    """One ``BatchKVCache`` per layer (per-row RoPE offsets and padding masks for a left-padded batch)."""
+    kinds = make_prompt_cache(model)
+    if not all(type(c) is KVCache for c in kinds):
+        names = sorted({type(c).__name__ for c in kinds})
+        raise NotImplementedError(f"Batched sampling needs a plain KV cache per layer; this model uses {names}.")
+    return [BatchKVCache(padding) for _ in kinds]
+
+
+def _repeat_cache(cache: list, n: int) -> None:
+    """Repeats every row of each layer's ``BatchKVCache`` ``n`` times (row r -> rows r*n .. r*n+n-1)."""
+    if n == 1:
+        return
+    for c in cache:
+        c.keys = mx.repeat(c.keys, n, axis=0)
+        c.values = mx.repeat(c.values, n, axis=0)
+        c.offset = mx.repeat(c.offset, n, axis=0)
+        c.left_padding = mx.repeat(c.left_padding, n, axis=0)
+
+
+def _target_logp(logits, targets):
+    """``log_softmax(logits)[target]`` as ``logit - logsumexp``: no full-vocab log-softmax array."""
+    picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
+    return picked - mx.logsumexp(logits, axis=-1)
+
+
+def _token_logp(model, ids, attn):
+    """``[N, T-1]`` float32 log-probs of each next token; 0 where the target is padding.
+
+    Rows are right-padded, so the causal mask alone keeps every real token
+    from seeing padding (padding only ever follows it); padding positions
+    produce garbage that the final ``where`` drops.
+    """
+    logits = model(ids)
+    logp = _target_logp(logits[:, :-1].astype(mx.float32), ids[:, 1:])
+    return mx.where((attn[:, 1:] * attn[:, :-1]) > 0, logp, mx.zeros_like(logp))
+
+
+def _choose(logits, params: SamplingParams, key):
+    """Next tokens ``[R]`` from float32 logits after temperature, top-k, top-p and min-p."""
+    if params.temperature <= 1e-6 or params.top_k == 1:
+        return mx.argmax(logits, axis=-1)
+    logits = logits / params.temperature
+    neg_inf = mx.array(-math.inf, dtype=logits.dtype)
+    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+        kth = mx.sort(logits, axis=-1)[:, -params.top_k][:, None]
+        logits = mx.where(logits < kth, neg_inf, logits)
+    if params.top_p < 1.0:
+        order = mx.argsort(-logits, axis=-1)
+        sorted_logits = mx.take_along_axis(logits, order, axis=-1)
+        probs = mx.softmax(sorted_logits, axis=-1)
+        outside = (mx.cumsum(probs, axis=-1) - probs) > params.top_p  # the best token always stays
+        sorted_logits = mx.where(outside, neg_inf, sorted_logits)
+        logits = mx.take_along_axis(sorted_logits, mx.argsort(order, axis=-1), axis=-1)
+    if params.min_p > 0.0:
+        probs = mx.softmax(logits, axis=-1)
+        logits = mx.where(probs < params.min_p * probs.max(axis=-1, keepdims=True), neg_inf, logits)
+    return mx.random.categorical(logits, axis=-1, key=key)
+
+
+def _clip_grad_norm(grads, max_norm: float):
+    """``optim.clip_grad_norm`` with a blockwise sum of squares: returns ``(clipped, pre-clip norm)``.
+
+    ``optim.clip_grad_norm`` sums each gradient's squares in one float32
+    reduction, which on the CPU drifts by ~1e-4 relative on a large matrix (the
+    embedding); the norm both scales the update and is reported, so sum in
+    blocks of 256 instead. Same rule as torch: scale by ``min(max / (norm + 1e-6), 1)``.
+    """
+    def squared(g):
+        x = g.astype(mx.float32).square().reshape(-1)
+        while x.size > _BLOCK:
+            pad = (-x.size) % _BLOCK
+            if pad:
+                x = mx.concatenate([x, mx.zeros((pad,), dtype=x.dtype)])
+            x = x.reshape(-1, _BLOCK).sum(axis=1)
+        return x.sum()
+
+    leaves = [squared(g) for _, g in tree_flatten(grads)]
+    norm = mx.sqrt(mx.sum(mx.stack(leaves))) if leaves else mx.array(0.0)
+    scale = mx.minimum(max_norm / (norm + 1e-6), 1.0)
+    return tree_map(lambda g: (g * scale).astype(g.dtype), grads), norm
+
+
+def _find_stop(text: str, stops: tuple[str, ...]) -> int:
+    """Index of the earliest stop string in ``text``, or -1."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else -1
