@@ -140,6 +140,67 @@ class StepStats:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+class DecodeBook:
+    """Framework-free bookkeeping of one batched decode, shared by both backends.
+
+    Rows are prompt-major (``row = prompt * n + sample``). Each step the backend
+    hands in the token and temperature-1 log-prob it chose for every row; the
+    book keeps them for live rows, decides EOS / stop-string finishes, and at the
+    end assembles the ``Completion`` records.
+
+    Args:
+        prompts: the prompts' token ids.
+        n: samples per prompt.
+        eos_ids: tokens that end a completion (kept in its ids, not in its text).
+        stop: stop strings (ids kept up to the completing token; text cut before it).
+        decode: ids -> text, with special tokens kept.
+    """
+
+    def __init__(self, prompts: list[list[int]], n: int, *, eos_ids: tuple[int, ...], stop: tuple[str, ...],
+                 decode: Any) -> None:
+        self.prompts, self.n, self.eos, self.stop, self.decode = prompts, n, set(eos_ids), stop, decode
+        rows = len(prompts) * n
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self.logps: list[list[float]] = [[] for _ in range(rows)]
+        self.reasons: list[str | None] = [None] * rows
+
+    def add(self, tokens: list[int], logps: list[float]) -> list[bool]:
+        """Records one step for every row; returns which rows are still going."""
+        for r, (tok, lp) in enumerate(zip(tokens, logps)):
+            if self.reasons[r] is not None:
+                continue
+            self.tokens[r].append(tok)
+            self.logps[r].append(lp)
+            if tok in self.eos:
+                self.reasons[r] = "eos"
+            elif self.stop and find_stop(self.decode(self.tokens[r]), self.stop) >= 0:
+                self.reasons[r] = "stop"  # the whole text is searched: a stop may span tokens
+        return [reason is None for reason in self.reasons]
+
+    @property
+    def done(self) -> bool:
+        return all(reason is not None for reason in self.reasons)
+
+    def completions(self) -> list[Completion]:
+        """The records, uid ``"{prompt}-{sample}"``; unfinished rows end with ``"length"``."""
+        out = []
+        for r, ids in enumerate(self.tokens):
+            p, s = divmod(r, self.n)
+            reason = self.reasons[r] or "length"
+            text = self.decode(ids[:-1] if reason == "eos" else ids)
+            if reason == "stop":
+                text = text[: find_stop(text, self.stop)]
+            prompt = tuple(int(t) for t in self.prompts[p])
+            out.append(Completion(f"{p}-{s}", p, s, prompt, tuple(ids), tuple(self.logps[r]), text, reason))
+        return out
+
+
+def find_stop(text: str, stops: tuple[str, ...]) -> int:
+    """Index of the earliest stop string in ``text``, or -1."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else -1
+
+
 @runtime_checkable
 class Backend(Protocol):
     """One model, its tokenizer, its optimizer: everything framework-specific.

@@ -31,6 +31,7 @@ import numpy as np
 from rlaif_mlx.backends.base import (
     BackendUnavailable,
     Completion,
+    DecodeBook,
     LossSettings,
     SamplingParams,
     SequenceBatch,
@@ -192,10 +193,7 @@ class MlxBackend:
         logits = mx.repeat(logits, n, axis=0)
 
         rows = len(prompts) * n
-        tokens: list[list[int]] = [[] for _ in range(rows)]
-        logps: list[list[float]] = [[] for _ in range(rows)]
-        reasons: list[str | None] = [None] * rows
-        eos = set(self.eos_ids)
+        book = DecodeBook(prompts, n, eos_ids=self.eos_ids, stop=params.stop, decode=self._decode)
         pad = mx.full((rows,), self.pad_id, dtype=mx.int32)
         alive = mx.ones((rows,), dtype=mx.bool_)
         for step in range(params.max_new_tokens):
@@ -204,31 +202,12 @@ class MlxBackend:
             chosen = mx.where(alive, _choose(logits, params, sub).astype(mx.int32), pad)
             chosen_logp = _target_logp(logits, chosen)
             mx.eval(chosen, chosen_logp)
-            for r, (tok, lp) in enumerate(zip(chosen.tolist(), chosen_logp.tolist())):
-                if reasons[r] is not None:
-                    continue
-                tokens[r].append(tok)
-                logps[r].append(lp)
-                if tok in eos:
-                    reasons[r] = "eos"
-                elif params.stop and _find_stop(self._decode(tokens[r]), params.stop) >= 0:
-                    reasons[r] = "stop"  # the whole text is searched: a stop may span tokens
-            alive = mx.array([r is None for r in reasons])
-            if not any(r is None for r in reasons) or step == params.max_new_tokens - 1:
+            alive = mx.array(book.add(chosen.tolist(), chosen_logp.tolist()))
+            if book.done or step == params.max_new_tokens - 1:
                 break
             # Finished rows keep decoding pad tokens; no other row attends to them.
             logits = self._forward_step(chosen[:, None], cache)
-
-        completions = []
-        for r in range(rows):
-            p, s = divmod(r, n)
-            reason = reasons[r] or "length"
-            text = self._decode(tokens[r][:-1] if reason == "eos" else tokens[r])
-            if reason == "stop":
-                text = text[: _find_stop(text, params.stop)]
-            prompt = tuple(int(t) for t in prompts[p])
-            completions.append(Completion(f"{p}-{s}", p, s, prompt, tuple(tokens[r]), tuple(logps[r]), text, reason))
-        return completions
+        return book.completions()
 
     def _forward_step(self, ids, cache):
         """One cached forward; returns the last position's logits ``[R, V]`` (the cache updates in place)."""
@@ -667,9 +646,3 @@ def _clip_grad_norm(grads, max_norm: float):
     norm = mx.sqrt(mx.sum(mx.stack(leaves))) if leaves else mx.array(0.0)
     scale = mx.minimum(max_norm / (norm + 1e-6), 1.0)
     return tree_map(lambda g: (g * scale).astype(g.dtype), grads), norm
-
-
-def _find_stop(text: str, stops: tuple[str, ...]) -> int:
-    """Index of the earliest stop string in ``text``, or -1."""
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(hits) if hits else -1

@@ -29,6 +29,7 @@ import numpy as np
 from rlaif_mlx.backends.base import (
     BackendUnavailable,
     Completion,
+    DecodeBook,
     LossSettings,
     SamplingParams,
     SequenceBatch,
@@ -180,43 +181,21 @@ class TorchBackend:
         next_pos = positions[:, -1].repeat_interleave(n, dim=0) + 1
 
         rows = len(prompts) * n
-        tokens: list[list[int]] = [[] for _ in range(rows)]
-        logps: list[list[float]] = [[] for _ in range(rows)]
-        reasons: list[str | None] = [None] * rows
-        eos = set(self.eos_ids)
+        book = DecodeBook(prompts, n, eos_ids=self.eos_ids, stop=params.stop, decode=self._decode)
         pad = torch.full((rows,), self.pad_id, dtype=torch.long, device=self.device)
         alive = torch.ones(rows, dtype=torch.bool, device=self.device)
         for step in range(params.max_new_tokens):
             logits = logits.float()
             chosen = torch.where(alive, _choose(logits, params, generator), pad)
             chosen_logp = _target_logp(logits, chosen)
-            for r, (tok, lp) in enumerate(zip(chosen.tolist(), chosen_logp.tolist())):
-                if reasons[r] is not None:
-                    continue
-                tokens[r].append(tok)
-                logps[r].append(lp)
-                if tok in eos:
-                    reasons[r] = "eos"
-                elif params.stop and _find_stop(self._decode(tokens[r]), params.stop) >= 0:
-                    reasons[r] = "stop"  # the whole text is searched: a stop may span tokens
-            alive = torch.tensor([r is None for r in reasons], device=self.device)
-            if not alive.any() or step == params.max_new_tokens - 1:
+            alive = torch.tensor(book.add(chosen.tolist(), chosen_logp.tolist()), device=self.device)
+            if book.done or step == params.max_new_tokens - 1:
                 break
             # Finished rows keep decoding pad tokens that nothing attends to.
             mask = torch.cat([mask, alive.long()[:, None]], dim=1)
             logits, cache = self._forward_step(chosen[:, None], mask, next_pos[:, None], cache)
             next_pos = next_pos + 1
-
-        completions = []
-        for r in range(rows):
-            p, s = divmod(r, n)
-            reason = reasons[r] or "length"
-            text = self._decode(tokens[r][:-1] if reason == "eos" else tokens[r])
-            if reason == "stop":
-                text = text[: _find_stop(text, params.stop)]
-            prompt = tuple(int(t) for t in prompts[p])
-            completions.append(Completion(f"{p}-{s}", p, s, prompt, tuple(tokens[r]), tuple(logps[r]), text, reason))
-        return completions
+        return book.completions()
 
     def _forward_step(self, ids, mask, positions, cache):
         """One cached forward; returns the last position's logits ``[R, V]`` and the cache."""
@@ -579,9 +558,3 @@ def _choose(logits, params: SamplingParams, generator):
     if generator.device.type != probs.device.type:
         return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def _find_stop(text: str, stops: tuple[str, ...]) -> int:
-    """Index of the earliest stop string in ``text``, or -1."""
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(hits) if hits else -1
