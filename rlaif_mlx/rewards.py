@@ -69,9 +69,7 @@ class RewardPipeline:
 
     def combine(self, grade: GradeResult) -> RewardResult:
         """Weighted mean of the components that apply to the task."""
-        if grade.error and grade.error.startswith(_INFRASTRUCTURE_ERRORS) or (
-            grade.error and any(marker in grade.error for marker in _INFRASTRUCTURE_ERRORS)
-        ):
+        if grade.error and any(marker in grade.error for marker in _INFRASTRUCTURE_ERRORS):
             return RewardResult(None, dict(grade.components), grade.error)
         weights = dict(self.config.weights)
         if grade.tests_skipped and grade.tests_skipped.startswith(_NOT_APPLICABLE):

@@ -6,7 +6,7 @@ Pure Python so MLX and PyTorch compute the exact same number for a step.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 Schedule = Literal["constant", "linear", "cosine"]
 SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
@@ -66,3 +66,15 @@ def learning_rate_at(
     if schedule == "linear":
         return min_lr + (base_lr - min_lr) * (1.0 - progress)
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def scheduled_learning_rate(step: int, training: Any, *, total_steps: int) -> float:
+    """``learning_rate_at`` with the knobs of a ``training`` config section."""
+    return learning_rate_at(
+        step,
+        base_lr=training.learning_rate,
+        warmup_steps=training.warmup_steps,
+        total_steps=total_steps,
+        schedule=training.lr_scheduler_type,
+        min_lr_ratio=training.min_lr_ratio,
+    )

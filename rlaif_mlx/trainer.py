@@ -27,7 +27,7 @@ from .data import Task, TaskSet, prompt_token_ids, reference_completion_text
 from .metrics import JsonlSink
 from .objective import aggregation_weights
 from .rewards import RewardPipeline, RewardResult
-from .schedule import learning_rate_at
+from .schedule import scheduled_learning_rate
 
 
 MAX_UNSCORED_STEPS = 3
@@ -258,13 +258,11 @@ class Trainer:
             # gradient would still move the weights through Adam's momentum.
             return StepStats(loss=0.0, pg_loss=0.0, kl=0.0, clip_fraction=0.0, ratio_mean=1.0, grad_norm=0.0,
                              lr=0.0, extra={"update_skipped": 1.0})
-        t = self.config.training
         # The schedule follows RL steps (which the trainer owns and checkpoints),
         # so updates_per_batch > 1 does not run it faster.
-        lr = learning_rate_at(self.step, base_lr=t.learning_rate, warmup_steps=t.warmup_steps,
-                              total_steps=self.total_steps, schedule=t.lr_scheduler_type, min_lr_ratio=t.min_lr_ratio)
+        lr = scheduled_learning_rate(self.step, self.config.training, total_steps=self.total_steps)
         stats = None
-        for _ in range(t.updates_per_batch):
+        for _ in range(self.config.training.updates_per_batch):
             stats = self.backend.train_step(batch, loss=settings, learning_rate=lr)
         return stats
 

@@ -195,6 +195,53 @@ class DecodeBook:
         return out
 
 
+class MicroBatchStats:
+    """Combines ``objective.policy_loss`` stats over the micro-batches of one step.
+
+    Losses add up (token weights are normalised over the whole batch); the
+    per-token means are re-weighted by each micro-batch's ``weight_sum``.
+    """
+
+    MEANS = ("kl", "clip_fraction", "ratio_mean")
+
+    def __init__(self) -> None:
+        self.loss = self.pg_loss = self.weight = 0.0
+        self.weighted = dict.fromkeys(self.MEANS, 0.0)
+        self.micro_batches = 0
+
+    def add(self, loss: float, stats: dict[str, Any]) -> None:
+        """Adds one micro-batch's loss and stats (anything ``float()`` accepts)."""
+        self.micro_batches += 1
+        self.loss += float(loss)
+        self.pg_loss += float(stats["pg_loss"])
+        w = float(stats["weight_sum"])
+        self.weight += w
+        for key in self.MEANS:
+            self.weighted[key] += float(stats[key]) * w
+
+    def result(self) -> dict[str, Any]:
+        """Keyword arguments for ``StepStats`` (all but ``grad_norm`` and ``lr``)."""
+        means = {k: (v / self.weight if self.weight > 0 else 0.0) for k, v in self.weighted.items()}
+        return {"loss": self.loss, "pg_loss": self.pg_loss, **means,
+                "extra": {"micro_batches": float(self.micro_batches)}}
+
+
+def merge_eos_ids(tokenizer_eos: int | None, generation_eos: int | list[int] | None) -> tuple[int, ...]:
+    """The tokenizer's EOS plus the generation config's (Qwen stops on several), in that order.
+
+    Raises:
+        ValueError: neither names an EOS token.
+    """
+    listed = generation_eos if isinstance(generation_eos, list) else [generation_eos]
+    found: list[int] = []
+    for token in [tokenizer_eos, *listed]:
+        if token is not None and int(token) not in found:
+            found.append(int(token))
+    if not found:
+        raise ValueError("The tokenizer and generation config name no EOS token; cannot tell when to stop.")
+    return tuple(found)
+
+
 def find_stop(text: str, stops: tuple[str, ...]) -> int:
     """Index of the earliest stop string in ``text``, or -1."""
     hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]

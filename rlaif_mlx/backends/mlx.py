@@ -33,10 +33,12 @@ from rlaif_mlx.backends.base import (
     Completion,
     DecodeBook,
     LossSettings,
+    MicroBatchStats,
     SamplingParams,
     SequenceBatch,
     StepStats,
     TrainBatch,
+    merge_eos_ids,
 )
 
 try:
@@ -56,12 +58,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from rlaif_mlx import objective
 from rlaif_mlx.config import ModelConfig, TrainingConfig
-from rlaif_mlx.schedule import learning_rate_at
+from rlaif_mlx.schedule import scheduled_learning_rate
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-_STAT_MEANS = ("kl", "clip_fraction", "ratio_mean")
 _ADAPTER_FILE = "adapters.safetensors"
 _FULL_FILE = "model.safetensors"
 _OPTIMIZER_FILE = "optimizer.safetensors"
@@ -284,7 +285,7 @@ class MlxBackend:
         Returns:
             The step's loss, its parts, the pre-clip gradient norm and the rate used.
         """
-        lr = learning_rate if learning_rate is not None else self._scheduled_lr()
+        lr = learning_rate if learning_rate is not None else scheduled_learning_rate(self._step, self._training, total_steps=self._total_steps)
         grads, stats = self._accumulate_gradients(batch, loss)
         grads, norm = _clip_grad_norm(grads, self._training.max_grad_norm or math.inf)
         grad_norm = float(norm)
@@ -299,25 +300,12 @@ class MlxBackend:
             self._step += 1
         return StepStats(grad_norm=grad_norm, lr=lr, **stats)
 
-    def _scheduled_lr(self) -> float:
-        t = self._training
-        return learning_rate_at(
-            self._step,
-            base_lr=t.learning_rate,
-            warmup_steps=t.warmup_steps,
-            total_steps=self._total_steps,
-            schedule=t.lr_scheduler_type,
-            min_lr_ratio=t.min_lr_ratio,
-        )
-
     def _accumulate_gradients(self, batch: TrainBatch, settings: LossSettings) -> tuple[dict, dict[str, Any]]:
         """Forward + backward per micro-batch; gradients add up to the full-batch gradient."""
         self._model.train()
         n = len(batch.sequences)
         step = self._training.micro_batch_size
-        loss_sum = pg_sum = weight_total = 0.0
-        weighted = dict.fromkeys(_STAT_MEANS, 0.0)
-        micro = 0
+        combined = MicroBatchStats()
         total = None
         for start in range(0, n, step):
             index = slice(start, start + step)
@@ -346,16 +334,9 @@ class MlxBackend:
             (value, stats), grads = nn.value_and_grad(self._model, loss_fn)(self._model)
             total = grads if total is None else tree_map(mx.add, total, grads)
             mx.eval(total, value, stats)
-            micro += 1
-            loss_sum += float(value)
-            pg_sum += float(stats["pg_loss"])
-            w = float(stats["weight_sum"])
-            weight_total += w
-            for key in _STAT_MEANS:
-                weighted[key] += float(stats[key]) * w
+            combined.add(value, stats)
         self._model.eval()
-        means = {k: (v / weight_total if weight_total > 0 else 0.0) for k, v in weighted.items()}
-        return total, {"loss": loss_sum, "pg_loss": pg_sum, **means, "extra": {"micro_batches": float(micro)}}
+        return total, combined.result()
 
     def _slice(self, array: np.ndarray | None, index: slice, width: int | None):
         if array is None:
@@ -542,18 +523,9 @@ def _lora_delta(module: LoRALinear):
 
 
 def _eos_ids(tokenizer, path: Path) -> tuple[int, ...]:
-    """The tokenizer's EOS plus the generation config's (Qwen stops on several)."""
-    generation = None
     config = path / "generation_config.json"
-    if config.exists():
-        generation = json.loads(config.read_text()).get("eos_token_id")
-    found: list[int] = []
-    for token in [tokenizer.eos_token_id, *(generation if isinstance(generation, list) else [generation])]:
-        if token is not None and int(token) not in found:
-            found.append(int(token))
-    if not found:
-        raise ValueError("The tokenizer and generation config name no EOS token; cannot tell when to stop.")
-    return tuple(found)
+    generation = json.loads(config.read_text()).get("eos_token_id") if config.exists() else None
+    return merge_eos_ids(tokenizer.eos_token_id, generation)
 
 
 def _left_pad(prompts: list[list[int]], *, pad_id: int):

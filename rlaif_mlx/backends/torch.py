@@ -31,10 +31,12 @@ from rlaif_mlx.backends.base import (
     Completion,
     DecodeBook,
     LossSettings,
+    MicroBatchStats,
     SamplingParams,
     SequenceBatch,
     StepStats,
     TrainBatch,
+    merge_eos_ids,
 )
 
 try:
@@ -53,13 +55,12 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from rlaif_mlx import objective
 from rlaif_mlx.config import ModelConfig, TrainingConfig
-from rlaif_mlx.schedule import learning_rate_at
+from rlaif_mlx.schedule import scheduled_learning_rate
 
 log = logging.getLogger(__name__)
 hf_logging.disable_progress_bar()  # per-file progress bars would drown the one-line-per-step log
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_STAT_MEANS = ("kl", "clip_fraction", "ratio_mean")
 _ADAPTER = "default"  # PEFT's name for the one adapter we train
 _REFERENCE_FILE = "reference_model.safetensors"
 
@@ -271,7 +272,7 @@ class TorchBackend:
         Returns:
             The step's loss, its parts, the pre-clip gradient norm and the rate used.
         """
-        lr = learning_rate if learning_rate is not None else self._scheduled_lr()
+        lr = learning_rate if learning_rate is not None else scheduled_learning_rate(self._step, self._training, total_steps=self._total_steps)
         stats = self._accumulate_gradients(batch, loss)
         norm = torch.nn.utils.clip_grad_norm_(self._trainable, self._training.max_grad_norm or math.inf)
         grad_norm = float(norm)
@@ -287,25 +288,12 @@ class TorchBackend:
             self._step += 1
         return StepStats(grad_norm=grad_norm, lr=lr, **stats)
 
-    def _scheduled_lr(self) -> float:
-        t = self._training
-        return learning_rate_at(
-            self._step,
-            base_lr=t.learning_rate,
-            warmup_steps=t.warmup_steps,
-            total_steps=self._total_steps,
-            schedule=t.lr_scheduler_type,
-            min_lr_ratio=t.min_lr_ratio,
-        )
-
     def _accumulate_gradients(self, batch: TrainBatch, settings: LossSettings) -> dict[str, Any]:
         """Forward + backward per micro-batch; gradients add up to the full-batch gradient."""
         self._model.train()
         n = len(batch.sequences)
         step = self._training.micro_batch_size
-        loss_sum = pg_sum = weight_total = 0.0
-        weighted = dict.fromkeys(_STAT_MEANS, 0.0)
-        micro = 0
+        combined = MicroBatchStats()
         for start in range(0, n, step):
             index = slice(start, start + step)
             rows = batch.sequences.rows(index)
@@ -325,15 +313,8 @@ class TorchBackend:
                 kl_estimator=settings.kl_estimator,
             )
             value.backward()
-            micro += 1
-            loss_sum += float(value.detach())
-            pg_sum += float(stats["pg_loss"])
-            w = float(stats["weight_sum"])
-            weight_total += w
-            for key in _STAT_MEANS:
-                weighted[key] += float(stats[key]) * w
-        means = {k: (v / weight_total if weight_total > 0 else 0.0) for k, v in weighted.items()}
-        return {"loss": loss_sum, "pg_loss": pg_sum, **means, "extra": {"micro_batches": float(micro)}}
+            combined.add(value.detach(), stats)
+        return combined.result()
 
     def _slice(self, array: np.ndarray | None, index: slice, width: int | None):
         if array is None:
@@ -503,15 +484,8 @@ def _with_lora(model, config: PeftLoraConfig):
 
 
 def _eos_ids(tokenizer, model) -> tuple[int, ...]:
-    """The tokenizer's EOS plus the generation config's (Qwen stops on several)."""
     generation = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    found: list[int] = []
-    for token in [tokenizer.eos_token_id, *(generation if isinstance(generation, list) else [generation])]:
-        if token is not None and int(token) not in found:
-            found.append(int(token))
-    if not found:
-        raise ValueError("The tokenizer and generation config name no EOS token; cannot tell when to stop.")
-    return tuple(found)
+    return merge_eos_ids(tokenizer.eos_token_id, generation)
 
 
 def _left_pad(prompts: list[list[int]], *, pad_id: int, device: str):
