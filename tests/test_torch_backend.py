@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -368,7 +370,13 @@ def test_save_load_resumes_exactly(tiny_model_path, tmp_path, use_lora):
 
     names = {p.name for p in (tmp_path / "ckpt").iterdir()}
     weight_file = "adapter_model.safetensors" if use_lora else "model.safetensors"
-    assert {weight_file, "optimizer.pt", "backend_state.json", "rng_state.pt"} <= names
+    assert {weight_file, "optimizer.safetensors", "backend_state.json"} <= names
+    state = json.loads((tmp_path / "ckpt" / "backend_state.json").read_text())
+    assert state["step"] == 2 and state["use_lora"] == use_lora and state["rebased"] is False
+
+    other = make(tiny_model_path, model={"use_lora": not use_lora})
+    with pytest.raises(ValueError, match="use_lora"):
+        other.load(tmp_path / "ckpt")
 
     resumed = make(tiny_model_path, seed=123, model=model, lr_scheduler_type="cosine", warmup_steps=1, total_steps=6)
     resumed.load(tmp_path / "ckpt")

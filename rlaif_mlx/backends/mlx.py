@@ -57,17 +57,15 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from None
 
 from rlaif_mlx import objective
+from rlaif_mlx.backends import portable
 from rlaif_mlx.config import ModelConfig, TrainingConfig
 from rlaif_mlx.schedule import scheduled_learning_rate
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-_ADAPTER_FILE = "adapters.safetensors"
-_FULL_FILE = "model.safetensors"
-_OPTIMIZER_FILE = "optimizer.safetensors"
-_REFERENCE_FILE = "reference_model.safetensors"
-_HF_FILES = ("config.json", "generation_config.json")
+_LINEAR = (nn.Linear, nn.QuantizedLinear)  # what LoRA can adapt
+_MOMENT_NAMES = (("m", "exp_avg"), ("v", "exp_avg_sq"))  # mlx AdamW state -> portable names
 _BLOCK = 256  # summation block for the gradient norm
 
 
@@ -127,15 +125,19 @@ class MlxBackend:
 
         self._use_lora = model.use_lora
         self._reference = None  # full fine-tune only: a frozen copy of the starting weights
+        if _is_quantized(self._model) and not model.use_lora:
+            raise ValueError(f"model.base_model {model.base_model!r} is quantised and full fine-tuning needs float "
+                             "weights: set model.use_lora: true, or use the unquantised model")
         if model.use_lora:
             self._model.freeze()
-            self._lora_config = {
+            lora = {
                 "rank": model.lora_r,
                 "scale": model.lora_alpha / model.lora_r,  # PEFT's alpha / r
                 "dropout": model.lora_dropout,
                 "keys": _lora_keys(self._model, model.lora_target_modules),
             }
-            linear_to_lora_layers(self._model, len(self._model.layers), self._lora_config)
+            # Quantised layers stay quantised under their adapters (QLoRA).
+            linear_to_lora_layers(self._model, len(self._model.layers), lora)
             mx.eval(self._model.parameters())
         else:
             self._reference = self._load_base()
@@ -256,7 +258,7 @@ class MlxBackend:
     @contextlib.contextmanager
     def _adapters_off(self):
         """The policy with every LoRA update scaled by 0: exactly the base model, no second copy."""
-        layers = _lora_layers(self._model)
+        layers = list(_lora_layers(self._model).values())
         scales = [m.scale for m in layers]
         try:
             for m in layers:
@@ -357,9 +359,13 @@ class MlxBackend:
             self._reference.update(tree_map(mx.array, self._model.parameters()))
             mx.eval(self._reference.parameters())
         else:
-            for module in _lora_layers(self._model):
-                weight = module.linear.weight
-                module.linear.weight = weight + _lora_delta(module).astype(weight.dtype)
+            for module in _lora_layers(self._model).values():
+                if isinstance(module.linear, nn.QuantizedLinear):
+                    module.linear = module.fuse()  # dequantise, add the update, quantise again
+                    module.linear.freeze()
+                else:
+                    weight = module.linear.weight
+                    module.linear.weight = weight + _lora_delta(module).astype(weight.dtype)
                 bound = 1 / math.sqrt(module.lora_a.shape[0])  # LoRALinear's own initialisation
                 module.lora_a = mx.random.uniform(-bound, bound, module.lora_a.shape).astype(module.lora_a.dtype)
                 module.lora_b = mx.zeros_like(module.lora_b)
@@ -377,86 +383,139 @@ class MlxBackend:
     # --------------------------------------------------------------- save/load
 
     def save(self, path: Path) -> None:
-        """Writes trainable weights (safetensors), optimizer, schedule position and RNG state.
+        """Writes the portable checkpoint layout (``backends/portable.py``), which PyTorch reads too.
 
-        LoRA: ``adapters.safetensors`` + ``adapter_config.json`` (mlx-lm's
-        layout); full fine-tune: ``model.safetensors`` (+ config). Then
-        ``optimizer.safetensors`` and ``backend_state.json`` (step, flags, RNG seed).
+        LoRA: PEFT's ``adapter_model.safetensors`` + ``adapter_config.json``
+        (mlx-lm's matrices transposed); full fine-tune: ``model.safetensors`` +
+        configs. Then AdamW's moments, the rebased reference's changed weights
+        (if any) and ``backend_state.json``.
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        names = self._trainable_names()
+        weights = _renamed(self._model.trainable_parameters(), names)
         if self._use_lora:
-            mx.save_safetensors(str(path / _ADAPTER_FILE), dict(tree_flatten(self._model.trainable_parameters())))
-            config = {"fine_tune_type": "lora", "num_layers": len(self._model.layers),
-                      "lora_parameters": self._lora_config}
-            (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+            mx.save_safetensors(str(path / portable.ADAPTER_FILE), weights, metadata={"format": "pt"})
+            config = portable.peft_adapter_config(self._model_config)
+            (path / portable.ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         else:
-            mx.save_safetensors(str(path / _FULL_FILE), dict(tree_flatten(self._model.parameters())),
-                                metadata={"format": "pt"})
+            mx.save_safetensors(str(path / portable.FULL_FILE), weights, metadata={"format": "pt"})
             self._copy_hf_files(path)
-        mx.save_safetensors(str(path / _OPTIMIZER_FILE), dict(tree_flatten(self._optimizer.state)))
-        # MLX's global key cannot be set back directly: draw a seed from it and reseed now, so
-        # this run and one resumed from here continue from the same RNG state.
+        moments, optimizer_step = self._optimizer_moments(names)
+        mx.save_safetensors(str(path / portable.OPTIMIZER_FILE), moments)
+        if self._rebased:  # the reference is no longer the model on disk: keep what changed
+            frozen = self._reference if self._reference is not None else self._model
+            mx.save_safetensors(str(path / portable.REFERENCE_FILE), _renamed(frozen.parameters(), self._reference_names()))
+        # MLX's global key cannot be read back: draw a seed from it and reseed now, so this run
+        # and one resumed from here (on either backend) continue from the same RNG state.
         rng_seed = int(mx.random.randint(0, 2**31 - 1, shape=()).item())
         mx.random.seed(rng_seed)
-        if self._rebased:  # the reference is no longer the model on disk: keep it too
-            if self._reference is not None:
-                frozen = dict(tree_flatten(self._reference.parameters()))
-            else:
-                trainable = dict(tree_flatten(self._model.trainable_parameters()))
-                frozen = {k: v for k, v in tree_flatten(self._model.parameters()) if k not in trainable}
-            mx.save_safetensors(str(path / _REFERENCE_FILE), frozen)
-        state = {"backend": self.name, "step": self._step, "total_steps": self._total_steps,
-                 "use_lora": self._use_lora, "rebased": self._rebased, "rng_seed": rng_seed}
-        (path / "backend_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        portable.write_state(path, backend=self.name, model=self._model_config, step=self._step,
+                             total_steps=self._total_steps, optimizer_step=optimizer_step,
+                             rebased=self._rebased, rng_seed=rng_seed)
 
     def load(self, path: Path) -> None:
-        """Restores what ``save`` wrote, so training continues exactly where it stopped."""
+        """Restores a checkpoint written by either backend, so training continues where it stopped.
+
+        Raises:
+            portable.IncompatibleCheckpoint: it does not fit this model or config.
+        """
         path = Path(path)
-        state = json.loads((path / "backend_state.json").read_text())
-        if state.get("use_lora") != (self._use_lora):
-            kind = "LoRA" if state.get("use_lora") else "full fine-tune"
-            raise ValueError(f"{path} holds a {kind} checkpoint; set model.use_lora to match it.")
-        self._load_reference(path, rebased=bool(state.get("rebased")))
-        name = _ADAPTER_FILE if self._use_lora else _FULL_FILE
-        weights = mx.load(str(path / name))
-        params = self._model.trainable_parameters() if self._use_lora else self._model.parameters()
-        expected = {name for name, _ in tree_flatten(params)}
-        if set(weights) != expected:
-            missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-            raise ValueError(f"{path}: weights do not match the model (missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}).")
-        self._model.update(tree_unflatten(list(weights.items())))
-        optimizer_state = mx.load(str(path / _OPTIMIZER_FILE))
-        self._optimizer = self._new_optimizer()
-        self._optimizer.state = tree_unflatten(list(optimizer_state.items()))
+        state = portable.read_state(path, self._model_config)
+        if state["rebased"]:
+            frozen = self._reference if self._reference is not None else self._model
+            _copy_into(frozen, self._reference_names(), mx.load(str(path / portable.REFERENCE_FILE)), path,
+                       "reference weights")
+            self._rebased = True
+        elif self._rebased:
+            raise portable.IncompatibleCheckpoint(
+                f"{path} was saved before the reference was rebased; load it into a fresh backend.")
+        if self._use_lora:
+            weights = mx.load(str(path / portable.ADAPTER_FILE))
+        else:
+            weights = {}
+            for file in portable.weight_files(path):
+                weights.update(mx.load(str(file)))
+        names = self._trainable_names()
+        _copy_into(self._model, names, weights, path, "weights")
+        self._load_optimizer(path, names, optimizer_step=int(state["optimizer_step"]))
         mx.random.seed(int(state["rng_seed"]))
-        mx.eval(self._model.parameters(), self._optimizer.state)
         self._step = int(state["step"])
 
-    def _load_reference(self, path: Path, *, rebased: bool) -> None:
-        if not rebased:
-            if self._rebased:
-                raise ValueError(f"{path} was saved before the reference was rebased; load it into a fresh backend.")
+    def _trainable_names(self) -> dict[str, tuple[str, bool]]:
+        """mlx name -> (portable name, stored transposed) of each trainable tensor.
+
+        LoRA: mlx-lm's ``lora_a [in, r]`` / ``lora_b [r, out]`` are PEFT's
+        ``lora_A`` / ``lora_B`` transposed (same scale, alpha / r); full
+        fine-tune: mlx-lm's names are the Hugging Face names.
+        """
+        if not self._use_lora:
+            return {name: (name, False) for name, _ in tree_flatten(self._model.trainable_parameters())}
+        names = {}
+        for module in _lora_layers(self._model):
+            names[f"{module}.lora_a"] = (portable.lora_key(module, "A"), True)
+            names[f"{module}.lora_b"] = (portable.lora_key(module, "B"), True)
+        return names
+
+    def _reference_names(self) -> dict[str, tuple[str, bool]]:
+        """mlx name -> (Hugging Face name, False) of the frozen tensors a rebase changes.
+
+        Full fine-tune: every weight of the reference copy. LoRA: only the
+        adapted layers' base weights (a quantised one with its scales and biases).
+        """
+        if self._reference is not None:
+            return {name: (name, False) for name, _ in tree_flatten(self._reference.parameters())}
+        names = {}
+        for module, layer in _lora_layers(self._model).items():
+            parts = ["weight"] + (["scales", "biases"] if isinstance(layer.linear, nn.QuantizedLinear) else [])
+            for part in parts:
+                if part in layer.linear:
+                    names[f"{module}.linear.{part}"] = (f"{module}.{part}", False)
+        return names
+
+    def _optimizer_moments(self, names: dict[str, tuple[str, bool]]) -> tuple[dict[str, mx.array], int]:
+        """AdamW's moments under portable names (mlx ``m``/``v`` are ``exp_avg``/``exp_avg_sq``), and its step."""
+        state = dict(tree_flatten(self._optimizer.state))
+        moments = {}
+        for name, (key, transposed) in names.items():
+            for ours, theirs in _MOMENT_NAMES:
+                if f"{name}.{ours}" in state:
+                    value = state[f"{name}.{ours}"]
+                    moments[portable.moment_key(key, theirs)] = value.T if transposed else value
+        return moments, int(state["step"].item())
+
+    def _load_optimizer(self, path: Path, names: dict[str, tuple[str, bool]], *, optimizer_step: int) -> None:
+        self._optimizer = self._new_optimizer()
+        moments = mx.load(str(path / portable.OPTIMIZER_FILE))
+        if not moments:  # saved before the first optimizer step
             return
-        frozen = self._reference if self._reference is not None else self._model
-        weights = mx.load(str(path / _REFERENCE_FILE))
-        known = dict(tree_flatten(frozen.parameters()))
-        unexpected = [k for k in weights if k not in known]
-        if unexpected:
-            raise ValueError(f"{path}: reference weights the model lacks: {unexpected[:5]}")
-        frozen.update(tree_unflatten(list(weights.items())))
-        mx.eval(frozen.parameters())
-        self._rebased = True
+        params = dict(tree_flatten(self._model.trainable_parameters()))
+        expected = {portable.moment_key(key, theirs): tuple(params[name].shape[::-1] if t else params[name].shape)
+                    for name, (key, t) in names.items() for _, theirs in _MOMENT_NAMES}
+        portable.check_tensors(path, "optimizer moments", {k: v.shape for k, v in moments.items()}, expected)
+        state = []
+        for name, (key, transposed) in names.items():
+            for ours, theirs in _MOMENT_NAMES:
+                value = moments[portable.moment_key(key, theirs)]
+                state.append((f"{name}.{ours}", (value.T if transposed else value).astype(params[name].dtype)))
+        self._optimizer.state = {**self._optimizer.state, **tree_unflatten(state),
+                                 "step": mx.array(optimizer_step, dtype=mx.uint64)}
+        mx.eval(self._optimizer.state)
 
     def _copy_hf_files(self, path: Path) -> None:
-        """The base folder's config (its dtype set to the weights') and generation config."""
-        for name in _HF_FILES:
+        """The base folder's config and generation config, describing the plain float weights we write.
+
+        The dtype becomes the weights' and any quantisation entry is dropped
+        (checkpoints and exports hold dequantised weights).
+        """
+        for name in portable.HF_CONFIG_FILES:
             if (self._path / name).exists():
                 shutil.copy(self._path / name, path / name)
         config = path / "config.json"
         if config.exists():
             data = json.loads(config.read_text())
+            for key in ("quantization", "quantization_config"):
+                data.pop(key, None)
             for key in ("torch_dtype", "dtype"):
                 if key in data or key == "dtype":
                     data[key] = self._model_config.dtype
@@ -465,7 +524,7 @@ class MlxBackend:
     # ------------------------------------------------------------------ export
 
     def export(self, path: Path) -> None:
-        """Writes the policy as a plain Hugging Face model (LoRA merged) + tokenizer.
+        """Writes the policy as a plain Hugging Face model (LoRA merged, dequantised) + tokenizer.
 
         The merge is computed into a new weight dict, so the live model keeps
         its adapters. mlx-lm's parameter names for these models are the Hugging
@@ -473,23 +532,28 @@ class MlxBackend:
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        mx.save_safetensors(str(path / "model.safetensors"), self._merged_weights(), metadata={"format": "pt"})
+        mx.save_safetensors(str(path / portable.FULL_FILE), self._merged_weights(), metadata={"format": "pt"})
         self._copy_hf_files(path)
         self.tokenizer.save_pretrained(str(path))
 
     def _merged_weights(self) -> dict[str, mx.array]:
-        """The policy's weights with each adapter folded into its base layer."""
-        merged = {}
-        for name, value in tree_flatten(self._model.parameters()):
-            if ".lora_a" in name or ".lora_b" in name:
-                continue
-            merged[name.replace(".linear.", ".")] = value
+        """The policy's weights as float tensors under Hugging Face names, each adapter folded in."""
+        weights = dict(tree_flatten(self._model.parameters()))
         for name, module in self._model.named_modules():
-            if isinstance(module, LoRALinear):
-                key = f"{name}.weight"
-                merged[key] = merged[key] + _lora_delta(module).astype(merged[key].dtype)
-        mx.eval(merged)
-        return merged
+            if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+                weights[f"{name}.weight"] = mx.dequantize(
+                    module.weight, module.scales, module.get("biases"), group_size=module.group_size,
+                    bits=module.bits, mode=module.mode)
+                weights.pop(f"{name}.scales")
+                weights.pop(f"{name}.biases", None)
+        for name, module in _lora_layers(self._model).items():
+            del weights[f"{name}.lora_a"], weights[f"{name}.lora_b"]
+            for key in [k for k in weights if k.startswith(f"{name}.linear.")]:
+                weights[f"{name}.{key.removeprefix(f'{name}.linear.')}"] = weights.pop(key)
+            weight = weights[f"{name}.weight"]
+            weights[f"{name}.weight"] = weight + _lora_delta(module).astype(weight.dtype)
+        mx.eval(weights)
+        return weights
 
 
 def create(model: ModelConfig, training: TrainingConfig, *, seed: int, total_steps: int) -> MlxBackend:
@@ -506,15 +570,36 @@ def _lora_keys(model: nn.Module, targets: list[str]) -> list[str]:
     keys = []
     for layer in model.layers:
         for name, module in layer.named_modules():
-            if name and name.split(".")[-1] in wanted and isinstance(module, nn.Linear) and name not in keys:
+            if name and name.split(".")[-1] in wanted and isinstance(module, _LINEAR) and name not in keys:
                 keys.append(name)
     if not keys:
         raise ValueError(f"model.lora_target_modules {targets} match no linear layer of the model.")
     return keys
 
 
-def _lora_layers(model: nn.Module) -> list[LoRALinear]:
-    return [m for _, m in model.named_modules() if isinstance(m, LoRALinear)]
+def _is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+
+
+def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _renamed(tree, names: dict[str, tuple[str, bool]]) -> dict[str, mx.array]:
+    """The tensors of a parameter tree named in ``names`` under their portable names and layouts."""
+    flat = dict(tree_flatten(tree))
+    return {key: flat[name].T if transposed else flat[name] for name, (key, transposed) in names.items()}
+
+
+def _copy_into(module: nn.Module, names: dict[str, tuple[str, bool]], weights: dict, path: Path, what: str) -> None:
+    """Sets a checkpoint's tensors (portable names and layouts) into ``module``, after checking them."""
+    current = dict(tree_flatten(module.parameters()))
+    expected = {key: tuple(current[name].shape[::-1] if t else current[name].shape) for name, (key, t) in names.items()}
+    portable.check_tensors(path, what, {k: v.shape for k, v in weights.items()}, expected)
+    update = [(name, (weights[key].T if t else weights[key]).astype(current[name].dtype))
+              for name, (key, t) in names.items()]
+    module.update(tree_unflatten(update))
+    mx.eval(module.parameters())
 
 
 def _lora_delta(module: LoRALinear):

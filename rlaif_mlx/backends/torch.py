@@ -42,7 +42,7 @@ from rlaif_mlx.backends.base import (
 try:
     import torch
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model, set_peft_model_state_dict
+    from peft import get_peft_model
     from peft.tuners.lora import LoraLayer
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -54,6 +54,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from None
 
 from rlaif_mlx import objective
+from rlaif_mlx.backends import portable
 from rlaif_mlx.config import ModelConfig, TrainingConfig
 from rlaif_mlx.schedule import scheduled_learning_rate
 
@@ -62,7 +63,6 @@ hf_logging.disable_progress_bar()  # per-file progress bars would drown the one-
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ADAPTER = "default"  # PEFT's name for the one adapter we train
-_REFERENCE_FILE = "reference_model.safetensors"
 
 
 class _TorchOps:
@@ -104,6 +104,7 @@ class TorchBackend:
         if model.mlx.memory_limit_gb is not None:
             log.warning("model.mlx options are for the MLX backend; the torch backend ignores them.")
         base = model.base_model
+        _refuse_mlx_quantized(base)
 
         self.tokenizer = AutoTokenizer.from_pretrained(base)
         self._model = self._load_base(base, device=self.device)
@@ -351,76 +352,94 @@ class TorchBackend:
     # --------------------------------------------------------------- save/load
 
     def save(self, path: Path) -> None:
-        """Writes trainable weights (safetensors), optimizer, schedule position and RNG state.
+        """Writes the portable checkpoint layout (``backends/portable.py``), which MLX reads too.
 
-        LoRA: ``adapter_model.safetensors`` + ``adapter_config.json``; full
-        fine-tune: ``model.safetensors`` (+ config). Then ``optimizer.pt``,
-        ``rng_state.pt`` and ``backend_state.json``.
+        LoRA: PEFT's ``adapter_model.safetensors`` + ``adapter_config.json``;
+        full fine-tune: ``model.safetensors`` + configs. Then AdamW's moments,
+        the rebased reference's changed weights (if any) and ``backend_state.json``.
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self._model.save_pretrained(str(path), safe_serialization=True)
-        torch.save(self._optimizer.state_dict(), path / "optimizer.pt")
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, path / "rng_state.pt")
-        if self._rebased:  # the reference is no longer the model on disk: keep it too
-            frozen = self._reference if self._reference is not None else self._model
-            params = {n: p.detach().contiguous() for n, p in frozen.named_parameters() if not p.requires_grad}
-            save_file(params, str(path / _REFERENCE_FILE))
-        state = {"backend": self.name, "step": self._step, "total_steps": self._total_steps,
-                 "use_lora": self._use_lora, "rebased": self._rebased}
-        (path / "backend_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        moments, optimizer_step = self._optimizer_moments()
+        save_file(moments, str(path / portable.OPTIMIZER_FILE))
+        if self._rebased:  # the reference is no longer the model on disk: keep what changed
+            save_file({k: t.detach().cpu().contiguous() for k, t in self._reference_weights().items()},
+                      str(path / portable.REFERENCE_FILE))
+        # One seed drawn from the global RNG and set again: a run resumed from here (on either
+        # backend) continues from the same RNG state as this one.
+        rng_seed = int(torch.randint(0, 2**62, (1,)).item())
+        torch.manual_seed(rng_seed)
+        portable.write_state(path, backend=self.name, model=self._model_config, step=self._step,
+                             total_steps=self._total_steps, optimizer_step=optimizer_step,
+                             rebased=self._rebased, rng_seed=rng_seed)
 
+    @torch.no_grad()
     def load(self, path: Path) -> None:
-        """Restores what ``save`` wrote, so training continues exactly where it stopped."""
+        """Restores a checkpoint written by either backend, so training continues where it stopped.
+
+        Raises:
+            portable.IncompatibleCheckpoint: it does not fit this model or config.
+        """
         path = Path(path)
-        state = json.loads((path / "backend_state.json").read_text())
-        if state.get("use_lora") != (self._use_lora):
-            kind = "LoRA" if state.get("use_lora") else "full fine-tune"
-            raise ValueError(f"{path} holds a {kind} checkpoint; set model.use_lora to match it.")
-        with torch.no_grad():
-            self._load_reference(path, rebased=bool(state.get("rebased")))
-            if self._use_lora:
-                weights = load_file(str(path / "adapter_model.safetensors"), device=self.device)
-                result = set_peft_model_state_dict(self._model, weights)
-                if result.unexpected_keys:
-                    raise ValueError(f"{path}: adapter weights the model lacks: {result.unexpected_keys[:5]}")
-            else:
-                self._load_full_weights(path)
-        optimizer_state = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
-        self._optimizer.load_state_dict(optimizer_state)
-        rng = torch.load(path / "rng_state.pt", weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        state = portable.read_state(path, self._model_config)
+        if state["rebased"]:
+            _copy_into(self._reference_weights(), load_file(str(path / portable.REFERENCE_FILE)), path,
+                       "reference weights")
+            self._rebased = True
+        elif self._rebased:
+            raise portable.IncompatibleCheckpoint(
+                f"{path} was saved before the reference was rebased; load it into a fresh backend.")
+        if self._use_lora:
+            weights = load_file(str(path / portable.ADAPTER_FILE))
+        else:
+            weights = {}
+            for file in portable.weight_files(path):
+                weights.update(load_file(str(file)))
+        _copy_into(self._trainable_weights(), weights, path, "weights")
+        self._load_optimizer(path, optimizer_step=int(state["optimizer_step"]))
+        torch.manual_seed(int(state["rng_seed"]))
         self._step = int(state["step"])
 
-    def _load_reference(self, path: Path, *, rebased: bool) -> None:
-        if not rebased:
-            if self._rebased:
-                raise ValueError(f"{path} was saved before the reference was rebased; load it into a fresh backend.")
-            return
-        frozen = self._reference if self._reference is not None else self._model
-        result = frozen.load_state_dict(load_file(str(path / _REFERENCE_FILE), device=self.device), strict=False)
-        if result.unexpected_keys:
-            raise ValueError(f"{path}: reference weights the model lacks: {result.unexpected_keys[:5]}")
-        self._rebased = True
+    def _trainable_weights(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors under their portable names (PEFT's adapter keys, or HF names)."""
+        return {name.replace(f".{_ADAPTER}.", "."): p for name, p in self._model.named_parameters() if p.requires_grad}
 
-    def _load_full_weights(self, path: Path) -> None:
-        weights: dict[str, torch.Tensor] = {}
-        index = path / "model.safetensors.index.json"
-        files = set(json.loads(index.read_text())["weight_map"].values()) if index.exists() else {"model.safetensors"}
-        for name in files:
-            weights.update(load_file(str(path / name), device=self.device))
-        result = self._model.load_state_dict(weights, strict=False)
-        current = self._model.state_dict()
-        loaded = {current[k].data_ptr() for k in weights if k in current}
-        missing = [k for k in result.missing_keys if current[k].data_ptr() not in loaded]  # tied weights are fine
-        if missing or result.unexpected_keys:
-            raise ValueError(f"{path}: weights do not match the model (missing {missing[:5]}, "
-                             f"unexpected {result.unexpected_keys[:5]}).")
+    def _reference_weights(self) -> dict[str, torch.Tensor]:
+        """The frozen tensors a rebase changes, under Hugging Face names.
+
+        Full fine-tune: every weight of the reference copy. LoRA: only the
+        adapted layers' base weights (the rest still equals the base on disk).
+        """
+        if self._reference is not None:
+            return dict(self._reference.named_parameters())
+        return {f"{name.removeprefix(portable.PEFT_PREFIX)}.weight": module.get_base_layer().weight
+                for name, module in _lora_layers(self._model).items()}
+
+    def _optimizer_moments(self) -> tuple[dict[str, torch.Tensor], int]:
+        """AdamW's moments under portable names, and its step count."""
+        moments, step = {}, 0
+        for key, param in self._trainable_weights().items():
+            state = self._optimizer.state.get(param)
+            if state:
+                step = int(state["step"])
+                for moment in portable.MOMENTS:
+                    moments[portable.moment_key(key, moment)] = state[moment].detach().cpu().contiguous()
+        return moments, step
+
+    def _load_optimizer(self, path: Path, *, optimizer_step: int) -> None:
+        self._optimizer = self._new_optimizer()
+        moments = load_file(str(path / portable.OPTIMIZER_FILE))
+        params = self._trainable_weights()
+        if not moments:  # saved before the first optimizer step
+            return
+        expected = {portable.moment_key(k, m): p.shape for k, p in params.items() for m in portable.MOMENTS}
+        portable.check_tensors(path, "optimizer moments", {k: t.shape for k, t in moments.items()}, expected)
+        for key, param in params.items():
+            self._optimizer.state[param] = {
+                "step": torch.tensor(float(optimizer_step)),
+                **{m: moments[portable.moment_key(key, m)].to(param.device, param.dtype) for m in portable.MOMENTS},
+            }
 
     # ------------------------------------------------------------------ export
 
@@ -471,6 +490,22 @@ def _resolve_device(requested: str) -> str:
     if requested == "mps" and not torch.backends.mps.is_available():
         raise ValueError("model.torch.device is 'mps' but this PyTorch build has no MPS support; use 'auto' or 'cpu'.")
     return str(torch.device(requested))
+
+
+def _copy_into(params: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    """Copies a checkpoint's tensors into the named parameters, after checking the names match."""
+    portable.check_tensors(path, what, {k: t.shape for k, t in weights.items()},
+                           {k: p.shape for k, p in params.items()})
+    for key, param in params.items():
+        param.copy_(weights[key].to(param.device, param.dtype))
+
+
+def _refuse_mlx_quantized(base: str) -> None:
+    """transformers cannot read mlx-lm's quantised weights; say so before it fails obscurely."""
+    config = Path(base) / "config.json"
+    if config.is_file() and "quantization" in json.loads(config.read_text()):
+        raise ValueError(f"model.base_model {base!r} is quantised for MLX (config.json has 'quantization'); "
+                         "the PyTorch backend needs the unquantised model, e.g. the original Hugging Face repo")
 
 
 def _lora_layers(model) -> dict[str, Any]:

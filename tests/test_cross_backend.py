@@ -1,0 +1,228 @@
+"""MLX and PyTorch on the same weights: the same numbers, and checkpoints that move between them.
+
+Real backends on the real tiny model (CPU, float32), no mocks.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+pytest.importorskip("mlx_lm")
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+import mlx.nn as nn  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
+
+from rlaif_mlx.backends import mlx as mlx_backend  # noqa: E402
+from rlaif_mlx.backends import torch as torch_backend  # noqa: E402
+from rlaif_mlx.backends.base import LossSettings, SamplingParams, SequenceBatch, TrainBatch  # noqa: E402
+from rlaif_mlx.backends.portable import IncompatibleCheckpoint  # noqa: E402
+from rlaif_mlx.config import ModelConfig, TrainingConfig  # noqa: E402
+from rlaif_mlx.objective import aggregation_weights  # noqa: E402
+
+PROMPTS = ["def add(a, b):", "import os\nprint(", "x"]  # different lengths on purpose
+LOSS = LossSettings(kl_coef=0.1)
+
+# float32 on both sides; the two frameworks differ only in accumulation order
+# (matmul blocking, softmax/logsumexp reductions), ~1e-7 relative per op.
+# Measured on the tiny model (CPU): log-probs <= 2e-6 apart (teacher-forced and
+# the greedy samples' own), loss 4e-8, gradients ~1e-6 relative, grad norm 5e-6
+# relative; the tolerances below leave ~5-25x headroom.
+PARITY_LOGP_ATOL = 1e-5
+PARITY_LOSS_ATOL = 1e-6
+# After one AdamW step (lr 1e-3): where a gradient entry is near Adam's eps,
+# m / (sqrt(v) + eps) amplifies the float noise, so the updated weights, and
+# the log-probs after the step, agree less tightly (measured 1.3e-5).
+PARITY_POST_STEP_ATOL = 1e-4
+
+
+def make(kind: str, path, *, seed: int = 0, model: dict | None = None, **training):
+    """A backend of either kind with the same config sections."""
+    training = {"learning_rate": 1e-3, "micro_batch_size": 4, "lr_scheduler_type": "cosine",
+                "warmup_steps": 1} | training
+    model = {"lora_r": 4} | ({"torch": {"device": "cpu"}} if kind == "torch" else {}) | (model or {})
+    config = ModelConfig(base_model=str(path), **model)
+    module = mlx_backend if kind == "mlx" else torch_backend
+    return module.create(config, TrainingConfig(**training), seed=seed, total_steps=8)
+
+
+def encode(backend, texts=PROMPTS) -> list[list[int]]:
+    return [backend.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+
+
+def train_batch(backend, *, seed: int = 0) -> TrainBatch:
+    """A fixed batch from real samples, with deterministic advantages and reference log-probs."""
+    completions = backend.sample(encode(backend), n=3, params=SamplingParams(max_new_tokens=6, seed=seed))
+    seqs = SequenceBatch.from_completions(completions, pad_id=backend.pad_id)
+    return TrainBatch(
+        sequences=seqs,
+        advantages=np.random.default_rng(seed).standard_normal(len(seqs)).astype(np.float32),
+        token_weights=aggregation_weights(seqs.loss_mask).astype(np.float32),
+        ref_logp=backend.logprobs(seqs, reference=True),
+    )
+
+
+def saved_tensors(folder) -> dict[str, np.ndarray]:
+    """Every tensor of a checkpoint's safetensors files, read with numpy (name -> array)."""
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update({f"{file.name}:{k}": v for k, v in load_file(str(file)).items()})
+    return out
+
+
+# ------------------------------------------------------------------ parity
+
+
+def test_parity_on_the_same_weights(tiny_model_path):
+    full = {"use_lora": False}
+    ours, theirs = make("mlx", tiny_model_path, model=full), make("torch", tiny_model_path, model=full)
+    assert (ours.eos_ids, ours.pad_id) == (theirs.eos_ids, theirs.pad_id)
+    assert encode(ours) == encode(theirs)
+
+    # greedy decoding: the same tokens, prompt by prompt, for 32 new tokens (or up to the same EOS)
+    greedy = SamplingParams(max_new_tokens=32, top_k=1)
+    a, b = ours.sample(encode(ours), n=1, params=greedy), theirs.sample(encode(theirs), n=1, params=greedy)
+    for x, y in zip(a, b):
+        assert x.completion_ids == y.completion_ids
+        assert x.finish_reason == y.finish_reason and x.text == y.text
+        assert len(x.completion_ids) == 32 or x.finish_reason == "eos"
+        np.testing.assert_allclose(x.logprobs, y.logprobs, atol=PARITY_LOGP_ATOL)
+
+    # teacher-forced log-probs of sampled sequences of different lengths
+    batch = train_batch(ours)
+    lp_ours, lp_theirs = ours.logprobs(batch.sequences), theirs.logprobs(batch.sequences)
+    np.testing.assert_allclose(lp_ours, lp_theirs, atol=PARITY_LOGP_ATOL)
+    np.testing.assert_allclose(batch.ref_logp, theirs.logprobs(batch.sequences, reference=True),
+                               atol=PARITY_LOGP_ATOL)
+
+    # one full fine-tune step from the same weights on the same batch
+    batch.old_logp = lp_ours + 0.05 * np.random.default_rng(1).standard_normal(lp_ours.shape).astype(np.float32)
+    s_ours, s_theirs = ours.train_step(batch, loss=LOSS), theirs.train_step(batch, loss=LOSS)
+    assert s_ours.loss == pytest.approx(s_theirs.loss, abs=PARITY_LOSS_ATOL)
+    for key in ("pg_loss", "kl", "ratio_mean"):
+        assert getattr(s_ours, key) == pytest.approx(getattr(s_theirs, key), abs=PARITY_LOSS_ATOL)
+    assert s_ours.clip_fraction == pytest.approx(s_theirs.clip_fraction, abs=1e-6)
+    assert s_ours.grad_norm == pytest.approx(s_theirs.grad_norm, rel=1e-4)
+    assert s_ours.lr == s_theirs.lr
+    after_ours, after_theirs = ours.logprobs(batch.sequences), theirs.logprobs(batch.sequences)
+    assert np.abs(after_ours - lp_ours).max() > 1e-3  # the step moved the model ...
+    np.testing.assert_allclose(after_ours, after_theirs, atol=PARITY_POST_STEP_ATOL)  # ... the same way
+
+
+# -------------------------------------------------------------- portability
+
+
+@pytest.mark.parametrize(("source", "target"), [("mlx", "torch"), ("torch", "mlx")])
+@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
+def test_a_checkpoint_continues_on_the_other_backend(tiny_model_path, tmp_path, source, target, use_lora):
+    """Train on one backend (warm-up rebase included), save, load into the other, train on both: same numbers."""
+    model = {"use_lora": use_lora}
+    first = make(source, tiny_model_path, model=model, learning_rate=1e-2)
+    batch = train_batch(first)
+    first.train_step(batch, loss=LOSS, learning_rate=1e-2)  # a warm-up step, then the reference moves
+    first.rebase_reference()
+    for _ in range(2):
+        first.train_step(batch, loss=LOSS)
+    first.save(tmp_path / "ckpt")
+    state = json.loads((tmp_path / "ckpt" / "backend_state.json").read_text())
+    assert state["backend"] == source and state["step"] == 2 and state["optimizer_step"] == 2
+
+    second = make(target, tiny_model_path, seed=7, model=model, learning_rate=1e-2)
+    assert np.abs(second.logprobs(batch.sequences) - first.logprobs(batch.sequences)).max() > 1e-3
+    second.load(tmp_path / "ckpt")
+    for reference in (False, True):
+        np.testing.assert_allclose(second.logprobs(batch.sequences, reference=reference),
+                                   first.logprobs(batch.sequences, reference=reference), atol=PARITY_LOGP_ATOL)
+
+    # The optimizer's moments and step count and the LR schedule position came along:
+    # the next step is the same step on both backends.
+    a, b = first.train_step(batch, loss=LOSS), second.train_step(batch, loss=LOSS)
+    assert a.lr == b.lr
+    assert a.loss == pytest.approx(b.loss, abs=PARITY_LOSS_ATOL)
+    assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-4)
+    np.testing.assert_allclose(second.logprobs(batch.sequences), first.logprobs(batch.sequences),
+                               atol=PARITY_POST_STEP_ATOL)
+    first.save(tmp_path / "a")
+    second.save(tmp_path / "b")
+    ta, tb = saved_tensors(tmp_path / "a"), saved_tensors(tmp_path / "b")
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        np.testing.assert_allclose(ta[key], tb[key], atol=PARITY_POST_STEP_ATOL, err_msg=key)
+
+
+def test_peft_loads_an_mlx_adapter(tiny_model_path, tmp_path):
+    """The MLX backend's LoRA checkpoint is a PEFT adapter folder: PeftModel reads it as is."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    backend = make("mlx", tiny_model_path, learning_rate=1e-2)
+    batch = train_batch(backend)
+    for _ in range(2):
+        backend.train_step(batch, loss=LOSS)
+    backend.save(tmp_path / "ckpt")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "ckpt").eval()
+    with torch.inference_mode():
+        got = torch_backend._token_logp(peft_model, torch.as_tensor(batch.sequences.input_ids),
+                                        torch.as_tensor(batch.sequences.attention_mask)).numpy()
+    np.testing.assert_allclose(got, backend.logprobs(batch.sequences), atol=PARITY_LOGP_ATOL)
+
+
+def test_mismatched_checkpoints_are_refused_with_the_reason(tiny_model_path, tmp_path):
+    make("mlx", tiny_model_path).save(tmp_path / "ckpt")
+    with pytest.raises(IncompatibleCheckpoint, match=r"model\.lora_r is 8 here but 4"):
+        make("torch", tiny_model_path, model={"lora_r": 8}).load(tmp_path / "ckpt")
+    with pytest.raises(IncompatibleCheckpoint, match="use_lora: true"):
+        make("torch", tiny_model_path, model={"use_lora": False}).load(tmp_path / "ckpt")
+    with pytest.raises(IncompatibleCheckpoint, match="not a checkpoint folder"):
+        make("torch", tiny_model_path).load(tmp_path)
+
+
+# ---------------------------------------------------------- quantised bases
+
+
+@pytest.fixture(scope="module")
+def quantized_path(tiny_model_path, tmp_path_factory):
+    """The tiny model quantised to 8 bits by mlx-lm's own converter (as mlx-community models are)."""
+    from mlx_lm import convert
+
+    path = tmp_path_factory.mktemp("quantized") / "tiny-8bit"
+    convert(str(tiny_model_path), mlx_path=str(path), quantize=True, q_group_size=64, q_bits=8)
+    return path
+
+
+def test_lora_on_a_quantized_base_trains_exports_and_moves_to_torch(tiny_model_path, quantized_path, tmp_path):
+    backend = make("mlx", quantized_path, learning_rate=1e-2)
+    assert isinstance(backend._model.model.layers[0].self_attn.q_proj.linear, nn.QuantizedLinear)
+    batch = train_batch(backend)
+    before = backend.logprobs(batch.sequences)
+    for _ in range(2):
+        backend.train_step(batch, loss=LOSS)
+    policy = backend.logprobs(batch.sequences)
+    assert np.abs(policy - before).max() > 1e-3  # the adapters learn on the frozen quantised base
+
+    # export: dequantised, merged, plain float weights that transformers loads
+    backend.export(tmp_path / "export")
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert "quantization" not in config and "quantization_config" not in config
+    exported = torch_backend.create(ModelConfig(base_model=str(tmp_path / "export"), use_lora=False),
+                                    TrainingConfig(), seed=0, total_steps=1)
+    np.testing.assert_allclose(exported.logprobs(batch.sequences), policy, atol=PARITY_LOGP_ATOL)
+
+    # the adapter trained on the 8-bit base continues on the float base in PyTorch (laptop -> server)
+    backend.save(tmp_path / "ckpt")
+    server = make("torch", tiny_model_path)
+    server.load(tmp_path / "ckpt")
+    float_policy = server.logprobs(batch.sequences)
+    assert np.abs(float_policy - policy).max() < 0.05  # only the 8-bit rounding of the base differs
+
+    with pytest.raises(ValueError, match="quantised"):
+        make("mlx", quantized_path, model={"use_lora": False})
+    with pytest.raises(ValueError, match="quantised for MLX"):
+        make("torch", quantized_path)
