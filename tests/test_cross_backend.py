@@ -21,6 +21,7 @@ from safetensors.numpy import load_file  # noqa: E402
 
 from rlaif_mlx.backends import mlx as mlx_backend  # noqa: E402
 from rlaif_mlx.backends import torch as torch_backend  # noqa: E402
+from rlaif_mlx.backends import torch_ops  # noqa: E402
 from rlaif_mlx.backends.base import LossSettings, SamplingParams, SequenceBatch, TrainBatch  # noqa: E402
 from rlaif_mlx.backends.portable import IncompatibleCheckpoint  # noqa: E402
 from rlaif_mlx.config import ModelConfig, TrainingConfig  # noqa: E402
@@ -169,7 +170,7 @@ def test_peft_loads_an_mlx_adapter(tiny_model_path, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, tmp_path / "ckpt").eval()
     with torch.inference_mode():
-        got = torch_backend._token_logp(peft_model, torch.as_tensor(batch.sequences.input_ids),
+        got = torch_ops.token_logp(peft_model, torch.as_tensor(batch.sequences.input_ids),
                                         torch.as_tensor(batch.sequences.attention_mask)).numpy()
     np.testing.assert_allclose(got, backend.logprobs(batch.sequences), atol=PARITY_LOGP_ATOL)
 

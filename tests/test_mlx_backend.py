@@ -21,7 +21,8 @@ from rlaif_mlx.backends.base import (  # noqa: E402
     SequenceBatch,
     TrainBatch,
 )
-from rlaif_mlx.backends.mlx import MlxBackend, _token_logp, create  # noqa: E402
+from rlaif_mlx.backends.mlx import MlxBackend, create  # noqa: E402
+from rlaif_mlx.backends.mlx_ops import token_logp as _token_logp  # noqa: E402
 from rlaif_mlx.config import ModelConfig, TrainingConfig  # noqa: E402
 from rlaif_mlx.objective import aggregation_weights  # noqa: E402
 
@@ -146,7 +147,7 @@ def test_sample_logprobs_equal_teacher_forced(lora):
 
 def test_left_padded_cached_decode_equals_full_forward(lora):
     # BatchKVCache offsets RoPE per row: a left-padded row decodes as if unpadded.
-    from rlaif_mlx.backends.mlx import _batch_cache, _left_pad
+    from rlaif_mlx.backends.mlx_ops import batch_cache as _batch_cache, left_pad as _left_pad
 
     prompts = encode(lora, ["def add(a, b):\n    return", "y"])
     extra = [[11, 12, 13, 14, 15], [21, 22, 23, 24, 25]]
@@ -184,7 +185,7 @@ def test_seeded_sampling_is_reproducible(lora):
 
 
 def test_filters_keep_only_allowed_tokens(lora):
-    from rlaif_mlx.backends.mlx import _choose
+    from rlaif_mlx.backends.mlx_ops import choose as _choose
 
     logits = mx.array([[0.0, 3.0, 2.0, 1.0, -1.0]] * 64)
     keys = mx.random.split(mx.random.key(0), 8)
@@ -374,7 +375,7 @@ def hf_logp(path, seqs: SequenceBatch) -> np.ndarray:
     pytest.importorskip("transformers")
     from transformers import AutoModelForCausalLM
 
-    from rlaif_mlx.backends.torch import _token_logp as torch_token_logp
+    from rlaif_mlx.backends.torch_ops import token_logp as torch_token_logp
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.inference_mode():

@@ -12,7 +12,7 @@ E = math.e
 
 def TorchOps():
     """The torch backend's own ArrayOps: the tests differentiate exactly what training does."""
-    from rlaif_mlx.backends.torch import _TorchOps
+    from rlaif_mlx.backends.torch_ops import TorchOps as _TorchOps
 
     return _TorchOps()
 

@@ -21,7 +21,8 @@ from rlaif_mlx.backends.base import (  # noqa: E402
     SequenceBatch,
     TrainBatch,
 )
-from rlaif_mlx.backends.torch import TorchBackend, _token_logp, create  # noqa: E402
+from rlaif_mlx.backends.torch import TorchBackend, create  # noqa: E402
+from rlaif_mlx.backends.torch_ops import token_logp as _token_logp  # noqa: E402
 from rlaif_mlx.config import ModelConfig, TrainingConfig  # noqa: E402
 from rlaif_mlx.objective import aggregation_weights  # noqa: E402
 

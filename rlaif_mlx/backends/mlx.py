@@ -1,12 +1,14 @@
 """MLX / mlx-lm implementation of the ``Backend`` interface.
 
-Reads top to bottom like ``backends/torch.py``: the array namespace the shared
-objective runs on, then ``MlxBackend`` in the interface's method order
-(load, sample, logprobs, train_step, rebase_reference, parameter counts,
-save/load, export), then small helpers.
+Reads top to bottom like ``backends/torch.py``: ``MlxBackend`` in the
+interface's method order (load, sample, logprobs, train_step,
+rebase_reference, parameter counts, save/load, export). Array-level helpers
+live in ``backends/mlx_ops.py``; checkpoints use the layout both backends
+share (``backends/portable.py``).
 
-- Models come from ``mlx_lm.utils.load`` (a local folder or a hub id); LoRA is
-  mlx-lm's tuner (``linear_to_lora_layers``). With LoRA the frozen reference is
+- Models come from ``mlx_lm.utils.load`` (a local folder or a hub id,
+  quantised ones included: LoRA then trains on the frozen quantised base);
+  LoRA is mlx-lm's tuner (``linear_to_lora_layers``). With LoRA the frozen reference is
   the same model with its adapters switched off (each ``LoRALinear``'s scale set
   to 0 for the call); a full fine-tune keeps a frozen second model instance
   holding the starting weights.
@@ -22,7 +24,6 @@ import contextlib
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,6 @@ from rlaif_mlx.backends.base import (
     SequenceBatch,
     StepStats,
     TrainBatch,
-    merge_eos_ids,
 )
 
 try:
@@ -46,8 +46,6 @@ try:
     import mlx.nn as nn
     import mlx.optimizers as optim
     from mlx.utils import tree_flatten, tree_map, tree_unflatten
-    from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
-    from mlx_lm.tuner.lora import LoRALinear
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import _download, load, load_model
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -57,6 +55,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from None
 
 from rlaif_mlx import objective
+from rlaif_mlx.backends import mlx_ops as ops
 from rlaif_mlx.backends import portable
 from rlaif_mlx.config import ModelConfig, TrainingConfig
 from rlaif_mlx.schedule import scheduled_learning_rate
@@ -64,24 +63,7 @@ from rlaif_mlx.schedule import scheduled_learning_rate
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-_LINEAR = (nn.Linear, nn.QuantizedLinear)  # what LoRA can adapt
 _MOMENT_NAMES = (("m", "exp_avg"), ("v", "exp_avg_sq"))  # mlx AdamW state -> portable names
-_BLOCK = 256  # summation block for the gradient norm
-
-
-class _MlxOps:
-    """``objective.ArrayOps`` over mlx arrays."""
-
-    exp = staticmethod(mx.exp)
-    log = staticmethod(mx.log)
-    minimum = staticmethod(mx.minimum)
-    maximum = staticmethod(mx.maximum)
-    clip = staticmethod(mx.clip)
-    where = staticmethod(mx.where)
-    sum = staticmethod(mx.sum)
-    mean = staticmethod(mx.mean)
-    abs = staticmethod(mx.abs)
-    stop_gradient = staticmethod(mx.stop_gradient)
 
 
 class MlxBackend:
@@ -119,13 +101,13 @@ class MlxBackend:
         self._model.set_dtype(self._dtype)
         self._model.eval()
         self.tokenizer = getattr(wrapper, "_tokenizer", wrapper)  # the Hugging Face tokenizer itself
-        self.eos_ids = _eos_ids(self.tokenizer, self._path)
+        self.eos_ids = ops.eos_ids(self.tokenizer, self._path)
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.eos_ids[0])
 
         self._use_lora = model.use_lora
         self._reference = None  # full fine-tune only: a frozen copy of the starting weights
-        if _is_quantized(self._model) and not model.use_lora:
+        if ops.is_quantized(self._model) and not model.use_lora:
             raise ValueError(f"model.base_model {model.base_model!r} is quantised and full fine-tuning needs float "
                              "weights: set model.use_lora: true, or use the unquantised model")
         if model.use_lora:
@@ -134,7 +116,7 @@ class MlxBackend:
                 "rank": model.lora_r,
                 "scale": model.lora_alpha / model.lora_r,  # PEFT's alpha / r
                 "dropout": model.lora_dropout,
-                "keys": _lora_keys(self._model, model.lora_target_modules),
+                "keys": ops.lora_keys(self._model, model.lora_target_modules),
             }
             # Quantised layers stay quantised under their adapters (QLoRA).
             linear_to_lora_layers(self._model, len(self._model.layers), lora)
@@ -189,10 +171,10 @@ class MlxBackend:
         self._model.eval()
         key = self._key(params.seed)
 
-        ids, padding = _left_pad(prompts, pad_id=self.pad_id)
-        cache = _batch_cache(self._model, padding)
+        ids, padding = ops.left_pad(prompts, pad_id=self.pad_id)
+        cache = ops.batch_cache(self._model, padding)
         logits = self._forward_step(ids, cache)
-        _repeat_cache(cache, n)
+        ops.repeat_cache(cache, n)
         logits = mx.repeat(logits, n, axis=0)
 
         rows = len(prompts) * n
@@ -202,8 +184,8 @@ class MlxBackend:
         for step in range(params.max_new_tokens):
             logits = logits.astype(mx.float32)
             key, sub = mx.random.split(key)
-            chosen = mx.where(alive, _choose(logits, params, sub).astype(mx.int32), pad)
-            chosen_logp = _target_logp(logits, chosen)
+            chosen = mx.where(alive, ops.choose(logits, params, sub).astype(mx.int32), pad)
+            chosen_logp = ops.target_logp(logits, chosen)
             mx.eval(chosen, chosen_logp)
             alive = mx.array(book.add(chosen.tolist(), chosen_logp.tolist()))
             if book.done or step == params.max_new_tokens - 1:
@@ -245,12 +227,12 @@ class MlxBackend:
             rows = batch.rows(slice(start, start + step))
             ids, attn = self._arrays(rows)
             if not reference:
-                logp = _token_logp(self._model, ids, attn)
+                logp = ops.token_logp(self._model, ids, attn)
             elif self._reference is not None:
-                logp = _token_logp(self._reference, ids, attn)
+                logp = ops.token_logp(self._reference, ids, attn)
             else:
                 with self._adapters_off():
-                    logp = _token_logp(self._model, ids, attn)
+                    logp = ops.token_logp(self._model, ids, attn)
                     mx.eval(logp)
             out[start : start + len(rows), : logp.shape[1]] = np.array(logp.astype(mx.float32))
         return out
@@ -258,7 +240,7 @@ class MlxBackend:
     @contextlib.contextmanager
     def _adapters_off(self):
         """The policy with every LoRA update scaled by 0: exactly the base model, no second copy."""
-        layers = list(_lora_layers(self._model).values())
+        layers = list(ops.lora_layers(self._model).values())
         scales = [m.scale for m in layers]
         try:
             for m in layers:
@@ -289,7 +271,7 @@ class MlxBackend:
         """
         lr = learning_rate if learning_rate is not None else scheduled_learning_rate(self._step, self._training, total_steps=self._total_steps)
         grads, stats = self._accumulate_gradients(batch, loss)
-        grads, norm = _clip_grad_norm(grads, self._training.max_grad_norm or math.inf)
+        grads, norm = ops.clip_grad_norm(grads, self._training.max_grad_norm or math.inf)
         grad_norm = float(norm)
         if math.isfinite(grad_norm):
             self._optimizer.learning_rate = lr
@@ -322,9 +304,9 @@ class MlxBackend:
             }
 
             def loss_fn(model, ids=ids, attn=attn, inputs=inputs):
-                logp = _token_logp(model, ids, attn)  # inside the differentiated computation
+                logp = ops.token_logp(model, ids, attn)  # inside the differentiated computation
                 return objective.policy_loss(
-                    _MlxOps(),
+                    ops.MlxOps(),
                     logp=logp,
                     clip_eps_low=settings.clip_eps_low,
                     clip_eps_high=settings.clip_eps_high,
@@ -359,13 +341,13 @@ class MlxBackend:
             self._reference.update(tree_map(mx.array, self._model.parameters()))
             mx.eval(self._reference.parameters())
         else:
-            for module in _lora_layers(self._model).values():
+            for module in ops.lora_layers(self._model).values():
                 if isinstance(module.linear, nn.QuantizedLinear):
                     module.linear = module.fuse()  # dequantise, add the update, quantise again
                     module.linear.freeze()
                 else:
                     weight = module.linear.weight
-                    module.linear.weight = weight + _lora_delta(module).astype(weight.dtype)
+                    module.linear.weight = weight + ops.lora_delta(module).astype(weight.dtype)
                 bound = 1 / math.sqrt(module.lora_a.shape[0])  # LoRALinear's own initialisation
                 module.lora_a = mx.random.uniform(-bound, bound, module.lora_a.shape).astype(module.lora_a.dtype)
                 module.lora_b = mx.zeros_like(module.lora_b)
@@ -393,7 +375,7 @@ class MlxBackend:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         names = self._trainable_names()
-        weights = _renamed(self._model.trainable_parameters(), names)
+        weights = ops.renamed(self._model.trainable_parameters(), names)
         if self._use_lora:
             mx.save_safetensors(str(path / portable.ADAPTER_FILE), weights, metadata={"format": "pt"})
             config = portable.peft_adapter_config(self._model_config)
@@ -405,7 +387,7 @@ class MlxBackend:
         mx.save_safetensors(str(path / portable.OPTIMIZER_FILE), moments)
         if self._rebased:  # the reference is no longer the model on disk: keep what changed
             frozen = self._reference if self._reference is not None else self._model
-            mx.save_safetensors(str(path / portable.REFERENCE_FILE), _renamed(frozen.parameters(), self._reference_names()))
+            mx.save_safetensors(str(path / portable.REFERENCE_FILE), ops.renamed(frozen.parameters(), self._reference_names()))
         # MLX's global key cannot be read back: draw a seed from it and reseed now, so this run
         # and one resumed from here (on either backend) continue from the same RNG state.
         rng_seed = int(mx.random.randint(0, 2**31 - 1, shape=()).item())
@@ -424,7 +406,7 @@ class MlxBackend:
         state = portable.read_state(path, self._model_config)
         if state["rebased"]:
             frozen = self._reference if self._reference is not None else self._model
-            _copy_into(frozen, self._reference_names(), mx.load(str(path / portable.REFERENCE_FILE)), path,
+            ops.copy_into(frozen, self._reference_names(), mx.load(str(path / portable.REFERENCE_FILE)), path,
                        "reference weights")
             self._rebased = True
         elif self._rebased:
@@ -437,7 +419,7 @@ class MlxBackend:
             for file in portable.weight_files(path):
                 weights.update(mx.load(str(file)))
         names = self._trainable_names()
-        _copy_into(self._model, names, weights, path, "weights")
+        ops.copy_into(self._model, names, weights, path, "weights")
         self._load_optimizer(path, names, optimizer_step=int(state["optimizer_step"]))
         mx.random.seed(int(state["rng_seed"]))
         self._step = int(state["step"])
@@ -452,7 +434,7 @@ class MlxBackend:
         if not self._use_lora:
             return {name: (name, False) for name, _ in tree_flatten(self._model.trainable_parameters())}
         names = {}
-        for module in _lora_layers(self._model):
+        for module in ops.lora_layers(self._model):
             names[f"{module}.lora_a"] = (portable.lora_key(module, "A"), True)
             names[f"{module}.lora_b"] = (portable.lora_key(module, "B"), True)
         return names
@@ -466,7 +448,7 @@ class MlxBackend:
         if self._reference is not None:
             return {name: (name, False) for name, _ in tree_flatten(self._reference.parameters())}
         names = {}
-        for module, layer in _lora_layers(self._model).items():
+        for module, layer in ops.lora_layers(self._model).items():
             parts = ["weight"] + (["scales", "biases"] if isinstance(layer.linear, nn.QuantizedLinear) else [])
             for part in parts:
                 if part in layer.linear:
@@ -503,23 +485,7 @@ class MlxBackend:
         mx.eval(self._optimizer.state)
 
     def _copy_hf_files(self, path: Path) -> None:
-        """The base folder's config and generation config, describing the plain float weights we write.
-
-        The dtype becomes the weights' and any quantisation entry is dropped
-        (checkpoints and exports hold dequantised weights).
-        """
-        for name in portable.HF_CONFIG_FILES:
-            if (self._path / name).exists():
-                shutil.copy(self._path / name, path / name)
-        config = path / "config.json"
-        if config.exists():
-            data = json.loads(config.read_text())
-            for key in ("quantization", "quantization_config"):
-                data.pop(key, None)
-            for key in ("torch_dtype", "dtype"):
-                if key in data or key == "dtype":
-                    data[key] = self._model_config.dtype
-            config.write_text(json.dumps(data, indent=2) + "\n")
+        ops.copy_hf_config(self._path, path, dtype=self._model_config.dtype)
 
     # ------------------------------------------------------------------ export
 
@@ -532,174 +498,11 @@ class MlxBackend:
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        mx.save_safetensors(str(path / portable.FULL_FILE), self._merged_weights(), metadata={"format": "pt"})
+        mx.save_safetensors(str(path / portable.FULL_FILE), ops.merged_weights(self._model), metadata={"format": "pt"})
         self._copy_hf_files(path)
         self.tokenizer.save_pretrained(str(path))
-
-    def _merged_weights(self) -> dict[str, mx.array]:
-        """The policy's weights as float tensors under Hugging Face names, each adapter folded in."""
-        weights = dict(tree_flatten(self._model.parameters()))
-        for name, module in self._model.named_modules():
-            if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-                weights[f"{name}.weight"] = mx.dequantize(
-                    module.weight, module.scales, module.get("biases"), group_size=module.group_size,
-                    bits=module.bits, mode=module.mode)
-                weights.pop(f"{name}.scales")
-                weights.pop(f"{name}.biases", None)
-        for name, module in _lora_layers(self._model).items():
-            del weights[f"{name}.lora_a"], weights[f"{name}.lora_b"]
-            for key in [k for k in weights if k.startswith(f"{name}.linear.")]:
-                weights[f"{name}.{key.removeprefix(f'{name}.linear.')}"] = weights.pop(key)
-            weight = weights[f"{name}.weight"]
-            weights[f"{name}.weight"] = weight + _lora_delta(module).astype(weight.dtype)
-        mx.eval(weights)
-        return weights
 
 
 def create(model: ModelConfig, training: TrainingConfig, *, seed: int, total_steps: int) -> MlxBackend:
     """Builds the MLX backend (the factory ``backends`` calls by name)."""
     return MlxBackend(model, training, seed=seed, total_steps=total_steps)
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def _lora_keys(model: nn.Module, targets: list[str]) -> list[str]:
-    """Per-block module keys (``self_attn.q_proj``) whose last part is a target name."""
-    wanted = set(targets)
-    keys = []
-    for layer in model.layers:
-        for name, module in layer.named_modules():
-            if name and name.split(".")[-1] in wanted and isinstance(module, _LINEAR) and name not in keys:
-                keys.append(name)
-    if not keys:
-        raise ValueError(f"model.lora_target_modules {targets} match no linear layer of the model.")
-    return keys
-
-
-def _is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
-
-
-def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def _renamed(tree, names: dict[str, tuple[str, bool]]) -> dict[str, mx.array]:
-    """The tensors of a parameter tree named in ``names`` under their portable names and layouts."""
-    flat = dict(tree_flatten(tree))
-    return {key: flat[name].T if transposed else flat[name] for name, (key, transposed) in names.items()}
-
-
-def _copy_into(module: nn.Module, names: dict[str, tuple[str, bool]], weights: dict, path: Path, what: str) -> None:
-    """Sets a checkpoint's tensors (portable names and layouts) into ``module``, after checking them."""
-    current = dict(tree_flatten(module.parameters()))
-    expected = {key: tuple(current[name].shape[::-1] if t else current[name].shape) for name, (key, t) in names.items()}
-    portable.check_tensors(path, what, {k: v.shape for k, v in weights.items()}, expected)
-    update = [(name, (weights[key].T if t else weights[key]).astype(current[name].dtype))
-              for name, (key, t) in names.items()]
-    module.update(tree_unflatten(update))
-    mx.eval(module.parameters())
-
-
-def _lora_delta(module: LoRALinear):
-    """The weight-shaped update ``scale * B^T A^T`` an adapter adds (what ``LoRALinear.fuse`` adds)."""
-    return (module.scale * module.lora_b.T) @ module.lora_a.T
-
-
-def _eos_ids(tokenizer, path: Path) -> tuple[int, ...]:
-    config = path / "generation_config.json"
-    generation = json.loads(config.read_text()).get("eos_token_id") if config.exists() else None
-    return merge_eos_ids(tokenizer.eos_token_id, generation)
-
-
-def _left_pad(prompts: list[list[int]], *, pad_id: int):
-    """``[B, P]`` int32 ids, left-padded, and each row's pad count (``BatchKVCache``'s left_padding)."""
-    width = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), width), pad_id, dtype=np.int32)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = p
-    return mx.array(ids), [width - len(p) for p in prompts]
-
-
-def _batch_cache(model, padding: list[int]) -> list:
-    """One ``BatchKVCache`` per layer (per-row RoPE offsets and padding masks for a left-padded batch)."""
-    kinds = make_prompt_cache(model)
-    if not all(type(c) is KVCache for c in kinds):
-        names = sorted({type(c).__name__ for c in kinds})
-        raise NotImplementedError(f"Batched sampling needs a plain KV cache per layer; this model uses {names}.")
-    return [BatchKVCache(padding) for _ in kinds]
-
-
-def _repeat_cache(cache: list, n: int) -> None:
-    """Repeats every row of each layer's ``BatchKVCache`` ``n`` times (row r -> rows r*n .. r*n+n-1)."""
-    if n == 1:
-        return
-    for c in cache:
-        c.keys = mx.repeat(c.keys, n, axis=0)
-        c.values = mx.repeat(c.values, n, axis=0)
-        c.offset = mx.repeat(c.offset, n, axis=0)
-        c.left_padding = mx.repeat(c.left_padding, n, axis=0)
-
-
-def _target_logp(logits, targets):
-    """``log_softmax(logits)[target]`` as ``logit - logsumexp``: no full-vocab log-softmax array."""
-    picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
-    return picked - mx.logsumexp(logits, axis=-1)
-
-
-def _token_logp(model, ids, attn):
-    """``[N, T-1]`` float32 log-probs of each next token; 0 where the target is padding.
-
-    Rows are right-padded, so the causal mask alone keeps every real token
-    from seeing padding (padding only ever follows it); padding positions
-    produce garbage that the final ``where`` drops.
-    """
-    logits = model(ids)
-    logp = _target_logp(logits[:, :-1].astype(mx.float32), ids[:, 1:])
-    return mx.where((attn[:, 1:] * attn[:, :-1]) > 0, logp, mx.zeros_like(logp))
-
-
-def _choose(logits, params: SamplingParams, key):
-    """Next tokens ``[R]`` from float32 logits after temperature, top-k, top-p and min-p."""
-    if params.temperature <= 1e-6 or params.top_k == 1:
-        return mx.argmax(logits, axis=-1)
-    logits = logits / params.temperature
-    neg_inf = mx.array(-math.inf, dtype=logits.dtype)
-    if params.top_k > 0 and params.top_k < logits.shape[-1]:
-        kth = mx.sort(logits, axis=-1)[:, -params.top_k][:, None]
-        logits = mx.where(logits < kth, neg_inf, logits)
-    if params.top_p < 1.0:
-        order = mx.argsort(-logits, axis=-1)
-        sorted_logits = mx.take_along_axis(logits, order, axis=-1)
-        probs = mx.softmax(sorted_logits, axis=-1)
-        outside = (mx.cumsum(probs, axis=-1) - probs) > params.top_p  # the best token always stays
-        sorted_logits = mx.where(outside, neg_inf, sorted_logits)
-        logits = mx.take_along_axis(sorted_logits, mx.argsort(order, axis=-1), axis=-1)
-    if params.min_p > 0.0:
-        probs = mx.softmax(logits, axis=-1)
-        logits = mx.where(probs < params.min_p * probs.max(axis=-1, keepdims=True), neg_inf, logits)
-    return mx.random.categorical(logits, axis=-1, key=key)
-
-
-def _clip_grad_norm(grads, max_norm: float):
-    """``optim.clip_grad_norm`` with a blockwise sum of squares: returns ``(clipped, pre-clip norm)``.
-
-    ``optim.clip_grad_norm`` sums each gradient's squares in one float32
-    reduction, which on the CPU drifts by ~1e-4 relative on a large matrix (the
-    embedding); the norm both scales the update and is reported, so sum in
-    blocks of 256 instead. Same rule as torch: scale by ``min(max / (norm + 1e-6), 1)``.
-    """
-    def squared(g):
-        x = g.astype(mx.float32).square().reshape(-1)
-        while x.size > _BLOCK:
-            pad = (-x.size) % _BLOCK
-            if pad:
-                x = mx.concatenate([x, mx.zeros((pad,), dtype=x.dtype)])
-            x = x.reshape(-1, _BLOCK).sum(axis=1)
-        return x.sum()
-
-    leaves = [squared(g) for _, g in tree_flatten(grads)]
-    norm = mx.sqrt(mx.sum(mx.stack(leaves))) if leaves else mx.array(0.0)
-    scale = mx.minimum(max_norm / (norm + 1e-6), 1.0)
-    return tree_map(lambda g: (g * scale).astype(g.dtype), grads), norm

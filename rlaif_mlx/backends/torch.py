@@ -1,9 +1,10 @@
 """PyTorch / transformers implementation of the ``Backend`` interface.
 
-Reads top to bottom like ``backends/mlx.py``: the array namespace the shared
-objective runs on, then ``TorchBackend`` in the interface's method order
-(load, sample, logprobs, train_step, rebase_reference, parameter counts,
-save/load, export), then small helpers.
+Reads top to bottom like ``backends/mlx.py``: ``TorchBackend`` in the
+interface's method order (load, sample, logprobs, train_step,
+rebase_reference, parameter counts, save/load, export). Array-level helpers
+live in ``backends/torch_ops.py``; checkpoints use the layout both backends
+share (``backends/portable.py``).
 
 - Models come from ``AutoModelForCausalLM`` (a local folder or a hub id); LoRA
   is PEFT's. With LoRA the frozen reference is the same model with its
@@ -17,10 +18,8 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import logging
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +35,11 @@ from rlaif_mlx.backends.base import (
     SequenceBatch,
     StepStats,
     TrainBatch,
-    merge_eos_ids,
 )
 
 try:
     import torch
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-    from peft.tuners.lora import LoraLayer
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -55,6 +51,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from rlaif_mlx import objective
 from rlaif_mlx.backends import portable
+from rlaif_mlx.backends import torch_ops as ops
 from rlaif_mlx.config import ModelConfig, TrainingConfig
 from rlaif_mlx.schedule import scheduled_learning_rate
 
@@ -62,22 +59,6 @@ log = logging.getLogger(__name__)
 hf_logging.disable_progress_bar()  # per-file progress bars would drown the one-line-per-step log
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_ADAPTER = "default"  # PEFT's name for the one adapter we train
-
-
-class _TorchOps:
-    """``objective.ArrayOps`` over torch tensors; ``stop_gradient`` is ``detach``."""
-
-    exp = staticmethod(torch.exp)
-    log = staticmethod(torch.log)
-    minimum = staticmethod(torch.minimum)
-    maximum = staticmethod(torch.maximum)
-    clip = staticmethod(torch.clamp)
-    where = staticmethod(torch.where)
-    sum = staticmethod(torch.sum)
-    mean = staticmethod(torch.mean)
-    abs = staticmethod(torch.abs)
-    stop_gradient = staticmethod(torch.Tensor.detach)
 
 
 class TorchBackend:
@@ -99,19 +80,19 @@ class TorchBackend:
         self._step = 0  # scheduled optimizer steps taken (the LR schedule position)
         torch.manual_seed(seed)
 
-        self.device = _resolve_device(model.torch.device)
+        self.device = ops.resolve_device(model.torch.device)
         self._dtype = _DTYPES[model.dtype]
         if model.mlx.memory_limit_gb is not None:
             log.warning("model.mlx options are for the MLX backend; the torch backend ignores them.")
         base = model.base_model
-        _refuse_mlx_quantized(base)
+        ops.refuse_mlx_quantized(base)
 
         self.tokenizer = AutoTokenizer.from_pretrained(base)
         self._model = self._load_base(base, device=self.device)
         # transformers 5 renamed the forward's `past_key_values` to `cache`.
         forward_args = inspect.signature(self._model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
-        self.eos_ids = _eos_ids(self.tokenizer, self._model)
+        self.eos_ids = ops.eos_ids(self.tokenizer, self._model)
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.eos_ids[0])
 
@@ -125,7 +106,7 @@ class TorchBackend:
                 target_modules=list(model.lora_target_modules),
                 task_type="CAUSAL_LM",
             )
-            self._model = _with_lora(self._model, lora)
+            self._model = ops.with_lora(self._model, lora)
         else:
             self._reference = copy.deepcopy(self._model).eval()
             self._reference.requires_grad_(False)
@@ -174,7 +155,7 @@ class TorchBackend:
         self._model.eval()
         generator = self._generator(params.seed)
 
-        ids, mask = _left_pad(prompts, pad_id=self.pad_id, device=self.device)
+        ids, mask = ops.left_pad(prompts, pad_id=self.pad_id, device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, cache = self._forward_step(ids, mask, positions, None)
         cache.batch_repeat_interleave(n)
@@ -188,8 +169,8 @@ class TorchBackend:
         alive = torch.ones(rows, dtype=torch.bool, device=self.device)
         for step in range(params.max_new_tokens):
             logits = logits.float()
-            chosen = torch.where(alive, _choose(logits, params, generator), pad)
-            chosen_logp = _target_logp(logits, chosen)
+            chosen = torch.where(alive, ops.choose(logits, params, generator), pad)
+            chosen_logp = ops.target_logp(logits, chosen)
             alive = torch.tensor(book.add(chosen.tolist(), chosen_logp.tolist()), device=self.device)
             if book.done or step == params.max_new_tokens - 1:
                 break
@@ -245,12 +226,12 @@ class TorchBackend:
             rows = batch.rows(slice(start, start + step))
             ids, attn = self._tensors(rows)
             if not reference:
-                logp = _token_logp(self._model, ids, attn)
+                logp = ops.token_logp(self._model, ids, attn)
             elif self._reference is not None:
-                logp = _token_logp(self._reference, ids, attn)
+                logp = ops.token_logp(self._reference, ids, attn)
             else:
                 with self._model.disable_adapter():
-                    logp = _token_logp(self._model, ids, attn)
+                    logp = ops.token_logp(self._model, ids, attn)
             out[start : start + len(rows), : logp.shape[1]] = logp.float().cpu().numpy()
         return out
 
@@ -300,9 +281,9 @@ class TorchBackend:
             rows = batch.sequences.rows(index)
             ids, attn = self._tensors(rows)
             width = ids.shape[1] - 1
-            logp = _token_logp(self._model, ids, attn)  # inside the differentiated computation
+            logp = ops.token_logp(self._model, ids, attn)  # inside the differentiated computation
             value, stats = objective.policy_loss(
-                _TorchOps,
+                ops.TorchOps,
                 logp=logp,
                 old_logp=self._slice(batch.old_logp, index, width),
                 ref_logp=self._slice(batch.ref_logp, index, width),
@@ -336,9 +317,9 @@ class TorchBackend:
         if self._reference is not None:
             self._reference.load_state_dict(self._model.state_dict())
         else:
-            for module in _lora_layers(self._model).values():
-                module.get_base_layer().weight += module.get_delta_weight(_ADAPTER)
-                module.reset_lora_parameters(_ADAPTER, True)
+            for module in ops.lora_layers(self._model).values():
+                module.get_base_layer().weight += module.get_delta_weight(ops.ADAPTER)
+                module.reset_lora_parameters(ops.ADAPTER, True)
         self._optimizer = self._new_optimizer()
         self._rebased = True
 
@@ -384,7 +365,7 @@ class TorchBackend:
         path = Path(path)
         state = portable.read_state(path, self._model_config)
         if state["rebased"]:
-            _copy_into(self._reference_weights(), load_file(str(path / portable.REFERENCE_FILE)), path,
+            ops.copy_into(self._reference_weights(), load_file(str(path / portable.REFERENCE_FILE)), path,
                        "reference weights")
             self._rebased = True
         elif self._rebased:
@@ -396,14 +377,14 @@ class TorchBackend:
             weights = {}
             for file in portable.weight_files(path):
                 weights.update(load_file(str(file)))
-        _copy_into(self._trainable_weights(), weights, path, "weights")
+        ops.copy_into(self._trainable_weights(), weights, path, "weights")
         self._load_optimizer(path, optimizer_step=int(state["optimizer_step"]))
         torch.manual_seed(int(state["rng_seed"]))
         self._step = int(state["step"])
 
     def _trainable_weights(self) -> dict[str, torch.Tensor]:
         """The trainable tensors under their portable names (PEFT's adapter keys, or HF names)."""
-        return {name.replace(f".{_ADAPTER}.", "."): p for name, p in self._model.named_parameters() if p.requires_grad}
+        return {name.replace(f".{ops.ADAPTER}.", "."): p for name, p in self._model.named_parameters() if p.requires_grad}
 
     def _reference_weights(self) -> dict[str, torch.Tensor]:
         """The frozen tensors a rebase changes, under Hugging Face names.
@@ -414,7 +395,7 @@ class TorchBackend:
         if self._reference is not None:
             return dict(self._reference.named_parameters())
         return {f"{name.removeprefix(portable.PEFT_PREFIX)}.weight": module.get_base_layer().weight
-                for name, module in _lora_layers(self._model).items()}
+                for name, module in ops.lora_layers(self._model).items()}
 
     def _optimizer_moments(self) -> tuple[dict[str, torch.Tensor], int]:
         """AdamW's moments under portable names, and its step count."""
@@ -455,115 +436,11 @@ class TorchBackend:
             self._model.save_pretrained(str(path), safe_serialization=True)
         else:
             merged = self._load_base(self._model_config.base_model, device="cpu")
-            merged.load_state_dict(self._merged_state_dict(), strict=True)
+            merged.load_state_dict(ops.merged_state_dict(self._model), strict=True)
             merged.save_pretrained(str(path), safe_serialization=True)
         self.tokenizer.save_pretrained(str(path))
-
-    @torch.no_grad()
-    def _merged_state_dict(self) -> dict[str, torch.Tensor]:
-        """The policy's weights with each adapter folded into its base layer, on the CPU."""
-        base = self._model.get_base_model()
-        merged = {
-            name.replace(".base_layer.", "."): tensor.detach().to("cpu", copy=True)
-            for name, tensor in base.state_dict().items()
-            if "lora_" not in name
-        }
-        for name, module in _lora_layers(base).items():
-            key = f"{name}.weight"
-            merged[key] += module.get_delta_weight(_ADAPTER).to("cpu", merged[key].dtype)
-        return merged
 
 
 def create(model: ModelConfig, training: TrainingConfig, *, seed: int, total_steps: int) -> TorchBackend:
     """Builds the PyTorch backend (the factory ``backends`` calls by name)."""
     return TorchBackend(model, training, seed=seed, total_steps=total_steps)
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def _resolve_device(requested: str) -> str:
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"model.torch.device is {requested!r} but PyTorch sees no CUDA GPU; use 'auto' or 'cpu'.")
-    if requested == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("model.torch.device is 'mps' but this PyTorch build has no MPS support; use 'auto' or 'cpu'.")
-    return str(torch.device(requested))
-
-
-def _copy_into(params: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], path: Path, what: str) -> None:
-    """Copies a checkpoint's tensors into the named parameters, after checking the names match."""
-    portable.check_tensors(path, what, {k: t.shape for k, t in weights.items()},
-                           {k: p.shape for k, p in params.items()})
-    for key, param in params.items():
-        param.copy_(weights[key].to(param.device, param.dtype))
-
-
-def _refuse_mlx_quantized(base: str) -> None:
-    """transformers cannot read mlx-lm's quantised weights; say so before it fails obscurely."""
-    config = Path(base) / "config.json"
-    if config.is_file() and "quantization" in json.loads(config.read_text()):
-        raise ValueError(f"model.base_model {base!r} is quantised for MLX (config.json has 'quantization'); "
-                         "the PyTorch backend needs the unquantised model, e.g. the original Hugging Face repo")
-
-
-def _lora_layers(model) -> dict[str, Any]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and _ADAPTER in m.lora_A}
-
-
-def _with_lora(model, config: PeftLoraConfig):
-    with warnings.catch_warnings():  # peft probes an attribute transformers 5 deprecated
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, config)
-
-
-def _eos_ids(tokenizer, model) -> tuple[int, ...]:
-    generation = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    return merge_eos_ids(tokenizer.eos_token_id, generation)
-
-
-def _left_pad(prompts: list[list[int]], *, pad_id: int, device: str):
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.as_tensor(p, dtype=torch.long)
-        mask[i, width - len(p) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _target_logp(logits, targets):
-    """``log_softmax(logits)[target]`` as ``logit - logsumexp``: no full-vocab log-softmax tensor."""
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
-
-
-def _token_logp(model, ids, attn):
-    """``[N, T-1]`` float32 log-probs of each next token; 0 where the target is padding."""
-    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
-    logp = _target_logp(logits[:, :-1].float(), ids[:, 1:])
-    return torch.where((attn[:, 1:] * attn[:, :-1]).bool(), logp, torch.zeros_like(logp))
-
-
-def _choose(logits, params: SamplingParams, generator):
-    """Next tokens ``[R]`` from float32 logits after temperature, top-k, top-p and min-p."""
-    if params.temperature <= 1e-6 or params.top_k == 1:
-        return logits.argmax(dim=-1)
-    logits = logits / params.temperature
-    neg_inf = torch.finfo(logits.dtype).min
-    if params.top_k > 0 and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, neg_inf)
-    if params.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        outside = (probs.cumsum(dim=-1) - probs) > params.top_p  # the best token always stays
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, neg_inf))
-    if params.min_p > 0.0:
-        probs = logits.softmax(dim=-1)
-        logits = logits.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), neg_inf)
-    probs = logits.softmax(dim=-1)
-    if generator.device.type != probs.device.type:
-        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,141 @@
+"""Array-level pieces of the PyTorch backend: the objective's array namespace, device
+choice, padding for batched sampling, token log-probs, sampling filters, LoRA
+layer access and portable-checkpoint tensor copies.
+
+``backends/torch.py`` (the ``TorchBackend`` class) is the only user; its MLX
+twin is ``backends/mlx_ops.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+from peft.tuners.lora import LoraLayer
+
+from rlaif_mlx.backends import portable
+from rlaif_mlx.backends.base import SamplingParams, merge_eos_ids
+
+ADAPTER = "default"  # PEFT's name for the one adapter we train
+
+
+class TorchOps:
+    """``objective.ArrayOps`` over torch tensors; ``stop_gradient`` is ``detach``."""
+
+    exp = staticmethod(torch.exp)
+    log = staticmethod(torch.log)
+    minimum = staticmethod(torch.minimum)
+    maximum = staticmethod(torch.maximum)
+    clip = staticmethod(torch.clamp)
+    where = staticmethod(torch.where)
+    sum = staticmethod(torch.sum)
+    mean = staticmethod(torch.mean)
+    abs = staticmethod(torch.abs)
+    stop_gradient = staticmethod(torch.Tensor.detach)
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"model.torch.device is {requested!r} but PyTorch sees no CUDA GPU; use 'auto' or 'cpu'.")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("model.torch.device is 'mps' but this PyTorch build has no MPS support; use 'auto' or 'cpu'.")
+    return str(torch.device(requested))
+
+
+def copy_into(params: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    """Copies a checkpoint's tensors into the named parameters, after checking the names match."""
+    portable.check_tensors(path, what, {k: t.shape for k, t in weights.items()},
+                           {k: p.shape for k, p in params.items()})
+    for key, param in params.items():
+        param.copy_(weights[key].to(param.device, param.dtype))
+
+
+def refuse_mlx_quantized(base: str) -> None:
+    """transformers cannot read mlx-lm's quantised weights; say so before it fails obscurely."""
+    config = Path(base) / "config.json"
+    if config.is_file() and "quantization" in json.loads(config.read_text()):
+        raise ValueError(f"model.base_model {base!r} is quantised for MLX (config.json has 'quantization'); "
+                         "the PyTorch backend needs the unquantised model, e.g. the original Hugging Face repo")
+
+
+def lora_layers(model) -> dict[str, Any]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A}
+
+
+def with_lora(model, config: PeftLoraConfig):
+    with warnings.catch_warnings():  # peft probes an attribute transformers 5 deprecated
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
+
+
+def eos_ids(tokenizer, model) -> tuple[int, ...]:
+    generation = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return merge_eos_ids(tokenizer.eos_token_id, generation)
+
+
+def left_pad(prompts: list[list[int]], *, pad_id: int, device: str):
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def target_logp(logits, targets):
+    """``log_softmax(logits)[target]`` as ``logit - logsumexp``: no full-vocab log-softmax tensor."""
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def token_logp(model, ids, attn):
+    """``[N, T-1]`` float32 log-probs of each next token; 0 where the target is padding."""
+    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+    logp = target_logp(logits[:, :-1].float(), ids[:, 1:])
+    return torch.where((attn[:, 1:] * attn[:, :-1]).bool(), logp, torch.zeros_like(logp))
+
+
+def choose(logits, params: SamplingParams, generator):
+    """Next tokens ``[R]`` from float32 logits after temperature, top-k, top-p and min-p."""
+    if params.temperature <= 1e-6 or params.top_k == 1:
+        return logits.argmax(dim=-1)
+    logits = logits / params.temperature
+    neg_inf = torch.finfo(logits.dtype).min
+    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, neg_inf)
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = (probs.cumsum(dim=-1) - probs) > params.top_p  # the best token always stays
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, neg_inf))
+    if params.min_p > 0.0:
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), neg_inf)
+    probs = logits.softmax(dim=-1)
+    if generator.device.type != probs.device.type:
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
+    """The policy's weights with each adapter folded into its base layer, on the CPU, under HF names."""
+    base = peft_model.get_base_model()
+    merged = {
+        name.replace(".base_layer.", "."): tensor.detach().to("cpu", copy=True)
+        for name, tensor in base.state_dict().items()
+        if "lora_" not in name
+    }
+    for name, module in lora_layers(base).items():
+        key = f"{name}.weight"
+        merged[key] += module.get_delta_weight(ADAPTER).to("cpu", merged[key].dtype)
+    return merged
