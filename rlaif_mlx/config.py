@@ -35,7 +35,14 @@ class TorchOptions(_Section):
 class MlxOptions(_Section):
     """MLX-only knobs; the PyTorch backend ignores them with a note."""
 
-    memory_limit_gb: float | None = Field(default=None, gt=0)
+    memory_limit_gb: float | None = Field(default=None, gt=0)  # mx.set_memory_limit (and wired limit on Metal)
+    cache_limit_gb: float | None = Field(default=None, ge=0)  # mx.set_cache_limit: freed buffers kept for reuse
+
+
+def options_set(options: _Section, prefix: str) -> list[str]:
+    """Dotted names of a backend's options that differ from their defaults (for the "ignored" note)."""
+    return [f"{prefix}.{name}" for name, field in type(options).model_fields.items()
+            if getattr(options, name) != field.get_default(call_default_factory=True)]
 
 
 class ModelConfig(_Section):

@@ -96,14 +96,18 @@ def test_satisfies_backend_protocol(lora):
 
 def test_options_for_torch_are_ignored_with_a_note_and_the_memory_limit_is_set(tiny_model_path, caplog):
     previous = mx.set_memory_limit(mx.get_memory_limit())
+    previous_cache = mx.set_cache_limit(2**40)
     try:
         with caplog.at_level("WARNING", logger="rlaif_mlx.backends.mlx"):
-            backend = make(tiny_model_path, model={"torch": {"device": "cpu"}, "mlx": {"memory_limit_gb": 48}})
-        assert "model.torch options" in caplog.text
+            backend = make(tiny_model_path, model={"torch": {"device": "cpu", "attn_implementation": "eager"},
+                                                   "mlx": {"memory_limit_gb": 48, "cache_limit_gb": 1}})
+        assert "model.torch.device, model.torch.attn_implementation: PyTorch-only" in caplog.text
         assert mx.get_memory_limit() == 48 * 1024**3
+        assert mx.set_cache_limit(2**40) == 1024**3
         assert backend.sample(encode(backend, ["x"]), n=1, params=SamplingParams(max_new_tokens=2))
     finally:
         mx.set_memory_limit(previous)
+        mx.set_cache_limit(previous_cache)
 
 
 def test_missing_mlx_names_the_pip_command():

@@ -90,6 +90,17 @@ def test_satisfies_backend_protocol(lora):
     assert 0 < trainable < total
 
 
+def test_options_for_mlx_are_ignored_with_a_note(tiny_model_path, caplog):
+    with caplog.at_level("WARNING", logger="rlaif_mlx.backends.torch"):
+        backend = make(tiny_model_path, model={"mlx": {"memory_limit_gb": 8, "cache_limit_gb": 0}})
+    assert "model.mlx.memory_limit_gb, model.mlx.cache_limit_gb: MLX-only" in caplog.text
+    assert backend.sample(encode(backend, ["x"]), n=1, params=SamplingParams(max_new_tokens=2))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rlaif_mlx.backends.torch"):
+        make(tiny_model_path)
+    assert "MLX-only" not in caplog.text
+
+
 # ------------------------------------------------------------------- sampling
 
 

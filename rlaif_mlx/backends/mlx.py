@@ -57,7 +57,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from rlaif_mlx import objective
 from rlaif_mlx.backends import mlx_ops as ops
 from rlaif_mlx.backends import portable
-from rlaif_mlx.config import ModelConfig, TrainingConfig
+from rlaif_mlx.config import ModelConfig, TrainingConfig, options_set
 from rlaif_mlx.schedule import scheduled_learning_rate
 
 log = logging.getLogger(__name__)
@@ -87,14 +87,17 @@ class MlxBackend:
 
         self.device = "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
         self._dtype = _DTYPES[model.dtype]
-        if model.torch.device != "auto" or model.torch.attn_implementation is not None:
-            log.warning("model.torch options are for the PyTorch backend; the MLX backend ignores them.")
+        ignored = options_set(model.torch, "model.torch")
+        if ignored:
+            log.warning("%s: PyTorch-only option(s); the MLX backend ignores them.", ", ".join(ignored))
         if model.mlx.memory_limit_gb is not None:
             limit = int(model.mlx.memory_limit_gb * 1024**3)
             mx.set_memory_limit(limit)
             if self.device == "gpu":
                 with contextlib.suppress(Exception):  # wired memory exists on Metal only
                     mx.set_wired_limit(limit)
+        if model.mlx.cache_limit_gb is not None:
+            mx.set_cache_limit(int(model.mlx.cache_limit_gb * 1024**3))
 
         self._path = _download(model.base_model)  # a local folder, or the hub snapshot's
         self._model, wrapper = load(str(self._path))

@@ -52,7 +52,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from rlaif_mlx import objective
 from rlaif_mlx.backends import portable
 from rlaif_mlx.backends import torch_ops as ops
-from rlaif_mlx.config import ModelConfig, TrainingConfig
+from rlaif_mlx.config import ModelConfig, TrainingConfig, options_set
 from rlaif_mlx.schedule import scheduled_learning_rate
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,9 @@ class TorchBackend:
 
         self.device = ops.resolve_device(model.torch.device)
         self._dtype = _DTYPES[model.dtype]
-        if model.mlx.memory_limit_gb is not None:
-            log.warning("model.mlx options are for the MLX backend; the torch backend ignores them.")
+        ignored = options_set(model.mlx, "model.mlx")
+        if ignored:
+            log.warning("%s: MLX-only option(s); the PyTorch backend ignores them.", ", ".join(ignored))
         base = model.base_model
         ops.refuse_mlx_quantized(base)
 
