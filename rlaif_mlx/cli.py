@@ -1,4 +1,4 @@
-"""Command line: ``rlaif-mlx train | init-model``.
+"""Command line: ``rlaif-mlx train | export | init-model``.
 
 Importing this module must stay cheap: frameworks load only inside commands
 that need a backend.
@@ -53,7 +53,21 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", help="override output_dir")
     train.add_argument("--max-steps", type=int, help="override training.max_steps")
     train.add_argument("--seed", type=int, help="override seed")
+    train.add_argument(
+        "--resume", nargs="?", const="", metavar="CHECKPOINT",
+        help="continue a run from a checkpoint folder, or from the newest checkpoint of a run folder; "
+             "alone, from the newest checkpoint in the config's output_dir",
+    )
     train.set_defaults(func=_train)
+
+    export = sub.add_parser("export", help="write a checkpoint as a plain Hugging Face model (LoRA merged)")
+    export.add_argument("--checkpoint", required=True,
+                        help="a checkpoint folder (run/checkpoints/step-NNNNNN), or a run folder for its newest")
+    export.add_argument("--out", required=True, help="folder to write the model and tokenizer into")
+    export.add_argument("--backend", choices=["auto", "torch", "mlx"],
+                        help="backend to load the checkpoint with (default: the checkpoint config's)")
+    export.add_argument("--model", help="override model.base_model, e.g. where the base model lives on this machine")
+    export.set_defaults(func=_export)
 
     init = sub.add_parser("init-model", help="build a tiny random Qwen2-style model for tests and the quickstart")
     init.add_argument("path", help="folder to write the model into")
@@ -65,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .backends import BackendUnavailable, create_backend, resolve_backend_name
+    from .checkpoint import check_resumable, find_checkpoint
     from .config import CLI_OVERRIDES, ConfigError, load_config, save_config
     from .data import DataError, load_tasks
 
@@ -79,6 +93,15 @@ def _train(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise _UserError(str(exc)) from None
     output_dir = Path(config.output_dir)
+    checkpoint = None
+    if args.resume is not None:
+        # Checked before anything is written: the run folder's config.yaml may be the
+        # only record of an older checkpoint's config.
+        try:
+            checkpoint = find_checkpoint(args.resume or output_dir)
+            check_resumable(checkpoint, config)
+        except ValueError as exc:
+            raise _UserError(str(exc)) from None
     output_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, output_dir / "config.yaml")
 
@@ -98,15 +121,8 @@ def _train(args: argparse.Namespace) -> int:
     from .rewards import RewardPipeline
     from .trainer import ScoringFailed, Trainer, total_optimizer_steps
 
-    try:
-        name = resolve_backend_name(config.backend)
-        backend = create_backend(name, config.model, config.training, seed=config.seed,
-                                 total_steps=total_optimizer_steps(config, len(train.tasks)))
-    except BackendUnavailable as exc:
-        raise _UserError(str(exc)) from None
-    except OSError as exc:  # transformers / mlx-lm: no such folder, or not reachable on the hub
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise _UserError(f"{args.config}: model.base_model {config.model.base_model!r} cannot be loaded: {first}")
+    backend = _create_backend(config, total_steps=total_optimizer_steps(config, len(train.tasks)),
+                              source=args.config)
     trainable, total = backend.trainable_parameter_count()
     print(f"backend {backend.name} on {backend.device}  model {config.model.base_model}  "
           f"trainable {trainable:,} of {total:,} parameters ({'LoRA' if config.model.use_lora else 'full'})")
@@ -118,6 +134,15 @@ def _train(args: argparse.Namespace) -> int:
           f"read-only outside its folder: {caps['fs_readonly']})")
     rewards = RewardPipeline(config.rewards)
     trainer = Trainer(config, backend=backend, train=train, rewards=rewards, output_dir=output_dir)
+    if checkpoint is not None:
+        try:
+            trainer.restore(checkpoint)
+        except (ValueError, OSError) as exc:  # the weights or data order do not fit this model or task list
+            raise _UserError(f"cannot resume from {checkpoint}: {_first_line(exc)}") from None
+        print(f"resuming from {checkpoint} at step {trainer.step}")
+        if trainer.step >= trainer.total_steps:
+            print(f"nothing to do: step {trainer.step} already reaches the budget of {trainer.total_steps} steps "
+                  "(raise training.max_steps, e.g. with --max-steps)")
     started = time.perf_counter()
     try:
         records = trainer.run()
@@ -130,6 +155,60 @@ def _train(args: argparse.Namespace) -> int:
         print(f"done: {len(records)} steps in {time.perf_counter() - started:.0f}s; mean reward of the first "
               f"{k} steps {first:.3f}, of the last {k} steps {last:.3f}; metrics in {output_dir / 'metrics.jsonl'}")
     return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .checkpoint import checkpoint_config_path, find_checkpoint, load_trainer_state
+    from .config import load_config
+
+    overrides = {"backend": args.backend, "model.base_model": args.model}
+    if args.model:
+        overrides["model.build_tiny_if_missing"] = False  # as in train: a named model is loaded, never built
+    try:  # CheckpointError and ConfigError are ValueErrors phrased as one line
+        checkpoint = find_checkpoint(args.checkpoint)
+        config_path = checkpoint_config_path(checkpoint)
+        config = load_config(config_path, overrides=overrides)
+        step = int(load_trainer_state(checkpoint)["step"])
+    except ValueError as exc:
+        raise _UserError(str(exc)) from None
+    # total_steps only shapes the LR schedule, which exporting never uses.
+    steps = max(config.training.max_steps or 0, step, 1)
+    hint = "" if args.model else " (name the base model on this machine with --model)"
+    backend = _create_backend(config, total_steps=steps, source=str(config_path), hint=hint)
+    out = Path(args.out)
+    try:
+        backend.load(checkpoint)
+    except (ValueError, OSError) as exc:
+        raise _UserError(f"{checkpoint}: cannot be loaded by the {backend.name} backend: {_first_line(exc)}") from None
+    backend.export(out)
+    print(f"exported {checkpoint} to {out} (backend {backend.name})")
+    return 0
+
+
+def _create_backend(config, *, total_steps: int, source: str, hint: str = ""):
+    """Creates the config's backend; a missing framework or model becomes one ``_UserError`` line.
+
+    Args:
+        config: the run config (backend, model, training, seed).
+        total_steps: planned optimizer steps, for the LR schedule.
+        source: the config file, named in the error.
+        hint: appended to the error when the base model cannot be loaded.
+    """
+    from .backends import BackendUnavailable, create_backend
+
+    try:
+        return create_backend(config.backend, config.model, config.training, seed=config.seed,
+                              total_steps=total_steps)
+    except BackendUnavailable as exc:
+        raise _UserError(str(exc)) from None
+    except OSError as exc:  # transformers / mlx-lm: no such folder, or not reachable on the hub
+        raise _UserError(f"{source}: model.base_model {config.model.base_model!r} cannot be loaded: "
+                         f"{_first_line(exc)}{hint}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _init_model(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from . import kl as klmod
 from .backends.base import (
     Backend, Completion, LossSettings, SamplingParams, SequenceBatch, StepStats, TrainBatch,
 )
-from .checkpoint import save_checkpoint
+from .checkpoint import check_resumable, load_trainer_state, save_checkpoint
 from .config import RunConfig
 from .curriculum import Curriculum, estimate_difficulty
 from .data import Task, TaskSet, prompt_token_ids, reference_completion_text
@@ -97,6 +97,7 @@ class Trainer:
         self.total_steps = total_optimizer_steps(config, len(self.tasks))
         self.step = 0
         self._unscored_steps = 0
+        self.restored_from: Path | None = None  # the checkpoint ``restore`` loaded
         data = config.data
         self.prompt_ids = {
             t.id: prompt_token_ids(
@@ -120,13 +121,19 @@ class Trainer:
         else:
             self.kl_controller = klmod.FixedKLController(rl.kl_penalty)
         self.ema = adv.EmaBaseline(decay=rl.ema_decay) if rl.baseline == "ema" else None
-        self.metrics = JsonlSink(self.output_dir / "metrics.jsonl", truncate_after_step=0)
+        # Opened by the first step, not here: a restored trainer must keep the
+        # records up to its restored step, which is only known after ``restore``.
+        self.metrics: JsonlSink | None = None
 
     # ---- the loop -------------------------------------------------------
 
     def run(self) -> list[dict[str, Any]]:
-        """Warm-up (if configured), then RL steps until the budget; returns the step records."""
-        if self.config.training.sft_warmup_steps:
+        """Warm-up (if configured), then RL steps until the budget; returns the step records.
+
+        A restored trainer skips the warm-up: its checkpoint already holds the
+        warmed-up weights and the rebased reference.
+        """
+        if self.config.training.sft_warmup_steps and self.restored_from is None:
             self.supervised_warmup()
         records = []
         try:
@@ -139,12 +146,15 @@ class Trainer:
                 self.save()  # keep what was learned before the grader broke
             raise
         finally:
-            self.metrics.close()
+            if self.metrics is not None:
+                self.metrics.close()
+                self.metrics = None
         return records
 
     def train_step(self) -> dict[str, Any]:
         """One RL step: sample, score, advantages, update, KL control, record."""
         t0 = time.perf_counter()
+        self._open_metrics()
         tasks = [self.tasks[i] for i in self.curriculum.next_batch(self.config.training.batch_size)]
         completions = self.sample(tasks)
         t_sample = time.perf_counter()
@@ -344,14 +354,48 @@ class Trainer:
         self.backend.rebase_reference()
 
     def save(self) -> Path:
+        """Writes a checkpoint of the current step (see ``checkpoint.save_checkpoint``)."""
         state = {
             "step": self.step,
+            "unscored_steps": self._unscored_steps,
             "kl_controller": self.kl_controller.state_dict(),
             "curriculum": self.curriculum.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
         }
-        return save_checkpoint(self.output_dir, step=self.step, state=state, save_backend=self.backend.save,
-                               keep=self.config.training.save_total_limit)
+        return save_checkpoint(self.output_dir, step=self.step, state=state, config=self.config,
+                               save_backend=self.backend.save, keep=self.config.training.save_total_limit)
+
+    def restore(self, checkpoint: Path) -> None:
+        """Continues from a checkpoint exactly where its run stopped.
+
+        Loads the backend's weights, optimizer and RNG, then the step, KL
+        coefficient, data order, EMA baseline and unscored-step count. The next
+        ``run`` skips the warm-up, and the metrics log keeps the records up to
+        the restored step and drops later ones.
+
+        Args:
+            checkpoint: a ``checkpoints/step-NNNNNN`` folder.
+
+        Raises:
+            CheckpointError: the checkpoint's config differs in keys that change the run.
+            ValueError: the checkpoint does not fit this backend or task list.
+        """
+        checkpoint = Path(checkpoint)
+        check_resumable(checkpoint, self.config)
+        state = load_trainer_state(checkpoint)
+        self.curriculum.load_state_dict(state["curriculum"])  # first: a different task list fails fast
+        self.backend.load(checkpoint)
+        self.step = int(state["step"])
+        self._unscored_steps = int(state.get("unscored_steps", 0))  # absent before resuming existed
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.restored_from = checkpoint
+
+    def _open_metrics(self) -> None:
+        """Opens ``metrics.jsonl`` once, dropping records of steps after the current one."""
+        if self.metrics is None:
+            self.metrics = JsonlSink(self.output_dir / "metrics.jsonl", truncate_after_step=self.step)
 
 
 def sampled_logprobs(completions: list[Completion], sequences: SequenceBatch) -> np.ndarray:

@@ -227,3 +227,57 @@ def test_lora_on_a_quantized_base_trains_exports_and_moves_to_torch(tiny_model_p
         make("mlx", quantized_path, model={"use_lora": False})
     with pytest.raises(ValueError, match="quantised for MLX"):
         make("torch", quantized_path)
+
+
+# ------------------------------------------------- the laptop -> server story
+
+
+def test_an_mlx_run_exports_to_transformers_and_resumes_on_torch(tiny_model_path, tmp_path, capsys):
+    """Through the CLI: train with MLX, export (transformers matches MLX), then continue the run on PyTorch."""
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from rlaif_mlx.cli import main
+    from rlaif_mlx.metrics import read_metrics
+
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(t) + "\n" for t in [
+        {"id": "add", "prompt": "Write add(a, b).", "reference": "def add(a, b):\n    return a + b\n",
+         "tests": "assert add(1, 2) == 3"},
+        {"id": "neg", "prompt": "Write neg(x).", "reference": "def neg(x):\n    return -x\n",
+         "tests": "assert neg(1) == -1"},
+    ]))
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "seed": 3, "backend": "mlx", "output_dir": str(tmp_path / "run"),
+        "model": {"base_model": str(tiny_model_path), "lora_r": 4},
+        "data": {"train_file": str(tasks)},
+        "training": {"max_steps": 2, "batch_size": 2, "micro_batch_size": 4, "learning_rate": 1e-2,
+                     "save_steps": 2, "sft_warmup_steps": 2, "sft_batch_size": 2},
+        "rlaif": {"num_samples_per_prompt": 2, "max_new_tokens": 12},
+        "rewards": {"test_timeout_s": 5},
+    }))
+    assert main(["train", "--config", str(config)]) == 0
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000002"
+    assert json.loads((checkpoint / "backend_state.json").read_text())["backend"] == "mlx"
+
+    # export: a plain HF model whose log-probs are MLX's (to the parity tolerance)
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf")]) == 0
+    assert "(backend mlx)" in capsys.readouterr().out
+    mlx_side = make("mlx", tiny_model_path)
+    mlx_side.load(checkpoint)
+    batch = train_batch(mlx_side)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.inference_mode():
+        hf = torch_ops.token_logp(exported, torch.as_tensor(batch.sequences.input_ids),
+                                  torch.as_tensor(batch.sequences.attention_mask)).numpy()
+    np.testing.assert_allclose(hf, mlx_side.logprobs(batch.sequences), atol=PARITY_LOGP_ATOL)
+
+    # the same config, on the server: PyTorch continues the MLX run from its checkpoint
+    assert main(["train", "--config", str(config), "--backend", "torch", "--max-steps", "3", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "backend torch" in out and "resuming from" in out and "warm-up" not in out
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-000003" / "backend_state.json").read_text())
+    # AdamW counted MLX's two steps and PyTorch's one: the optimizer state came along
+    assert state["backend"] == "torch" and state["optimizer_step"] == 3 and state["rebased"] is True
