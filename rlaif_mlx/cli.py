@@ -204,6 +204,8 @@ def _create_backend(config, *, total_steps: int, source: str, hint: str = ""):
     except OSError as exc:  # transformers / mlx-lm: no such folder, or not reachable on the hub
         raise _UserError(f"{source}: model.base_model {config.model.base_model!r} cannot be loaded: "
                          f"{_first_line(exc)}{hint}") from None
+    except ValueError as exc:  # the backend refuses this model with these settings; the message names the key
+        raise _UserError(f"{source}: {_first_line(exc)}") from None
 
 
 def _first_line(exc: Exception) -> str:

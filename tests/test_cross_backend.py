@@ -229,6 +229,17 @@ def test_lora_on_a_quantized_base_trains_exports_and_moves_to_torch(tiny_model_p
         make("torch", quantized_path)
 
 
+def test_the_cli_refuses_a_quantized_base_on_torch_in_one_line(quantized_path, tmp_path, capsys):
+    from rlaif_mlx.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {{base_model: {quantized_path}}}\ndata: {{train_file: builtin:quickstart_train.jsonl}}\n"
+                      f"output_dir: {tmp_path / 'run'}\n")
+    assert main(["train", "--config", str(config), "--backend", "torch"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {config}: model.base_model") and "quantised for MLX" in err and "\n" not in err
+
+
 # ------------------------------------------------- the laptop -> server story
 
 

@@ -103,6 +103,10 @@ class MlxBackend:
         self._model, wrapper = load(str(self._path))
         self._model.set_dtype(self._dtype)
         self._model.eval()
+        try:
+            ops.batch_cache(self._model, [0])  # an architecture batched sampling cannot serve fails here, not mid-run
+        except ValueError as exc:
+            raise ValueError(f"model.base_model {model.base_model!r}: {exc}") from None
         self.tokenizer = getattr(wrapper, "_tokenizer", wrapper)  # the Hugging Face tokenizer itself
         self.eos_ids = ops.eos_ids(self.tokenizer, self._path)
         pad = self.tokenizer.pad_token_id

@@ -101,23 +101,27 @@ def left_pad(prompts: list[list[int]], *, pad_id: int):
 
 
 def batch_cache(model, padding: list[int]) -> list:
-    """One ``BatchKVCache`` per layer (per-row RoPE offsets and padding masks for a left-padded batch)."""
+    """One ``BatchKVCache`` per layer (per-row RoPE offsets and padding masks for a left-padded batch).
+
+    Raises:
+        ValueError: the model asks for another cache kind (sliding-window or
+            state-space layers), which batched sampling does not handle yet.
+    """
     kinds = make_prompt_cache(model)
     if not all(type(c) is KVCache for c in kinds):
         names = sorted({type(c).__name__ for c in kinds})
-        raise NotImplementedError(f"Batched sampling needs a plain KV cache per layer; this model uses {names}.")
+        raise ValueError(f"batched sampling needs a plain KV cache in every layer, and this model uses {names} "
+                         "(sliding-window or state-space layers); use the PyTorch backend for it")
     return [BatchKVCache(padding) for _ in kinds]
 
 
 def repeat_cache(cache: list, n: int) -> None:
-    """Repeats every row of each layer's ``BatchKVCache`` ``n`` times (row r -> rows r*n .. r*n+n-1)."""
+    """Repeats every row of each layer's batch cache ``n`` times (row r -> rows r*n .. r*n+n-1)."""
     if n == 1:
         return
+    rows = mx.repeat(mx.arange(cache[0].offset.shape[0]), n)
     for c in cache:
-        c.keys = mx.repeat(c.keys, n, axis=0)
-        c.values = mx.repeat(c.values, n, axis=0)
-        c.offset = mx.repeat(c.offset, n, axis=0)
-        c.left_padding = mx.repeat(c.left_padding, n, axis=0)
+        c.filter(rows)  # mlx-lm's own row selection: keys, values, offsets and padding together
 
 
 def target_logp(logits, targets):
