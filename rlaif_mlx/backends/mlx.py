@@ -410,21 +410,15 @@ class MlxBackend:
             portable.IncompatibleCheckpoint: it does not fit this model or config.
         """
         path = Path(path)
-        state = portable.read_state(path, self._model_config)
+        state = portable.read_state(path, self._model_config, rebased=self._rebased)
         if state["rebased"]:
             frozen = self._reference if self._reference is not None else self._model
-            ops.copy_into(frozen, self._reference_names(), mx.load(str(path / portable.REFERENCE_FILE)), path,
-                       "reference weights")
+            reference = mx.load(str(path / portable.REFERENCE_FILE))
+            ops.copy_into(frozen, self._reference_names(), reference, path, "reference weights")
             self._rebased = True
-        elif self._rebased:
-            raise portable.IncompatibleCheckpoint(
-                f"{path} was saved before the reference was rebased; load it into a fresh backend.")
-        if self._use_lora:
-            weights = mx.load(str(path / portable.ADAPTER_FILE))
-        else:
-            weights = {}
-            for file in portable.weight_files(path):
-                weights.update(mx.load(str(file)))
+        weights = {}
+        for file in portable.weight_files(path, lora=self._use_lora):
+            weights.update(mx.load(str(file)))
         names = self._trainable_names()
         ops.copy_into(self._model, names, weights, path, "weights")
         self._load_optimizer(path, names, optimizer_step=int(state["optimizer_step"]))

@@ -105,12 +105,18 @@ def write_state(path: Path, *, backend: str, model: ModelConfig, step: int, tota
     (Path(path) / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
 
-def read_state(path: Path, model: ModelConfig) -> dict[str, Any]:
+def read_state(path: Path, model: ModelConfig, *, rebased: bool) -> dict[str, Any]:
     """Reads ``backend_state.json`` and checks the checkpoint fits ``model``'s settings.
 
+    Args:
+        path: the checkpoint folder.
+        model: the loading backend's model config.
+        rebased: whether the loading backend's reference was already rebased.
+
     Raises:
-        IncompatibleCheckpoint: no such file, an unknown layout, or LoRA settings that differ
-            (naming each differing ``model.*`` key and both values).
+        IncompatibleCheckpoint: no such file, an unknown layout, LoRA settings that differ
+            (naming each differing ``model.*`` key and both values), or a checkpoint from
+            before a rebase loaded into a backend after one.
     """
     file = Path(path) / STATE_FILE
     if not file.is_file():
@@ -129,6 +135,8 @@ def read_state(path: Path, model: ModelConfig) -> dict[str, Any]:
         diffs = [f"model.{names[k]} is {ours[k]} here but {state['lora'].get(k)} in the checkpoint"
                  for k in ours if state["lora"].get(k) != ours[k]]
         raise IncompatibleCheckpoint(f"{path}: LoRA settings differ: " + "; ".join(diffs))
+    if rebased and not state["rebased"]:
+        raise IncompatibleCheckpoint(f"{path} was saved before the reference was rebased; load it into a fresh backend")
     return state
 
 
@@ -148,9 +156,11 @@ def check_tensors(path: Path, what: str, found: dict[str, tuple], expected: dict
         raise IncompatibleCheckpoint(f"{path}: {what} have other shapes than the model's: {wrong[:3]}")
 
 
-def weight_files(path: Path) -> list[Path]:
-    """The full-weight safetensors files of a checkpoint or model folder (one file, or shards)."""
+def weight_files(path: Path, *, lora: bool) -> list[Path]:
+    """The trainable-weight files of a checkpoint: the adapter, or the full weights (one file or shards)."""
     path = Path(path)
+    if lora:
+        return [path / ADAPTER_FILE]
     index = path / f"{FULL_FILE}.index.json"
     if index.exists():
         return [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]

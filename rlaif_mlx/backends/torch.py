@@ -364,20 +364,14 @@ class TorchBackend:
             portable.IncompatibleCheckpoint: it does not fit this model or config.
         """
         path = Path(path)
-        state = portable.read_state(path, self._model_config)
+        state = portable.read_state(path, self._model_config, rebased=self._rebased)
         if state["rebased"]:
-            ops.copy_into(self._reference_weights(), load_file(str(path / portable.REFERENCE_FILE)), path,
-                       "reference weights")
+            reference = load_file(str(path / portable.REFERENCE_FILE))
+            ops.copy_into(self._reference_weights(), reference, path, "reference weights")
             self._rebased = True
-        elif self._rebased:
-            raise portable.IncompatibleCheckpoint(
-                f"{path} was saved before the reference was rebased; load it into a fresh backend.")
-        if self._use_lora:
-            weights = load_file(str(path / portable.ADAPTER_FILE))
-        else:
-            weights = {}
-            for file in portable.weight_files(path):
-                weights.update(load_file(str(file)))
+        weights = {}
+        for file in portable.weight_files(path, lora=self._use_lora):
+            weights.update(load_file(str(file)))
         ops.copy_into(self._trainable_weights(), weights, path, "weights")
         self._load_optimizer(path, optimizer_step=int(state["optimizer_step"]))
         torch.manual_seed(int(state["rng_seed"]))
