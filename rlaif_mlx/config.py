@@ -123,6 +123,56 @@ class RlaifConfig(_Section):
         return self
 
 
+class PriceConfig(_Section):
+    """US dollars per million tokens."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+
+
+class TeacherConfig(_Section):
+    """The AI judge. ``provider: none`` (the default) trains on the offline graders alone."""
+
+    provider: Literal["none", "anthropic", "openai", "openai_compatible"] = "none"
+    model: str | None = None  # e.g. claude-sonnet-4-5, gpt-5-mini, or the local server's model name
+    base_url: str | None = None  # openai_compatible: the server, e.g. http://127.0.0.1:8080/v1
+    api_key_env: str | None = None  # default ANTHROPIC_API_KEY / OPENAI_API_KEY; local servers need none
+    max_concurrency: int = Field(default=8, ge=1)
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=3, ge=0)
+    max_tokens: int = Field(default=512, ge=16, description="longest answer the teacher may write")
+    temperature: float = Field(default=0.0, ge=0, le=2)
+    cache_path: str | None = "~/.cache/rlaif-mlx/teacher-cache.sqlite"  # null: no cache
+    cache_ttl_s: float | None = Field(default=30 * 24 * 3600.0, gt=0)  # null: cached judgements never expire
+    budget_usd: float | None = Field(default=None, gt=0)
+    prices: PriceConfig | None = None  # overrides the built-in price table for this model
+    rubric_weights: dict[str, float] = Field(
+        default_factory=lambda: {"correctness": 0.6, "quality": 0.15, "efficiency": 0.1, "readability": 0.15})
+    use_reference: bool = True  # show the rubric the task's (or the teacher's) reference solution
+    write_reference: bool = False  # ask the teacher for a reference solution where a task has none (cached)
+    gate: Literal["always", "parses", "any_test_passes", "all_tests_pass"] = "parses"
+
+    @field_validator("rubric_weights")
+    @classmethod
+    def _known_criteria(cls, weights: dict[str, float]) -> dict[str, float]:
+        from .teachers.base import CRITERIA
+
+        unknown = sorted(set(weights) - set(CRITERIA))
+        if unknown:
+            raise ValueError(f"unknown rubric criteria {unknown}; known: {', '.join(CRITERIA)}")
+        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ValueError("rubric weights must be >= 0 and not all 0")
+        return weights
+
+    @model_validator(mode="after")
+    def _provider_needs(self) -> "TeacherConfig":
+        if self.provider != "none" and not self.model:
+            raise ValueError(f"teacher.provider {self.provider} needs teacher.model")
+        if self.provider == "openai_compatible" and not self.base_url:
+            raise ValueError("teacher.provider openai_compatible needs teacher.base_url (the server's /v1 URL)")
+        return self
+
+
 class RewardConfig(_Section):
     weights: dict[str, float] = Field(default_factory=lambda: {"has_code": 0.0, "parses": 0.1, "tests": 0.9})
     test_timeout_s: float = Field(default=10.0, gt=0)
@@ -132,9 +182,9 @@ class RewardConfig(_Section):
     @field_validator("weights")
     @classmethod
     def _known_components(cls, weights: dict[str, float]) -> dict[str, float]:
-        unknown = sorted(set(weights) - {"has_code", "parses", "tests"})
+        unknown = sorted(set(weights) - {"has_code", "parses", "tests", "teacher"})
         if unknown:
-            raise ValueError(f"unknown reward component(s) {unknown}; known: has_code, parses, tests")
+            raise ValueError(f"unknown reward component(s) {unknown}; known: has_code, parses, tests, teacher")
         return weights
 
 
@@ -160,8 +210,16 @@ class RunConfig(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     rlaif: RlaifConfig = Field(default_factory=RlaifConfig)
     rewards: RewardConfig = Field(default_factory=RewardConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _teacher_weight_needs_a_teacher(self) -> "RunConfig":
+        if self.rewards.weights.get("teacher", 0) > 0 and self.teacher.provider == "none":
+            raise ValueError("rewards.weights.teacher is set but teacher.provider is none; configure the "
+                             "teacher section or drop the teacher weight")
+        return self
 
 
 # CLI flag -> dotted key path
