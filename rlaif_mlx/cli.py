@@ -1,4 +1,4 @@
-"""Command line: ``rlaif-mlx train | export | init-model``.
+"""Command line: ``rlaif-mlx train | export | score | init-model``.
 
 Importing this module must stay cheap: frameworks load only inside commands
 that need a backend.
@@ -69,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--model", help="override model.base_model, e.g. where the base model lives on this machine")
     export.set_defaults(func=_export)
 
+    score = sub.add_parser("score", help="grade existing completions with the configured graders and teacher")
+    score.add_argument("--config", required=True, help="a run config (its rewards and teacher sections are used)")
+    score.add_argument("--completions", required=True, help="JSONL: one {task_id, completion} per line")
+    score.add_argument("--tasks", help="JSONL tasks matched by id (default: the config's data.train_file)")
+    score.add_argument("--out", help="JSONL output, one line per completion (default: stdout)")
+    score.set_defaults(func=_score)
+
     init = sub.add_parser("init-model", help="build a tiny random Qwen2-style model for tests and the quickstart")
     init.add_argument("path", help="folder to write the model into")
     init.add_argument("--tiny", action="store_true", default=True, help="the tiny random model (the only kind)")
@@ -119,6 +126,8 @@ def _train(args: argparse.Namespace) -> int:
         print(f"skipped {train.skipped_lines} bad line(s) in {train.source} (data.on_bad_line: skip)")
 
     from .rewards import RewardPipeline
+    from .teachers.cost import BudgetExceeded
+    from .teachers.judge import TeacherUnavailable
     from .trainer import ScoringFailed, Trainer, total_optimizer_steps
 
     backend = _create_backend(config, total_steps=total_optimizer_steps(config, len(train.tasks)),
@@ -132,7 +141,7 @@ def _train(args: argparse.Namespace) -> int:
     caps = sandbox_capabilities()
     print(f"sandbox: {caps['mode']} (network isolated: {caps['network_isolated']}, "
           f"read-only outside its folder: {caps['fs_readonly']})")
-    rewards = RewardPipeline(config.rewards)
+    rewards = RewardPipeline(config.rewards, teacher=_create_teacher(config, source=args.config))
     trainer = Trainer(config, backend=backend, train=train, rewards=rewards, output_dir=output_dir)
     if checkpoint is not None:
         try:
@@ -146,8 +155,13 @@ def _train(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         records = trainer.run()
-    except ScoringFailed as exc:
-        raise _UserError(str(exc)) from None
+    except (ScoringFailed, BudgetExceeded, TeacherUnavailable) as exc:
+        saved = f"; the last checkpoint is in {output_dir / 'checkpoints'} (continue with --resume)" \
+            if trainer.step > 0 else ""
+        raise _UserError(f"stopped at step {trainer.step}: {exc}{saved}") from None
+    finally:
+        if rewards.teacher is not None:
+            rewards.teacher.close()
     if records:
         k = max(1, len(records) // 4)
         first = sum(r["reward_mean"] for r in records[:k]) / k
@@ -205,6 +219,49 @@ def _create_backend(config, *, total_steps: int, source: str, hint: str = ""):
         raise _UserError(f"{source}: model.base_model {config.model.base_model!r} cannot be loaded: "
                          f"{_first_line(exc)}{hint}") from None
     except ValueError as exc:  # the backend refuses this model with these settings; the message names the key
+        raise _UserError(f"{source}: {_first_line(exc)}") from None
+
+
+def _score(args: argparse.Namespace) -> int:
+    from .config import ConfigError, load_config
+    from .data import DataError, load_tasks
+    from .rewards import RewardPipeline
+    from .scoring import read_completions, score_completions
+    from .teachers.cost import BudgetExceeded
+    from .teachers.judge import TeacherUnavailable
+
+    try:
+        config = load_config(args.config)
+        tasks = load_tasks(args.tasks or config.data.train_file, on_bad_line=config.data.on_bad_line).by_id()
+        lines = read_completions(Path(args.completions), tasks)
+    except (ConfigError, DataError) as exc:
+        raise _UserError(str(exc)) from None
+    pipeline = RewardPipeline(config.rewards, teacher=_create_teacher(config, source=args.config))
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    try:
+        summary = score_completions(lines, tasks, pipeline, out)
+    except (BudgetExceeded, TeacherUnavailable) as exc:
+        raise _UserError(f"stopped: {exc}") from None
+    finally:
+        if out is not sys.stdout:
+            out.close()
+        if pipeline.teacher is not None:
+            pipeline.teacher.close()
+    spent = f", teacher spend ${pipeline.teacher.ledger.spent_usd:.4f}" if pipeline.teacher is not None else ""
+    print(f"scored {summary['scored']} of {len(lines)} completions (mean reward {summary['reward_mean']:.3f}), "
+          f"{summary['unscored']} could not be scored{spent}", file=sys.stderr)
+    return 0
+
+
+def _create_teacher(config, *, source: str):
+    """The configured teacher, or None; a missing key or unknown price becomes one ``_UserError`` line."""
+    if config.teacher.provider == "none":
+        return None
+    from .teachers.judge import Teacher
+
+    try:
+        return Teacher(config.teacher)
+    except ValueError as exc:  # MissingApiKey, no price for a budget, an unusable cache file
         raise _UserError(f"{source}: {_first_line(exc)}") from None
 
 

@@ -219,6 +219,9 @@ class RunConfig(_Section):
         if self.rewards.weights.get("teacher", 0) > 0 and self.teacher.provider == "none":
             raise ValueError("rewards.weights.teacher is set but teacher.provider is none; configure the "
                              "teacher section or drop the teacher weight")
+        if self.teacher.provider != "none" and self.rewards.weights.get("teacher", 0) <= 0:
+            raise ValueError(f"teacher.provider is {self.teacher.provider} but rewards.weights.teacher is not set; "
+                             "give the teacher a weight, e.g. rewards.weights: {tests: 0.6, teacher: 0.4}")
         return self
 
 

@@ -28,6 +28,8 @@ from .metrics import JsonlSink
 from .objective import aggregation_weights
 from .rewards import RewardPipeline, RewardResult
 from .schedule import scheduled_learning_rate
+from .teachers.cost import BudgetExceeded
+from .teachers.judge import TeacherUnavailable
 
 
 MAX_UNSCORED_STEPS = 3
@@ -92,6 +94,7 @@ class Trainer:
         self.backend = backend
         self.tasks = train.by_id()
         self.rewards = rewards
+        self.teacher = getattr(rewards, "teacher", None)  # the AI judge in the pipeline: budget, spend, metrics
         self.output_dir = Path(output_dir)
         self.log = log
         self.total_steps = total_optimizer_steps(config, len(self.tasks))
@@ -141,9 +144,9 @@ class Trainer:
                 records.append(self.train_step())
                 if self.step % self.config.training.save_steps == 0 or self.step == self.total_steps:
                     self.save()
-        except ScoringFailed:
+        except (ScoringFailed, BudgetExceeded, TeacherUnavailable):
             if self.step > 0:
-                self.save()  # keep what was learned before the grader broke
+                self.save()  # keep what was learned before the grader, teacher or budget gave out
             raise
         finally:
             if self.metrics is not None:
@@ -155,6 +158,8 @@ class Trainer:
         """One RL step: sample, score, advantages, update, KL control, record."""
         t0 = time.perf_counter()
         self._open_metrics()
+        if self.teacher is not None:  # before anything of this step is drawn: a budget stop resumes exactly here
+            self.teacher.check_budget(self.config.training.batch_size * self.config.rlaif.num_samples_per_prompt)
         tasks = [self.tasks[i] for i in self.curriculum.next_batch(self.config.training.batch_size)]
         completions = self.sample(tasks)
         t_sample = time.perf_counter()
@@ -309,6 +314,7 @@ class Trainer:
             "train_seconds": train_s,
             "step_seconds": total_s,
             "tokens_per_second": float(sum(lengths) / max(sample_s, 1e-9)),
+            **(self.teacher.last_batch.metrics(self.teacher.ledger) if self.teacher is not None else {}),
         }
         self.metrics.write(record)
         if self.step % self.config.logging.log_every == 0 or self.step == self.total_steps:
@@ -361,6 +367,7 @@ class Trainer:
             "kl_controller": self.kl_controller.state_dict(),
             "curriculum": self.curriculum.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
+            "teacher": self.teacher.state_dict() if self.teacher is not None else None,
         }
         return save_checkpoint(self.output_dir, step=self.step, state=state, config=self.config,
                                save_backend=self.backend.save, keep=self.config.training.save_total_limit)
@@ -390,6 +397,8 @@ class Trainer:
         self.kl_controller.load_state_dict(state["kl_controller"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.teacher is not None and state.get("teacher") is not None:
+            self.teacher.load_state_dict(state["teacher"])  # the spend so far counts against the budget
         self.restored_from = checkpoint
 
     def _open_metrics(self) -> None:

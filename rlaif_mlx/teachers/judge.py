@@ -1,0 +1,293 @@
+"""The teacher: judges completions concurrently, never twice, within a budget.
+
+``Teacher.judge`` takes a batch of requests and returns one ``Judgement`` per
+uid. Per request: the score cache first (a hit costs nothing and sends
+nothing); identical requests in one batch share one call; otherwise one API
+call under the concurrency limit, its usage priced into the ledger, its answer
+parsed by the rubric. A call that finally fails or an answer that cannot be
+parsed gives ``score=None`` with the reason: counted, shown, and left out of
+the update by the reward pipeline, never replaced by a default score.
+
+The SDK clients are async; the trainer is not. The teacher owns one private
+event loop and runs each batch to completion on it, so the SDK's connection
+pool lives on one loop for the whole run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rlaif_mlx.config import TeacherConfig
+from rlaif_mlx.teachers import cost, rubric
+from rlaif_mlx.teachers.base import Judgement, JudgeRequest, TeacherClient, Usage
+from rlaif_mlx.teachers.cache import ScoreCache, judgement_key, reference_key
+
+STOP_AFTER_FAILED_BATCHES = 3  # batches in a row in which every API call failed
+_CHARS_PER_TOKEN = 3.5  # rough, for the budget's reserve before the first call
+_TYPICAL_ANSWER_TOKENS = 256  # a rubric answer is scores and a short rationale
+
+
+class TeacherUnavailable(RuntimeError):
+    """Every call failed for several batches in a row (or the key was refused): stop the run."""
+
+
+@dataclass
+class BatchStats:
+    """What one ``judge`` call did, for the metrics and the dashboard."""
+
+    requests: int = 0
+    calls: int = 0  # API calls made (the SDK's own retries are inside one call)
+    cache_hits: int = 0
+    failures: int = 0  # calls that failed for good, plus answers that could not be parsed
+    unparseable: int = 0
+    latencies_s: list[float] = field(default_factory=list)
+    cost_usd: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    def metrics(self, ledger: cost.CostLedger) -> dict[str, float]:
+        """Flat ``teacher/*`` metrics (latency percentiles over this batch's calls)."""
+        lat = sorted(self.latencies_s)
+        pick = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]) if lat else (lambda q: float("nan"))
+        return {
+            "teacher/requests": float(self.requests),
+            "teacher/calls": float(self.calls),
+            "teacher/cache_hits": float(self.cache_hits),
+            "teacher/cache_hit_rate": self.cache_hits / self.requests if self.requests else float("nan"),
+            "teacher/failures": float(self.failures),
+            "teacher/latency_p50_s": pick(0.5),
+            "teacher/latency_p95_s": pick(0.95),
+            "teacher/cost_usd": self.cost_usd,
+            "teacher/spent_usd": ledger.spent_usd,
+        }
+
+
+class Teacher:
+    """Rubric scoring through one provider, with the cache, the ledger and a concurrency limit.
+
+    Args:
+        config: the ``teacher`` section.
+        client: the provider client (default: built from the config; tests pass their own).
+    """
+
+    def __init__(self, config: TeacherConfig, *, client: TeacherClient | None = None) -> None:
+        from rlaif_mlx.teachers import providers  # imports the SDKs only when a teacher is used
+
+        self.config = config
+        self.client = client if client is not None else providers.create_client(config)
+        self._describe = providers.describe_error
+        self._fatal = providers.is_fatal
+        self.cache = ScoreCache(config.cache_path, ttl_s=config.cache_ttl_s) if config.cache_path else None
+        self.ledger = cost.CostLedger(price=cost.price_for(config.provider, config.model, config.prices),
+                                      budget_usd=config.budget_usd)
+        self.last_batch = BatchStats()
+        self._failed_batches = 0
+        self._requests_judged = 0  # for the expected cost of the next batch
+        self._in_flight_usd = 0.0  # reserved for calls sent but not yet paid
+        self._loop = asyncio.new_event_loop()
+        self._semaphore: asyncio.Semaphore | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.config.provider}/{self.config.model}"
+
+    # ------------------------------------------------------------------ judge
+
+    def judge(self, requests: list[JudgeRequest]) -> dict[str, Judgement]:
+        """Judges every request; returns uid -> judgement.
+
+        Raises:
+            cost.BudgetExceeded: the budget is spent (before or during the batch);
+                what was already paid for is cached.
+            TeacherUnavailable: every call failed for several batches in a row,
+                or the provider refused the key.
+        """
+        self.ledger.check()
+        stats = BatchStats(requests=len(requests))
+        self.last_batch = stats
+        if not requests:
+            return {}
+        judgements = self._loop.run_until_complete(self._judge_all(requests, stats))
+        self._requests_judged += len(requests)
+        self._after_batch(stats)
+        return judgements
+
+    def check_budget(self, requests: int) -> None:
+        """Raises ``BudgetExceeded`` when ``requests`` more judgements, at this run's average cost
+        per judgement so far (cache hits included), would pass the budget."""
+        average = self.ledger.spent_usd / self._requests_judged if self._requests_judged else 0.0
+        self.ledger.check(reserve_usd=average * requests)
+
+    async def _judge_all(self, requests: list[JudgeRequest], stats: BatchStats) -> dict[str, Judgement]:
+        self._semaphore = asyncio.Semaphore(self.config.max_concurrency)
+        shared: dict[str, asyncio.Task] = {}  # one call per distinct judgement in this batch
+        pending = {}
+        for request in requests:
+            key = self._key(request)
+            if key not in shared:
+                shared[key] = asyncio.ensure_future(self._judge_key(key, request, stats))
+            pending[request.uid] = shared[key]
+        await asyncio.gather(*shared.values(), return_exceptions=True)
+        out = {}
+        for uid, task in pending.items():
+            exc = task.exception()
+            if isinstance(exc, cost.BudgetExceeded):  # say what was spent once the calls in flight were paid
+                self.ledger.check(reserve_usd=self.ledger.spent_usd / max(self.ledger.calls, 1))
+            if exc is not None:
+                raise exc  # the trainer checkpoints and stops
+            out[uid] = _with_uid(task.result(), uid)
+        return out
+
+    async def _judge_key(self, key: str, request: JudgeRequest, stats: BatchStats) -> Judgement:
+        if self.cache is not None:
+            hit = self.cache.get(key)
+            if hit is not None:
+                stats.cache_hits += 1
+                return Judgement(request.uid, hit["score"], hit["criteria"], cached=True,
+                                 rationale=hit.get("rationale", ""))
+        system, user = rubric.judge_messages(request, weights=self.config.rubric_weights)
+        answer, error, latency = await self._call(system, user, rubric.SCORE_SCHEMA, stats)
+        if answer is None:
+            return Judgement(request.uid, None, error=error, latency_s=latency)
+        spent = self.ledger.record(answer.usage)
+        stats.cost_usd += spent
+        try:
+            criteria, rationale = rubric.parse_scores(answer)
+        except rubric.UnparseableAnswer as exc:
+            stats.failures += 1
+            stats.unparseable += 1
+            stats.errors.append(f"unparseable answer: {exc}")
+            return Judgement(request.uid, None, error=f"unparseable answer: {exc}", usage=answer.usage,
+                             cost_usd=spent, latency_s=latency)
+        score = rubric.weighted_score(criteria, self.config.rubric_weights)
+        if self.cache is not None:
+            self.cache.put(key, "judgement", {"score": score, "criteria": criteria, "rationale": rationale})
+        return Judgement(request.uid, score, criteria, usage=answer.usage, cost_usd=spent, latency_s=latency,
+                         rationale=rationale)
+
+    async def _call(self, system: str, user: str, schema: dict[str, Any], stats: BatchStats):
+        """One API call under the concurrency limit: (answer or None, error, latency)."""
+        reserve = self._expected_cost(system, user)
+        async with self._semaphore:
+            # Calls in flight are not paid yet: count them, so concurrency cannot overshoot the budget.
+            self.ledger.check(reserve_usd=self._in_flight_usd + reserve)  # BudgetExceeded before paying more
+            self._in_flight_usd += reserve
+            started = time.perf_counter()
+            stats.calls += 1
+            try:
+                answer = await self.client.complete(system=system, user=user, schema=schema,
+                                                    max_tokens=self.config.max_tokens)
+            except Exception as exc:  # the SDK already retried what is worth retrying
+                latency = time.perf_counter() - started
+                stats.latencies_s.append(latency)
+                stats.failures += 1
+                error = self._describe(exc)
+                stats.errors.append(error)
+                if self._fatal(exc):
+                    raise TeacherUnavailable(f"teacher {self.name}: {error}") from None
+                return None, error, latency
+            finally:
+                self._in_flight_usd -= reserve
+            latency = time.perf_counter() - started
+            stats.latencies_s.append(latency)
+            return answer, None, latency
+
+    def _expected_cost(self, system: str, user: str) -> float:
+        """What the next call will likely cost: this run's average, or an estimate from the prompt's size."""
+        if self.ledger.calls:
+            return self.ledger.spent_usd / self.ledger.calls
+        output = min(self.config.max_tokens, _TYPICAL_ANSWER_TOKENS)
+        return self.ledger.estimate(int((len(system) + len(user)) / _CHARS_PER_TOKEN), output)
+
+    def _after_batch(self, stats: BatchStats) -> None:
+        api_failures = stats.failures - stats.unparseable
+        if stats.calls and api_failures == stats.calls:
+            self._failed_batches += 1
+            if self._failed_batches >= STOP_AFTER_FAILED_BATCHES:
+                raise TeacherUnavailable(
+                    f"teacher {self.name} failed on every call for {self._failed_batches} batches in a row "
+                    f"(last error: {stats.errors[-1]}); check teacher.base_url, the model name and the key")
+        elif stats.calls:
+            self._failed_batches = 0
+
+    def _key(self, request: JudgeRequest) -> str:
+        return judgement_key(provider=self.config.provider, model=self.config.model,
+                             rubric_version=rubric.RUBRIC_VERSION, prompt=request.prompt,
+                             completion=request.completion, reference=request.reference,
+                             weights=self.config.rubric_weights)
+
+    # ---------------------------------------------------------- references
+
+    def write_references(self, tasks: list[tuple[str, str]]) -> dict[str, str | None]:
+        """Reference solutions written by the teacher for ``(prompt, language)`` pairs, cached.
+
+        Returns:
+            prompt -> reference code, or None where the teacher gave none (the
+            rubric then judges without one).
+        """
+        self.ledger.check()
+        stats = BatchStats(requests=len(tasks))
+        result = self._loop.run_until_complete(self._write_all(tasks, stats))
+        self.last_batch = stats
+        return result
+
+    async def _write_all(self, tasks: list[tuple[str, str]], stats: BatchStats) -> dict[str, str | None]:
+        self._semaphore = asyncio.Semaphore(self.config.max_concurrency)
+
+        async def one(prompt: str, language: str) -> str | None:
+            key = reference_key(provider=self.config.provider, model=self.config.model,
+                                rubric_version=rubric.RUBRIC_VERSION, prompt=prompt, language=language)
+            hit = self.cache.get(key) if self.cache is not None else None
+            if hit is not None:
+                stats.cache_hits += 1
+                return hit["reference"]
+            system, user = rubric.reference_messages(prompt, language)
+            answer, _, _ = await self._call(system, user, rubric.REFERENCE_SCHEMA, stats)
+            if answer is None:
+                return None
+            stats.cost_usd += self.ledger.record(answer.usage)
+            try:
+                given = (answer.data or {}).get("code")
+                code = rubric.parse_reference(given if isinstance(given, str) and given.strip() else answer.text,
+                                              language)  # strips a fence the model put inside the field
+            except rubric.UnparseableAnswer:
+                stats.failures += 1
+                stats.unparseable += 1
+                return None
+            if self.cache is not None:
+                self.cache.put(key, "reference", {"reference": code})
+            return code
+
+        codes = await asyncio.gather(*(one(p, lang) for p, lang in tasks))
+        return {prompt: code for (prompt, _), code in zip(tasks, codes)}
+
+    # ---------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The ledger (a resumed run keeps counting its spend) and the failure streak."""
+        return {"ledger": self.ledger.state_dict(), "failed_batches": self._failed_batches,
+                "requests_judged": self._requests_judged}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ledger.load_state_dict(state["ledger"])
+        self._failed_batches = int(state.get("failed_batches", 0))
+        self._requests_judged = int(state.get("requests_judged", 0))
+
+    def close(self) -> None:
+        """Closes the SDK client, the loop and the cache."""
+        if self._loop.is_closed():
+            return
+        self._loop.run_until_complete(self.client.close())
+        self._loop.close()
+        if self.cache is not None:
+            self.cache.close()
+
+
+def _with_uid(judgement: Judgement, uid: str) -> Judgement:
+    """A shared judgement handed to each uid that asked for it (cost counted once, on the first)."""
+    if judgement.uid == uid:
+        return judgement
+    return Judgement(uid, judgement.score, judgement.criteria, judgement.error, cached=judgement.cached,
+                     usage=Usage(), cost_usd=0.0, latency_s=judgement.latency_s, rationale=judgement.rationale)

@@ -1,0 +1,358 @@
+"""A local HTTP server that speaks the Anthropic Messages and OpenAI Chat Completions wire formats.
+
+The real ``anthropic`` and ``openai`` SDKs are pointed at it (no network, no
+mocks). It answers with a settable function, can be told to be slow or to fail
+(429 with Retry-After, 5xx, a body that is not JSON, no answer at all, a dropped
+connection), and records what arrived so tests can check retries, headers and
+concurrency.
+
+Usage::
+
+    with LLMServer() as server:
+        server.add_fault("429", retry_after=1)
+        client = anthropic.AsyncAnthropic(api_key="k", base_url=server.url)
+        ...
+        assert server.count("anthropic") == 2
+
+or take the ``llm_server`` fixture (``from llm_server import llm_server``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+DEFAULT_SCORES = {"correctness": 8, "quality": 7, "efficiency": 6, "readability": 9, "rationale": "ok"}
+FAULT_KINDS = ("400", "401", "404", "429", "500", "503", "529", "malformed", "hang", "drop")
+ENDPOINTS = {"/v1/messages": "anthropic", "/v1/chat/completions": "openai"}
+
+
+def default_answer(request: dict[str, Any]) -> dict[str, Any]:
+    """The answer every request gets unless a test sets ``server.answer``: a valid score dict."""
+    return dict(DEFAULT_SCORES)
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What to do to one request instead of answering it.
+
+    Attributes:
+        kind: one of ``FAULT_KINDS``: an HTTP status ("400", "401", "404", "429",
+            "500", "503", "529"), "malformed" (200 with a body that is not JSON), "hang" (no
+            answer until the client gives up or the server stops) or "drop"
+            (close the connection without a response).
+        retry_after: seconds for a ``Retry-After`` header, or None.
+        retry_after_ms: milliseconds for a ``retry-after-ms`` header (both SDKs
+            prefer it; keeps 5xx retries fast), or None.
+        content_type: the Content-Type of a "malformed" body.
+    """
+
+    kind: str
+    retry_after: float | None = None
+    retry_after_ms: int | None = None
+    content_type: str = "application/json"
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as it arrived.
+
+    Attributes:
+        endpoint: "anthropic", "openai" or "unknown".
+        path: the URL path.
+        headers: the headers, names lower-cased.
+        body: the JSON body (None when it was not JSON).
+        arrived: ``time.monotonic()`` at arrival.
+        fault: the fault applied to it, or None.
+    """
+
+    endpoint: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+    arrived: float
+    fault: Fault | None
+
+
+class LLMServer:
+    """The server, its settings and its counters; everything is safe to change while it runs.
+
+    Attributes:
+        answer: ``callable(request_json) -> dict | str``; a dict becomes the tool
+            input (Anthropic, when the request has tools) or the JSON content
+            (OpenAI); a str is sent as plain text.
+        latency_s: sleep before each answer.
+        reject_response_format: answer 400 to OpenAI requests carrying
+            ``response_format`` (a local server without JSON-schema support).
+        input_tokens, output_tokens: the usage figures each answer reports.
+        include_usage: leave ``usage`` out of OpenAI answers when False.
+        requests: every request so far, in arrival order.
+        max_in_flight: the most requests being handled at once.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.answer: Callable[[dict[str, Any]], dict[str, Any] | str] = default_answer
+        self.latency_s = 0.0
+        self.reject_response_format = False
+        self.input_tokens = 120
+        self.output_tokens = 30
+        self.include_usage = True
+        self.requests: list[RecordedRequest] = []
+        self.max_in_flight = 0
+        self._in_flight = 0
+        self._faults: deque[Fault] = deque()
+        self._sticky: Fault | None = None
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._connections: set[socket.socket] = set()
+        self._handler_threads: set[threading.Thread] = set()
+        self._ids = itertools.count(1)
+        self._httpd = ThreadingHTTPServer((host, port), _Handler)
+        self._httpd.daemon_threads = True
+        self._httpd.owner = self  # type: ignore[attr-defined]
+        self._thread: threading.Thread | None = None
+
+    # ----- lifecycle
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT``: the Anthropic SDK's base_url."""
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def openai_url(self) -> str:
+        """``http://127.0.0.1:PORT/v1``: the OpenAI SDK's base_url."""
+        return self.url + "/v1"
+
+    def start(self) -> LLMServer:
+        """Serves in a background thread."""
+        # A short poll interval: shutdown() waits for it, once per test.
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02},
+                                        name="llm-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stops serving; wakes hung and sleeping handlers and waits for every handler thread to end."""
+        self._stopping.set()
+        self._httpd.shutdown()
+        with self._lock:
+            connections = list(self._connections)
+        # Idle keep-alive handlers block reading the next request: unblock them.
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._httpd.server_close()  # joins the handler threads
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> LLMServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ----- faults
+    def add_fault(self, kind: str, *, times: int | None = 1, retry_after: float | None = None,
+                  retry_after_ms: int | None = None, content_type: str = "application/json") -> None:
+        """Applies a fault to the next ``times`` requests (after those already queued).
+
+        Args:
+            kind: one of ``FAULT_KINDS``.
+            times: how many requests; None: every request from now until ``clear_faults``.
+            retry_after: seconds for a ``Retry-After`` header.
+            retry_after_ms: milliseconds for a ``retry-after-ms`` header.
+            content_type: the Content-Type of a "malformed" body.
+        """
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault {kind!r}; known: {', '.join(FAULT_KINDS)}")
+        fault = Fault(kind, retry_after, retry_after_ms, content_type)
+        with self._lock:
+            if times is None:
+                self._sticky = fault
+            else:
+                self._faults.extend([fault] * times)
+
+    def clear_faults(self) -> None:
+        """Forgets queued and persistent faults."""
+        with self._lock:
+            self._faults.clear()
+            self._sticky = None
+
+    # ----- counters
+    def count(self, endpoint: str | None = None) -> int:
+        """Requests so far: all, or those to one endpoint ("anthropic", "openai" or a path)."""
+        with self._lock:
+            return sum(1 for r in self.requests if endpoint in (None, r.endpoint, r.path))
+
+    def arrivals(self, endpoint: str | None = None) -> list[float]:
+        """Arrival times (``time.monotonic()``) of the requests, in order."""
+        with self._lock:
+            return [r.arrived for r in self.requests if endpoint in (None, r.endpoint, r.path)]
+
+    def live_handler_threads(self) -> int:
+        """Handler threads still running (0 after ``stop``)."""
+        with self._lock:
+            return sum(1 for t in self._handler_threads if t.is_alive())
+
+    # ----- used by the handler
+    def _arrive(self, path: str, headers: dict[str, str], body: Any) -> RecordedRequest:
+        with self._lock:
+            fault = self._faults.popleft() if self._faults else self._sticky
+            record = RecordedRequest(ENDPOINTS.get(path, "unknown"), path, headers, body, time.monotonic(), fault)
+            self.requests.append(record)
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
+            return record
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    def _next_id(self) -> int:
+        return next(self._ids)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the SDKs' connection pools expect
+
+    def setup(self) -> None:
+        super().setup()
+        owner = self._owner
+        with owner._lock:
+            owner._connections.add(self.connection)
+            owner._handler_threads.add(threading.current_thread())
+
+    def finish(self) -> None:
+        with self._owner._lock:
+            self._owner._connections.discard(self.connection)
+        super().finish()
+
+    @property
+    def _owner(self) -> LLMServer:
+        return self.server.owner  # type: ignore[attr-defined]
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass  # keep pytest output clean
+
+    def do_POST(self) -> None:
+        owner = self._owner
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        record = owner._arrive(self.path, headers, body)
+        try:
+            if owner.latency_s > 0:
+                owner._stopping.wait(owner.latency_s)
+            self._respond(owner, record)
+        finally:
+            owner._leave()
+
+    def _respond(self, owner: LLMServer, record: RecordedRequest) -> None:
+        fault, endpoint = record.fault, record.endpoint
+        if endpoint == "unknown":
+            return self._send_json(404, _error(endpoint, 404, f"no route {record.path}"))
+        if fault is not None and fault.kind == "hang":
+            owner._stopping.wait()  # until the server stops; the client has long given up
+            self.close_connection = True
+            return None
+        if fault is not None and fault.kind == "drop":
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return None
+        if fault is not None and fault.kind == "malformed":
+            return self._send(200, b"<html>this is not JSON {", fault.content_type)
+        if fault is not None:
+            status = int(fault.kind)
+            extra = {}
+            if fault.retry_after is not None:
+                extra["Retry-After"] = f"{fault.retry_after:g}"
+            if fault.retry_after_ms is not None:
+                extra["retry-after-ms"] = str(fault.retry_after_ms)
+            return self._send_json(status, _error(endpoint, status, f"injected {status}"), extra)
+        request = record.body if isinstance(record.body, dict) else {}
+        if endpoint == "openai" and owner.reject_response_format and "response_format" in request:
+            message = "response_format json_schema is not supported by this server"
+            return self._send_json(400, _error(endpoint, 400, message, param="response_format"))
+        try:
+            content = owner.answer(request)
+        except Exception as exc:  # a broken test answer shows as a 500, not a hung client
+            return self._send_json(500, _error(endpoint, 500, f"answer raised {exc!r}"))
+        if endpoint == "anthropic":
+            return self._send_json(200, _anthropic_message(owner, request, content))
+        return self._send_json(200, _openai_completion(owner, request, content))
+
+    def _send_json(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(payload).encode(), "application/json", headers)
+
+    def _send(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def _error(endpoint: str, status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+            429: "rate_limit_error", 529: "overloaded_error"}.get(status, "api_error")
+    if endpoint == "anthropic":
+        return {"type": "error", "error": {"type": kind, "message": message}}
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def _anthropic_message(owner: LLMServer, request: dict[str, Any], content: dict[str, Any] | str) -> dict[str, Any]:
+    tools = request.get("tools") or []
+    choice = request.get("tool_choice") or {}
+    tool_name = choice.get("name") if choice.get("type") == "tool" else (tools[0].get("name") if tools else None)
+    if isinstance(content, dict) and tool_name:
+        block: dict[str, Any] = {"type": "tool_use", "id": f"toolu_{owner._next_id()}", "name": tool_name,
+                                 "input": content}
+        stop_reason = "tool_use"
+    else:
+        text = content if isinstance(content, str) else json.dumps(content)
+        block, stop_reason = {"type": "text", "text": text}, "end_turn"
+    return {
+        "id": f"msg_{owner._next_id()}", "type": "message", "role": "assistant",
+        "model": request.get("model", "unknown"), "content": [block],
+        "stop_reason": stop_reason, "stop_sequence": None,
+        "usage": {"input_tokens": owner.input_tokens, "output_tokens": owner.output_tokens},
+    }
+
+
+def _openai_completion(owner: LLMServer, request: dict[str, Any], content: dict[str, Any] | str) -> dict[str, Any]:
+    text = content if isinstance(content, str) else json.dumps(content)
+    answer: dict[str, Any] = {
+        "id": f"chatcmpl-{owner._next_id()}", "object": "chat.completion", "created": int(time.time()),
+        "model": request.get("model", "unknown"),
+        "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                     "message": {"role": "assistant", "content": text, "refusal": None}}],
+    }
+    if owner.include_usage:
+        answer["usage"] = {"prompt_tokens": owner.input_tokens, "completion_tokens": owner.output_tokens,
+                           "total_tokens": owner.input_tokens + owner.output_tokens}
+    return answer
+
+
+@pytest.fixture
+def llm_server() -> Iterator[LLMServer]:
+    """A running ``LLMServer`` for one test, stopped (hung handlers included) afterwards."""
+    with LLMServer() as server:
+        yield server
