@@ -42,6 +42,16 @@ RESUMABLE_CHANGES = frozenset({
     "training.save_steps",
     "training.save_total_limit",
     "rewards.max_workers",
+    # how the teacher is reached and paid for, not what it judges
+    "teacher.base_url",
+    "teacher.api_key_env",
+    "teacher.max_concurrency",
+    "teacher.timeout_s",
+    "teacher.max_retries",
+    "teacher.cache_path",
+    "teacher.cache_ttl_s",
+    "teacher.budget_usd",  # the usual reason to resume after a budget stop
+    "teacher.prices",
     "logging",
 })
 

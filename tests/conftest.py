@@ -13,3 +13,12 @@ def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from rlaif_mlx.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture
+def llm_server():
+    """A local server speaking the Anthropic and OpenAI wire formats (``tests/llm_server.py``), for one test."""
+    from llm_server import LLMServer
+
+    with LLMServer() as server:
+        yield server

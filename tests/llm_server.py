@@ -14,7 +14,7 @@ Usage::
         ...
         assert server.count("anthropic") == 2
 
-or take the ``llm_server`` fixture (``from llm_server import llm_server``).
+or take the ``llm_server`` fixture (``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -25,12 +25,10 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-
-import pytest
 
 DEFAULT_SCORES = {"correctness": 8, "quality": 7, "efficiency": 6, "readability": 9, "rationale": "ok"}
 FAULT_KINDS = ("400", "401", "404", "429", "500", "503", "529", "malformed", "hang", "drop")
@@ -349,10 +347,3 @@ def _openai_completion(owner: LLMServer, request: dict[str, Any], content: dict[
         answer["usage"] = {"prompt_tokens": owner.input_tokens, "completion_tokens": owner.output_tokens,
                            "total_tokens": owner.input_tokens + owner.output_tokens}
     return answer
-
-
-@pytest.fixture
-def llm_server() -> Iterator[LLMServer]:
-    """A running ``LLMServer`` for one test, stopped (hung handlers included) afterwards."""
-    with LLMServer() as server:
-        yield server

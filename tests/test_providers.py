@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 import pytest
-from llm_server import DEFAULT_SCORES, LLMServer, llm_server  # noqa: F401 - llm_server is a fixture
+from llm_server import DEFAULT_SCORES, LLMServer
 
 from rlaif_mlx.config import TeacherConfig
 from rlaif_mlx.teachers.base import RawAnswer, Usage

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from llm_server import DEFAULT_SCORES, llm_server  # noqa: F401  (the fixture)
+from llm_server import DEFAULT_SCORES
 
 from rlaif_mlx.config import RewardConfig, TeacherConfig
 from rlaif_mlx.data import Task
