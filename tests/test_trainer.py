@@ -15,7 +15,7 @@ from rlaif_mlx.cli import main
 from rlaif_mlx.config import load_config
 from rlaif_mlx.data import Task, TaskSet
 from rlaif_mlx.metrics import read_metrics
-from rlaif_mlx.rewards import RewardPipeline, RewardResult
+from rlaif_mlx.rewards import RewardResult
 from rlaif_mlx.trainer import Trainer, sampled_logprobs
 
 REQUIRED_KEYS = {"step", "reward_mean", "reward_std", "kl", "kl_coef", "loss", "lr", "completion_len_mean",
