@@ -175,3 +175,28 @@ def test_the_reward_pipeline_asks_only_about_code_that_passes_the_gate(llm_serve
     llm_server.answer = lambda request: "no idea"
     failed = pipeline.score([("good", task, "```python\ndef add(a, b):\n    return a + b\n```")])
     assert failed["good"].reward is None and "unparseable" in failed["good"].error  # left out, not 0
+
+
+def test_the_teacher_writes_a_reference_once_and_the_rubric_uses_it(llm_server, tmp_path):
+    written = "def add(a, b):\n    return a + b  # the teacher's"
+
+    def answer(request):
+        schema = request["response_format"]["json_schema"]["schema"]
+        return {"code": f"```python\n{written}\n```"} if "code" in schema["properties"] else dict(DEFAULT_SCORES)
+
+    llm_server.answer = answer
+    teacher = make(llm_server, tmp_path, write_reference=True, gate="always")
+    pipeline = RewardPipeline(RewardConfig(weights={"tests": 0.5, "teacher": 0.5}), teacher=teacher)
+    task = Task(id="add", prompt="Write add(a, b).", tests="assert add(1, 2) == 3")  # no reference of its own
+    first = pipeline.score([("a", task, "def add(a, b):\n    return a + b")])
+    assert first["a"].reward == pytest.approx(0.5 + 0.5 * EXPECTED)
+    bodies = [r.body for r in llm_server.requests]
+    assert len(bodies) == 2  # one reference, then one judgement that shows it
+    assert written in bodies[1]["messages"][-1]["content"]
+
+    pipeline.score([("b", task, "def add(a, b):\n    return b + a")])
+    assert llm_server.count() == 3  # the reference was not asked for again
+    fresh = RewardPipeline(RewardConfig(weights={"tests": 0.5, "teacher": 0.5}),
+                           teacher=make(llm_server, tmp_path, write_reference=True, gate="always"))
+    fresh.score([("c", task, "def add(a, b):\n    return a + b")])
+    assert llm_server.count() == 3  # a new run: reference and judgement both come from the cache
