@@ -199,6 +199,26 @@ class CurriculumConfig(_Section):
 
 class LoggingConfig(_Section):
     log_every: int = Field(default=1, ge=1)
+    dashboard: bool = True  # the live terminal dashboard on a TTY (--no-dashboard: plain lines)
+    tensorboard: bool = False  # event files in <output_dir>/tensorboard (no TensorFlow or torch needed)
+    save_samples: bool = True  # every step's completions with their scores in <output_dir>/samples.jsonl
+
+
+class EvalConfig(_Section):
+    """Evaluation on ``data.eval_file`` (``rlaif-mlx eval``, and during training every ``every_steps``)."""
+
+    every_steps: int | None = Field(default=None, ge=1)
+    num_samples: int = Field(default=1, ge=1, description="completions per task (n for pass@k)")
+    pass_k: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    temperature: float = Field(default=0.0, ge=0, description="0 = greedy")
+    max_new_tokens: int | None = Field(default=None, ge=1, description="default: rlaif.max_new_tokens")
+    max_tasks: int | None = Field(default=None, ge=1, description="evaluate the first N tasks only")
+
+    @model_validator(mode="after")
+    def _k_within_samples(self) -> "EvalConfig":
+        if max(self.pass_k) > self.num_samples or min(self.pass_k) < 1:
+            raise ValueError(f"pass_k {self.pass_k} needs 1 <= k <= num_samples ({self.num_samples})")
+        return self
 
 
 class RunConfig(_Section):
@@ -212,6 +232,7 @@ class RunConfig(_Section):
     rewards: RewardConfig = Field(default_factory=RewardConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")

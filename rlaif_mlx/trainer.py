@@ -26,6 +26,7 @@ from .curriculum import Curriculum, estimate_difficulty
 from .data import Task, TaskSet, prompt_token_ids, reference_completion_text
 from .metrics import JsonlSink
 from .objective import aggregation_weights
+from .reporting import PlainReporter, Reporter, RunHeader, SampleView
 from .rewards import RewardPipeline, RewardResult
 from .schedule import scheduled_learning_rate
 from .teachers.cost import BudgetExceeded
@@ -77,7 +78,8 @@ class Trainer:
         train: the training tasks.
         rewards: scores completions.
         output_dir: where metrics and checkpoints go.
-        log: prints one human line (the dashboard replaces it in a later version).
+        log: prints one human line, when no ``reporter`` is given.
+        reporter: shows the run (``reporting.PlainReporter`` lines, or the live dashboard).
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class Trainer:
         rewards: RewardPipeline,
         output_dir: Path,
         log: Callable[[str], None] = print,
+        reporter: Reporter | None = None,
     ) -> None:
         self.config = config
         self.backend = backend
@@ -96,7 +99,8 @@ class Trainer:
         self.rewards = rewards
         self.teacher = getattr(rewards, "teacher", None)  # the AI judge in the pipeline: budget, spend, metrics
         self.output_dir = Path(output_dir)
-        self.log = log
+        self.reporter = reporter if reporter is not None else PlainReporter(log, log_every=config.logging.log_every)
+        self.log = self.reporter.message
         self.total_steps = total_optimizer_steps(config, len(self.tasks))
         self.step = 0
         self._unscored_steps = 0
@@ -136,10 +140,17 @@ class Trainer:
         A restored trainer skips the warm-up: its checkpoint already holds the
         warmed-up weights and the rebased reference.
         """
-        if self.config.training.sft_warmup_steps and self.restored_from is None:
-            self.supervised_warmup()
+        self.reporter.start(RunHeader(
+            model=self.config.model.base_model, backend=self.backend.name, device=self.backend.device,
+            total_steps=self.total_steps, output_dir=str(self.output_dir),
+            teacher=self.teacher.name if self.teacher is not None else None,
+            budget_usd=self.config.teacher.budget_usd if self.teacher is not None else None,
+            start_step=self.step,
+        ))
         records = []
         try:
+            if self.config.training.sft_warmup_steps and self.restored_from is None:
+                self.supervised_warmup()
             while self.step < self.total_steps:
                 records.append(self.train_step())
                 if self.step % self.config.training.save_steps == 0 or self.step == self.total_steps:
@@ -152,6 +163,7 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.close()
                 self.metrics = None
+            self.reporter.close()
         return records
 
     def train_step(self) -> dict[str, Any]:
@@ -317,9 +329,23 @@ class Trainer:
             **(self.teacher.last_batch.metrics(self.teacher.ledger) if self.teacher is not None else {}),
         }
         self.metrics.write(record)
-        if self.step % self.config.logging.log_every == 0 or self.step == self.total_steps:
-            self.log(format_step_line(record, self.total_steps))
+        best, worst = self.extreme_samples(rollout)
+        self.reporter.step(record, best=best, worst=worst)
         return record
+
+    def extreme_samples(self, rollout: Rollout) -> tuple[SampleView | None, SampleView | None]:
+        """The step's best and worst scored completions (None when nothing was scored)."""
+        scored = [(r, i) for i, r in enumerate(rollout.rewards.reshape(-1)) if np.isfinite(r)]
+        if not scored:
+            return None, None
+
+        def view(index: int) -> SampleView:
+            c = rollout.completions[index]
+            task, result = rollout.tasks[c.prompt_index], rollout.results[c.uid]
+            return SampleView(task.id, task.prompt, c.text, task.language, result.reward,
+                              dict(result.components), result.error)
+
+        return view(max(scored)[1]), view(min(scored)[1])
 
     # ---- warm-up and checkpoints -------------------------------------------
 
@@ -414,13 +440,3 @@ def sampled_logprobs(completions: list[Completion], sequences: SequenceBatch) ->
         start = len(c.prompt_ids) - 1
         out[i, start : start + len(c.logprobs)] = c.logprobs
     return out
-
-
-def format_step_line(record: dict[str, Any], total_steps: int) -> str:
-    """The plain one-line-per-step log."""
-    return (
-        f"step {record['step']:>4}/{total_steps}  reward {record['reward_mean']:.3f}±{record['reward_std']:.3f}  "
-        f"kl {record['kl']:.4f} (β {record['kl_coef']:.3g})  loss {record['loss']:+.4f}  "
-        f"|g| {record['grad_norm']:.3f}  lr {record['lr']:.2e}  len {record['completion_len_mean']:.0f}  "
-        f"{record['step_seconds']:.1f}s"
-    )
