@@ -83,7 +83,10 @@ class MlxBackend:
         self._training = training
         self._total_steps = max(int(total_steps), 1)
         self._step = 0  # scheduled optimizer steps taken (the LR schedule position)
-        mx.random.seed(seed)
+        mx.random.seed(seed)  # LoRA's initialisation
+        # Every later random draw (sampling keys, dropout) is seeded from this stream, whose
+        # state a checkpoint stores exactly: saving never perturbs it, and either backend resumes it.
+        self._rng = np.random.default_rng(seed)
 
         self.device = "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
         self._dtype = _DTYPES[model.dtype]
@@ -206,9 +209,7 @@ class MlxBackend:
         return self._model(ids, cache=cache)[:, -1, :]
 
     def _key(self, seed: int | None):
-        if seed is None:  # drawn from the global RNG, so a seeded run stays reproducible
-            seed = int(mx.random.randint(0, 2**31 - 1, shape=()).item())
-        return mx.random.key(seed)
+        return mx.random.key(seed if seed is not None else portable.draw_seed(self._rng))
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -277,6 +278,7 @@ class MlxBackend:
             The step's loss, its parts, the pre-clip gradient norm and the rate used.
         """
         lr = learning_rate if learning_rate is not None else scheduled_learning_rate(self._step, self._training, total_steps=self._total_steps)
+        mx.random.seed(portable.draw_seed(self._rng))  # dropout masks
         grads, stats = self._accumulate_gradients(batch, loss)
         grads, norm = ops.clip_grad_norm(grads, self._training.max_grad_norm or math.inf)
         grad_norm = float(norm)
@@ -395,13 +397,9 @@ class MlxBackend:
         if self._rebased:  # the reference is no longer the model on disk: keep what changed
             frozen = self._reference if self._reference is not None else self._model
             mx.save_safetensors(str(path / portable.REFERENCE_FILE), ops.renamed(frozen.parameters(), self._reference_names()))
-        # MLX's global key cannot be read back: draw a seed from it and reseed now, so this run
-        # and one resumed from here (on either backend) continue from the same RNG state.
-        rng_seed = int(mx.random.randint(0, 2**31 - 1, shape=()).item())
-        mx.random.seed(rng_seed)
         portable.write_state(path, backend=self.name, model=self._model_config, step=self._step,
                              total_steps=self._total_steps, optimizer_step=optimizer_step,
-                             rebased=self._rebased, rng_seed=rng_seed)
+                             rebased=self._rebased, rng=self._rng)
 
     def load(self, path: Path) -> None:
         """Restores a checkpoint written by either backend, so training continues where it stopped.
@@ -422,7 +420,7 @@ class MlxBackend:
         names = self._trainable_names()
         ops.copy_into(self._model, names, weights, path, "weights")
         self._load_optimizer(path, names, optimizer_step=int(state["optimizer_step"]))
-        mx.random.seed(int(state["rng_seed"]))
+        self._rng.bit_generator.state = state["rng"]
         self._step = int(state["step"])
 
     def _trainable_names(self) -> dict[str, tuple[str, bool]]:

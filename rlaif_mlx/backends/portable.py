@@ -20,7 +20,9 @@ Files in a checkpoint folder:
 - ``reference_model.safetensors`` (only after the reference was rebased): the
   frozen weights under Hugging Face names.
 - ``backend_state.json``: the layout version, which backend wrote it, the LR
-  schedule and optimizer step counts, the LoRA settings and the RNG seed.
+  schedule and optimizer step counts, the LoRA settings and the state of the
+  backend's seed stream (a numpy generator both backends draw their sampling
+  and dropout seeds from, so it resumes exactly on either).
 
 Framework-free: names, the JSON files and the compatibility check.
 """
@@ -31,9 +33,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from rlaif_mlx.config import ModelConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 FULL_FILE = "model.safetensors"
@@ -88,9 +92,14 @@ def peft_adapter_config(model: ModelConfig) -> dict[str, Any]:
     }
 
 
+def draw_seed(rng: np.random.Generator) -> int:
+    """The next seed for a framework RNG (a sampling key, the dropout masks) from a backend's stream."""
+    return int(rng.integers(0, 2**31 - 1))
+
+
 def write_state(path: Path, *, backend: str, model: ModelConfig, step: int, total_steps: int,
-                optimizer_step: int, rebased: bool, rng_seed: int) -> None:
-    """Writes ``backend_state.json``."""
+                optimizer_step: int, rebased: bool, rng: np.random.Generator) -> None:
+    """Writes ``backend_state.json`` (the RNG stream's exact state included)."""
     state = {
         "format": FORMAT_VERSION,
         "backend": backend,
@@ -100,7 +109,7 @@ def write_state(path: Path, *, backend: str, model: ModelConfig, step: int, tota
         "use_lora": model.use_lora,
         "lora": lora_settings(model),
         "rebased": rebased,
-        "rng_seed": rng_seed,
+        "rng": rng.bit_generator.state,
     }
     (Path(path) / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 

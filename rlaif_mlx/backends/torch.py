@@ -78,7 +78,10 @@ class TorchBackend:
         self._training = training
         self._total_steps = max(int(total_steps), 1)
         self._step = 0  # scheduled optimizer steps taken (the LR schedule position)
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # LoRA's initialisation
+        # Every later random draw (sampling generators, dropout) is seeded from this stream, whose
+        # state a checkpoint stores exactly: saving never perturbs it, and either backend resumes it.
+        self._rng = np.random.default_rng(seed)
 
         self.device = ops.resolve_device(model.torch.device)
         self._dtype = _DTYPES[model.dtype]
@@ -195,8 +198,7 @@ class TorchBackend:
         return out.logits[:, -1, :], cache
 
     def _generator(self, seed: int | None):
-        if seed is None:  # drawn from the global RNG, so a seeded run stays reproducible
-            seed = int(torch.randint(0, 2**62, (1,)).item())
+        seed = seed if seed is not None else portable.draw_seed(self._rng)
         try:
             return torch.Generator(device=self.device).manual_seed(seed)
         except RuntimeError:  # devices without their own generator sample on the CPU
@@ -256,6 +258,7 @@ class TorchBackend:
             The step's loss, its parts, the pre-clip gradient norm and the rate used.
         """
         lr = learning_rate if learning_rate is not None else scheduled_learning_rate(self._step, self._training, total_steps=self._total_steps)
+        torch.manual_seed(portable.draw_seed(self._rng))  # dropout masks
         stats = self._accumulate_gradients(batch, loss)
         norm = torch.nn.utils.clip_grad_norm_(self._trainable, self._training.max_grad_norm or math.inf)
         grad_norm = float(norm)
@@ -348,13 +351,9 @@ class TorchBackend:
         if self._rebased:  # the reference is no longer the model on disk: keep what changed
             save_file({k: t.detach().cpu().contiguous() for k, t in self._reference_weights().items()},
                       str(path / portable.REFERENCE_FILE))
-        # One seed drawn from the global RNG and set again: a run resumed from here (on either
-        # backend) continues from the same RNG state as this one.
-        rng_seed = int(torch.randint(0, 2**62, (1,)).item())
-        torch.manual_seed(rng_seed)
         portable.write_state(path, backend=self.name, model=self._model_config, step=self._step,
                              total_steps=self._total_steps, optimizer_step=optimizer_step,
-                             rebased=self._rebased, rng_seed=rng_seed)
+                             rebased=self._rebased, rng=self._rng)
 
     @torch.no_grad()
     def load(self, path: Path) -> None:
@@ -374,7 +373,7 @@ class TorchBackend:
             weights.update(load_file(str(file)))
         ops.copy_into(self._trainable_weights(), weights, path, "weights")
         self._load_optimizer(path, optimizer_step=int(state["optimizer_step"]))
-        torch.manual_seed(int(state["rng_seed"]))
+        self._rng.bit_generator.state = state["rng"]
         self._step = int(state["step"])
 
     def _trainable_weights(self) -> dict[str, torch.Tensor]:
