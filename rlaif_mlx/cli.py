@@ -1,4 +1,4 @@
-"""Command line: ``rlaif-mlx train | export | score | init-model``.
+"""Command line: ``rlaif-mlx train | export | sample | score | eval | doctor | init-model``.
 
 Importing this module must stay cheap: frameworks load only inside commands
 that need a backend.
@@ -53,28 +53,67 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", help="override output_dir")
     train.add_argument("--max-steps", type=int, help="override training.max_steps")
     train.add_argument("--seed", type=int, help="override seed")
+    train.add_argument("--save-every", type=int, metavar="N", help="override training.save_steps: checkpoint "
+                       "every N optimizer steps")
     train.add_argument(
         "--resume", nargs="?", const="", metavar="CHECKPOINT",
         help="continue a run from a checkpoint folder, or from the newest checkpoint of a run folder; "
              "alone, from the newest checkpoint in the config's output_dir",
     )
+    train.add_argument("--no-dashboard", action="store_true",
+                       help="print one plain line per step even on a terminal")
     train.set_defaults(func=_train)
 
-    export = sub.add_parser("export", help="write a checkpoint as a plain Hugging Face model (LoRA merged)")
+    export = sub.add_parser("export", help="write a checkpoint as a merged model (LoRA folded in) that "
+                                           "transformers or mlx-lm load as is")
     export.add_argument("--checkpoint", required=True,
                         help="a checkpoint folder (run/checkpoints/step-NNNNNN), or a run folder for its newest")
     export.add_argument("--out", required=True, help="folder to write the model and tokenizer into")
+    export.add_argument("--format", choices=["hf", "mlx"], default="hf",
+                        help="hf: Hugging Face safetensors for transformers (default); mlx: a folder for mlx_lm.load")
+    export.add_argument("--quantize", type=int, choices=[4, 8], metavar="{4,8}",
+                        help="with --format mlx: quantise the weights to 4 or 8 bits (group size 64)")
     export.add_argument("--backend", choices=["auto", "torch", "mlx"],
                         help="backend to load the checkpoint with (default: the checkpoint config's)")
     export.add_argument("--model", help="override model.base_model, e.g. where the base model lives on this machine")
-    export.set_defaults(func=_export)
+    export.set_defaults(func=_command("exporting", "export_command"))
+
+    sample = sub.add_parser("sample", help="print completions of a checkpoint for one prompt")
+    sample.add_argument("--checkpoint", required=True,
+                        help="a checkpoint folder (run/checkpoints/step-NNNNNN), or a run folder for its newest")
+    sample.add_argument("--prompt", required=True, help="the task, as a user would write it (the chat template "
+                                                        "and system prompt of training are added)")
+    sample.add_argument("-n", type=int, default=1, help="how many completions (default 1)")
+    sample.add_argument("--max-new-tokens", type=int, help="default: the config's rlaif.max_new_tokens")
+    sample.add_argument("--temperature", type=float,
+                        help="0 is greedy; default: the config's rlaif.generation_temperature")
+    sample.add_argument("--backend", choices=["auto", "torch", "mlx"],
+                        help="backend to load the checkpoint with (default: the checkpoint config's)")
+    sample.add_argument("--model", help="override model.base_model, e.g. where the base model lives on this machine")
+    sample.add_argument("--seed", type=int, help="sampling seed (default: the config's seed)")
+    sample.set_defaults(func=_command("sampling", "sample_command"))
+
+    doctor = sub.add_parser("doctor", help="check this machine (backends, devices, versions) and, with "
+                                           "--config, a run's model, data, teacher key and folders")
+    doctor.add_argument("--config", help="a run config to check as well")
+    doctor.set_defaults(func=_command("doctor", "doctor_command"))
 
     score = sub.add_parser("score", help="grade existing completions with the configured graders and teacher")
     score.add_argument("--config", required=True, help="a run config (its rewards and teacher sections are used)")
     score.add_argument("--completions", required=True, help="JSONL: one {task_id, completion} per line")
-    score.add_argument("--tasks", help="JSONL tasks matched by id (default: the config's data.train_file)")
+    score.add_argument("--tasks", help="JSONL tasks matched by id, or humaneval for HumanEval's problems "
+                                       "(ids HumanEval/0 ...); default: the config's data.train_file")
     score.add_argument("--out", help="JSONL output, one line per completion (default: stdout)")
     score.set_defaults(func=_score)
+
+    evaluate = sub.add_parser("eval", help="score the eval set (mean reward, pass@k, teacher), base vs checkpoint")
+    evaluate.add_argument("--config", required=True, help="a run config (its eval, rewards and teacher sections)")
+    evaluate.add_argument("--checkpoint", help="also evaluate this checkpoint folder (or a run folder's newest) "
+                                               "and compare it with the base model")
+    evaluate.add_argument("--eval-set", help="humaneval, or a JSONL task file (default: the config's data.eval_file)")
+    evaluate.add_argument("--max-tasks", type=int, help="evaluate the first N tasks only (overrides eval.max_tasks)")
+    evaluate.add_argument("--out", help="also write the metrics as JSON to this file")
+    evaluate.set_defaults(func=_command("evaluation", "run_eval_command"))
 
     init = sub.add_parser("init-model", help="build a tiny random Qwen2-style model for tests and the quickstart")
     init.add_argument("path", help="folder to write the model into")
@@ -88,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     from .checkpoint import check_resumable, find_checkpoint
     from .config import CLI_OVERRIDES, ConfigError, load_config, save_config
-    from .data import DataError, load_tasks
+    from .data import DataError, load_task_set
 
     overrides = {path: getattr(args, flag) for flag, path in CLI_OVERRIDES.items()}
     if args.model:
@@ -119,7 +158,9 @@ def _train(args: argparse.Namespace) -> int:
         print(f"building the tiny random model at {model_path} (model.build_tiny_if_missing)")
         ensure_tiny_model(model_path)
     try:
-        train = load_tasks(config.data.train_file, on_bad_line=config.data.on_bad_line)
+        train = load_task_set(config.data.train_file, on_bad_line=config.data.on_bad_line)
+        periodic = config.eval.every_steps and config.data.eval_file
+        eval_set = load_task_set(config.data.eval_file, on_bad_line=config.data.on_bad_line) if periodic else None
     except DataError as exc:
         raise _UserError(str(exc)) from None
     if train.skipped_lines:
@@ -128,7 +169,7 @@ def _train(args: argparse.Namespace) -> int:
     from .rewards import RewardPipeline
     from .teachers.cost import BudgetExceeded
     from .teachers.judge import TeacherUnavailable
-    from .trainer import ScoringFailed, Trainer, total_optimizer_steps
+    from .trainer import ScoringFailed, StopRequested, Trainer, total_optimizer_steps
 
     backend = _create_backend(config, total_steps=total_optimizer_steps(config, len(train.tasks)),
                               source=args.config)
@@ -142,7 +183,12 @@ def _train(args: argparse.Namespace) -> int:
     print(f"sandbox: {caps['mode']} (network isolated: {caps['network_isolated']}, "
           f"read-only outside its folder: {caps['fs_readonly']})")
     rewards = RewardPipeline(config.rewards, teacher=_create_teacher(config, source=args.config))
-    trainer = Trainer(config, backend=backend, train=train, rewards=rewards, output_dir=output_dir)
+    from .dashboard import make_reporter
+
+    reporter = make_reporter(dashboard=config.logging.dashboard and not args.no_dashboard,
+                             log_every=config.logging.log_every)
+    trainer = Trainer(config, backend=backend, train=train, rewards=rewards, output_dir=output_dir,
+                      reporter=reporter, eval_tasks=eval_set)
     if checkpoint is not None:
         try:
             trainer.restore(checkpoint)
@@ -159,6 +205,9 @@ def _train(args: argparse.Namespace) -> int:
         saved = f"; the last checkpoint is in {output_dir / 'checkpoints'} (continue with --resume)" \
             if trainer.step > 0 else ""
         raise _UserError(f"stopped at step {trainer.step}: {exc}{saved}") from None
+    except StopRequested as exc:
+        print(f"stopped by {exc} (continue with --resume)", file=sys.stderr)
+        return 128 + exc.signum
     finally:
         if rewards.teacher is not None:
             rewards.teacher.close()
@@ -171,32 +220,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(args: argparse.Namespace) -> int:
-    from .checkpoint import checkpoint_config_path, find_checkpoint, load_trainer_state
-    from .config import load_config
+def _command(module: str, name: str):
+    """A command whose body lives in ``rlaif_mlx.<module>``, imported only when it runs (keeps this module cheap)."""
+    def run(args: argparse.Namespace) -> int:
+        import importlib
 
-    overrides = {"backend": args.backend, "model.base_model": args.model}
-    if args.model:
-        overrides["model.build_tiny_if_missing"] = False  # as in train: a named model is loaded, never built
-    try:  # CheckpointError and ConfigError are ValueErrors phrased as one line
-        checkpoint = find_checkpoint(args.checkpoint)
-        config_path = checkpoint_config_path(checkpoint)
-        config = load_config(config_path, overrides=overrides)
-        step = int(load_trainer_state(checkpoint)["step"])
-    except ValueError as exc:
-        raise _UserError(str(exc)) from None
-    # total_steps only shapes the LR schedule, which exporting never uses.
-    steps = max(config.training.max_steps or 0, step, 1)
-    hint = "" if args.model else " (name the base model on this machine with --model)"
-    backend = _create_backend(config, total_steps=steps, source=str(config_path), hint=hint)
-    out = Path(args.out)
-    try:
-        backend.load(checkpoint)
-    except (ValueError, OSError) as exc:
-        raise _UserError(f"{checkpoint}: cannot be loaded by the {backend.name} backend: {_first_line(exc)}") from None
-    backend.export(out)
-    print(f"exported {checkpoint} to {out} (backend {backend.name})")
-    return 0
+        return getattr(importlib.import_module(f"{__package__}.{module}"), name)(args)
+
+    return run
 
 
 def _create_backend(config, *, total_steps: int, source: str, hint: str = ""):
@@ -224,7 +255,7 @@ def _create_backend(config, *, total_steps: int, source: str, hint: str = ""):
 
 def _score(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
-    from .data import DataError, load_tasks
+    from .data import DataError, load_task_set
     from .rewards import RewardPipeline
     from .scoring import read_completions, score_completions
     from .teachers.cost import BudgetExceeded
@@ -232,7 +263,7 @@ def _score(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config)
-        tasks = load_tasks(args.tasks or config.data.train_file, on_bad_line=config.data.on_bad_line).by_id()
+        tasks = load_task_set(args.tasks or config.data.train_file, on_bad_line=config.data.on_bad_line).by_id()
         lines = read_completions(Path(args.completions), tasks)
     except (ConfigError, DataError) as exc:
         raise _UserError(str(exc)) from None
@@ -282,4 +313,7 @@ def _init_model(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the package's module, not this __main__ copy: the commands in other modules raise its _UserError.
+    from rlaif_mlx.cli import main as _main
+
+    sys.exit(_main())

@@ -255,6 +255,7 @@ CLI_OVERRIDES = {
     "output_dir": "output_dir",
     "max_steps": "training.max_steps",
     "seed": "seed",
+    "save_every": "training.save_steps",
 }
 
 

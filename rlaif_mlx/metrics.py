@@ -1,11 +1,24 @@
-"""Metric sinks. ``metrics.jsonl`` always: one JSON object per optimizer step."""
+"""Metric sinks: what a run leaves behind to look at, one record per optimizer step.
+
+``metrics.jsonl`` always (one JSON object per step); TensorBoard event files
+when enabled; and ``samples.jsonl``, every completion of every step with its
+scores, for reading what the model actually wrote.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import numbers
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+if TYPE_CHECKING:
+    from .backends.base import Completion
+    from .data import Task
+    from .rewards import RewardResult
 
 
 class JsonlSink:
@@ -21,19 +34,158 @@ class JsonlSink:
         """
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if truncate_after_step is not None and self.path.exists():
-            # On resume, drop lines written after the checkpoint we resume from
-            # (and a line torn by a crash mid-write, which has no step to keep).
-            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= truncate_after_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        if truncate_after_step is not None:
+            _truncate_after(self.path, truncate_after_step)
         self._file = self.path.open("a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+        self._file.write(_json_line(record))
         self._file.flush()
 
     def close(self) -> None:
         self._file.close()
+
+
+class TensorBoardSink:
+    """Writes each record's numbers as TensorBoard scalars, with ``tensorboardX``.
+
+    tensorboardX needs neither TensorFlow nor torch, so MLX-only installs have it.
+    Keys keep their slashes, so ``reward/tests`` and ``teacher/calls`` show up
+    grouped under ``reward`` and ``teacher``.
+
+    Args:
+        log_dir: the folder of the event files (``<output_dir>/tensorboard``).
+        purge_step: for a resumed run, the first step it will write: TensorBoard
+            then hides the events an earlier run wrote from that step on, so the
+            curves do not double back. None keeps everything.
+    """
+
+    def __init__(self, log_dir: Path, *, purge_step: int | None = None) -> None:
+        from tensorboardX import SummaryWriter  # imported here: it pulls in torch when torch is installed
+
+        self.log_dir = Path(log_dir)
+        self._writer = SummaryWriter(
+            str(self.log_dir), purge_step=purge_step,
+            # Steps are seconds apart: flush often so a live TensorBoard and a crash lose little.
+            flush_secs=5,
+            # The default name has whole seconds only; a resume within the same
+            # second (as in tests) would overwrite the earlier file. Nanoseconds also
+            # keep TensorBoard's file order, which its purge on resume relies on.
+            filename_suffix=f".{time.time_ns()}",
+        )
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """Adds every numeric value of ``record`` at ``global_step=record["step"]``.
+
+        Strings and other non-numbers are skipped; so are infinities, which would
+        wreck a chart's scale. NaN (nothing measurable this step) is kept.
+        """
+        step = int(record["step"])
+        for key, value in record.items():
+            if key == "step" or isinstance(value, bool) or not isinstance(value, numbers.Real):
+                continue
+            value = float(value)
+            if not math.isinf(value):
+                self._writer.add_scalar(key, value, global_step=step)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class SampleSink:
+    """Appends every completion of a step, with its scores, to a JSONL file.
+
+    Args:
+        path: the ``samples.jsonl`` file.
+        truncate_after_step: first drop the lines of later steps (0 for a fresh
+            run, the restored step for a resumed one), as ``JsonlSink`` does.
+    """
+
+    def __init__(self, path: Path, *, truncate_after_step: int) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _truncate_after(self.path, truncate_after_step)
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def write_step(self, step: int, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Writes one line per row, each led by ``step``; flushed once per step."""
+        for row in rows:
+            self._file.write(_json_line({"step": step, **row}))
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def sample_rows(
+    tasks: list[Task], completions: list[Completion], results: Mapping[str, RewardResult]
+) -> list[dict[str, Any]]:
+    """One row per completion for ``SampleSink``: the task, the text and its scores.
+
+    Args:
+        tasks: ``[B]`` the step's tasks (``completion.prompt_index`` points here).
+        completions: ``[B*G]`` the step's completions.
+        results: uid -> reward result; matched by uid, never by position.
+
+    Returns:
+        ``task_id``, ``uid``, ``prompt``, ``completion``, ``finish_reason``,
+        ``num_tokens``, ``reward`` (None when unscored), one key per reward
+        component (as ``rlaif-mlx score`` writes them) and ``error``.
+    """
+    rows = []
+    for c in completions:
+        task, result = tasks[c.prompt_index], results[c.uid]
+        rows.append({
+            "task_id": task.id, "uid": c.uid, "prompt": task.prompt, "completion": c.text,
+            "finish_reason": c.finish_reason, "num_tokens": len(c.completion_ids),
+            "reward": result.reward, **result.components, "error": result.error,
+        })
+    return rows
+
+
+class MetricsSinks:
+    """``metrics.jsonl`` plus the optional TensorBoard and sample sinks, written and closed together.
+
+    Args:
+        jsonl: the ``metrics.jsonl`` sink.
+        tensorboard: the TensorBoard sink, or None when disabled.
+        samples: the ``samples.jsonl`` sink, or None when disabled.
+    """
+
+    def __init__(self, jsonl: JsonlSink, *, tensorboard: TensorBoardSink | None = None,
+                 samples: SampleSink | None = None) -> None:
+        self.jsonl = jsonl
+        self.tensorboard = tensorboard
+        self.samples = samples
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Writes one step's record to ``metrics.jsonl`` and, when enabled, TensorBoard."""
+        self.jsonl.write(record)
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
+
+    def write_samples(self, step: int, tasks: list[Task], completions: list[Completion],
+                      results: Mapping[str, RewardResult]) -> None:
+        """Writes the step's completions when samples are saved (see ``sample_rows``); else nothing."""
+        if self.samples is not None:
+            self.samples.write_step(step, sample_rows(tasks, completions, results))
+
+    def close(self) -> None:
+        with contextlib.ExitStack() as stack:  # closes every sink even when one of them fails
+            for sink in (self.jsonl, self.tensorboard, self.samples):
+                if sink is not None:
+                    stack.callback(sink.close)
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drops the lines of steps after ``step`` from a JSONL file, if it exists.
+
+    On resume, the lines written after the checkpoint we resume from go (and a
+    line torn by a crash mid-write, which has no step to keep).
+    """
+    if path.exists():
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= step]
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def _step_of(line: str) -> float:
@@ -43,6 +195,10 @@ def _step_of(line: str) -> float:
     except ValueError:
         return math.inf
     return record.get("step", 0) if isinstance(record, dict) else math.inf
+
+
+def _json_line(record: Mapping[str, Any]) -> str:
+    return json.dumps({k: _plain(v) for k, v in record.items()}) + "\n"
 
 
 def _plain(value: Any) -> Any:
@@ -56,4 +212,13 @@ def _plain(value: Any) -> Any:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Reads a ``metrics.jsonl`` back (for tests, plots and resume)."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return _read_jsonl(path)
+
+
+def read_samples(path: Path) -> list[dict[str, Any]]:
+    """Reads a ``samples.jsonl`` back: one dict per completion, in the order written."""
+    return _read_jsonl(path)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -8,6 +8,8 @@ advantages, update, KL control, record. The math lives in ``advantages``,
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,8 @@ from .checkpoint import check_resumable, load_trainer_state, save_checkpoint
 from .config import RunConfig
 from .curriculum import Curriculum, estimate_difficulty
 from .data import Task, TaskSet, prompt_token_ids, reference_completion_text
-from .metrics import JsonlSink
+from .evaluation import evaluate, format_eval_line
+from .metrics import JsonlSink, MetricsSinks, SampleSink, TensorBoardSink
 from .objective import aggregation_weights
 from .reporting import PlainReporter, Reporter, RunHeader, SampleView
 from .rewards import RewardPipeline, RewardResult
@@ -38,6 +41,14 @@ MAX_UNSCORED_STEPS = 3
 
 class ScoringFailed(RuntimeError):
     """Every sample of several steps in a row could not be scored."""
+
+
+class StopRequested(RuntimeError):
+    """SIGINT or SIGTERM arrived; the step in progress finished and a checkpoint was saved."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 @dataclass
@@ -80,6 +91,7 @@ class Trainer:
         output_dir: where metrics and checkpoints go.
         log: prints one human line, when no ``reporter`` is given.
         reporter: shows the run (``reporting.PlainReporter`` lines, or the live dashboard).
+        eval_tasks: the eval set for periodic evaluation (``eval.every_steps``).
     """
 
     def __init__(
@@ -92,8 +104,10 @@ class Trainer:
         output_dir: Path,
         log: Callable[[str], None] = print,
         reporter: Reporter | None = None,
+        eval_tasks: TaskSet | None = None,
     ) -> None:
         self.config = config
+        self.eval_tasks = eval_tasks  # evaluated every ``eval.every_steps`` (None: no periodic eval)
         self.backend = backend
         self.tasks = train.by_id()
         self.rewards = rewards
@@ -105,6 +119,7 @@ class Trainer:
         self.step = 0
         self._unscored_steps = 0
         self.restored_from: Path | None = None  # the checkpoint ``restore`` loaded
+        self._stop_signal: int | None = None  # SIGINT / SIGTERM received: stop after this step
         data = config.data
         self.prompt_ids = {
             t.id: prompt_token_ids(
@@ -130,7 +145,7 @@ class Trainer:
         self.ema = adv.EmaBaseline(decay=rl.ema_decay) if rl.baseline == "ema" else None
         # Opened by the first step, not here: a restored trainer must keep the
         # records up to its restored step, which is only known after ``restore``.
-        self.metrics: JsonlSink | None = None
+        self.metrics: MetricsSinks | None = None
 
     # ---- the loop -------------------------------------------------------
 
@@ -148,23 +163,49 @@ class Trainer:
             start_step=self.step,
         ))
         records = []
+        previous_handlers = self._catch_stop_signals()
         try:
             if self.config.training.sft_warmup_steps and self.restored_from is None:
                 self.supervised_warmup()
             while self.step < self.total_steps:
                 records.append(self.train_step())
-                if self.step % self.config.training.save_steps == 0 or self.step == self.total_steps:
+                stopping = self._stop_signal is not None
+                if stopping or self.step % self.config.training.save_steps == 0 or self.step == self.total_steps:
                     self.save()
+                if stopping:
+                    raise StopRequested(f"{signal.Signals(self._stop_signal).name} after step {self.step}: "
+                                        f"checkpoint saved in {self.output_dir / 'checkpoints'}", self._stop_signal)
         except (ScoringFailed, BudgetExceeded, TeacherUnavailable):
             if self.step > 0:
                 self.save()  # keep what was learned before the grader, teacher or budget gave out
             raise
         finally:
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
             if self.metrics is not None:
                 self.metrics.close()
                 self.metrics = None
             self.reporter.close()
         return records
+
+    def _catch_stop_signals(self) -> dict:
+        """SIGINT / SIGTERM finish the current step, save a checkpoint and stop; a second one stops at once.
+
+        A step is the smallest unit that can be saved exactly (mid-step state is
+        half-sampled, half-scored), so the first signal waits for its end.
+        """
+        self._stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # signal handlers can only be set from the main thread
+
+        def request_stop(signum, frame):
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt  # asked twice: stop now, without a checkpoint
+            self._stop_signal = signum
+            self.log(f"{signal.Signals(signum).name}: finishing step {self.step + 1}, then saving a checkpoint "
+                     "(send it again to stop at once)")
+
+        return {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
 
     def train_step(self) -> dict[str, Any]:
         """One RL step: sample, score, advantages, update, KL control, record."""
@@ -328,7 +369,15 @@ class Trainer:
             "tokens_per_second": float(sum(lengths) / max(sample_s, 1e-9)),
             **(self.teacher.last_batch.metrics(self.teacher.ledger) if self.teacher is not None else {}),
         }
+        every = self.config.eval.every_steps
+        if self.eval_tasks is not None and every and (self.step % every == 0 or self.step == self.total_steps):
+            # After the record is built: evaluating re-scores, which replaces the teacher's last-batch numbers.
+            started = time.perf_counter()
+            record.update(evaluate(self.backend, self.eval_tasks.tasks, self.rewards, self.config))
+            record["eval_seconds"] = time.perf_counter() - started
+            self.log(format_eval_line(record, step=self.step))
         self.metrics.write(record)
+        self.metrics.write_samples(self.step, rollout.tasks, rollout.completions, rollout.results)
         best, worst = self.extreme_samples(rollout)
         self.reporter.step(record, best=best, worst=worst)
         return record
@@ -380,6 +429,9 @@ class Trainer:
                 TrainBatch(seqs, np.ones(len(completions), np.float32), weights.astype(np.float32)),
                 loss=LossSettings(kl_coef=0.0), learning_rate=lr,
             )
+            if self._stop_signal is not None:  # nothing to checkpoint yet: the warm-up reruns next time
+                raise StopRequested(f"{signal.Signals(self._stop_signal).name} during the warm-up: nothing saved",
+                                    self._stop_signal)
             if (i + 1) % 10 == 0 or i + 1 == cfg.sft_warmup_steps:
                 nll = -float((self.backend.logprobs(seqs) * weights).sum())
                 self.log(f"warm-up {i + 1}/{cfg.sft_warmup_steps}  nll/token {nll:.3f}")
@@ -428,9 +480,21 @@ class Trainer:
         self.restored_from = checkpoint
 
     def _open_metrics(self) -> None:
-        """Opens ``metrics.jsonl`` once, dropping records of steps after the current one."""
-        if self.metrics is None:
-            self.metrics = JsonlSink(self.output_dir / "metrics.jsonl", truncate_after_step=self.step)
+        """Opens the metric sinks once, dropping what they hold of steps after the current one.
+
+        ``metrics.jsonl`` always; TensorBoard event files and ``samples.jsonl``
+        when the ``logging`` section asks for them.
+        """
+        if self.metrics is not None:
+            return
+        out, cfg = self.output_dir, self.config.logging
+        self.metrics = MetricsSinks(
+            JsonlSink(out / "metrics.jsonl", truncate_after_step=self.step),
+            # Purge from the first step this run writes, as metrics.jsonl is truncated: TensorBoard
+            # then hides what an earlier run in this folder wrote from that step on.
+            tensorboard=TensorBoardSink(out / "tensorboard", purge_step=self.step + 1) if cfg.tensorboard else None,
+            samples=SampleSink(out / "samples.jsonl", truncate_after_step=self.step) if cfg.save_samples else None,
+        )
 
 
 def sampled_logprobs(completions: list[Completion], sequences: SequenceBatch) -> np.ndarray:

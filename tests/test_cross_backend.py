@@ -292,3 +292,20 @@ def test_an_mlx_run_exports_to_transformers_and_resumes_on_torch(tiny_model_path
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-000003" / "backend_state.json").read_text())
     # AdamW counted MLX's two steps and PyTorch's one: the optimizer state came along
     assert state["backend"] == "torch" and state["optimizer_step"] == 3 and state["rebased"] is True
+
+
+def test_a_torch_export_loads_in_mlx_lm_with_the_same_log_probs(tiny_model_path, tmp_path):
+    """transformers 5 writes rope_theta only under rope_parameters; the export repeats it where mlx-lm reads it."""
+    from mlx_lm.utils import load as mlx_lm_load
+
+    from rlaif_mlx.backends import mlx_ops
+
+    backend = make("torch", tiny_model_path, learning_rate=1e-2)
+    batch = train_batch(backend)
+    backend.train_step(batch, loss=LOSS)
+    backend.export(tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["rope_theta"] == 10000.0
+    model, _ = mlx_lm_load(str(tmp_path / "hf"))
+    got = mlx_ops.token_logp(model, mx.array(batch.sequences.input_ids.astype(np.int32)),
+                             mx.array(batch.sequences.attention_mask))
+    np.testing.assert_allclose(np.array(got), backend.logprobs(batch.sequences), atol=PARITY_LOGP_ATOL)

@@ -174,3 +174,20 @@ def weight_files(path: Path, *, lora: bool) -> list[Path]:
     if index.exists():
         return [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     return [path / FULL_FILE]
+
+
+def add_legacy_rope_keys(config_file: Path) -> None:
+    """Copies RoPE settings to the top-level keys mlx-lm reads.
+
+    transformers 5 writes ``rope_theta`` (and any scaling) only inside
+    ``rope_parameters``; mlx-lm's Qwen2 / Llama read ``rope_theta`` and
+    ``rope_scaling`` and would silently fall back to their defaults (theta 1e6).
+    """
+    config = json.loads(config_file.read_text())
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope:
+        return  # older layout (already top-level) or per-layer-type parameters mlx-lm reads itself
+    config.setdefault("rope_theta", rope["rope_theta"])
+    if rope.get("rope_type", "default") != "default":
+        config.setdefault("rope_scaling", rope)
+    config_file.write_text(json.dumps(config, indent=2) + "\n")

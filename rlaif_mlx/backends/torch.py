@@ -432,6 +432,7 @@ class TorchBackend:
             merged = self._load_base(self._model_config.base_model, device="cpu")
             merged.load_state_dict(ops.merged_state_dict(self._model), strict=True)
             merged.save_pretrained(str(path), safe_serialization=True)
+        portable.add_legacy_rope_keys(path / "config.json")  # so mlx-lm reads the same RoPE as transformers
         self.tokenizer.save_pretrained(str(path))
 
 

@@ -1,0 +1,315 @@
+"""``rlaif-mlx doctor``: what is installed here and whether a run's config can start, each with its fix.
+
+Every check is an ok / warn / fail line with a one-line fix. Frameworks are
+imported one at a time inside ``try``, so a broken install is reported, not
+raised. Nothing is written, nothing goes over the network, and a teacher key
+is only ever reported as set or not set: never its value or length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import os
+import platform
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from . import backends
+from .backends import _INSTALL  # the pip command per backend, as backend errors phrase it
+from .cli import _first_line
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+MIN_PYTHON = (3, 10)
+_PACKAGES = {"torch": ("torch", "transformers", "peft"), "mlx": ("mlx", "mlx-lm")}
+# Debian / Ubuntu's path, as in the README (x86_64 or aarch64).
+_OPENBLAS = f"/usr/lib/{platform.machine()}-linux-gnu/openblas-pthread/libopenblas.so.0"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report.
+
+    Attributes:
+        name: what was checked, e.g. ``"backend torch"``.
+        status: ``"ok"``, ``"warn"`` or ``"fail"``.
+        detail: what was found.
+        fix: what to do about it (empty when nothing needs doing).
+    """
+
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+
+
+def run_checks(config_path: str | None = None) -> list[Check]:
+    """The machine's checks, then (with a config) the run's."""
+    checks = environment_checks()
+    if config_path is not None:
+        checks += config_checks(config_path)
+    return checks
+
+
+def environment_checks() -> list[Check]:
+    """Python, each backend with its versions and devices, the teacher SDKs, rich and the sandbox."""
+    version = ".".join(map(str, sys.version_info[:3]))
+    checks = [Check("python", OK, f"{version} ({sys.executable})") if sys.version_info >= MIN_PYTHON else
+              Check("python", FAIL, f"{version} is too old", f"use Python {'.'.join(map(str, MIN_PYTHON))} or newer")]
+    checks.append(Check("system", OK, f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs"))
+    installed = {name: backends.frameworks_installed(name) for name in _PACKAGES}
+    for name, present in installed.items():
+        if not present:
+            # Only a fail when neither backend is usable: one is enough to train.
+            status = WARN if any(installed.values()) else FAIL
+            checks.append(Check(f"backend {name}", status, "not installed", _INSTALL[name]))
+            continue
+        checks.append(Check(f"backend {name}", OK, _versions(_PACKAGES[name])))
+        checks += _torch_devices() if name == "torch" else _mlx_devices()
+    for package, needed_for in (("anthropic", "teacher.provider anthropic"),
+                                ("openai", "teacher.provider openai / openai_compatible"),
+                                ("rich", "the live dashboard and this table")):
+        found = _version(package)
+        checks.append(Check(package, OK, found) if found else
+                      Check(package, WARN, f"not installed (needed for {needed_for})", f"pip install {package}"))
+    checks.append(_sandbox())
+    return checks
+
+
+def config_checks(path: str) -> list[Check]:
+    """The config validates; its model, data, teacher key and folders are usable here."""
+    from .config import ConfigError, load_config
+
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        return [Check("config", FAIL, str(exc), "fix the key the message names (configs/ has working examples)")]
+    checks = [Check("config", OK, f"{path} is valid")]
+    try:
+        resolved = backends.resolve_backend_name(config.backend)
+        checks.append(Check("config backend", OK, f"{config.backend} -> {resolved}"))
+    except backends.BackendUnavailable as exc:
+        checks.append(Check("config backend", FAIL, str(exc), "install it, or set backend: auto"))
+    checks.append(_model(config.model))
+    checks.append(_tasks("train file", config.data.train_file, config.data.on_bad_line))
+    if config.data.eval_file:
+        checks.append(_tasks("eval file", config.data.eval_file, config.data.on_bad_line))
+    checks += _teacher(config.teacher)
+    checks.append(_writable("output dir", Path(config.output_dir), "output_dir"))
+    return checks
+
+
+def render(checks: list[Check], *, stream: IO[str] | None = None, table: bool | None = None) -> None:
+    """Prints the report: a rich table on a terminal, plain lines otherwise.
+
+    Args:
+        checks: the report's lines.
+        stream: where to print (default stdout).
+        table: force (True) or refuse (False) the rich table; None decides by ``isatty``.
+    """
+    stream = stream or sys.stdout
+    if table is None:
+        table = stream.isatty()
+    counts = {s: sum(c.status == s for c in checks) for s in (OK, WARN, FAIL)}
+    summary = f"{counts[OK]} ok, {counts[WARN]} warning(s), {counts[FAIL]} failed"
+    if table:
+        try:
+            from rich.console import Console
+            from rich.table import Table
+        except ImportError:
+            table = False  # no rich: fall back to plain lines
+    if table:
+        colours = {OK: "green", WARN: "yellow", FAIL: "bold red"}
+        grid = Table(title="rlaif-mlx doctor", title_justify="left")
+        grid.add_column("", no_wrap=True)
+        grid.add_column("check", no_wrap=True)
+        for column in ("found", "fix"):  # folded, never cut with an ellipsis: paths and commands stay whole
+            grid.add_column(column, overflow="fold")
+        for c in checks:
+            grid.add_row(f"[{colours[c.status]}]{c.status}[/]", c.name, c.detail, c.fix, end_section=False)
+        console = Console(file=stream, highlight=False)
+        console.print(grid, markup=True)
+        console.print(summary, markup=False)
+        return
+    width = max(len(c.name) for c in checks)
+    for c in checks:
+        print(f"{c.status:<4}  {c.name:<{width}}  {c.detail}", file=stream)
+        if c.fix:
+            print(f"{'':<4}  {'':<{width}}  fix: {c.fix}", file=stream)
+    print(summary, file=stream)
+
+
+def doctor_command(args: argparse.Namespace) -> int:
+    """Runs ``rlaif-mlx doctor``: 0 when no check failed, 1 otherwise."""
+    checks = run_checks(args.config)
+    render(checks)
+    return 1 if any(c.status == FAIL for c in checks) else 0
+
+
+# ---------------------------------------------------------------- the machine
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _versions(packages: tuple[str, ...]) -> str:
+    return ", ".join(f"{p} {_version(p) or '(missing)'}" for p in packages)
+
+
+def _torch_devices() -> list[Check]:
+    try:
+        import torch
+    except Exception as exc:  # a broken wheel raises anything from ImportError to OSError
+        return [Check("devices torch", FAIL, f"torch does not import: {_first_line(exc)}",
+                      f"reinstall it: {_INSTALL['torch']}")]
+    found = []
+    if torch.cuda.is_available():
+        found += [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return [Check("devices torch", OK, ", ".join(found) or "cpu only (no CUDA, no MPS)")]
+
+
+def _mlx_devices() -> list[Check]:
+    try:
+        import mlx.core as mx
+    except Exception as exc:  # e.g. a missing shared library
+        return [Check("devices mlx", FAIL, f"mlx does not import: {_first_line(exc)}",
+                      f"reinstall it: {_INSTALL['mlx']}")]
+    metal = bool(getattr(getattr(mx, "metal", None), "is_available", lambda: False)())
+    device = mx.default_device()
+    metal_state = "available" if metal else "not available"
+    checks = [Check("devices mlx", OK, f"default {device.type.name}; Metal {metal_state}")]
+    if sys.platform.startswith("linux") and not metal and not _openblas_loaded():
+        checks.append(Check("mlx blas", WARN, "MLX on a Linux CPU with the wheel's bundled BLAS is several "
+                            "times slower", f"sudo apt-get install libopenblas0-pthread, then run with LD_PRELOAD={_OPENBLAS}"))
+    return checks
+
+
+def _openblas_loaded() -> bool:
+    """Whether OpenBLAS is preloaded (named in LD_PRELOAD, or mapped into this process)."""
+    if "openblas" in os.environ.get("LD_PRELOAD", "").lower():
+        return True
+    try:
+        return "libopenblas" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+
+
+def _sandbox() -> Check:
+    from .sandbox import sandbox_capabilities
+
+    try:
+        caps = sandbox_capabilities()
+    except Exception as exc:  # probing starts subprocesses; report, never crash
+        return Check("sandbox", FAIL, f"cannot start the sandbox: {_first_line(exc)}",
+                     "check that this Python can start subprocesses")
+    detail = (f"{caps['mode']} (network isolated: {caps['network_isolated']}, "
+              f"read-only outside its folder: {caps['fs_readonly']})")
+    if caps["network_isolated"] and caps["fs_readonly"]:
+        return Check("sandbox", OK, detail)
+    if sys.platform.startswith("linux"):
+        fix = "install util-linux's unshare and allow user namespaces (sysctl kernel.unprivileged_userns_clone=1)"
+    else:
+        fix = "run training inside a container or VM: generated code runs with limits only"
+    return Check("sandbox", WARN, detail, fix)
+
+
+# ---------------------------------------------------------------- the config
+
+def _model(model) -> Check:
+    path = Path(model.base_model).expanduser()
+    if (path / "config.json").is_file():
+        readable = os.access(path / "config.json", os.R_OK)
+        return Check("model", OK if readable else FAIL, f"{path} (local folder)",
+                     "" if readable else f"make {path} readable by this user")
+    if path.exists():
+        return Check("model", FAIL, f"{path} has no config.json",
+                     "point model.base_model at a Hugging Face model folder, or a hub id")
+    if model.build_tiny_if_missing:
+        return Check("model", OK, f"{path} will be built as the tiny random model (model.build_tiny_if_missing)")
+    if not _HUB_ID.match(model.base_model):
+        return Check("model", FAIL, f"{path} does not exist",
+                     "point model.base_model at a model folder, or a hub id like Qwen/Qwen2.5-Coder-0.5B-Instruct")
+    cached = _in_hub_cache(model.base_model)
+    if cached:
+        return Check("model", OK, f"{model.base_model} (hub id, in the local Hugging Face cache)")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    where = "not in the local Hugging Face cache" if cached is False else "hub cache not checked (no huggingface_hub)"
+    return Check("model", FAIL if offline and cached is False else WARN,
+                 f"{model.base_model}: no such local folder; as a hub id, {where}",
+                 f"download it while online (hf download {model.base_model}), or fix the path")
+
+
+def _in_hub_cache(repo_id: str) -> bool | None:
+    """Whether the hub model's config.json is in the local cache; None if that cannot be told."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except Exception:
+        return None
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the hub would reject is not cached either
+        return False
+
+
+def _tasks(name: str, file: str, on_bad_line: str) -> Check:
+    from .data import DataError, load_tasks, resolve_data_path
+
+    try:
+        tasks = load_tasks(file, on_bad_line=on_bad_line)
+    except DataError as exc:
+        return Check(name, FAIL, str(exc), f"point data.{name.replace(' ', '_')} at a readable JSONL task file")
+    skipped = f", {tasks.skipped_lines} bad line(s) skipped" if tasks.skipped_lines else ""
+    count = len(tasks.tasks)
+    return Check(name, OK, f"{resolve_data_path(file)}: {count} task{'' if count == 1 else 's'}{skipped}")
+
+
+def _teacher(teacher) -> list[Check]:
+    from .teachers.providers import DEFAULT_KEY_ENV
+
+    if teacher.provider == "none":
+        return [Check("teacher", OK, "none (offline graders only)")]
+    checks = [Check("teacher", OK, f"{teacher.provider} {teacher.model}")]
+    env = teacher.api_key_env or DEFAULT_KEY_ENV[teacher.provider]
+    # Whether the variable is set is all that is read: its value is never printed, logged or measured.
+    if env is None:
+        checks.append(Check("teacher key", OK, "none needed (local server, teacher.api_key_env not set)"))
+    elif os.environ.get(env):
+        checks.append(Check("teacher key", OK, f"{env} is set"))
+    elif teacher.provider == "openai_compatible":
+        checks.append(Check("teacher key", WARN, f"{env} is not set; the server gets a placeholder key",
+                            f"export {env}=... if the server needs a key"))
+    else:
+        checks.append(Check("teacher key", FAIL, f"{env} is not set", f"export {env}=... (your API key)"))
+    if teacher.cache_path:
+        checks.append(_writable("teacher cache", Path(teacher.cache_path).expanduser(), "teacher.cache_path",
+                                file=True))
+    return checks
+
+
+def _writable(name: str, path: Path, key: str, *, file: bool = False) -> Check:
+    """Whether ``path`` (a folder, or a file with ``file``) can be created or written, without writing."""
+    if path.exists() and (path.is_dir() == file):
+        return Check(name, FAIL, f"{path} is a {'folder' if file else 'file'}", f"point {key} elsewhere")
+    folder = path.parent if file else path
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return Check(name, FAIL, f"{existing} is a file, so {folder} cannot be made", f"point {key} elsewhere")
+    target = path if path.exists() else existing
+    if os.access(target, os.W_OK) and os.access(existing, os.W_OK | os.X_OK):
+        state = "exists, writable" if path.exists() else f"will be created (in {existing.resolve()})"
+        return Check(name, OK, f"{path} {state}")
+    return Check(name, FAIL, f"{target} is not writable", f"point {key} at a writable place, or fix permissions")
+

@@ -1,0 +1,302 @@
+"""Evaluation: sample the eval tasks, grade them, and summarise (mean reward, pass@k, teacher score).
+
+``evaluate`` is one backend-agnostic function: the ``eval`` command calls it
+for the base model and for a checkpoint, and the trainer can call it every
+``eval.every_steps``. It samples with seeds fixed by ``config.seed`` (never
+from the global RNG), so two evaluations of the same weights agree, a
+checkpoint is compared with its base on the same random numbers, and an
+evaluation in the middle of training leaves the training's RNG untouched.
+
+pass@k is the unbiased estimator of Chen et al. (2021), "Evaluating Large
+Language Models Trained on Code": from ``n`` samples of a task of which ``c``
+pass every unit test, ``1 - C(n-c, k) / C(n, k)``, averaged over the tasks
+that have tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from .backends.base import SamplingParams
+from .config import RunConfig
+from .data import Task, prompt_token_ids
+from .graders import normalize_language
+from .rewards import RewardResult
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
+    from .rewards import RewardPipeline
+
+# Eval sampling seeds: far from the training's ``seed * 1_000_003 + step``, and within 63 bits.
+_SEED_OFFSET = 0x5EED_0000_0000
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k estimate from ``n`` samples of which ``c`` are correct.
+
+    Computed as ``1 - prod_{i=n-c+1}^{n} (1 - k / i)``, which equals
+    ``1 - C(n-c, k) / C(n, k)`` without the huge binomials.
+
+    Args:
+        n: samples drawn for the task.
+        c: how many of them pass.
+        k: the budget of attempts.
+
+    Returns:
+        The probability that at least one of ``k`` samples drawn without
+        replacement from the ``n`` passes: 1.0 when ``n - c < k``.
+
+    Raises:
+        ValueError: unless ``0 <= c <= n`` and ``1 <= k <= n``.
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def has_tests(task: Task) -> bool:
+    """Whether the graders run unit tests for the task (tests given, and in Python)."""
+    return bool(task.tests and task.tests.strip()) and normalize_language(task.language) == "python"
+
+
+def eval_prompt_ids(tokenizer: Any, tasks: Sequence[Task], config: RunConfig) -> dict[str, list[int]]:
+    """The prompt token ids of each task, built exactly as training builds them.
+
+    Raises:
+        DataError: a prompt is longer than ``data.max_prompt_tokens``.
+    """
+    data = config.data
+    return {t.id: prompt_token_ids(tokenizer, t, use_chat_template=data.use_chat_template,
+                                   system_prompt=data.system_prompt, max_prompt_tokens=data.max_prompt_tokens)
+            for t in tasks}
+
+
+def evaluate(
+    backend: "Backend",
+    tasks: Sequence[Task],
+    pipeline: "RewardPipeline",
+    config: RunConfig,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """Samples ``eval.num_samples`` completions per task, grades them and summarises.
+
+    Sampling follows ``config.eval`` (temperature 0 is greedy; ``max_new_tokens``
+    defaults to ``rlaif.max_new_tokens``; ``max_tasks`` keeps the first tasks)
+    with the training's prompt format, stop strings and top-k/top-p/min-p.
+    Prompts go in batches that hold no more sequences than a training step
+    samples, and each batch is graded as soon as it is sampled.
+
+    Args:
+        backend: the model, with whatever weights it holds now.
+        tasks: the eval tasks (ids unique).
+        pipeline: the reward pipeline (graders, and the teacher when configured).
+        config: the run config (``eval``, ``rlaif``, ``data``, ``training``, ``seed``).
+        log: receives a progress line after each batch.
+
+    Returns:
+        ``eval/tasks``, ``eval/samples``, ``eval/unscored`` (samples that could
+        not be scored; they count nowhere else), ``eval/reward_mean`` and
+        ``eval/parses_mean`` over the scored samples (NaN when none was scored);
+        where some task has tests: ``eval/tasks_with_tests``, ``eval/tests_mean``
+        (mean fraction of asserts passed) and ``eval/pass@k`` for each k in
+        ``eval.pass_k`` (a sample passes when all its tests pass; a task with
+        fewer than k scored samples is left out); ``eval/teacher_mean`` when the
+        teacher scored something.
+
+    Raises:
+        DataError: a prompt is too long (raised before anything is sampled).
+        BudgetExceeded, TeacherUnavailable: from the teacher, as in training.
+    """
+    ev, rl = config.eval, config.rlaif
+    tasks = list(tasks)[: ev.max_tasks] if ev.max_tasks else list(tasks)
+    prompts = eval_prompt_ids(backend.tokenizer, tasks, config)
+    params = SamplingParams(max_new_tokens=ev.max_new_tokens or rl.max_new_tokens, temperature=ev.temperature,
+                            top_k=rl.top_k, top_p=rl.top_p, min_p=rl.min_p, stop=tuple(rl.stop))
+    per_batch = max(1, config.training.batch_size * rl.num_samples_per_prompt // ev.num_samples)
+    results: dict[str, list[RewardResult]] = {t.id: [] for t in tasks}
+    for number, start in enumerate(range(0, len(tasks), per_batch)):
+        batch = tasks[start : start + per_batch]
+        seed = _SEED_OFFSET + config.seed * 1_000_003 + number
+        completions = backend.sample([prompts[t.id] for t in batch], n=ev.num_samples,
+                                     params=replace(params, seed=seed))
+        items = [(f"{batch[c.prompt_index].id}#{c.sample_index}", batch[c.prompt_index], c.text)
+                 for c in completions]
+        scored = pipeline.score(items)
+        for uid, task, _ in items:
+            results[task.id].append(scored[uid])
+        if log is not None:
+            log(f"eval: {start + len(batch)}/{len(tasks)} tasks sampled and graded")
+    return summarise(tasks, results, pass_k=ev.pass_k)
+
+
+def summarise(tasks: Sequence[Task], results: dict[str, list[RewardResult]], *, pass_k: Sequence[int]
+              ) -> dict[str, float]:
+    """The ``evaluate`` metrics from each task's graded samples (see ``evaluate`` for the keys)."""
+    scored = {t.id: [r for r in results[t.id] if r.reward is not None] for t in tasks}
+    flat = [r for rs in scored.values() for r in rs]
+    samples = sum(len(results[t.id]) for t in tasks)
+    out: dict[str, float] = {
+        "eval/tasks": len(tasks),
+        "eval/samples": samples,
+        "eval/unscored": samples - len(flat),
+        "eval/reward_mean": _mean([r.reward for r in flat]),
+        "eval/parses_mean": _mean([r.components.get("parses", 0.0) for r in flat]),
+    }
+    tested = [t for t in tasks if has_tests(t)]
+    if tested:
+        out["eval/tasks_with_tests"] = len(tested)
+        out["eval/tests_mean"] = _mean([r.components.get("tests", 0.0) for t in tested for r in scored[t.id]])
+        for k in pass_k:
+            estimates = [pass_at_k(len(rs), sum(r.components.get("tests", 0.0) >= 1.0 for r in rs), k)
+                         for rs in (scored[t.id] for t in tested) if len(rs) >= k]
+            out[f"eval/pass@{k}"] = _mean(estimates)
+    teacher = [r.components["teacher"] for r in flat if "teacher" in r.components]
+    if teacher:
+        out["eval/teacher_mean"] = _mean(teacher)
+    return out
+
+
+def format_eval_line(metrics: dict[str, float], *, step: int | None = None) -> str:
+    """One line for a person: mean reward, pass@k, tests and teacher means, and what could not be scored."""
+    where = f" at step {step}" if step is not None else ""
+    parts = [f"reward {_fmt(metrics['eval/reward_mean'])}"]
+    parts += [f"{key.removeprefix('eval/')} {_fmt(value)}" for key, value in metrics.items()
+              if key.startswith("eval/pass@") or key in ("eval/tests_mean", "eval/teacher_mean")]
+    return (f"eval{where}: {'  '.join(parts)}  ({metrics['eval/tasks']} tasks, "
+            f"{metrics['eval/unscored']} of {metrics['eval/samples']} samples unscored)")
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+# ---- rlaif-mlx eval ----------------------------------------------------------
+
+
+def run_eval_command(args: argparse.Namespace) -> int:
+    """``rlaif-mlx eval``: the base model, and a checkpoint when given, on one eval set.
+
+    Args:
+        args: ``config``, ``checkpoint`` (or None), ``eval_set`` (or None: the
+            config's ``data.eval_file``), ``max_tasks`` (or None) and ``out`` (or None).
+
+    Returns:
+        The exit status (0). Problems a user can fix raise ``cli._UserError``.
+    """
+    from .checkpoint import find_checkpoint
+    from .cli import _UserError, _create_backend, _create_teacher, _first_line
+    from .config import ConfigError, load_config
+    from .data import DataError, load_task_set
+    from .rewards import RewardPipeline
+    from .teachers.cost import BudgetExceeded
+    from .teachers.judge import TeacherUnavailable
+
+    try:
+        config = load_config(args.config, overrides={"eval.max_tasks": args.max_tasks})
+        checkpoint = find_checkpoint(args.checkpoint) if args.checkpoint else None
+        eval_set = args.eval_set or config.data.eval_file
+        if not eval_set:
+            raise _UserError(f"{args.config}: no eval set; name one with --eval-set (humaneval, or a JSONL task "
+                             "file) or set data.eval_file in the config")
+        tasks = load_task_set(eval_set, on_bad_line=config.data.on_bad_line)
+    except (ConfigError, DataError, ValueError) as exc:  # CheckpointError is a ValueError phrased as one line
+        raise _UserError(str(exc)) from None
+    model_path = Path(config.model.base_model)
+    if config.model.build_tiny_if_missing and not (model_path / "config.json").exists():
+        from .tiny_model import ensure_tiny_model
+
+        print(f"building the tiny random model at {model_path} (model.build_tiny_if_missing)", file=sys.stderr)
+        ensure_tiny_model(model_path)
+    backend = _create_backend(config, total_steps=1, source=args.config)  # no optimizer steps: any count does
+    pipeline = RewardPipeline(config.rewards, teacher=_create_teacher(config, source=args.config))
+    count = min(len(tasks.tasks), config.eval.max_tasks or len(tasks.tasks))
+    print(f"evaluating {count} tasks from {tasks.source}, {config.eval.num_samples} sample(s) each "
+          f"(backend {backend.name} on {backend.device})", file=sys.stderr)
+
+    def progress(label: str) -> Callable[[str], None]:
+        return lambda line: print(f"{label} {line}", file=sys.stderr)
+
+    started = time.perf_counter()
+    try:
+        base = evaluate(backend, tasks.tasks, pipeline, config, log=progress("base model"))
+        trained = None
+        if checkpoint is not None:
+            try:
+                backend.load(checkpoint)
+            except (ValueError, OSError) as exc:  # another model or LoRA shape than the config's
+                raise _UserError(f"{checkpoint}: cannot be loaded with {args.config}'s model settings: "
+                                 f"{_first_line(exc)}") from None
+            trained = evaluate(backend, tasks.tasks, pipeline, config, log=progress("checkpoint"))
+    except DataError as exc:
+        raise _UserError(str(exc)) from None
+    except (BudgetExceeded, TeacherUnavailable) as exc:
+        raise _UserError(f"stopped: {exc}") from None
+    finally:
+        if pipeline.teacher is not None:
+            pipeline.teacher.close()
+    print(f"evaluated in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+    print_comparison(base, trained, rich=sys.stdout.isatty())
+    if args.out:
+        report = {
+            "eval_set": tasks.source, "config": str(args.config),
+            "checkpoint_path": str(checkpoint) if checkpoint is not None else None,
+            "base": _json_floats(base),
+            "checkpoint": _json_floats(trained) if trained is not None else None,
+            "delta": _json_floats(_delta(base, trained)) if trained is not None else None,
+        }
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def print_comparison(base: dict[str, float], trained: dict[str, float] | None, *, rich: bool) -> None:
+    """Prints metric, base (and checkpoint, delta) as a ``rich`` table or plain aligned text."""
+    header = ["metric", "base"] + (["checkpoint", "delta"] if trained is not None else [])
+    delta = _delta(base, trained) if trained is not None else {}
+    rows = []
+    for key in list(base) + [k for k in (trained or {}) if k not in base]:
+        row = [key.removeprefix("eval/"), _fmt(base.get(key))]
+        if trained is not None:
+            row += [_fmt(trained.get(key)), _fmt(delta.get(key), signed=True)]
+        rows.append(row)
+    if rich:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="evaluation")
+        for i, name in enumerate(header):
+            table.add_column(name, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+        return
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+
+
+def _delta(base: dict[str, float], trained: dict[str, float] | None) -> dict[str, float]:
+    return {k: trained[k] - base[k] for k in base if trained is not None and k in trained}
+
+
+def _fmt(value: float | None, *, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, int):
+        return f"{value:+d}" if signed else str(value)
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def _json_floats(metrics: dict[str, float]) -> dict[str, float | None]:
+    """JSON has no NaN: a metric with nothing to average becomes null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
