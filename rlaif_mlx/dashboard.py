@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import math
 import time
 from collections import deque
@@ -23,6 +24,7 @@ from pygments.lexers import get_lexer_by_name
 from pygments.util import ClassNotFound
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.live import Live
+from rich.logging import RichHandler
 from rich.panel import Panel
 from rich.progress_bar import ProgressBar
 from rich.segment import Segment
@@ -154,6 +156,11 @@ class Dashboard:
         self.live = Live(self.frame(), console=self.console, auto_refresh=self.refresh_per_second > 0,
                          refresh_per_second=max(self.refresh_per_second, 0.1), transient=False)
         self.live.start(refresh=True)
+        # Warnings logged during the run go through the live console (above the frame), not
+        # straight to stderr, where they would tear the frame.
+        root = logging.getLogger()
+        self._saved_handlers = root.handlers[:]
+        root.handlers = [RichHandler(console=self.console, show_time=False, show_path=False)]
 
     def step(self, record: dict[str, Any], *, best: SampleView | None, worst: SampleView | None) -> None:
         self._absorb(record, best, worst)
@@ -175,6 +182,7 @@ class Dashboard:
             self.live.update(self.frame())
             self.live.stop()  # draws the last frame in full and leaves it on screen
             self.live = None
+            logging.getLogger().handlers = self._saved_handlers
 
     # ---- the frame ------------------------------------------------------
 

@@ -222,3 +222,18 @@ def test_fenced_completions_are_highlighted_as_markdown():
     out = console.file.getvalue()
     assert "\x1b[4;31" not in out  # the python lexer would mark the backticks as errors (red, underlined)
     assert "first" in out and "return" in out
+
+
+def test_log_warnings_go_through_the_live_console_while_it_runs():
+    import logging
+
+    from rlaif_mlx.reporting import RunHeader
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=120, record=True)
+    before = logging.getLogger().handlers[:]
+    board = Dashboard(console, refresh_per_second=0)
+    board.start(RunHeader(model="m", backend="torch", device="cpu", total_steps=2, output_dir="runs/x"))
+    logging.getLogger("rlaif_mlx.test").warning("a warning during the run")
+    board.close()
+    assert "a warning during the run" in console.export_text()
+    assert logging.getLogger().handlers == before

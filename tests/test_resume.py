@@ -166,3 +166,31 @@ def test_metrics_log_keeps_records_up_to_the_restored_step(tmp_path):
     sink.write({"step": 3, "loss": 0.5})
     sink.close()
     assert read_metrics(path) == [{"step": 1}, {"step": 2}, {"step": 3, "loss": 0.5}]
+
+
+def test_an_epoch_boundary_checkpoint_resumes_into_the_next_epoch(tmp_path, tiny_model_path):
+    """4 tasks, 2 per step, curriculum off: an epoch is 2 steps and the step-2 checkpoint sits on its boundary."""
+    whole = make_config(tmp_path, tiny_model_path, "whole", max_steps=4, sft_warmup_steps=0)
+    whole.curriculum.enabled = False
+    drawn: list[list[str]] = []
+    trainer = make_trainer(whole, _TextRewards())
+    sample = trainer.sample
+    trainer.sample = lambda tasks: drawn.append([t.id for t in tasks]) or sample(tasks)
+    records = trainer.run()
+    assert [r["epoch"] for r in records] == [0, 1, 1, 2]  # epoch counts finished passes after each step
+    assert sorted(drawn[0] + drawn[1]) == sorted(drawn[2] + drawn[3]) == sorted(t["id"] for t in TASKS)
+
+    part = make_config(tmp_path, tiny_model_path, "part", max_steps=4, sft_warmup_steps=0)
+    part.curriculum.enabled = False
+    first = make_trainer(part, _TextRewards())
+    first.total_steps = 2  # stop on the boundary (the config keeps max_steps 4, so the LR schedule matches)
+    first.run()
+    resumed = make_trainer(part, _TextRewards())
+    resumed.restore(tmp_path / "part" / "checkpoints" / "step-000002")
+    again: list[list[str]] = []
+    sample = resumed.sample
+    resumed.sample = lambda tasks: again.append([t.id for t in tasks]) or sample(tasks)
+    rest = resumed.run()
+    assert again == drawn[2:]  # the next epoch's batches, not a skipped or repeated one
+    assert [r["epoch"] for r in rest] == [1, 2]
+    assert numeric(rest) == numeric(records[2:])
