@@ -224,3 +224,18 @@ def test_model_named_on_the_command_line_is_never_built(tmp_path, tiny_model_pat
     assert main(["train", "--config", str(path), "--model", "Org/Model-0.5B"]) == 2
     assert "model.base_model 'Org/Model-0.5B' cannot be loaded" in capsys.readouterr().err
     assert not (tmp_path / "Org").exists()
+
+
+def test_periodic_eval_adds_eval_metrics_to_the_step_records(tmp_path, tiny_model_path, capsys):
+    path = write_config(tmp_path, tiny_model_path, max_steps=3)
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["eval_file"] = raw["data"]["train_file"]
+    raw["eval"] = {"every_steps": 2, "num_samples": 2, "pass_k": [1, 2], "temperature": 1.0}
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(path)]) == 0
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    evaluated = [r["step"] for r in records if "eval/pass@1" in r]
+    assert evaluated == [2, 3]  # every 2 steps, and at the end
+    assert all(r["eval/tasks"] == 2 and r["eval/samples"] == 4 and 0 <= r["eval/pass@1"] <= r["eval/pass@2"] <= 1
+               for r in records if r["step"] in evaluated)
+    assert "eval" in capsys.readouterr().out
