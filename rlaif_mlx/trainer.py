@@ -11,6 +11,7 @@ import math
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -216,9 +217,16 @@ class Trainer:
         tasks = [self.tasks[i] for i in self.curriculum.next_batch(self.config.training.batch_size)]
         completions = self.sample(tasks)
         t_sample = time.perf_counter()
-        results = self.rewards.score([(c.uid, tasks[c.prompt_index], c.text) for c in completions])
+        # Scoring (sandboxed tests, teacher calls) runs beside the reference log-probs, which do not
+        # depend on it: with a slow teacher the step takes sample + max(score, reference) + train.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring") as pool:
+            scoring = pool.submit(_timed, self.rewards.score,
+                                  [(c.uid, tasks[c.prompt_index], c.text) for c in completions])
+            logps = self.logprob_batch(completions)
+            t_reference = time.perf_counter()
+            results, score_s = scoring.result()
         t_score = time.perf_counter()
-        rollout = self.assemble(tasks, completions, results)
+        rollout = self.assemble(tasks, completions, results, logps=logps)
         self._check_scoring(rollout)
         advantages, weights, adv_stats = self.advantages(rollout)
         stats = self.update(rollout, advantages, weights)
@@ -234,7 +242,7 @@ class Trainer:
         self.step += 1
         t_end = time.perf_counter()
         record = self.record(rollout, stats, adv_stats, kl_token, kl_coef,
-                             times=(t_sample - t0, t_score - t_sample, t_end - t_score, t_end - t0))
+                             times=(t_sample - t0, score_s, t_reference - t_sample, t_end - t_score, t_end - t0))
         return record
 
     # ---- the parts of a step ---------------------------------------------
@@ -261,17 +269,23 @@ class Trainer:
         )
         return self.backend.sample([self.prompt_ids[t.id] for t in tasks], n=rl.num_samples_per_prompt, params=params)
 
-    def assemble(self, tasks: list[Task], completions: list[Completion], results: dict[str, RewardResult]) -> Rollout:
-        """Attaches rewards (by uid) and log-probs to the samples."""
+    def logprob_batch(self, completions: list[Completion]):
+        """The token batch, the sampling-time policy log-probs and (when KL is on) the reference's."""
+        sequences = SequenceBatch.from_completions(completions, pad_id=self.backend.pad_id)
+        policy_logp = sampled_logprobs(completions, sequences)
+        need_ref = self.kl_controller.value > 0 or self.config.rlaif.adaptive_kl
+        ref_logp = self.backend.logprobs(sequences, reference=True) if need_ref else None
+        return sequences, policy_logp, ref_logp
+
+    def assemble(self, tasks: list[Task], completions: list[Completion], results: dict[str, RewardResult],
+                 *, logps=None) -> Rollout:
+        """Attaches rewards (by uid) and log-probs (``logprob_batch``'s, computed here when not given)."""
         G = self.config.rlaif.num_samples_per_prompt
         rewards = np.full((len(tasks), G), np.nan, dtype=np.float64)
         for c in completions:
             r = results[c.uid].reward
             rewards[c.prompt_index, c.sample_index] = np.nan if r is None else r
-        sequences = SequenceBatch.from_completions(completions, pad_id=self.backend.pad_id)
-        policy_logp = sampled_logprobs(completions, sequences)
-        need_ref = self.kl_controller.value > 0 or self.config.rlaif.adaptive_kl
-        ref_logp = self.backend.logprobs(sequences, reference=True) if need_ref else None
+        sequences, policy_logp, ref_logp = logps if logps is not None else self.logprob_batch(completions)
         return Rollout(tasks, completions, results, rewards, sequences, policy_logp, ref_logp)
 
     def advantages(self, rollout: Rollout) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
@@ -343,7 +357,7 @@ class Trainer:
             errors += res.error is not None and res.reward is None
             for name, value in res.components.items():
                 components.setdefault(name, []).append(value)
-        sample_s, score_s, train_s, total_s = times
+        sample_s, score_s, reference_s, train_s, total_s = times
         record = {
             "step": self.step,
             "epoch": self.curriculum.epoch,
@@ -364,6 +378,7 @@ class Trainer:
             "curriculum_bucket": self.curriculum.bucket,
             "sample_seconds": sample_s,
             "score_seconds": score_s,
+            "reference_seconds": reference_s,  # overlapped with scoring
             "train_seconds": train_s,
             "step_seconds": total_s,
             "tokens_per_second": float(sum(lengths) / max(sample_s, 1e-9)),
@@ -495,6 +510,12 @@ class Trainer:
             tensorboard=TensorBoardSink(out / "tensorboard", purge_step=self.step + 1) if cfg.tensorboard else None,
             samples=SampleSink(out / "samples.jsonl", truncate_after_step=self.step) if cfg.save_samples else None,
         )
+
+
+def _timed(fn, *args):
+    """``(fn(*args), seconds)``: the scoring thread's own wall time."""
+    started = time.perf_counter()
+    return fn(*args), time.perf_counter() - started
 
 
 def sampled_logprobs(completions: list[Completion], sequences: SequenceBatch) -> np.ndarray:

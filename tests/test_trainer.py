@@ -239,3 +239,33 @@ def test_periodic_eval_adds_eval_metrics_to_the_step_records(tmp_path, tiny_mode
     assert all(r["eval/tasks"] == 2 and r["eval/samples"] == 4 and 0 <= r["eval/pass@1"] <= r["eval/pass@2"] <= 1
                for r in records if r["step"] in evaluated)
     assert "eval" in capsys.readouterr().out
+
+
+def test_scoring_overlaps_the_reference_log_probs(tmp_path, tiny_model_path):
+    """The graders / teacher run while the reference scores the batch (no timing: a rendezvous)."""
+    import threading
+
+    from rlaif_mlx.backends.torch import create
+
+    cfg = load_config(write_config(tmp_path, tiny_model_path, max_steps=1))
+    backend = create(cfg.model, cfg.training, seed=0, total_steps=1)
+    reference_started = threading.Event()
+    logprobs = backend.logprobs
+
+    def watched(batch, *, reference=False):
+        if reference:
+            reference_started.set()
+        return logprobs(batch, reference=reference)
+
+    backend.logprobs = watched
+
+    class WaitsForTheReference:
+        def score(self, items):
+            # Sequential code would deadlock here (the reference runs after scoring): fail instead.
+            assert reference_started.wait(timeout=30), "scoring did not overlap the reference log-probs"
+            return {uid: RewardResult(0.5, {"tests": 0.5}) for uid, _, _ in items}
+
+    trainer = Trainer(cfg, backend=backend, train=TaskSet(TASKS, 0, "test"), rewards=WaitsForTheReference(),
+                      output_dir=tmp_path / "run")
+    record = trainer.train_step()
+    assert record["reward_mean"] == 0.5 and record["reference_seconds"] > 0
