@@ -7,7 +7,9 @@ that need a backend.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -125,9 +127,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .checkpoint import check_resumable, find_checkpoint
-    from .config import CLI_OVERRIDES, ConfigError, load_config, save_config
-    from .data import DataError, load_task_set
+    from .config import CLI_OVERRIDES, ConfigError, load_config
 
     overrides = {path: getattr(args, flag) for flag, path in CLI_OVERRIDES.items()}
     if args.model:
@@ -138,6 +138,39 @@ def _train(args: argparse.Namespace) -> int:
         config = load_config(args.config, overrides=overrides)
     except ConfigError as exc:
         raise _UserError(str(exc)) from None
+    dist = _process_group(config)
+    try:
+        with contextlib.ExitStack() as stack:
+            if not dist.is_main:  # under torchrun rank 0 speaks for the run; the others print only errors
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            code = _run_training(args, config, dist)
+        dist.barrier()  # all done before any leaves: gloo aborts a process whose peer left mid-exchange
+        return code
+    finally:
+        dist.close()
+
+
+def _process_group(config):
+    """This process's place under torchrun (a single process without it); one-line errors."""
+    from .backends import BackendUnavailable, resolve_backend_name
+    from .distributed import DistributedSetupError, context_from_env, init_from_env
+
+    try:
+        dist = context_from_env()
+        if dist.enabled:
+            dist.check_batch_size(config.training.batch_size)
+            dist = init_from_env(device=config.model.torch.device, backend=resolve_backend_name(config.backend))
+        return dist
+    except (DistributedSetupError, BackendUnavailable) as exc:
+        raise _UserError(str(exc)) from None
+
+
+def _run_training(args: argparse.Namespace, config, dist) -> int:
+    from .checkpoint import check_resumable, find_checkpoint
+    from .config import save_config
+    from .data import DataError, load_task_set
+    from .reporting import PlainReporter
+
     output_dir = Path(config.output_dir)
     checkpoint = None
     if args.resume is not None:
@@ -149,14 +182,15 @@ def _train(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise _UserError(str(exc)) from None
     output_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, output_dir / "config.yaml")
-
     model_path = Path(config.model.base_model)
-    if config.model.build_tiny_if_missing and not (model_path / "config.json").exists():
-        from .tiny_model import ensure_tiny_model
+    if dist.is_main:
+        save_config(config, output_dir / "config.yaml")
+        if config.model.build_tiny_if_missing and not (model_path / "config.json").exists():
+            from .tiny_model import ensure_tiny_model
 
-        print(f"building the tiny random model at {model_path} (model.build_tiny_if_missing)")
-        ensure_tiny_model(model_path)
+            print(f"building the tiny random model at {model_path} (model.build_tiny_if_missing)")
+            ensure_tiny_model(model_path)
+    dist.barrier()  # the others load the model rank 0 may have just built
     try:
         train = load_task_set(config.data.train_file, on_bad_line=config.data.on_bad_line)
         periodic = config.eval.every_steps and config.data.eval_file
@@ -177,6 +211,9 @@ def _train(args: argparse.Namespace) -> int:
     print(f"backend {backend.name} on {backend.device}  model {config.model.base_model}  "
           f"trainable {trainable:,} of {total:,} parameters ({'LoRA' if config.model.use_lora else 'full'})")
     print(f"{len(train.tasks)} training tasks from {config.data.train_file}  output {output_dir}")
+    if dist.enabled:
+        print(f"torchrun: {dist.world_size} processes, {config.training.batch_size // dist.world_size} of the "
+              f"{config.training.batch_size} prompts of each step on each; gradients summed")
     from .sandbox import sandbox_capabilities
 
     caps = sandbox_capabilities()
@@ -186,9 +223,9 @@ def _train(args: argparse.Namespace) -> int:
     from .dashboard import make_reporter
 
     reporter = make_reporter(dashboard=config.logging.dashboard and not args.no_dashboard,
-                             log_every=config.logging.log_every)
+                             log_every=config.logging.log_every) if dist.is_main else PlainReporter(lambda line: None)
     trainer = Trainer(config, backend=backend, train=train, rewards=rewards, output_dir=output_dir,
-                      reporter=reporter, eval_tasks=eval_set)
+                      reporter=reporter, eval_tasks=eval_set, dist=dist)
     if checkpoint is not None:
         try:
             trainer.restore(checkpoint)

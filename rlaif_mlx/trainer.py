@@ -2,7 +2,9 @@
 
 A step reads top to bottom: pick prompts, sample, score, reference log-probs,
 advantages, update, KL control, record. The math lives in ``advantages``,
-``kl`` and ``objective``; the framework lives in the backend.
+``kl`` and ``objective``; the framework lives in the backend. Under torchrun
+each process samples, scores and trains its share of the prompts and decides
+everything else on the gathered whole batch (``distributed``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .checkpoint import check_resumable, load_trainer_state, save_checkpoint
 from .config import RunConfig
 from .curriculum import Curriculum, estimate_difficulty
 from .data import Task, TaskSet, prompt_token_ids, reference_completion_text
+from .distributed import DistContext
 from .evaluation import evaluate, format_eval_line
 from .metrics import JsonlSink, MetricsSinks, SampleSink, TensorBoardSink
 from .objective import aggregation_weights
@@ -93,6 +96,8 @@ class Trainer:
         log: prints one human line, when no ``reporter`` is given.
         reporter: shows the run (``reporting.PlainReporter`` lines, or the live dashboard).
         eval_tasks: the eval set for periodic evaluation (``eval.every_steps``).
+        dist: this process's place in a torchrun job (default: a single process).
+            Rank 0 alone writes metrics and checkpoints; others pass a silent reporter.
     """
 
     def __init__(
@@ -106,8 +111,11 @@ class Trainer:
         log: Callable[[str], None] = print,
         reporter: Reporter | None = None,
         eval_tasks: TaskSet | None = None,
+        dist: DistContext | None = None,
     ) -> None:
         self.config = config
+        self.dist = dist if dist is not None else DistContext()
+        self.dist.check_batch_size(config.training.batch_size)
         self.eval_tasks = eval_tasks  # evaluated every ``eval.every_steps`` (None: no periodic eval)
         self.backend = backend
         self.tasks = train.by_id()
@@ -170,12 +178,13 @@ class Trainer:
                 self.supervised_warmup()
             while self.step < self.total_steps:
                 records.append(self.train_step())
-                stopping = self._stop_signal is not None
+                stopping = self.dist.any(self._stop_signal is not None)  # every process stops after the same step
                 if stopping or self.step % self.config.training.save_steps == 0 or self.step == self.total_steps:
                     self.save()
                 if stopping:
-                    raise StopRequested(f"{signal.Signals(self._stop_signal).name} after step {self.step}: "
-                                        f"checkpoint saved in {self.output_dir / 'checkpoints'}", self._stop_signal)
+                    signum = self._stop_signal or signal.SIGTERM
+                    raise StopRequested(f"{signal.Signals(signum).name} after step {self.step}: "
+                                        f"checkpoint saved in {self.output_dir / 'checkpoints'}", signum)
         except (ScoringFailed, BudgetExceeded, TeacherUnavailable):
             if self.step > 0:
                 self.save()  # keep what was learned before the grader, teacher or budget gave out
@@ -213,8 +222,10 @@ class Trainer:
         t0 = time.perf_counter()
         self._open_metrics()
         if self.teacher is not None:  # before anything of this step is drawn: a budget stop resumes exactly here
-            self.teacher.check_budget(self.config.training.batch_size * self.config.rlaif.num_samples_per_prompt)
-        tasks = [self.tasks[i] for i in self.curriculum.next_batch(self.config.training.batch_size)]
+            self.dist.check_budget(self.teacher,
+                                   self.config.training.batch_size * self.config.rlaif.num_samples_per_prompt)
+        batch = [self.tasks[i] for i in self.curriculum.next_batch(self.config.training.batch_size)]
+        tasks = self.dist.shard(batch)  # this process's prompts, each with its whole group (all of them in one process)
         completions = self.sample(tasks)
         t_sample = time.perf_counter()
         # Scoring (sandboxed tests, teacher calls) runs beside the reference log-probs, which do not
@@ -224,24 +235,25 @@ class Trainer:
                                   [(c.uid, tasks[c.prompt_index], c.text) for c in completions])
             logps = self.logprob_batch(completions)
             t_reference = time.perf_counter()
-            results, score_s = scoring.result()
+            results, score_s = self.dist.run_together(scoring.result)  # a failure anywhere stops every process
         t_score = time.perf_counter()
         rollout = self.assemble(tasks, completions, results, logps=logps)
-        self._check_scoring(rollout)
-        advantages, weights, adv_stats = self.advantages(rollout)
+        full = self.gather(batch, rollout)  # the whole batch: what every decision below is taken on
+        self._check_scoring(full)
+        advantages, weights, adv_stats = self.advantages(full)
         stats = self.update(rollout, advantages, weights)
         kl_token = klmod.masked_mean_kl(
-            rollout.policy_logp, rollout.ref_logp, rollout.sequences.loss_mask, estimator=self.config.rlaif.kl_estimator
-        ).token_mean if rollout.ref_logp is not None else float("nan")
+            full.policy_logp, full.ref_logp, full.sequences.loss_mask, estimator=self.config.rlaif.kl_estimator
+        ).token_mean if full.ref_logp is not None else float("nan")
         kl_coef = self.kl_controller.value
-        self.kl_controller.update(kl_token, len(completions))
-        for i, task in enumerate(tasks):
-            group = rollout.rewards[i]
+        self.kl_controller.update(kl_token, len(full.completions))
+        for i, task in enumerate(batch):
+            group = full.rewards[i]
             if np.isfinite(group).any():
                 self.curriculum.record(task.id, float(np.nanmean(group)))
         self.step += 1
         t_end = time.perf_counter()
-        record = self.record(rollout, stats, adv_stats, kl_token, kl_coef,
+        record = self.record(full, stats, adv_stats, kl_token, kl_coef,
                              times=(t_sample - t0, score_s, t_reference - t_sample, t_end - t_score, t_end - t0))
         return record
 
@@ -260,12 +272,19 @@ class Trainer:
                 f"{errors[0] if errors else 'unknown'}"
             )
 
-    def sample(self, tasks: list[Task]) -> list[Completion]:
+    def sample(self, tasks: list[Task], *, first_index: int | None = None) -> list[Completion]:
+        """G completions per task; ``first_index``: the first task's place in the step's whole batch
+        (default: where this process's share starts).
+
+        Each prompt draws from its own seed (run seed, step, place in the batch): reproducible,
+        different every step, and the same whichever process samples it.
+        """
+        first_index = self.dist.rank * len(tasks) if first_index is None else first_index
         rl = self.config.rlaif
         params = SamplingParams(
             max_new_tokens=rl.max_new_tokens, temperature=rl.generation_temperature, top_k=rl.top_k,
             top_p=rl.top_p, min_p=rl.min_p, stop=tuple(rl.stop),
-            seed=self.config.seed * 1_000_003 + self.step,  # reproducible, different every step
+            seed=tuple(prompt_seed(self.config.seed, self.step, first_index + i) for i in range(len(tasks))),
         )
         return self.backend.sample([self.prompt_ids[t.id] for t in tasks], n=rl.num_samples_per_prompt, params=params)
 
@@ -287,6 +306,21 @@ class Trainer:
             rewards[c.prompt_index, c.sample_index] = np.nan if r is None else r
         sequences, policy_logp, ref_logp = logps if logps is not None else self.logprob_batch(completions)
         return Rollout(tasks, completions, results, rewards, sequences, policy_logp, ref_logp)
+
+    def gather(self, tasks: list[Task], rollout: Rollout) -> Rollout:
+        """The whole batch's rollout from every process's share (``rollout`` itself in one process).
+
+        Rebuilt from the gathered samples as one process would build it; only the
+        reference log-probs travel as arrays.
+        """
+        if not self.dist.enabled:
+            return rollout
+        completions, results = self.dist.gather_samples(rollout.completions, rollout.results,
+                                                        prompts=len(rollout.tasks))
+        ref_logp = self.dist.gather_rows(rollout.ref_logp) if rollout.ref_logp is not None else None
+        sequences = SequenceBatch.from_completions(completions, pad_id=self.backend.pad_id)
+        return self.assemble(tasks, completions, results,
+                             logps=(sequences, sampled_logprobs(completions, sequences), ref_logp))
 
     def advantages(self, rollout: Rollout) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
         """Per-sample advantages ``[B*G]`` and the token weights ``[B*G, T-1]`` of the loss."""
@@ -320,26 +354,31 @@ class Trainer:
         return np.nan_to_num(result.advantages).reshape(-1).astype(np.float32), weights.astype(np.float32), stats
 
     def update(self, rollout: Rollout, advantages: np.ndarray, weights: np.ndarray):
-        """``updates_per_batch`` optimizer steps on the rollout; returns the last step's stats."""
+        """``updates_per_batch`` optimizer steps on the rollout; returns the last step's stats.
+
+        ``advantages`` and ``weights`` cover the whole batch; this process trains on its rows of them.
+        """
         rl = self.config.rlaif
         kl_in_loss = rl.kl_placement == "loss" and rollout.ref_logp is not None
         settings = LossSettings(
             clip_eps_low=self.config.training.clip_eps_low, clip_eps_high=self.config.training.clip_eps_high,
             kl_coef=self.kl_controller.value if kl_in_loss else 0.0, kl_estimator=rl.kl_estimator,
         )
+        if not weights.any():  # over the whole batch: every process skips alike
+            # Nothing scored (or every group skipped): an optimizer step on a zero
+            # gradient would still move the weights through Adam's momentum.
+            return StepStats(loss=0.0, pg_loss=0.0, kl=0.0, clip_fraction=0.0, ratio_mean=1.0, grad_norm=0.0,
+                             lr=0.0, extra={"update_skipped": 1.0})
+        rows, width = rollout.sequences.loss_mask.shape
         multi = self.config.training.updates_per_batch > 1
         batch = TrainBatch(
-            sequences=rollout.sequences, advantages=advantages, token_weights=weights,
+            sequences=rollout.sequences, advantages=self.dist.local_rows(advantages, rows),
+            token_weights=self.dist.local_rows(weights, rows)[:, :width],
             # one update: the ratio is against the current policy exactly (stop-gradient);
             # several: against the behaviour policy that sampled the batch
             old_logp=rollout.policy_logp if multi else None,
             ref_logp=rollout.ref_logp if kl_in_loss else None,
         )
-        if not weights.any():
-            # Nothing scored (or every group skipped): an optimizer step on a zero
-            # gradient would still move the weights through Adam's momentum.
-            return StepStats(loss=0.0, pg_loss=0.0, kl=0.0, clip_fraction=0.0, ratio_mean=1.0, grad_norm=0.0,
-                             lr=0.0, extra={"update_skipped": 1.0})
         # The schedule follows RL steps (which the trainer owns and checkpoints),
         # so updates_per_batch > 1 does not run it faster.
         lr = scheduled_learning_rate(self.step, self.config.training, total_steps=self.total_steps)
@@ -382,17 +421,19 @@ class Trainer:
             "train_seconds": train_s,
             "step_seconds": total_s,
             "tokens_per_second": float(sum(lengths) / max(sample_s, 1e-9)),
-            **(self.teacher.last_batch.metrics(self.teacher.ledger) if self.teacher is not None else {}),
+            **(self.dist.teacher_metrics(self.teacher) if self.teacher is not None else {}),
         }
         every = self.config.eval.every_steps
-        if self.eval_tasks is not None and every and (self.step % every == 0 or self.step == self.total_steps):
+        if (self.dist.is_main and self.eval_tasks is not None and every
+                and (self.step % every == 0 or self.step == self.total_steps)):  # rank 0 evaluates, the others wait
             # After the record is built: evaluating re-scores, which replaces the teacher's last-batch numbers.
             started = time.perf_counter()
             record.update(evaluate(self.backend, self.eval_tasks.tasks, self.rewards, self.config))
             record["eval_seconds"] = time.perf_counter() - started
             self.log(format_eval_line(record, step=self.step))
-        self.metrics.write(record)
-        self.metrics.write_samples(self.step, rollout.tasks, rollout.completions, rollout.results)
+        if self.metrics is not None:  # rank 0's
+            self.metrics.write(record)
+            self.metrics.write_samples(self.step, rollout.tasks, rollout.completions, rollout.results)
         best, worst = self.extreme_samples(rollout)
         self.reporter.step(record, best=best, worst=worst)
         return record
@@ -439,31 +480,40 @@ class Trainer:
                                               tuple([0.0] * len(target)), "", "eos"))
             seqs = SequenceBatch.from_completions(completions, pad_id=self.backend.pad_id)
             weights = aggregation_weights(seqs.loss_mask, aggregation="token_mean")
-            # At ratio 1 the clipped surrogate's gradient with advantage 1 is the NLL gradient.
+            # At ratio 1 the clipped surrogate's gradient with advantage 1 is the NLL gradient. Under
+            # torchrun every process takes the whole (small) batch at 1/world_size: the summed gradient is one's.
             self.backend.train_step(
-                TrainBatch(seqs, np.ones(len(completions), np.float32), weights.astype(np.float32)),
+                TrainBatch(seqs, np.ones(len(completions), np.float32),
+                           (weights / self.dist.world_size).astype(np.float32)),
                 loss=LossSettings(kl_coef=0.0), learning_rate=lr,
             )
-            if self._stop_signal is not None:  # nothing to checkpoint yet: the warm-up reruns next time
-                raise StopRequested(f"{signal.Signals(self._stop_signal).name} during the warm-up: nothing saved",
-                                    self._stop_signal)
+            if self.dist.any(self._stop_signal is not None):  # nothing to checkpoint yet: the warm-up reruns next time
+                signum = self._stop_signal or signal.SIGTERM
+                raise StopRequested(f"{signal.Signals(signum).name} during the warm-up: nothing saved", signum)
             if (i + 1) % 10 == 0 or i + 1 == cfg.sft_warmup_steps:
                 nll = -float((self.backend.logprobs(seqs) * weights).sum())
                 self.log(f"warm-up {i + 1}/{cfg.sft_warmup_steps}  nll/token {nll:.3f}")
         self.backend.rebase_reference()
 
     def save(self) -> Path:
-        """Writes a checkpoint of the current step (see ``checkpoint.save_checkpoint``)."""
+        """Writes a checkpoint of the current step (see ``checkpoint.save_checkpoint``).
+
+        Under torchrun rank 0 writes it (the weights are the same everywhere) and
+        every process returns once it is complete.
+        """
         state = {
             "step": self.step,
             "unscored_steps": self._unscored_steps,
             "kl_controller": self.kl_controller.state_dict(),
             "curriculum": self.curriculum.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
-            "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+            "teacher": self.dist.teacher_state(self.teacher),  # every process's spend
         }
-        return save_checkpoint(self.output_dir, step=self.step, state=state, config=self.config,
-                               save_backend=self.backend.save, keep=self.config.training.save_total_limit)
+        path = None
+        if self.dist.is_main:
+            path = save_checkpoint(self.output_dir, step=self.step, state=state, config=self.config,
+                                   save_backend=self.backend.save, keep=self.config.training.save_total_limit)
+        return self.dist.from_main(path)
 
     def restore(self, checkpoint: Path) -> None:
         """Continues from a checkpoint exactly where its run stopped.
@@ -491,7 +541,7 @@ class Trainer:
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         if self.teacher is not None and state.get("teacher") is not None:
-            self.teacher.load_state_dict(state["teacher"])  # the spend so far counts against the budget
+            self.teacher.load_state_dict(self.dist.teacher_share(state["teacher"]))  # the spend so far counts
         self.restored_from = checkpoint
 
     def _open_metrics(self) -> None:
@@ -500,7 +550,7 @@ class Trainer:
         ``metrics.jsonl`` always; TensorBoard event files and ``samples.jsonl``
         when the ``logging`` section asks for them.
         """
-        if self.metrics is not None:
+        if self.metrics is not None or not self.dist.is_main:
             return
         out, cfg = self.output_dir, self.config.logging
         self.metrics = MetricsSinks(
@@ -516,6 +566,12 @@ def _timed(fn, *args):
     """``(fn(*args), seconds)``: the scoring thread's own wall time."""
     started = time.perf_counter()
     return fn(*args), time.perf_counter() - started
+
+
+def prompt_seed(seed: int, step: int, index: int) -> int:
+    """The sampling seed of the prompt at ``index`` of step ``step``'s batch (63 bits, well mixed)."""
+    state = np.random.SeedSequence([seed % 2**63, step, index]).generate_state(1, np.uint64)[0]
+    return int(state >> np.uint64(1))
 
 
 def sampled_logprobs(completions: list[Completion], sequences: SequenceBatch) -> np.ndarray:

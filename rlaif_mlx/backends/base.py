@@ -23,7 +23,12 @@ import numpy as np
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample completions. Zero / one values switch a filter off."""
+    """How to sample completions. Zero / one values switch a filter off.
+
+    ``seed``: an int seeds the whole call; a tuple holds one seed per prompt, so
+    a prompt's samples do not depend on which other prompts share the call (a
+    batch split over processes samples what one process would); None draws one.
+    """
 
     max_new_tokens: int = 128
     temperature: float = 1.0
@@ -31,7 +36,7 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     stop: tuple[str, ...] = ()
-    seed: int | None = None
+    seed: int | tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,7 @@ class MlxBackend:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("Every prompt needs at least one token.")
         self._model.eval()
-        key = self._key(params.seed)
+        keys = self._keys(params.seed, len(prompts))
 
         ids, padding = ops.left_pad(prompts, pad_id=self.pad_id)
         cache = ops.batch_cache(self._model, padding)
@@ -193,8 +193,8 @@ class MlxBackend:
         alive = mx.ones((rows,), dtype=mx.bool_)
         for step in range(params.max_new_tokens):
             logits = logits.astype(mx.float32)
-            key, sub = mx.random.split(key)
-            chosen = mx.where(alive, ops.choose(logits, params, sub).astype(mx.int32), pad)
+            keys, subs = zip(*(mx.random.split(k) for k in keys))
+            chosen = mx.where(alive, self._choose(logits, params, subs).astype(mx.int32), pad)
             chosen_logp = ops.target_logp(logits, chosen)
             mx.eval(chosen, chosen_logp)
             alive = mx.array(book.add(chosen.tolist(), chosen_logp.tolist()))
@@ -208,8 +208,20 @@ class MlxBackend:
         """One cached forward; returns the last position's logits ``[R, V]`` (the cache updates in place)."""
         return self._model(ids, cache=cache)[:, -1, :]
 
-    def _key(self, seed: int | None):
-        return mx.random.key(seed if seed is not None else portable.draw_seed(self._rng))
+    def _keys(self, seed: int | tuple[int, ...] | None, prompts: int) -> list:
+        """One key for the call, or one per prompt when ``seed`` is a tuple."""
+        seeds = seed if isinstance(seed, tuple) else (seed if seed is not None else portable.draw_seed(self._rng),)
+        if isinstance(seed, tuple) and len(seed) != prompts:
+            raise ValueError(f"params.seed holds {len(seed)} seeds for {prompts} prompts; give one per prompt.")
+        return [mx.random.key(s) for s in seeds]
+
+    @staticmethod
+    def _choose(logits, params: SamplingParams, keys):
+        """Next tokens; with per-prompt keys each prompt's rows draw from their own."""
+        if len(keys) == 1:
+            return ops.choose(logits, params, keys[0])
+        parts = mx.split(logits, len(keys), axis=0)
+        return mx.concatenate([ops.choose(part, params, k) for part, k in zip(parts, keys)])
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)

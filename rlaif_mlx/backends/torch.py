@@ -11,6 +11,8 @@ share (``backends/portable.py``).
   adapters switched off; a full fine-tune keeps a frozen copy made at load.
 - Sampling prefills each prompt once (left-padded batch, explicit position
   ids) and shares its KV cache among its ``n`` samples.
+- Under torchrun (``rlaif_mlx/distributed.py``) every process keeps a whole
+  replica; ``_accumulate_gradients`` sums the gradients of all processes.
 - Importing this module imports torch; ``import rlaif_mlx`` never does.
 """
 
@@ -157,7 +159,7 @@ class TorchBackend:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("Every prompt needs at least one token.")
         self._model.eval()
-        generator = self._generator(params.seed)
+        generators = self._generators(params.seed, len(prompts))
 
         ids, mask = ops.left_pad(prompts, pad_id=self.pad_id, device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -173,7 +175,7 @@ class TorchBackend:
         alive = torch.ones(rows, dtype=torch.bool, device=self.device)
         for step in range(params.max_new_tokens):
             logits = logits.float()
-            chosen = torch.where(alive, ops.choose(logits, params, generator), pad)
+            chosen = torch.where(alive, self._choose(logits, params, generators), pad)
             chosen_logp = ops.target_logp(logits, chosen)
             alive = torch.tensor(book.add(chosen.tolist(), chosen_logp.tolist()), device=self.device)
             if book.done or step == params.max_new_tokens - 1:
@@ -197,12 +199,23 @@ class TorchBackend:
         cache = out.get("cache") if out.get("cache") is not None else out.past_key_values
         return out.logits[:, -1, :], cache
 
-    def _generator(self, seed: int | None):
-        seed = seed if seed is not None else portable.draw_seed(self._rng)
+    def _generators(self, seed: int | tuple[int, ...] | None, prompts: int) -> list:
+        """One generator for the call, or one per prompt when ``seed`` is a tuple."""
+        seeds = seed if isinstance(seed, tuple) else (seed if seed is not None else portable.draw_seed(self._rng),)
+        if isinstance(seed, tuple) and len(seed) != prompts:
+            raise ValueError(f"params.seed holds {len(seed)} seeds for {prompts} prompts; give one per prompt.")
         try:
-            return torch.Generator(device=self.device).manual_seed(seed)
+            return [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
         except RuntimeError:  # devices without their own generator sample on the CPU
-            return torch.Generator().manual_seed(seed)
+            return [torch.Generator().manual_seed(s) for s in seeds]
+
+    @staticmethod
+    def _choose(logits, params: SamplingParams, generators: list):
+        """Next tokens; with per-prompt generators each prompt's rows draw from their own."""
+        if len(generators) == 1:
+            return ops.choose(logits, params, generators[0])
+        parts = logits.tensor_split(len(generators))
+        return torch.cat([ops.choose(part, params, g) for part, g in zip(parts, generators)])
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -248,6 +261,10 @@ class TorchBackend:
     def train_step(self, batch: TrainBatch, *, loss: LossSettings, learning_rate: float | None = None) -> StepStats:
         """One optimizer step over the batch: micro-batches, accumulation, clipping, AdamW.
 
+        Under torchrun each process passes its share of the batch (token weights
+        normalised over the whole batch); gradients and loss statistics are
+        summed across processes before clipping, so all take the same step.
+
         Args:
             batch: sequences, advantages and whole-batch-normalised token weights.
             loss: clip ranges and the KL coefficient.
@@ -255,7 +272,8 @@ class TorchBackend:
                 where it is (a supervised warm-up); None follows the schedule.
 
         Returns:
-            The step's loss, its parts, the pre-clip gradient norm and the rate used.
+            The step's loss, its parts, the pre-clip gradient norm and the rate
+            used (over the whole batch, under torchrun too).
         """
         lr = learning_rate if learning_rate is not None else scheduled_learning_rate(self._step, self._training, total_steps=self._total_steps)
         torch.manual_seed(portable.draw_seed(self._rng))  # dropout masks
@@ -300,7 +318,38 @@ class TorchBackend:
             )
             value.backward()
             combined.add(value.detach(), stats)
+        self._sum_across_processes(combined)
         return combined.result()
+
+    @torch.no_grad()
+    def _sum_across_processes(self, combined: MicroBatchStats) -> None:
+        """Under torchrun: adds up every process's gradients and loss statistics, in place.
+
+        Each process differentiated its share of the batch with token weights
+        normalised over the whole batch, so the sum (not the mean) is the
+        single-process gradient. Done before clipping: the clip sees the global
+        norm, and every process takes the same step. A no-op in one process.
+        """
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        for p in self._trainable:
+            if p.grad is None:  # a share with no rows still joins the sum
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self._trainable]
+        for bucket in _buckets(grads):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+                g.copy_(part.view_as(g))
+        means = MicroBatchStats.MEANS
+        scalars = torch.tensor([combined.loss, combined.pg_loss, combined.weight, float(combined.micro_batches),
+                                *(combined.weighted[k] for k in means)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(scalars)
+        values = scalars.tolist()
+        combined.loss, combined.pg_loss, combined.weight, micro_batches = values[:4]
+        combined.micro_batches = int(micro_batches)
+        combined.weighted = dict(zip(means, values[4:]))
 
     def _slice(self, array: np.ndarray | None, index: slice, width: int | None):
         if array is None:
@@ -434,6 +483,19 @@ class TorchBackend:
             merged.save_pretrained(str(path), safe_serialization=True)
         portable.add_legacy_rope_keys(path / "config.json")  # so mlx-lm reads the same RoPE as transformers
         self.tokenizer.save_pretrained(str(path))
+
+
+def _buckets(tensors: list, max_elements: int = 1 << 25) -> list[list]:
+    """Consecutive tensors of one dtype grouped up to ``max_elements``: few all-reduce calls, bounded extra memory."""
+    buckets: list[list] = []
+    size = 0
+    for t in tensors:
+        if not buckets or size + t.numel() > max_elements or buckets[-1][0].dtype != t.dtype:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(t)
+        size += t.numel()
+    return buckets
 
 
 def create(model: ModelConfig, training: TrainingConfig, *, seed: int, total_steps: int) -> TorchBackend:
