@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .backends.base import Backend
     from .rewards import RewardPipeline
 
-# Eval sampling seeds: far from the training's ``seed * 1_000_003 + step``, and within 63 bits.
+# Eval sampling seeds: an offset that keeps them apart from training's per-prompt seeds, within 63 bits.
 _SEED_OFFSET = 0x5EED_0000_0000
 
 
