@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import io
 import json
 import pstats
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sampling_case  # noqa: E402
 
+_NEVER_MATCHES = "\x00no-such-stop\x00"
 _NOTES = {
     "torch": ("Loop overhead = the rest of `TorchBackend.sample`: `torch.where` on the chosen ids, "
               "`.tolist()` of ids and log-probs, `torch.tensor(alive)`, growing the attention mask with "
@@ -64,6 +66,11 @@ def profile_case(case: dict, *, calls: int = 3) -> dict:
     phases = {name: (seconds, middle.calls[name]) for name, seconds in middle.seconds.items()}
     phases["loop overhead (rest of sample)"] = (middle.total - sum(middle.seconds.values()), 0)
 
+    # Uninstrumented, and with one stop string that never matches (every row still runs full length).
+    plain = _median_seconds(call, calls)
+    stop_params = dataclasses.replace(params, stop=(_NEVER_MATCHES,))
+    with_stop = _median_seconds(lambda: backend.sample(prompts, n=group, params=stop_params), calls)
+
     profiler = cProfile.Profile()
     profiler.enable()
     call()
@@ -76,8 +83,18 @@ def profile_case(case: dict, *, calls: int = 3) -> dict:
         "backend": case["backend"], "group": group, "rows": len(prompts) * group, "calls": calls,
         "total_seconds": middle.total, "phases": phases, "phase_notes": _NOTES[case["backend"]],
         "prefill_compare": _prefill_compare(backend, prompts, group, middle),
+        "plain_seconds": plain, "stop_seconds": with_stop,
         "cprofile": [line.rstrip() for line in body[start:] if line.strip()],
     }
+
+
+def _median_seconds(fn, calls: int) -> float:
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 class _Timers:

@@ -156,6 +156,11 @@ def _profile_section(p: dict) -> list[str]:
         lines += [f"Prefill alone (model forward, no sampling): P={c['prompts']} rows {c['ours']:.3f} s "
                   f"(ours: once per prompt) vs P x G={c['rows']} rows {c['peer']:.3f} s (the peers: once per "
                   f"sample). One decode step over {c['rows']} rows: {c['decode_step']:.4f} s.", ""]
+    if "plain_seconds" in p:
+        extra = p["stop_seconds"] / p["plain_seconds"] - 1
+        lines += [f"Uninstrumented call: {p['plain_seconds']:.3f} s. The same call with one stop string configured "
+                  f"(never matching, so every row still runs full length): {p['stop_seconds']:.3f} s ({extra:+.0%}).",
+                  ""]
     lines += ["cProfile of one uninstrumented call, top functions by own time:", "", "```",
               *p["cprofile"], "```"]
     return lines
