@@ -19,6 +19,12 @@ never by the test suite:
 
 The report (``--out``) is rewritten on each run, except anything below the
 line ``<!-- notes -->``, which is kept: write findings there.
+``step_floor.py`` measures, outside the trainer, what proposed changes to our
+step would save.
+
+The machine may be shared: before each run the benchmark waits for the other
+processes to go quiet, records the share of the cores they used during the
+timed steps, and runs a round again when they used more than ``--quiet``.
 """
 
 from __future__ import annotations
@@ -28,9 +34,9 @@ import datetime
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
-import statistics
 import tempfile
 import time
 from pathlib import Path
