@@ -69,11 +69,14 @@ def main(argv: list[str] | None = None) -> int:
         common = {"model": model, "prompts": prompts, "new_tokens": args.new_tokens, "seed": args.seed}
         for backend in backends:
             for group in groups:
-                for impl in IMPLS:
-                    case = common | {"backend": backend, "impl": impl, "group": group, "repeats": args.repeats}
-                    run["results"].append(_reuse_or_measure(case, earlier, args))
-                    _print_result(run["results"][-1])
-                    _save(raw, settings, runs)  # progress survives an interrupted run (see --resume)
+                for round_ in range(args.rounds):
+                    # Alternate the order each round, so slow drift of the machine hits both sides alike.
+                    for impl in IMPLS if round_ % 2 == 0 else IMPLS[::-1]:
+                        case = common | {"backend": backend, "impl": impl, "group": group, "repeats": args.repeats,
+                                         "round": round_}
+                        run["results"].append(_reuse_or_measure(case, earlier, args))
+                        _print_result(run["results"][-1])
+                        _save(raw, settings, runs)  # progress survives an interrupted run (see --resume)
         for backend in backends if args.profile else ():
             case = common | {"profile": True, "backend": backend, "group": max(groups)}
             print(f"-- profiling ours on {backend}, G={case['group']}", flush=True)
@@ -135,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=128, help="tokens in every prompt, exactly (default: 128)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sample, exactly (default: 64)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per case after one warm-up (default: 3)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="fresh-process runs of each case, ours and the peer alternating; the timed calls of all "
+                        "rounds are pooled (default: 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mlx-preload", default=os.environ.get("LD_PRELOAD", ""),
                    help="LD_PRELOAD for the MLX cases, e.g. OpenBLAS on Linux (default: this shell's "
@@ -219,7 +225,7 @@ def _spawn(case: dict, args: argparse.Namespace) -> dict:
 
 def _print_result(r: dict) -> None:
     tps = r["tokens_per_call"] / statistics.median(r["seconds"])
-    print(f"   {r['backend']:5} {r['impl']:4} G={r['group']:<2} {tps:9.1f} tok/s  "
+    print(f"   {r['backend']:5} {r['impl']:4} G={r['group']:<2} round {r.get('round', 0)} {tps:9.1f} tok/s  "
           f"peak RSS {r['rss_peak'] / 2**20:7.1f} MiB  (calls: {', '.join(f'{s:.2f}s' for s in r['seconds'])})",
           flush=True)
 

@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sampling_case  # noqa: E402
+import sampling_whatif  # noqa: E402
 
 _NEVER_MATCHES = "\x00no-such-stop\x00"
 _NOTES = {
@@ -66,10 +67,17 @@ def profile_case(case: dict, *, calls: int = 3) -> dict:
     phases = {name: (seconds, middle.calls[name]) for name, seconds in middle.seconds.items()}
     phases["loop overhead (rest of sample)"] = (middle.total - sum(middle.seconds.values()), 0)
 
-    # Uninstrumented, and with one stop string that never matches (every row still runs full length).
-    plain = _median_seconds(call, calls)
+    # Uninstrumented: now, with the proposed fix (alternating, so drift hits both), and with a stop string.
+    plain, fixed = [], []
+    for _ in range(calls):
+        plain.append(_seconds(call))
+        with sampling_whatif.proposed(backend):
+            fixed.append(_seconds(call))
+    with sampling_whatif.proposed(backend):
+        check = _logprob_check(backend, backend.sample(prompts, n=group, params=params))
     stop_params = dataclasses.replace(params, stop=(_NEVER_MATCHES,))
-    with_stop = _median_seconds(lambda: backend.sample(prompts, n=group, params=stop_params), calls)
+    with_stop = statistics.median(_seconds(lambda: backend.sample(prompts, n=group, params=stop_params))
+                                  for _ in range(calls))
 
     profiler = cProfile.Profile()
     profiler.enable()
@@ -83,18 +91,56 @@ def profile_case(case: dict, *, calls: int = 3) -> dict:
         "backend": case["backend"], "group": group, "rows": len(prompts) * group, "calls": calls,
         "total_seconds": middle.total, "phases": phases, "phase_notes": _NOTES[case["backend"]],
         "prefill_compare": _prefill_compare(backend, prompts, group, middle),
-        "plain_seconds": plain, "stop_seconds": with_stop,
+        "plain_seconds": statistics.median(plain), "fixed_seconds": statistics.median(fixed),
+        "fixed_logprob_error": check, "stop_seconds": with_stop,
+        "stop_check": _stop_check_cost(backend, prompts, group),
         "cprofile": [line.rstrip() for line in body[start:] if line.strip()],
     }
 
 
-def _median_seconds(fn, calls: int) -> float:
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _stop_check_cost(backend, prompts: list[list[int]], group: int, lengths=(64, 256, 512)) -> dict:
+    """Seconds `DecodeBook.add` spends over a whole completion of T tokens, with and without a stop string.
+
+    No model: random token ids, so this isolates the bookkeeping (the stop check
+    decodes each row's whole text at every step).
+    """
+    import numpy as np
+
+    from rlaif_mlx.backends.base import DecodeBook
+
+    rows = len(prompts) * group
+    rng = np.random.default_rng(0)
+    found = {}
+    for length in lengths:
+        tokens = rng.integers(0, len(backend.tokenizer), size=(length, rows)).tolist()
+        for label, stop in (("without", ()), ("with", (_NEVER_MATCHES,))):
+            book = DecodeBook(prompts, group, eos_ids=(), stop=stop, decode=backend._decode)
+            start = time.perf_counter()
+            for step in tokens:
+                book.add(step, [0.0] * rows)
+            found[f"{length} {label}"] = time.perf_counter() - start
+    return found
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _logprob_check(backend, completions) -> float:
+    """Largest gap between the sampled tokens' log-probs and a teacher-forced forward over the same ids."""
+    import numpy as np
+
+    from rlaif_mlx.backends.base import SequenceBatch
+
+    batch = SequenceBatch.from_completions(completions, pad_id=backend.pad_id)
+    forced = backend.logprobs(batch)
+    gap = 0.0
+    for row, c in enumerate(completions):
+        start = len(c.prompt_ids) - 1
+        gap = max(gap, float(np.abs(forced[row, start:start + len(c.logprobs)] - np.array(c.logprobs)).max()))
+    return gap
 
 
 class _Timers:

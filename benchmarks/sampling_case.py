@@ -18,6 +18,7 @@ Every side generates exactly `new_tokens` tokens for each of the
 from __future__ import annotations
 
 import gc
+import hashlib
 import os
 import platform
 import resource
@@ -59,7 +60,7 @@ def run_case(case: dict) -> dict:
     other_cores = _other_cores(before, _cpu_counters())
     peak_rss = (_status_kb("VmHWM") if hwm_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
     return {
-        **{k: case[k] for k in ("backend", "impl", "group", "new_tokens", "repeats")},
+        **{k: case[k] for k in ("backend", "impl", "group", "new_tokens", "repeats", "round")},
         "rows": len(expected),
         "tokens_per_call": sum(expected),
         "seconds": seconds,
@@ -262,9 +263,18 @@ def _reset_rss_peak() -> bool:
         return False
 
 
+def code_fingerprint() -> str:
+    """What `sha256sum rlaif_mlx/backends/*.py | sha256sum | cut -c1-16` prints, run from the repo root."""
+    folder = Path(__file__).resolve().parent.parent / "rlaif_mlx" / "backends"
+    listing = "".join(f"{hashlib.sha256(f.read_bytes()).hexdigest()}  rlaif_mlx/backends/{f.name}\n"
+                      for f in sorted(folder.glob("*.py")))
+    return hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+
 def _environment(backend: str) -> dict:
     maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
     env = {
+        "code": code_fingerprint(),
         "LD_PRELOAD": os.environ.get("LD_PRELOAD", ""),
         "openblas_mapped": "openblas" in maps,
         "machine": platform.machine(),

@@ -15,6 +15,10 @@ from pathlib import Path
 MARKER = "<!-- Hand-written notes below this line are kept when the file is regenerated. -->"
 TARGET = 1.3  # the issue's goal: ours >= 1.3x the peer's tokens/s for G >= 4
 _PACKAGES = ("torch", "transformers", "mlx", "mlx-lm", "numpy", "tokenizers", "safetensors")
+_FIX = {
+    "torch": "inverse-CDF sampling instead of `torch.multinomial`",
+    "mlx": "one exp pass for the token and its log-prob, LM head on the last prompt position only",
+}
 _PEER = {"torch": "transformers `generate`", "mlx": "mlx-lm `batch_generate`"}
 
 
@@ -55,9 +59,13 @@ def _machine(runs: list[dict]) -> list[str]:
         memory = f", {kb / 2**20:.0f} GiB RAM"
     versions = ", ".join(f"{name} {_version(name)}" for name in _PACKAGES)
     envs = {r["backend"]: r["env"] for run in runs for r in run["results"]}
-    lines = ["## Machine", "",
+    codes = {r["env"]["code"] for run in runs for r in run["results"] if "code" in r["env"]}
+    lines = ["## Machine and code", "",
              f"- CPU: {cpu}, {cores} cores usable{memory}, {platform.system()} {platform.machine()}, no GPU used",
-             f"- Python {platform.python_version()}; {versions}"]
+             f"- Python {platform.python_version()}; {versions}",
+             f"- Code measured: `rlaif_mlx/backends/*.py` fingerprint {', '.join(sorted(codes)) or '?'} "
+             "(compare with `sha256sum rlaif_mlx/backends/*.py | sha256sum | cut -c1-16`; more than one means "
+             "the code changed during the run)"]
     if "torch" in envs:
         lines.append(f"- PyTorch cases: LD_PRELOAD unset, {envs['torch'].get('torch_threads')} intra-op threads")
     if "mlx" in envs:
@@ -92,15 +100,17 @@ def _settings(s: dict) -> list[str]:
         "num_return_sequences=G)`, KV cache on: it prefills every one of the P x G rows.",
         "- Peer MLX: `mlx_lm.batch_generate` on the prompt list with each prompt repeated G times, "
         "`make_sampler(temp=1.0)`, `prefill_batch_size = completion_batch_size = P x G` (one batch, as ours).",
-        f"- Each case runs in a fresh process: model load, one warm-up call, then {s['repeats']} timed calls. "
-        "tokens/s = generated tokens (P x G x T) / median wall seconds of a call (prefill included).",
+        f"- Each case runs in a fresh process: model load, one warm-up call, then {s['repeats']} timed calls; "
+        f"{s.get('rounds', 1)} such processes per case, ours and the peer alternating (their order flips each "
+        "round). tokens/s = generated tokens (P x G x T) / median wall seconds of all timed calls (prefill "
+        "included); 'per round' gives each round's own ratio, to show the noise.",
         "- Other CPU load: cores kept busy by other processes during the timed calls (machine busy time "
         "from `/proc/stat` minus the case's own CPU time). Near 0 means the numbers are clean. Before each "
         f"case the script waits (up to {s['max_wait']:.0f} s) for other processes to use under "
         f"{s['quiet_below']} cores, and reruns a case whose timing saw more (up to {s['attempts']} runs, "
         "keeping the least disturbed). PyTorch's two OpenMP threads slow down several-fold when another "
         "process holds a core, so a disturbed PyTorch row says little.",
-        "- Memory: RSS after loading, and the peak RSS while sampling (the kernel's high-water mark reset "
+        "- Memory (the largest reading over the rounds): RSS after loading, and the peak RSS while sampling (the kernel's high-water mark reset "
         "after loading via `/proc/self/clear_refs`, so loading spikes are excluded); for MLX also "
         "`mx.get_active_memory()` after loading and `mx.get_peak_memory()` while sampling (weights included).",
         "",
@@ -118,16 +128,17 @@ def _model_section(run: dict) -> list[str]:
     when = f"; cases measured {stamps[0]} to {stamps[-1]}" if stamps else ""
     lines = [f"## Model `{run['spec']}`{shape}", "", f"Folder: `{_relative(m['model'])}`{when}", "",
              "### Throughput (generated tokens/s, median)", "",
-             "| backend | peer | G | rows | ours tok/s | peer tok/s | ours / peer | ours s/call | peer s/call "
-             "| other CPU load, cores (ours / peer) |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| backend | peer | G | rows | ours tok/s | peer tok/s | ours / peer | per round | ours s/call "
+             "| peer s/call | other CPU load, cores (ours / peer) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     pairs = _pairs(run["results"])
     for (backend, group), (ours, peer) in pairs.items():
         o, p = _tps(ours), _tps(peer)
         ratio = o / p
         flag = "" if group < 4 else (" (meets 1.3x)" if ratio >= TARGET else " (below 1.3x)")
+        rounds = ", ".join(f"{a / b:.2f}" for a, b in zip(ours["round_tps"], peer["round_tps"]))
         lines.append(f"| {backend} | {_PEER[backend]} | {group} | {ours['rows']} | {o:,.0f} | {p:,.0f} | "
-                     f"**{ratio:.2f}x**{flag} | {statistics.median(ours['seconds']):.3f} | "
+                     f"**{ratio:.2f}x**{flag} | {rounds} | {statistics.median(ours['seconds']):.3f} | "
                      f"{statistics.median(peer['seconds']):.3f} | {_load(ours)} / {_load(peer)} |")
     lines += ["", "### Peak memory (MiB)", "",
               "| backend | G | impl | RSS after load | peak RSS while sampling | peak - loaded | "
@@ -157,20 +168,44 @@ def _profile_section(p: dict) -> list[str]:
                   f"(ours: once per prompt) vs P x G={c['rows']} rows {c['peer']:.3f} s (the peers: once per "
                   f"sample). One decode step over {c['rows']} rows: {c['decode_step']:.4f} s.", ""]
     if "plain_seconds" in p:
-        extra = p["stop_seconds"] / p["plain_seconds"] - 1
-        lines += [f"Uninstrumented call: {p['plain_seconds']:.3f} s. The same call with one stop string configured "
-                  f"(never matching, so every row still runs full length): {p['stop_seconds']:.3f} s ({extra:+.0%}).",
-                  ""]
+        plain = p["plain_seconds"]
+        lines += [f"Uninstrumented call: {plain:.3f} s. With the proposed fix ({_FIX[p['backend']]}, prototype in "
+                  f"`benchmarks/sampling_whatif.py`, timed alternately with the current code in one process): "
+                  f"{p['fixed_seconds']:.3f} s ({p['fixed_seconds'] / plain - 1:+.0%}); its sampled log-probs match "
+                  f"a teacher-forced forward within {p['fixed_logprob_error']:.1e}. With one stop string configured "
+                  f"(never matching, so every row still runs full length): {p['stop_seconds']:.3f} s "
+                  f"({p['stop_seconds'] / plain - 1:+.0%}).", ""]
+    if "stop_check" in p:
+        costs = p["stop_check"]
+        lengths = sorted({int(k.split()[0]) for k in costs})
+        lines += [f"`DecodeBook.add` alone over one whole call of {p['rows']} rows (random ids, no model), with one "
+                  "stop string vs none: " + "; ".join(
+                      f"T={t}: {costs[f'{t} with']:.2f} s vs {costs[f'{t} without']:.3f} s" for t in lengths)
+                  + ".", ""]
     lines += ["cProfile of one uninstrumented call, top functions by own time:", "", "```",
               *p["cprofile"], "```"]
     return lines
 
 
 def _pairs(results: list[dict]) -> dict:
+    """(backend, G) -> (ours, peer), each with its rounds pooled: all timed calls, the largest memory readings."""
     found: dict = {}
     for r in results:
-        found.setdefault((r["backend"], r["group"]), {})[r["impl"]] = r
-    return {key: (v["ours"], v["peer"]) for key, v in found.items() if "ours" in v and "peer" in v}
+        found.setdefault((r["backend"], r["group"]), {}).setdefault(r["impl"], []).append(r)
+    return {key: (_pool(v["ours"]), _pool(v["peer"])) for key, v in found.items() if "ours" in v and "peer" in v}
+
+
+def _pool(rounds: list[dict]) -> dict:
+    rounds = sorted(rounds, key=lambda r: r.get("round", 0))
+    pooled = dict(rounds[0])
+    pooled["seconds"] = [s for r in rounds for s in r["seconds"]]
+    pooled["round_tps"] = [_tps(r) for r in rounds]
+    loads = [r["other_cores"] for r in rounds if r.get("other_cores") is not None]
+    pooled["other_cores"] = max(loads) if loads else None
+    for field in ("rss_loaded", "rss_peak", "mlx_active_loaded", "mlx_peak"):
+        if field in pooled:
+            pooled[field] = max(r[field] for r in rounds)
+    return pooled
 
 
 def _tps(r: dict) -> float:
