@@ -168,6 +168,10 @@ class DecodeBook:
         self.tokens: list[list[int]] = [[] for _ in range(rows)]
         self.logps: list[list[float]] = [[] for _ in range(rows)]
         self.reasons: list[str | None] = [None] * rows
+        # A stop string first appears in text that ends with the newest token. Each token is at least one
+        # byte and a character at most four, so the last 4 x (longest stop) + 8 tokens always hold it:
+        # decoding only them keeps the check linear in the completion's length, not quadratic.
+        self.stop_window = 4 * max((len(s) for s in stop), default=0) + 8
 
     def add(self, tokens: list[int], logps: list[float]) -> list[bool]:
         """Records one step for every row; returns which rows are still going."""
@@ -178,8 +182,8 @@ class DecodeBook:
             self.logps[r].append(lp)
             if tok in self.eos:
                 self.reasons[r] = "eos"
-            elif self.stop and find_stop(self.decode(self.tokens[r]), self.stop) >= 0:
-                self.reasons[r] = "stop"  # the whole text is searched: a stop may span tokens
+            elif self.stop and find_stop(self.decode(self.tokens[r][-self.stop_window:]), self.stop) >= 0:
+                self.reasons[r] = "stop"  # a stop may span tokens, hence a window and not the last token
         return [reason is None for reason in self.reasons]
 
     @property
