@@ -42,6 +42,7 @@ RESUMABLE_CHANGES = frozenset({
     "training.save_steps",
     "training.save_total_limit",
     "rewards.max_workers",
+    "rlaif.sample_ahead",  # a saved sampled-ahead batch is trained on either way
     # how the teacher is reached and paid for, not what it judges
     "teacher.base_url",
     "teacher.api_key_env",

@@ -113,6 +113,9 @@ class RlaifConfig(_Section):
     whiten_advantages: bool = False
     ema_decay: float = Field(default=0.9, gt=0, lt=1)
     skip_zero_variance_groups: bool = False
+    # Sample the next batch while the teacher scores this one; that batch is then one update stale
+    # and the loss's ratio is taken against the policy that sampled it (``sample_ahead.py``).
+    sample_ahead: bool = False
 
 
     @model_validator(mode="after")

@@ -35,6 +35,7 @@ from .metrics import JsonlSink, MetricsSinks, SampleSink, TensorBoardSink
 from .objective import aggregation_weights
 from .reporting import PlainReporter, Reporter, RunHeader, SampleView
 from .rewards import RewardPipeline, RewardResult
+from .sample_ahead import PendingBatch
 from .schedule import scheduled_learning_rate
 from .teachers.cost import BudgetExceeded
 from .teachers.judge import TeacherUnavailable
@@ -129,6 +130,7 @@ class Trainer:
         self._unscored_steps = 0
         self.restored_from: Path | None = None  # the checkpoint ``restore`` loaded
         self._stop_signal: int | None = None  # SIGINT / SIGTERM received: stop after this step
+        self._pending: PendingBatch | None = None  # the next step's batch, sampled ahead (``rlaif.sample_ahead``)
         data = config.data
         self.prompt_ids = {
             t.id: prompt_token_ids(
@@ -224,24 +226,31 @@ class Trainer:
         if self.teacher is not None:  # before anything of this step is drawn: a budget stop resumes exactly here
             self.dist.check_budget(self.teacher,
                                    self.config.training.batch_size * self.config.rlaif.num_samples_per_prompt)
-        batch = [self.tasks[i] for i in self.curriculum.next_batch(self.config.training.batch_size)]
+        pending, self._pending = self._pending, None
+        if pending is None or pending.step != self.step:
+            pending = self.sample_batch()
+        batch = [self.tasks[i] for i in pending.task_ids]
         tasks = self.dist.shard(batch)  # this process's prompts, each with its whole group (all of them in one process)
-        completions = self.sample(tasks)
+        completions = pending.completions
         t_sample = time.perf_counter()
-        # Scoring (sandboxed tests, teacher calls) runs beside the reference log-probs, which do not
-        # depend on it: with a slow teacher the step takes sample + max(score, reference) + train.
+        # Scoring (sandboxed tests, teacher calls) runs beside the work that does not depend on it: the
+        # reference log-probs and, with ``sample_ahead``, the next batch. With a slow teacher the step
+        # takes sample + max(score, reference) + train, or max(score, reference + sample) + train.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring") as pool:
             scoring = pool.submit(_timed, self.rewards.score,
                                   [(c.uid, tasks[c.prompt_index], c.text) for c in completions])
             logps = self.logprob_batch(completions)
             t_reference = time.perf_counter()
+            if self.config.rlaif.sample_ahead and self.step + 1 < self.total_steps:
+                self._pending = self.sample_batch(step=self.step + 1)  # the policy before this step's update
+            t_ahead = time.perf_counter()
             results, score_s = self.dist.run_together(scoring.result)  # a failure anywhere stops every process
         t_score = time.perf_counter()
         rollout = self.assemble(tasks, completions, results, logps=logps)
         full = self.gather(batch, rollout)  # the whole batch: what every decision below is taken on
         self._check_scoring(full)
         advantages, weights, adv_stats = self.advantages(full)
-        stats = self.update(rollout, advantages, weights)
+        stats = self.update(rollout, advantages, weights, stale=pending.sampled_at < self.step)
         kl_token = klmod.masked_mean_kl(
             full.policy_logp, full.ref_logp, full.sequences.loss_mask, estimator=self.config.rlaif.kl_estimator
         ).token_mean if full.ref_logp is not None else float("nan")
@@ -254,7 +263,10 @@ class Trainer:
         self.step += 1
         t_end = time.perf_counter()
         record = self.record(full, stats, adv_stats, kl_token, kl_coef,
-                             times=(t_sample - t0, score_s, t_reference - t_sample, t_end - t_score, t_end - t0))
+                             times=(pending.sample_seconds, score_s, t_reference - t_sample, t_end - t_score,
+                                    t_end - t0),
+                             ahead={"sampled_ahead": int(pending.sampled_at < pending.step),
+                                    "sample_ahead_seconds": t_ahead - t_reference})  # the next batch, beside scoring
         return record
 
     # ---- the parts of a step ---------------------------------------------
@@ -272,7 +284,16 @@ class Trainer:
                 f"{errors[0] if errors else 'unknown'}"
             )
 
-    def sample(self, tasks: list[Task], *, first_index: int | None = None) -> list[Completion]:
+    def sample_batch(self, *, step: int | None = None) -> PendingBatch:
+        """Draws the prompts of ``step`` (default: this one) from the curriculum and samples this process's share."""
+        started = time.perf_counter()
+        ids = self.curriculum.next_batch(self.config.training.batch_size)
+        completions = self.sample(self.dist.shard([self.tasks[i] for i in ids]), step=step)
+        return PendingBatch(step=self.step if step is None else step, task_ids=list(ids), completions=completions,
+                            sample_seconds=time.perf_counter() - started, sampled_at=self.step)
+
+    def sample(self, tasks: list[Task], *, first_index: int | None = None,
+               step: int | None = None) -> list[Completion]:
         """G completions per task; ``first_index``: the first task's place in the step's whole batch
         (default: where this process's share starts).
 
@@ -284,7 +305,8 @@ class Trainer:
         params = SamplingParams(
             max_new_tokens=rl.max_new_tokens, temperature=rl.generation_temperature, top_k=rl.top_k,
             top_p=rl.top_p, min_p=rl.min_p, stop=tuple(rl.stop),
-            seed=tuple(prompt_seed(self.config.seed, self.step, first_index + i) for i in range(len(tasks))),
+            seed=tuple(prompt_seed(self.config.seed, self.step if step is None else step, first_index + i)
+                       for i in range(len(tasks))),
         )
         return self.backend.sample([self.prompt_ids[t.id] for t in tasks], n=rl.num_samples_per_prompt, params=params)
 
@@ -353,10 +375,11 @@ class Trainer:
         }
         return np.nan_to_num(result.advantages).reshape(-1).astype(np.float32), weights.astype(np.float32), stats
 
-    def update(self, rollout: Rollout, advantages: np.ndarray, weights: np.ndarray):
+    def update(self, rollout: Rollout, advantages: np.ndarray, weights: np.ndarray, *, stale: bool = False):
         """``updates_per_batch`` optimizer steps on the rollout; returns the last step's stats.
 
         ``advantages`` and ``weights`` cover the whole batch; this process trains on its rows of them.
+        ``stale``: an older policy sampled the rollout (``sample_ahead``), so the ratio is taken against it.
         """
         rl = self.config.rlaif
         kl_in_loss = rl.kl_placement == "loss" and rollout.ref_logp is not None
@@ -370,13 +393,13 @@ class Trainer:
             return StepStats(loss=0.0, pg_loss=0.0, kl=0.0, clip_fraction=0.0, ratio_mean=1.0, grad_norm=0.0,
                              lr=0.0, extra={"update_skipped": 1.0})
         rows, width = rollout.sequences.loss_mask.shape
-        multi = self.config.training.updates_per_batch > 1
+        behaviour = self.config.training.updates_per_batch > 1 or stale
         batch = TrainBatch(
             sequences=rollout.sequences, advantages=self.dist.local_rows(advantages, rows),
             token_weights=self.dist.local_rows(weights, rows)[:, :width],
-            # one update: the ratio is against the current policy exactly (stop-gradient);
-            # several: against the behaviour policy that sampled the batch
-            old_logp=rollout.policy_logp if multi else None,
+            # one update on fresh samples: the ratio is against the current policy exactly (stop-gradient);
+            # several, or samples from before the last update: against the behaviour policy that sampled them
+            old_logp=rollout.policy_logp if behaviour else None,
             ref_logp=rollout.ref_logp if kl_in_loss else None,
         )
         # The schedule follows RL steps (which the trainer owns and checkpoints),
@@ -387,7 +410,8 @@ class Trainer:
             stats = self.backend.train_step(batch, loss=settings, learning_rate=lr)
         return stats
 
-    def record(self, rollout: Rollout, stats, adv_stats: dict, kl_token: float, kl_coef: float, *, times) -> dict:
+    def record(self, rollout: Rollout, stats, adv_stats: dict, kl_token: float, kl_coef: float, *, times,
+               ahead: dict | None = None) -> dict:
         rewards = rollout.rewards[np.isfinite(rollout.rewards)]
         lengths = [len(c.completion_ids) for c in rollout.completions]
         components: dict[str, list[float]] = {}
@@ -420,6 +444,7 @@ class Trainer:
             "reference_seconds": reference_s,  # overlapped with scoring
             "train_seconds": train_s,
             "step_seconds": total_s,
+            **(ahead or {}),
             "tokens_per_second": float(sum(lengths) / max(sample_s, 1e-9)),
             **(self.dist.teacher_metrics(self.teacher) if self.teacher is not None else {}),
         }
@@ -508,6 +533,8 @@ class Trainer:
             "curriculum": self.curriculum.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
             "teacher": self.dist.teacher_state(self.teacher),  # every process's spend
+            # the next batch when it was sampled ahead: part of the state, so a resume trains on it
+            "pending": self._pending.state_dict(self.dist) if self._pending is not None else None,
         }
         path = None
         if self.dist.is_main:
@@ -542,6 +569,8 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         if self.teacher is not None and state.get("teacher") is not None:
             self.teacher.load_state_dict(self.dist.teacher_share(state["teacher"]))  # the spend so far counts
+        pending = state.get("pending")
+        self._pending = PendingBatch.from_state_dict(pending, self.dist) if pending else None
         self.restored_from = checkpoint
 
     def _open_metrics(self) -> None:

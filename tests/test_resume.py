@@ -26,7 +26,7 @@ TASKS = [
 TIMING_KEYS = ("_seconds", "tokens_per_second")
 
 
-def make_config(tmp_path: Path, model_path: Path, run: str, **training):
+def make_config(tmp_path: Path, model_path: Path, run: str, *, ahead: bool = False, **training):
     """A tiny run touching every piece of trainer state: warm-up + rebased reference,
     adaptive KL, an EMA baseline and a curriculum that changes bucket mid-run."""
     tasks = tmp_path / "tasks.jsonl"
@@ -40,7 +40,8 @@ def make_config(tmp_path: Path, model_path: Path, run: str, **training):
         "training": {"max_steps": 4, "batch_size": 2, "micro_batch_size": 4, "learning_rate": 1e-2,
                      "lr_scheduler_type": "constant", "warmup_steps": 3, "save_steps": 2, "save_total_limit": 2,
                      "sft_warmup_steps": 2, "sft_batch_size": 2, **training},
-        "rlaif": {"num_samples_per_prompt": 2, "max_new_tokens": 16, "baseline": "ema", "kl_penalty": 0.1},
+        "rlaif": {"num_samples_per_prompt": 2, "max_new_tokens": 16, "baseline": "ema", "kl_penalty": 0.1,
+                  "sample_ahead": ahead},
         "curriculum": {"enabled": True, "num_buckets": 2, "advance_after_steps": 2, "mix_previous": 0.5},
     }
     path = tmp_path / f"{run}-{training.get('max_steps', 4)}.yaml"
@@ -83,16 +84,19 @@ def weights(checkpoint: Path) -> dict[str, np.ndarray]:
     return found
 
 
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_model_path):
-    whole = make_config(tmp_path, tiny_model_path, "whole")
+@pytest.mark.parametrize("ahead", [False, True], ids=["fresh-samples", "sample-ahead"])
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_model_path, ahead):
+    """With ``sample_ahead`` the checkpoint also holds the next step's batch, sampled before it was saved."""
+    whole = make_config(tmp_path, tiny_model_path, "whole", ahead=ahead)
     make_trainer(whole, _TextRewards()).run()
 
     # The first leg runs one step past its step-2 checkpoint, as if it crashed after
     # writing step 3's record: resuming from step 2 must drop that record.
-    make_trainer(make_config(tmp_path, tiny_model_path, "part", max_steps=3), _TextRewards()).run()
+    make_trainer(make_config(tmp_path, tiny_model_path, "part", ahead=ahead, max_steps=3), _TextRewards()).run()
     assert [r["step"] for r in read_metrics(tmp_path / "part" / "metrics.jsonl")] == [1, 2, 3]
     lines: list[str] = []
-    resumed = make_trainer(make_config(tmp_path, tiny_model_path, "part", max_steps=4), _TextRewards(), lines.append)
+    resumed = make_trainer(make_config(tmp_path, tiny_model_path, "part", ahead=ahead, max_steps=4),
+                           _TextRewards(), lines.append)
     resumed.restore(tmp_path / "part" / "checkpoints" / "step-000002")
     assert resumed.step == 2
     assert [r["step"] for r in resumed.run()] == [3, 4]
@@ -102,7 +106,9 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_model_path):
     got = numeric(read_metrics(tmp_path / "part" / "metrics.jsonl"))
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     assert {"reward_mean", "loss", "kl", "kl_coef", "grad_norm", "lr", "curriculum_bucket"} <= set(got[0])
-    assert [r["curriculum_bucket"] for r in got] == [0, 0, 1, 1]
+    # sampling ahead draws step k+1's prompts during step k, so the curriculum moves a step earlier
+    assert [r["curriculum_bucket"] for r in got] == ([0, 1, 1, 1] if ahead else [0, 0, 1, 1])
+    assert [r["sampled_ahead"] for r in got] == ([0, 1, 1, 1] if ahead else [0, 0, 0, 0])
     assert len({r["lr"] for r in got}) == 3 and all(r["kl"] for r in got[1:])  # not trivially equal
     assert got == expected
 
@@ -175,7 +181,7 @@ def test_an_epoch_boundary_checkpoint_resumes_into_the_next_epoch(tmp_path, tiny
     drawn: list[list[str]] = []
     trainer = make_trainer(whole, _TextRewards())
     sample = trainer.sample
-    trainer.sample = lambda tasks: drawn.append([t.id for t in tasks]) or sample(tasks)
+    trainer.sample = lambda tasks, **kw: drawn.append([t.id for t in tasks]) or sample(tasks, **kw)
     records = trainer.run()
     assert [r["epoch"] for r in records] == [0, 1, 1, 2]  # epoch counts finished passes after each step
     assert sorted(drawn[0] + drawn[1]) == sorted(drawn[2] + drawn[3]) == sorted(t["id"] for t in TASKS)
@@ -189,7 +195,7 @@ def test_an_epoch_boundary_checkpoint_resumes_into_the_next_epoch(tmp_path, tiny
     resumed.restore(tmp_path / "part" / "checkpoints" / "step-000002")
     again: list[list[str]] = []
     sample = resumed.sample
-    resumed.sample = lambda tasks: again.append([t.id for t in tasks]) or sample(tasks)
+    resumed.sample = lambda tasks, **kw: again.append([t.id for t in tasks]) or sample(tasks, **kw)
     rest = resumed.run()
     assert again == drawn[2:]  # the next epoch's batches, not a skipped or repeated one
     assert [r["epoch"] for r in rest] == [1, 2]
