@@ -272,7 +272,7 @@ def write_config(folder: Path, model_path: Path, kind: str, *, name: str | None 
                      "lr_scheduler_type": "constant", "save_steps": 1 if name == "resumed" else 3,
                      "save_total_limit": 1},
         "rlaif": {"num_samples_per_prompt": 2, "max_new_tokens": 8, "generation_temperature": 0.7,
-                  "kl_penalty": 0.01},
+                  "kl_penalty": 0.01, "sample_ahead": kind == "full"},  # each process samples its next share
         "logging": {"dashboard": False},
     }
     path = folder / f"{name}.yaml"

@@ -108,3 +108,35 @@ def test_without_sample_ahead_every_batch_is_fresh(tmp_path, tiny_model_path):
     records = [trainer.train_step() for _ in range(2)]
     assert trainer._pending is None
     assert [r["sampled_ahead"] for r in records] == [0, 0]
+
+
+def test_a_saved_batch_is_whole_and_each_process_takes_back_its_share():
+    """Under torchrun each process holds its share; the checkpoint holds the batch as one process would."""
+    from dataclasses import dataclass
+
+    from rlaif_mlx.backends.base import Completion
+    from rlaif_mlx.distributed import DistContext
+    from rlaif_mlx.sample_ahead import PendingBatch
+
+    def completion(prompt, sample):
+        return Completion(f"{prompt}-{sample}", prompt, sample, (1, 2), (3 + prompt, 4), (-0.5, -0.25),
+                          f"text {prompt}", "length")
+
+    shares = [PendingBatch(7, ["a", "b", "c", "d"], [completion(p, s) for p in range(2) for s in range(2)], 1.5, 6)
+              for _ in range(2)]
+    shares[1].completions = [completion(p, s) for p in range(2) for s in range(2)]
+
+    @dataclass(frozen=True)
+    class TwoProcesses(DistContext):  # the gather of two processes, without launching them
+        def all_gather(self, value):
+            return [(2, shares[0].completions), (2, shares[1].completions)]
+
+    state = shares[0].state_dict(TwoProcesses(rank=0, world_size=2))
+    assert [c["uid"] for c in state["completions"]] == ["0-0", "0-1", "1-0", "1-1", "2-0", "2-1", "3-0", "3-1"]
+    for rank in (0, 1):
+        back = PendingBatch.from_state_dict(state, TwoProcesses(rank=rank, world_size=2))
+        assert back.completions == shares[rank].completions and back.task_ids == ["a", "b", "c", "d"]
+        assert (back.step, back.sampled_at, back.sample_seconds) == (7, 6, 1.5)
+    whole = PendingBatch.from_state_dict(state, DistContext())  # resumed in one process: the whole batch
+    assert [c.uid for c in whole.completions] == [c["uid"] for c in state["completions"]]
+    assert whole.completions[4].completion_ids == (3, 4)
