@@ -135,9 +135,14 @@ def test_missing_mlx_names_the_pip_command():
 # ------------------------------------------------------------------- sampling
 
 
-def test_sample_logprobs_equal_teacher_forced(lora):
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_new_tokens=10, seed=1),
+    SamplingParams(max_new_tokens=10, seed=(1, 2, 3), temperature=0.7, top_k=40, top_p=0.9, min_p=0.02),
+    SamplingParams(max_new_tokens=10, temperature=0.0),
+], ids=["plain", "filtered", "greedy"])
+def test_sample_logprobs_equal_teacher_forced(lora, params):
     prompts = encode(lora)
-    completions = lora.sample(prompts, n=3, params=SamplingParams(max_new_tokens=10, seed=1))
+    completions = lora.sample(prompts, n=3, params=params)
     assert [c.uid for c in completions] == [f"{p}-{s}" for p in range(3) for s in range(3)]
     assert all(c.prompt_ids == tuple(prompts[c.prompt_index]) for c in completions)
     seqs = SequenceBatch.from_completions(completions, pad_id=lora.pad_id)
@@ -191,14 +196,15 @@ def test_seeded_sampling_is_reproducible(lora):
 def test_filters_keep_only_allowed_tokens(lora):
     from rlaif_mlx.backends.mlx_ops import choose as _choose
 
-    logits = mx.array([[0.0, 3.0, 2.0, 1.0, -1.0]] * 64)
-    keys = mx.random.split(mx.random.key(0), 8)
-    seen = lambda params: {t for k in keys for t in _choose(logits, params, k).tolist()}  # noqa: E731
+    logits = mx.array([[0.0, 3.0, 2.0, 1.0, -1.0]] * 512)
+    u = mx.random.uniform(shape=(512,), key=mx.random.key(0))
+    seen = lambda params: set(_choose(logits, params, u)[0].tolist())  # noqa: E731
     assert seen(SamplingParams(top_k=2)) == {1, 2}
     assert seen(SamplingParams(top_p=0.5)) == {1}  # p(1) ~ 0.64 covers 0.5 alone
+    assert seen(SamplingParams(top_p=0.9)) == {1, 2, 3}  # 0.64 + 0.24 < 0.9: the third token is needed
     assert seen(SamplingParams(min_p=0.3)) == {1, 2}  # p(2)/p(1) = e^-1 ~ 0.37; p(3)/p(1) ~ 0.14
     assert seen(SamplingParams(temperature=0.0)) == {1}
-    assert len(seen(SamplingParams())) >= 4
+    assert seen(SamplingParams()) == {0, 1, 2, 3, 4}
 
 
 def test_top_k_one_is_greedy(lora):

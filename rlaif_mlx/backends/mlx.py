@@ -13,8 +13,12 @@ share (``backends/portable.py``).
   to 0 for the call); a full fine-tune keeps a frozen second model instance
   holding the starting weights.
 - Sampling prefills each prompt once (left-padded batch in mlx-lm's
-  ``BatchKVCache``, which offsets RoPE and masks the padding per row) and
-  repeats its KV cache for its ``n`` samples.
+  ``BatchKVCache``, which offsets RoPE and masks the padding per row; the LM
+  head on the last position only) and repeats its KV cache for its ``n``
+  samples. Float LoRA adapters are folded into the weights for the decode; one
+  inverse-CDF pass gives each token and its log-prob (``mlx_ops.choose``).
+- Log-probs and the training forward run each prompt a micro-batch shares
+  once, then only the completions on its repeated KV cache (``mlx_groups``).
 - Importing this module imports mlx; ``import rlaif_mlx`` never does.
 """
 
@@ -45,7 +49,7 @@ try:
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
-    from mlx.utils import tree_flatten, tree_map, tree_unflatten
+    from mlx.utils import tree_flatten, tree_map
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import _download, load, load_model
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -55,6 +59,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from None
 
 from rlaif_mlx import objective
+from rlaif_mlx.backends import mlx_groups as grouped
 from rlaif_mlx.backends import mlx_ops as ops
 from rlaif_mlx.backends import portable
 from rlaif_mlx.config import ModelConfig, TrainingConfig, options_set
@@ -63,7 +68,6 @@ from rlaif_mlx.schedule import scheduled_learning_rate
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-_MOMENT_NAMES = (("m", "exp_avg"), ("v", "exp_avg_sq"))  # mlx AdamW state -> portable names
 
 
 class MlxBackend:
@@ -179,49 +183,34 @@ class MlxBackend:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("Every prompt needs at least one token.")
         self._model.eval()
-        keys = self._keys(params.seed, len(prompts))
-
-        ids, padding = ops.left_pad(prompts, pad_id=self.pad_id)
-        cache = ops.batch_cache(self._model, padding)
-        logits = self._forward_step(ids, cache)
-        ops.repeat_cache(cache, n)
-        logits = mx.repeat(logits, n, axis=0)
-
         rows = len(prompts) * n
-        book = DecodeBook(prompts, n, eos_ids=self.eos_ids, stop=params.stop, decode=self._decode)
-        pad = mx.full((rows,), self.pad_id, dtype=mx.int32)
-        alive = mx.ones((rows,), dtype=mx.bool_)
-        for step in range(params.max_new_tokens):
-            logits = logits.astype(mx.float32)
-            keys, subs = zip(*(mx.random.split(k) for k in keys))
-            chosen = mx.where(alive, self._choose(logits, params, subs).astype(mx.int32), pad)
-            chosen_logp = ops.target_logp(logits, chosen)
-            mx.eval(chosen, chosen_logp)
-            alive = mx.array(book.add(chosen.tolist(), chosen_logp.tolist()))
-            if book.done or step == params.max_new_tokens - 1:
-                break
-            # Finished rows keep decoding pad tokens; no other row attends to them.
-            logits = self._forward_step(chosen[:, None], cache)
+        seed = params.seed if params.seed is not None else portable.draw_seed(self._rng)
+        uniforms = ops.sampling_uniforms(seed, prompts=len(prompts), steps=params.max_new_tokens, rows=rows)
+
+        with ops.lora_merged(self._model):  # one matmul per adapted layer while decoding
+            ids, padding = ops.left_pad(prompts, pad_id=self.pad_id)
+            cache = ops.batch_cache(self._model, padding)
+            logits = self._forward_step(ids, cache)
+            ops.repeat_cache(cache, n)
+            logits = mx.repeat(logits, n, axis=0)
+
+            book = DecodeBook(prompts, n, eos_ids=self.eos_ids, stop=params.stop, decode=self._decode)
+            pad = mx.full((rows,), self.pad_id, dtype=mx.int32)
+            alive = mx.ones((rows,), dtype=mx.bool_)
+            for step in range(params.max_new_tokens):
+                chosen, chosen_logp = ops.choose(logits.astype(mx.float32), params, uniforms[step])
+                chosen = mx.where(alive, chosen, pad)
+                mx.eval(chosen, chosen_logp)
+                alive = mx.array(book.add(chosen.tolist(), chosen_logp.tolist()))
+                if book.done or step == params.max_new_tokens - 1:
+                    break
+                # Finished rows keep decoding pad tokens; no other row attends to them.
+                logits = self._forward_step(chosen[:, None], cache)
         return book.completions()
 
     def _forward_step(self, ids, cache):
         """One cached forward; returns the last position's logits ``[R, V]`` (the cache updates in place)."""
-        return self._model(ids, cache=cache)[:, -1, :]
-
-    def _keys(self, seed: int | tuple[int, ...] | None, prompts: int) -> list:
-        """One key for the call, or one per prompt when ``seed`` is a tuple."""
-        seeds = seed if isinstance(seed, tuple) else (seed if seed is not None else portable.draw_seed(self._rng),)
-        if isinstance(seed, tuple) and len(seed) != prompts:
-            raise ValueError(f"params.seed holds {len(seed)} seeds for {prompts} prompts; give one per prompt.")
-        return [mx.random.key(s) for s in seeds]
-
-    @staticmethod
-    def _choose(logits, params: SamplingParams, keys):
-        """Next tokens; with per-prompt keys each prompt's rows draw from their own."""
-        if len(keys) == 1:
-            return ops.choose(logits, params, keys[0])
-        parts = mx.split(logits, len(keys), axis=0)
-        return mx.concatenate([ops.choose(part, params, k) for part, k in zip(parts, keys)])
+        return ops.last_logits(self._model, ids, cache)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -243,19 +232,21 @@ class MlxBackend:
         n, width = batch.input_ids.shape
         out = np.zeros((n, width - 1), dtype=np.float32)
         step = self._training.micro_batch_size
-        for start in range(0, n, step):
-            rows = batch.rows(slice(start, start + step))
-            ids, attn = self._arrays(rows)
-            if not reference:
-                logp = ops.token_logp(self._model, ids, attn)
-            elif self._reference is not None:
-                logp = ops.token_logp(self._reference, ids, attn)
-            else:
-                with self._adapters_off():
-                    logp = ops.token_logp(self._model, ids, attn)
-                    mx.eval(logp)
-            out[start : start + len(rows), : logp.shape[1]] = np.array(logp.astype(mx.float32))
+        model = self._reference if reference and self._reference is not None else self._model
+        off = self._adapters_off() if reference and self._reference is None else contextlib.nullcontext()
+        with off:
+            for start in range(0, n, step):
+                logp = self._score(model, batch.rows(slice(start, start + step)))
+                out[start : start + len(logp), : logp.shape[1]] = logp
         return out
+
+    def _score(self, model, rows: SequenceBatch) -> np.ndarray:
+        """Row-layout log-probs of one micro-batch, each shared prompt forwarded once (``mlx_groups``)."""
+        groups = grouped.find_groups(rows)
+        if groups is None:
+            return np.array(ops.token_logp(model, *self._arrays(rows)))
+        prompt_logp, completion_logp = grouped.grouped_logp(model, groups, prompt_targets=True)
+        return groups.to_row_layout(np.array(prompt_logp), np.array(completion_logp), rows.loss_mask.shape[1])
 
     @contextlib.contextmanager
     def _adapters_off(self):
@@ -315,17 +306,24 @@ class MlxBackend:
         for start in range(0, n, step):
             index = slice(start, start + step)
             rows = batch.sequences.rows(index)
-            ids, attn = self._arrays(rows)
-            width = ids.shape[1] - 1
+            # Shared prompts forward once; gradients through the repeated KV cache match the whole-row
+            # forward's. With dropout a shared prompt would share its dropout mask, so rows stay whole then.
+            dropout = self._use_lora and self._model_config.lora_dropout > 0
+            groups = None if dropout else grouped.find_groups(rows)
+            layout = None if groups is None else groups.to_completion_layout
+            width = rows.loss_mask.shape[1]
             inputs = {
-                "old_logp": self._slice(batch.old_logp, index, width),
-                "ref_logp": self._slice(batch.ref_logp, index, width),
+                "old_logp": self._slice(batch.old_logp, index, width, layout),
+                "ref_logp": self._slice(batch.ref_logp, index, width, layout),
                 "advantages": self._slice(batch.advantages, index, None),
-                "token_weights": self._slice(batch.token_weights, index, width),
+                "token_weights": self._slice(batch.token_weights, index, width, layout),
             }
+            arrays = self._arrays(rows) if groups is None else None
 
-            def loss_fn(model, ids=ids, attn=attn, inputs=inputs):
-                logp = ops.token_logp(model, ids, attn)  # inside the differentiated computation
+            def loss_fn(model, groups=groups, arrays=arrays, inputs=inputs):
+                # inside the differentiated computation
+                logp = (ops.token_logp(model, *arrays) if groups is None
+                        else grouped.grouped_logp(model, groups, prompt_targets=False)[1])
                 return objective.policy_loss(
                     ops.MlxOps(),
                     logp=logp,
@@ -343,11 +341,11 @@ class MlxBackend:
         self._model.eval()
         return total, combined.result()
 
-    def _slice(self, array: np.ndarray | None, index: slice, width: int | None):
+    def _slice(self, array: np.ndarray | None, index: slice, width: int | None, layout=None):
         if array is None:
             return None
-        part = array[index] if width is None else array[index, :width]
-        return mx.array(np.asarray(part, dtype=np.float32))
+        part = np.asarray(array[index] if width is None else array[index, :width], dtype=np.float32)
+        return mx.array(part if layout is None else layout(part))
 
     # ------------------------------------------------------- rebase_reference
 
@@ -467,15 +465,8 @@ class MlxBackend:
         return names
 
     def _optimizer_moments(self, names: dict[str, tuple[str, bool]]) -> tuple[dict[str, mx.array], int]:
-        """AdamW's moments under portable names (mlx ``m``/``v`` are ``exp_avg``/``exp_avg_sq``), and its step."""
-        state = dict(tree_flatten(self._optimizer.state))
-        moments = {}
-        for name, (key, transposed) in names.items():
-            for ours, theirs in _MOMENT_NAMES:
-                if f"{name}.{ours}" in state:
-                    value = state[f"{name}.{ours}"]
-                    moments[portable.moment_key(key, theirs)] = value.T if transposed else value
-        return moments, int(state["step"].item())
+        """AdamW's moments under portable names, and its step."""
+        return ops.optimizer_moments(self._optimizer.state, names)
 
     def _load_optimizer(self, path: Path, names: dict[str, tuple[str, bool]], *, optimizer_step: int) -> None:
         self._optimizer = self._new_optimizer()
@@ -483,15 +474,7 @@ class MlxBackend:
         if not moments:  # saved before the first optimizer step
             return
         params = dict(tree_flatten(self._model.trainable_parameters()))
-        expected = {portable.moment_key(key, theirs): tuple(params[name].shape[::-1] if t else params[name].shape)
-                    for name, (key, t) in names.items() for _, theirs in _MOMENT_NAMES}
-        portable.check_tensors(path, "optimizer moments", {k: v.shape for k, v in moments.items()}, expected)
-        state = []
-        for name, (key, transposed) in names.items():
-            for ours, theirs in _MOMENT_NAMES:
-                value = moments[portable.moment_key(key, theirs)]
-                state.append((f"{name}.{ours}", (value.T if transposed else value).astype(params[name].dtype)))
-        self._optimizer.state = {**self._optimizer.state, **tree_unflatten(state),
+        self._optimizer.state = {**self._optimizer.state, **ops.moments_state(path, moments, params, names),
                                  "step": mx.array(optimizer_step, dtype=mx.uint64)}
         mx.eval(self._optimizer.state)
 

@@ -10,7 +10,11 @@ share (``backends/portable.py``).
   is PEFT's. With LoRA the frozen reference is the same model with its
   adapters switched off; a full fine-tune keeps a frozen copy made at load.
 - Sampling prefills each prompt once (left-padded batch, explicit position
-  ids) and shares its KV cache among its ``n`` samples.
+  ids) and shares its KV cache among its ``n`` samples; with LoRA it decodes
+  with the adapters folded into the weights, restored exactly afterwards.
+- Log-probs and the training forward score each distinct prompt of a
+  micro-batch once and apply the LM head to the scored positions only, in
+  chunks (``backends/torch_forward.py``).
 - Under torchrun (``rlaif_mlx/distributed.py``) every process keeps a whole
   replica; ``_accumulate_gradients`` sums the gradients of all processes.
 - Importing this module imports torch; ``import rlaif_mlx`` never does.
@@ -18,6 +22,7 @@ share (``backends/portable.py``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -53,6 +58,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from rlaif_mlx import objective
 from rlaif_mlx.backends import portable
+from rlaif_mlx.backends import torch_forward as fwd
 from rlaif_mlx.backends import torch_ops as ops
 from rlaif_mlx.config import ModelConfig, TrainingConfig, options_set
 from rlaif_mlx.schedule import scheduled_learning_rate
@@ -74,6 +80,7 @@ class TorchBackend:
     """
 
     name = "torch"
+    merge_lora_for_sampling = True  # decode with the adapters folded into the weights (restored exactly after)
 
     def __init__(self, model: ModelConfig, training: TrainingConfig, *, seed: int, total_steps: int) -> None:
         self._model_config = model
@@ -123,9 +130,11 @@ class TorchBackend:
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         t = self._training
-        return torch.optim.AdamW(
-            self._trainable, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay
-        )
+        settings = {"lr": t.learning_rate, "betas": (t.adam_beta1, t.adam_beta2), "weight_decay": t.weight_decay}
+        try:  # one fused kernel over all tensors, where this torch has it for the device and dtype
+            return torch.optim.AdamW(self._trainable, fused=True, **settings)
+        except RuntimeError:
+            return torch.optim.AdamW(self._trainable, **settings)
 
     def _load_base(self, base: str, *, device: str):
         kwargs: dict[str, Any] = {"dtype": self._dtype}
@@ -159,6 +168,11 @@ class TorchBackend:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("Every prompt needs at least one token.")
         self._model.eval()
+        merged = self._use_lora and self.merge_lora_for_sampling
+        with ops.lora_merged(self._model) if merged else contextlib.nullcontext():
+            return self._generate(prompts, n, params)
+
+    def _generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[Completion]:
         generators = self._generators(params.seed, len(prompts))
 
         ids, mask = ops.left_pad(prompts, pad_id=self.pad_id, device=self.device)
@@ -175,7 +189,7 @@ class TorchBackend:
         alive = torch.ones(rows, dtype=torch.bool, device=self.device)
         for step in range(params.max_new_tokens):
             logits = logits.float()
-            chosen = torch.where(alive, self._choose(logits, params, generators), pad)
+            chosen = torch.where(alive, ops.choose(logits, params, generators), pad)
             chosen_logp = ops.target_logp(logits, chosen)
             alive = torch.tensor(book.add(chosen.tolist(), chosen_logp.tolist()), device=self.device)
             if book.done or step == params.max_new_tokens - 1:
@@ -204,18 +218,7 @@ class TorchBackend:
         seeds = seed if isinstance(seed, tuple) else (seed if seed is not None else portable.draw_seed(self._rng),)
         if isinstance(seed, tuple) and len(seed) != prompts:
             raise ValueError(f"params.seed holds {len(seed)} seeds for {prompts} prompts; give one per prompt.")
-        try:
-            return [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-        except RuntimeError:  # devices without their own generator sample on the CPU
-            return [torch.Generator().manual_seed(s) for s in seeds]
-
-    @staticmethod
-    def _choose(logits, params: SamplingParams, generators: list):
-        """Next tokens; with per-prompt generators each prompt's rows draw from their own."""
-        if len(generators) == 1:
-            return ops.choose(logits, params, generators[0])
-        parts = logits.tensor_split(len(generators))
-        return torch.cat([ops.choose(part, params, g) for part, g in zip(parts, generators)])
+        return ops.generators(seeds, device=self.device)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -242,12 +245,12 @@ class TorchBackend:
             rows = batch.rows(slice(start, start + step))
             ids, attn = self._tensors(rows)
             if not reference:
-                logp = ops.token_logp(self._model, ids, attn)
+                logp = fwd.sequence_logp(self._model, ids, attn, rows.loss_mask)
             elif self._reference is not None:
-                logp = ops.token_logp(self._reference, ids, attn)
+                logp = fwd.sequence_logp(self._reference, ids, attn, rows.loss_mask)
             else:
                 with self._model.disable_adapter():
-                    logp = ops.token_logp(self._model, ids, attn)
+                    logp = fwd.sequence_logp(self._model, ids, attn, rows.loss_mask)
             out[start : start + len(rows), : logp.shape[1]] = logp.float().cpu().numpy()
         return out
 
@@ -303,7 +306,8 @@ class TorchBackend:
             rows = batch.sequences.rows(index)
             ids, attn = self._tensors(rows)
             width = ids.shape[1] - 1
-            logp = ops.token_logp(self._model, ids, attn)  # inside the differentiated computation
+            # inside the differentiated computation; the loss reads completion targets only
+            logp = fwd.sequence_logp(self._model, ids, attn, rows.loss_mask, prompt_targets=False)
             value, stats = objective.policy_loss(
                 ops.TorchOps,
                 logp=logp,
@@ -333,15 +337,7 @@ class TorchBackend:
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return
-        for p in self._trainable:
-            if p.grad is None:  # a share with no rows still joins the sum
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in self._trainable]
-        for bucket in _buckets(grads):
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.all_reduce(flat)
-            for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
-                g.copy_(part.view_as(g))
+        ops.all_reduce_gradients(self._trainable)
         means = MicroBatchStats.MEANS
         scalars = torch.tensor([combined.loss, combined.pg_loss, combined.weight, float(combined.micro_batches),
                                 *(combined.weighted[k] for k in means)], dtype=torch.float64, device=self.device)
@@ -459,9 +455,13 @@ class TorchBackend:
             return
         expected = {portable.moment_key(k, m): p.shape for k, p in params.items() for m in portable.MOMENTS}
         portable.check_tensors(path, "optimizer moments", {k: t.shape for k, t in moments.items()}, expected)
+        fused = bool(self._optimizer.defaults.get("fused"))
         for key, param in params.items():
+            # the step count where AdamW keeps it: a float32 beside the param when fused, else on the CPU
+            where = {"dtype": torch.float32, "device": param.device} if fused else {}
+            step = torch.tensor(float(optimizer_step), **where)
             self._optimizer.state[param] = {
-                "step": torch.tensor(float(optimizer_step)),
+                "step": step,
                 **{m: moments[portable.moment_key(key, m)].to(param.device, param.dtype) for m in portable.MOMENTS},
             }
 
@@ -483,19 +483,6 @@ class TorchBackend:
             merged.save_pretrained(str(path), safe_serialization=True)
         portable.add_legacy_rope_keys(path / "config.json")  # so mlx-lm reads the same RoPE as transformers
         self.tokenizer.save_pretrained(str(path))
-
-
-def _buckets(tensors: list, max_elements: int = 1 << 25) -> list[list]:
-    """Consecutive tensors of one dtype grouped up to ``max_elements``: few all-reduce calls, bounded extra memory."""
-    buckets: list[list] = []
-    size = 0
-    for t in tensors:
-        if not buckets or size + t.numel() > max_elements or buckets[-1][0].dtype != t.dtype:
-            buckets.append([])
-            size = 0
-        buckets[-1].append(t)
-        size += t.numel()
-    return buckets
 
 
 def create(model: ModelConfig, training: TrainingConfig, *, seed: int, total_steps: int) -> TorchBackend:

@@ -1,6 +1,7 @@
 """Array-level pieces of the PyTorch backend: the objective's array namespace, device
-choice, padding for batched sampling, token log-probs, sampling filters, LoRA
-layer access and portable-checkpoint tensor copies.
+choice, padding for batched sampling, token log-probs, sampling filters and the
+batched draw, LoRA layer access (and folding for decoding), portable-checkpoint
+tensor copies and the gradient all-reduce under torchrun.
 
 ``backends/torch.py`` (the ``TorchBackend`` class) is the only user; its MLX
 twin is ``backends/mlx_ops.py``.
@@ -8,6 +9,7 @@ twin is ``backends/mlx_ops.py``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -69,6 +71,36 @@ def lora_layers(model) -> dict[str, Any]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A}
 
 
+@contextlib.contextmanager
+def lora_merged(peft_model):
+    """For the block, each adapter folded into its base layer's weight and the adapters switched off.
+
+    Decoding then runs one matmul per projection and no PEFT dispatch per layer and
+    step. The original weight tensors are put back untouched afterwards, even on an
+    error: bit for bit, which subtracting the delta again would not be. Adapters that
+    do not fold into one weight (DoRA, LoRA bias, a tied embedding) are left as they are.
+    """
+    layers = list(lora_layers(peft_model).values())
+    tied = peft_model.get_input_embeddings().weight
+    unfoldable = (m.use_dora.get(ADAPTER) or getattr(m, "lora_bias", {}).get(ADAPTER) for m in layers)  # peft < 0.14
+    if any(unfoldable) or any(m.get_base_layer().weight is tied for m in layers):
+        yield
+        return
+    swapped = []
+    try:
+        with torch.no_grad():
+            for module in layers:
+                base = module.get_base_layer()
+                original = base.weight.data
+                base.weight.data = original + module.get_delta_weight(ADAPTER).to(original.dtype)
+                swapped.append((base, original))
+        with peft_model.disable_adapter():
+            yield
+    finally:
+        for base, original in swapped:
+            base.weight.data = original
+
+
 def with_lora(model, config: PeftLoraConfig):
     with warnings.catch_warnings():  # peft probes an attribute transformers 5 deprecated
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -90,6 +122,14 @@ def left_pad(prompts: list[list[int]], *, pad_id: int, device: str):
     return ids.to(device), mask.to(device)
 
 
+def generators(seeds, *, device: str) -> list:
+    """One seeded generator per seed, on ``device`` where it has its own (else on the CPU)."""
+    try:
+        return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    except RuntimeError:  # devices without their own generator sample on the CPU
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+
 def target_logp(logits, targets):
     """``log_softmax(logits)[target]`` as ``logit - logsumexp``: no full-vocab log-softmax tensor."""
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -103,10 +143,29 @@ def token_logp(model, ids, attn):
     return torch.where((attn[:, 1:] * attn[:, :-1]).bool(), logp, torch.zeros_like(logp))
 
 
-def choose(logits, params: SamplingParams, generator):
-    """Next tokens ``[R]`` from float32 logits after temperature, top-k, top-p and min-p."""
+def choose(logits, params: SamplingParams, generators: list):
+    """Next tokens ``[R]`` from float32 logits after temperature, top-k, top-p and min-p.
+
+    One inverse-CDF draw for all rows (one ``searchsorted``, not a ``multinomial``
+    per prompt); a token of probability 0 is never drawn. Rows are prompt-major and
+    split evenly among ``generators``: each draws its own rows' uniforms, so with
+    one generator per prompt a prompt's samples do not depend on the other prompts
+    in the call.
+    """
     if params.temperature <= 1e-6 or params.top_k == 1:
         return logits.argmax(dim=-1)
+    cdf = filter_logits(logits, params).softmax(dim=-1).cumsum(dim=-1)
+    total = cdf[:, -1:]
+    per = logits.shape[0] // len(generators)
+    u = torch.cat([torch.rand(per, generator=g, device=g.device) for g in generators]).to(cdf.device)
+    # Kept below the total, the first CDF entry above the threshold has mass > 0: a filtered-out token
+    # (probability exactly 0) is never picked, even where u * total would reach the total (u = 1).
+    threshold = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, threshold, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
+
+
+def filter_logits(logits, params: SamplingParams):
+    """Logits over the temperature, with tokens outside top-k / top-p / min-p at the dtype's minimum."""
     logits = logits / params.temperature
     neg_inf = torch.finfo(logits.dtype).min
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
@@ -120,10 +179,7 @@ def choose(logits, params: SamplingParams, generator):
     if params.min_p > 0.0:
         probs = logits.softmax(dim=-1)
         logits = logits.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), neg_inf)
-    probs = logits.softmax(dim=-1)
-    if generator.device.type != probs.device.type:
-        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits
 
 
 @torch.no_grad()
@@ -139,3 +195,29 @@ def merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
         key = f"{name}.weight"
         merged[key] += module.get_delta_weight(ADAPTER).to("cpu", merged[key].dtype)
     return merged
+
+
+@torch.no_grad()
+def all_reduce_gradients(params: list) -> None:
+    """Sums the parameters' gradients over the torchrun processes, in place, in a few flat all-reduce calls."""
+    for p in params:
+        if p.grad is None:  # a share with no rows still joins the sum
+            p.grad = torch.zeros_like(p)
+    for bucket in _buckets([p.grad for p in params]):
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        torch.distributed.all_reduce(flat)
+        for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+            g.copy_(part.view_as(g))
+
+
+def _buckets(tensors: list, max_elements: int = 1 << 25) -> list[list]:
+    """Consecutive tensors of one dtype grouped up to ``max_elements``: few all-reduce calls, bounded extra memory."""
+    buckets: list[list] = []
+    size = 0
+    for t in tensors:
+        if not buckets or size + t.numel() > max_elements or buckets[-1][0].dtype != t.dtype:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(t)
+        size += t.numel()
+    return buckets

@@ -1,0 +1,330 @@
+"""The PyTorch backend's fast paths, each checked against the plain computation it replaces.
+
+Real tiny model on the CPU (``tiny_model_path``), no mocked model: batched inverse-CDF
+sampling, sampling with LoRA merged into the weights, fused AdamW, and the
+shared-prompt, completion-only log-prob forward.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from rlaif_mlx.backends import torch_ops as ops  # noqa: E402
+from rlaif_mlx.backends.base import Completion, LossSettings, SamplingParams, SequenceBatch, TrainBatch  # noqa: E402
+from rlaif_mlx.backends.torch import TorchBackend, create  # noqa: E402
+from rlaif_mlx.config import ModelConfig, TrainingConfig  # noqa: E402
+from rlaif_mlx.objective import aggregation_weights  # noqa: E402
+
+PROMPTS = ["def add(a, b):", "import os\nprint(", "x"]
+
+
+def make(path, *, model: dict | None = None, **training) -> TorchBackend:
+    training = {"learning_rate": 1e-3, "micro_batch_size": 4, "lr_scheduler_type": "constant"} | training
+    config = ModelConfig(base_model=str(path), lora_r=4, torch={"device": "cpu"}, **(model or {}))
+    return create(config, TrainingConfig(**training), seed=0, total_steps=20)
+
+
+def encode(backend, texts=PROMPTS) -> list[list[int]]:
+    return [backend.tokenizer.encode(t) for t in texts]
+
+
+def train_batch(backend, *, n: int = 3, max_new_tokens: int = 6) -> TrainBatch:
+    completions = backend.sample(encode(backend), n=n, params=SamplingParams(max_new_tokens=max_new_tokens, seed=0))
+    seqs = SequenceBatch.from_completions(completions, pad_id=backend.pad_id)
+    return TrainBatch(
+        sequences=seqs,
+        advantages=np.random.default_rng(0).standard_normal(len(seqs)).astype(np.float32),
+        token_weights=aggregation_weights(seqs.loss_mask).astype(np.float32),
+        ref_logp=backend.logprobs(seqs, reference=True),
+    )
+
+
+LOSS = LossSettings(kl_coef=0.1)
+
+
+@pytest.fixture(scope="module")
+def lora(tiny_model_path) -> TorchBackend:
+    return make(tiny_model_path)
+
+
+# ------------------------------------------------------------ batched draw
+
+
+def test_the_batched_draw_follows_the_filtered_distribution():
+    probs = torch.tensor([0.05, 0.1, 0.25, 0.6, 0.0])
+    logits = probs.clamp(min=1e-30).log().expand(40_000, -1).contiguous()
+    generators = [torch.Generator().manual_seed(s) for s in range(4)]
+    counts = torch.bincount(ops.choose(logits, SamplingParams(), generators), minlength=5).float()
+    np.testing.assert_allclose((counts / counts.sum()).numpy(), probs.numpy(), atol=0.01)
+    # top-k 2 leaves tokens 2 and 3 only, in the ratio 0.25 : 0.6
+    picked = ops.choose(logits, SamplingParams(top_k=2), generators)
+    assert set(picked.unique().tolist()) == {2, 3}
+    assert (picked == 3).float().mean().item() == pytest.approx(0.6 / 0.85, abs=0.01)
+
+
+def test_a_filtered_out_token_is_never_drawn_even_at_the_top_of_the_range(monkeypatch):
+    # u at the top of the range (1.0: a device generator that includes it, or rounding): the threshold
+    # u * total reaches the total, above which only the last tokens lie, and they have probability 0.
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1e9, -1e9]] * 8)
+    monkeypatch.setattr(torch, "rand", lambda n, **kw: torch.ones(n))
+    assert ops.choose(logits, SamplingParams(top_k=3), [torch.Generator()]).tolist() == [2] * 8
+    monkeypatch.setattr(torch, "rand", lambda n, **kw: torch.zeros(n))
+    assert ops.choose(logits, SamplingParams(top_k=3), [torch.Generator()]).tolist() == [0] * 8
+
+
+def test_each_prompt_samples_from_its_own_seed(lora):
+    prompts = encode(lora)
+    params = SamplingParams(max_new_tokens=6, seed=(11, 12, 13), top_p=0.95)
+    together = lora.sample(prompts, n=3, params=params)
+    for i, seed in enumerate(params.seed):
+        alone = lora.sample([prompts[i]], n=3, params=SamplingParams(max_new_tokens=6, seed=(seed,), top_p=0.95))
+        assert [c.completion_ids for c in alone] == [c.completion_ids for c in together[3 * i : 3 * i + 3]]
+        # the log-probs differ only by float rounding (the batch's padding changes the matmul shapes)
+        np.testing.assert_allclose([c.logprobs for c in alone], [c.logprobs for c in together[3 * i : 3 * i + 3]],
+                                   atol=1e-5)
+    assert len({c.completion_ids for c in together[:3]}) > 1  # a prompt's samples differ from each other
+
+
+# ---------------------------------------------------------- merged LoRA sampling
+
+
+@pytest.fixture
+def trained_lora(tiny_model_path) -> TorchBackend:
+    """LoRA with non-zero adapters (B starts at 0, which would make merging a no-op)."""
+    backend = make(tiny_model_path)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in backend._model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return backend
+
+
+def all_weights(backend) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in backend._model.named_parameters()}
+
+
+def test_merged_lora_sampling_equals_the_adapters_and_restores_the_weights_bit_for_bit(trained_lora, monkeypatch):
+    backend = trained_lora
+    before = all_weights(backend)
+    params = SamplingParams(max_new_tokens=12, seed=(5, 6, 7))
+    merged = backend.sample(encode(backend), n=3, params=params)
+    for name, w in all_weights(backend).items():
+        assert torch.equal(w, before[name]), name
+    assert all(p.requires_grad for p in backend._trainable)
+    monkeypatch.setattr(backend, "merge_lora_for_sampling", False)
+    plain = backend.sample(encode(backend), n=3, params=params)
+    assert [c.completion_ids for c in merged] == [c.completion_ids for c in plain]
+    np.testing.assert_allclose([c.logprobs for c in merged], [c.logprobs for c in plain], atol=1e-5)
+    # the adapters matter here, so the equality above says the merge applied them
+    with backend._model.disable_adapter():
+        base = backend.sample(encode(backend), n=3, params=params)
+    assert [c.completion_ids for c in base] != [c.completion_ids for c in plain]
+
+
+def test_merged_weights_are_used_while_decoding(trained_lora):
+    backend = trained_lora
+    layer = next(iter(ops.lora_layers(backend._model).values()))
+    base = layer.get_base_layer()
+    seen = []
+    hook = base.register_forward_hook(lambda m, args, out: seen.append(m.weight.detach().clone()))
+    try:
+        backend.sample(encode(backend, ["x"]), n=1, params=SamplingParams(max_new_tokens=2, seed=0))
+    finally:
+        hook.remove()
+    expected = base.weight.detach() + layer.get_delta_weight(ops.ADAPTER).detach()
+    assert seen and all(torch.equal(w, expected) for w in seen)
+    assert not torch.equal(base.weight, expected)
+
+
+def test_an_error_while_decoding_still_restores_the_weights(trained_lora):
+    backend = trained_lora
+    before = all_weights(backend)
+    params = SamplingParams(max_new_tokens=6, seed=(1, 2, 3))
+    expected = backend.sample(encode(backend), n=2, params=params)
+    calls = []
+
+    def fail_on_third_call(module, args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+
+    hook = backend._model.get_input_embeddings().register_forward_pre_hook(fail_on_third_call)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            backend.sample(encode(backend), n=2, params=params)
+    finally:
+        hook.remove()
+    for name, w in all_weights(backend).items():
+        assert torch.equal(w, before[name]), name
+    assert all(p.requires_grad for p in backend._trainable)  # adapters switched back on
+    again = backend.sample(encode(backend), n=2, params=params)
+    assert [c.completion_ids for c in again] == [c.completion_ids for c in expected]
+    assert [c.logprobs for c in again] == [c.logprobs for c in expected]
+
+
+# ------------------------------------------------------------------ fused AdamW
+
+
+@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
+def test_fused_adamw_takes_the_plain_adamw_step(tiny_model_path, use_lora):
+    fused = make(tiny_model_path, model={"use_lora": use_lora}, weight_decay=1.0)
+    assert fused._optimizer.defaults["fused"] is True  # CPU float32 has the fused kernel
+    plain = make(tiny_model_path, model={"use_lora": use_lora}, weight_decay=1.0)
+    settings = {k: plain._optimizer.defaults[k] for k in ("lr", "betas", "weight_decay")}
+    plain._optimizer = torch.optim.AdamW(plain._trainable, **settings)  # the single-tensor loop
+    batch = train_batch(fused)
+    start = [p.detach().clone() for p in fused._trainable]
+    for _ in range(3):
+        a, b = fused.train_step(batch, loss=LOSS), plain.train_step(batch, loss=LOSS)
+        assert a.loss == pytest.approx(b.loss, abs=1e-6)
+    for p, q, p0 in zip(fused._trainable, plain._trainable, start):
+        assert not torch.equal(p, p0)
+        torch.testing.assert_close(p, q, atol=5e-6, rtol=0)  # float rounding; the steps are ~3e-3
+        for moment in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(fused._optimizer.state[p][moment], plain._optimizer.state[q][moment],
+                                       atol=1e-7, rtol=1e-4)
+    assert fused._optimizer.state[fused._trainable[0]]["step"].item() == 3
+
+
+# ------------------------------------- shared-prompt, completion-only log-probs
+
+
+def grouped_batch(backend) -> SequenceBatch:
+    """3 prompts of different lengths x 3 completions of unequal lengths (one of a single token)."""
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(5, 1000, size=length).tolist() for length in (7, 3, 11)]
+    completions = []
+    for p, prompt in enumerate(prompts):
+        for s, length in enumerate((1 + 4 * p, 8, 3)):
+            ids = tuple(rng.integers(5, 1000, size=length).tolist())
+            completions.append(Completion(f"{p}-{s}", p, s, tuple(prompt), ids, (), "", "length"))
+    return SequenceBatch.from_completions(completions, pad_id=backend.pad_id)
+
+
+def forwards(model, fn) -> list[tuple]:
+    """The ``(rows, tokens)`` of every model forward that ``fn()`` runs."""
+    calls = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: calls.append(tuple(args[0].shape)))
+    try:
+        fn()
+    finally:
+        hook.remove()
+    return calls
+
+
+def tensors(rows: SequenceBatch):
+    return torch.as_tensor(rows.input_ids), torch.as_tensor(rows.attention_mask)
+
+
+def loss_grads(model, fn, weights) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    (fn() * weights).sum().backward()
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+# micro-batches: whole groups, a split group + a whole one, two groups' edges, one row, rows of one prompt
+SLICES = [slice(0, 9), slice(1, 5), slice(5, 7), slice(4, 5), slice(6, 9)]
+
+
+@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-head-call", "head-in-chunks"])
+def test_shared_prompt_forward_equals_the_whole_row_forward(trained_lora, tiny_model_path, monkeypatch,
+                                                            use_lora, chunked):
+    from rlaif_mlx.backends import torch_forward as fwd
+
+    if chunked:  # 5 positions per LM-head chunk: several chunks, recomputed in the backward pass
+        monkeypatch.setattr(fwd, "HEAD_CHUNK_ELEMENTS", 5 * trained_lora.tokenizer.vocab_size)
+    backend = trained_lora if use_lora else make(tiny_model_path, model={"use_lora": False})
+    model, seqs = backend._model, grouped_batch(backend)
+    rng = np.random.default_rng(1)
+    for index in SLICES:
+        rows = seqs.rows(index)
+        ids, attn = tensors(rows)
+        completion = torch.as_tensor(rows.loss_mask)
+        model.eval()
+        with torch.inference_mode():
+            whole = ops.token_logp(model, ids, attn)
+            shared = fwd.sequence_logp(model, ids, attn, rows.loss_mask)
+            completion_only = fwd.sequence_logp(model, ids, attn, rows.loss_mask, prompt_targets=False)
+        torch.testing.assert_close(shared, whole, atol=1e-5, rtol=0)
+        torch.testing.assert_close(completion_only, whole * completion, atol=1e-5, rtol=0)
+        model.train()
+        weights = torch.as_tensor(rng.standard_normal(completion.shape).astype(np.float32)) * completion
+        expected = loss_grads(model, lambda: ops.token_logp(model, ids, attn), weights)
+        got = loss_grads(model, lambda: fwd.sequence_logp(model, ids, attn, rows.loss_mask, prompt_targets=False),
+                         weights)
+        assert got.keys() == expected.keys() and expected
+        for name in expected:
+            assert expected[name].abs().max() > 0, name
+            torch.testing.assert_close(got[name], expected[name], atol=2e-5, rtol=1e-4)
+    model.eval()
+
+
+def test_each_distinct_prompt_is_forwarded_once(trained_lora):
+    from rlaif_mlx.backends import torch_forward as fwd
+
+    model, seqs = trained_lora._model, grouped_batch(trained_lora)
+
+    def run(index):
+        rows = seqs.rows(index)
+        with torch.inference_mode():
+            fwd.sequence_logp(model, *tensors(rows), rows.loss_mask)
+
+    # 9 rows, 3 prompts (longest 11 tokens): the prompts once, then the completions but their last token
+    assert forwards(model, lambda: run(slice(0, 9))) == [(3, 11), (9, 8)]
+    assert forwards(model, lambda: run(slice(1, 5))) == [(2, 7), (4, 7)]  # a micro-batch that splits a group
+    # no prompt shared (one sample per prompt): one whole-row forward
+    whole = seqs.rows(np.array([0, 3, 6]))
+    assert forwards(model, lambda: run(np.array([0, 3, 6]))) == [(3, whole.input_ids.shape[1])]
+
+
+def test_the_backend_scores_and_trains_as_the_whole_row_forward(trained_lora, monkeypatch):
+    """``logprobs`` and the gradients of a step, with micro-batches that split groups, against the plain forward."""
+    from rlaif_mlx.backends import torch_forward as fwd
+
+    backend = trained_lora
+    monkeypatch.setattr(backend._training, "micro_batch_size", 4)
+    batch = train_batch(backend, n=3, max_new_tokens=6)
+    policy, reference = backend.logprobs(batch.sequences), backend.logprobs(batch.sequences, reference=True)
+    backend._accumulate_gradients(batch, LOSS)
+    fast = {n: p.grad.clone() for n, p in backend._model.named_parameters() if p.grad is not None}
+    backend._optimizer.zero_grad(set_to_none=True)
+
+    monkeypatch.setattr(fwd, "sequence_logp", lambda model, ids, attn, mask, **kw: ops.token_logp(model, ids, attn))
+    np.testing.assert_allclose(policy, backend.logprobs(batch.sequences), atol=1e-5)
+    np.testing.assert_allclose(reference, backend.logprobs(batch.sequences, reference=True), atol=1e-5)
+    assert np.abs(policy - reference).max() > 1e-2  # the adapters are on for the policy
+    backend._accumulate_gradients(batch, LOSS)
+    plain = {n: p.grad.clone() for n, p in backend._model.named_parameters() if p.grad is not None}
+    backend._optimizer.zero_grad(set_to_none=True)
+    assert fast.keys() == plain.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(fast[name], plain[name], atol=2e-5, rtol=1e-4)
+
+
+def test_one_token_prompts_and_rows_without_completion(trained_lora):
+    """Every target scored (the mask ``test_cli`` uses): 1-token prompts, shared; and all-prompt rows, shared."""
+    from rlaif_mlx.backends import torch_forward as fwd
+
+    rows = [[7, 20, 21, 22], [7, 30, 31], [8, 40], [9, 50, 51, 52], [9, 50, 51, 52]]
+    width = max(map(len, rows))
+    ids = np.array([r + [0] * (width - len(r)) for r in rows], dtype=np.int64)
+    attention = np.array([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=np.int64)
+    loss_mask = attention[:, 1:].astype(np.float32)
+    loss_mask[3:] = 0  # the last two rows are all prompt, and the same prompt
+    model = trained_lora._model
+    for n in (3, 5):  # only 1-token prompts (a 1-wide prompt frame), then with the all-prompt rows too
+        ids_n, attention_n, mask_n = (torch.as_tensor(a[:n]) for a in (ids, attention, loss_mask))
+        with torch.inference_mode():
+            whole = ops.token_logp(model, ids_n, attention_n)
+            for prompt_targets in (True, False):
+                got = fwd.sequence_logp(model, ids_n, attention_n, mask_n.numpy(), prompt_targets=prompt_targets)
+                torch.testing.assert_close(got, whole if prompt_targets else whole * mask_n, atol=1e-5, rtol=0)
