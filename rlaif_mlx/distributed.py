@@ -171,8 +171,7 @@ class DistContext:
         everything, out_results, offset = [], {}, 0
         for count, part, scored in self.all_gather((prompts, completions, dict(results))):
             for c in part:
-                whole = replace(c, uid=f"{c.prompt_index + offset}-{c.sample_index}",
-                                prompt_index=c.prompt_index + offset)
+                whole = renumbered(c, offset)
                 everything.append(whole)
                 out_results[whole.uid] = scored[c.uid]
             offset += count
@@ -241,6 +240,12 @@ class DistContext:
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def renumbered(completion: Any, offset: int) -> Any:
+    """The ``Completion`` moved ``offset`` prompts along the batch, its uid ``"{prompt}-{sample}"`` to match."""
+    index = completion.prompt_index + offset
+    return replace(completion, uid=f"{index}-{completion.sample_index}", prompt_index=index)
 
 
 def context_from_env(environ: Mapping[str, str] = os.environ) -> DistContext:

@@ -16,11 +16,11 @@ so a resumed run trains on exactly the samples it would have trained on.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from .backends.base import Completion
-from .distributed import DistContext
+from .distributed import DistContext, renumbered
 
 
 @dataclass
@@ -45,7 +45,7 @@ class PendingBatch:
         """The whole batch as one process sampling every prompt would hold it (collective under torchrun)."""
         completions, offset = [], 0
         for prompts, part in dist.all_gather((len(dist.shard(self.task_ids)), self.completions)):
-            completions += [_renumbered(c, offset) for c in part]
+            completions += [renumbered(c, offset) for c in part]
             offset += prompts
         return {
             "step": self.step,
@@ -60,15 +60,9 @@ class PendingBatch:
         """This process's share of a saved batch (the share a fresh ``dist.shard`` gives it)."""
         everything = [_completion(c) for c in state["completions"]]
         ids = list(state["task_ids"])
-        mine = len(ids) // dist.world_size  # as ``dist.shard`` splits: contiguous, in rank order
-        first = dist.rank * mine
-        share = [_renumbered(c, -first) for c in everything if first <= c.prompt_index < first + mine]
+        mine = dist.shard(range(len(ids)))  # this process's prompt positions, contiguous
+        share = [renumbered(c, -mine[0]) for c in everything if c.prompt_index in mine]
         return cls(int(state["step"]), ids, share, float(state["sample_seconds"]), int(state["sampled_at"]))
-
-
-def _renumbered(c: Completion, offset: int) -> Completion:
-    index = c.prompt_index + offset
-    return replace(c, uid=f"{index}-{c.sample_index}", prompt_index=index)
 
 
 def _completion(record: dict[str, Any]) -> Completion:

@@ -229,6 +229,7 @@ class Trainer:
         pending, self._pending = self._pending, None
         if pending is None or pending.step != self.step:
             pending = self.sample_batch()
+        stale = pending.sampled_at < pending.step  # sampled ahead, by the policy before the last update
         batch = [self.tasks[i] for i in pending.task_ids]
         tasks = self.dist.shard(batch)  # this process's prompts, each with its whole group (all of them in one process)
         completions = pending.completions
@@ -250,7 +251,7 @@ class Trainer:
         full = self.gather(batch, rollout)  # the whole batch: what every decision below is taken on
         self._check_scoring(full)
         advantages, weights, adv_stats = self.advantages(full)
-        stats = self.update(rollout, advantages, weights, stale=pending.sampled_at < self.step)
+        stats = self.update(rollout, advantages, weights, stale=stale)
         kl_token = klmod.masked_mean_kl(
             full.policy_logp, full.ref_logp, full.sequences.loss_mask, estimator=self.config.rlaif.kl_estimator
         ).token_mean if full.ref_logp is not None else float("nan")
@@ -265,7 +266,7 @@ class Trainer:
         record = self.record(full, stats, adv_stats, kl_token, kl_coef,
                              times=(pending.sample_seconds, score_s, t_reference - t_sample, t_end - t_score,
                                     t_end - t0),
-                             ahead={"sampled_ahead": int(pending.sampled_at < pending.step),
+                             ahead={"sampled_ahead": int(stale),
                                     "sample_ahead_seconds": t_ahead - t_reference})  # the next batch, beside scoring
         return record
 
