@@ -251,6 +251,26 @@ def merge_eos_ids(tokenizer_eos: int | None, generation_eos: int | list[int] | N
     return tuple(found)
 
 
+def prompt_owners(input_ids: np.ndarray, attention_mask: np.ndarray,
+                  loss_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Which rows of a right-padded batch share a prompt (both backends forward each prompt once).
+
+    A row's prompt is its tokens up to its first completion target (``loss_mask``'s
+    first 1, plus one, as ``SequenceBatch.from_completions`` writes it); a row with
+    no completion target is all prompt. Rows need not be in groups.
+
+    Returns:
+        ``(prompt_len [R], owner [R], count)``: each row's prompt length, the index of
+        its prompt among the distinct prompts (in first-seen order), and how many there are.
+    """
+    lengths = attention_mask.sum(axis=1)
+    targets = loss_mask[:, : input_ids.shape[1] - 1] > 0
+    prompt_len = np.where(targets.any(axis=1), targets.argmax(axis=1) + 1, lengths)
+    index: dict[tuple[int, ...], int] = {}
+    owner = np.array([index.setdefault(tuple(row[:p].tolist()), len(index)) for row, p in zip(input_ids, prompt_len)])
+    return prompt_len, owner, len(index)
+
+
 def find_stop(text: str, stops: tuple[str, ...]) -> int:
     """Index of the earliest stop string in ``text``, or -1."""
     hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]

@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from rlaif_mlx.backends import mlx_ops as ops
-from rlaif_mlx.backends.base import SequenceBatch
+from rlaif_mlx.backends.base import SequenceBatch, prompt_owners
 
 
 @dataclass
@@ -80,25 +80,18 @@ def find_groups(rows: SequenceBatch) -> PromptGroups | None:
     Any split point gives the same log-probs; the loss mask's first completion
     target marks it, as ``SequenceBatch.from_completions`` writes it.
     """
-    targets = rows.loss_mask > 0
-    if not targets.any(axis=1).all():
+    prompt_len, owner, count = prompt_owners(rows.input_ids, rows.attention_mask, rows.loss_mask)
+    completion_len = rows.attention_mask.sum(axis=1) - prompt_len
+    if (completion_len < 1).any() or count == len(owner):
         return None
-    prompt_len = targets.argmax(axis=1) + 1
-    length = rows.attention_mask.sum(axis=1)
-    completion_len = length - prompt_len
-    if (completion_len < 1).any():
-        return None
-    index: dict[tuple[int, ...], int] = {}
-    owner = np.array([index.setdefault(tuple(row[:p].tolist()), len(index))
-                      for row, p in zip(rows.input_ids, prompt_len)])
-    if len(index) == len(owner):
-        return None
+    firsts = np.unique(owner, return_index=True)[1]  # a row of each prompt, in prompt order
     width = int(completion_len.max())
     completions = np.zeros((len(owner), width), dtype=np.int32)
     columns = np.minimum(prompt_len[:, None] + np.arange(width)[None, :], rows.input_ids.shape[1] - 1)
     picked = np.take_along_axis(rows.input_ids, columns, axis=1)
     completions[:] = np.where(np.arange(width)[None, :] < completion_len[:, None], picked, 0)
-    return PromptGroups([list(k) for k in index], owner, prompt_len, completion_len, completions)
+    prompts = [rows.input_ids[i, : prompt_len[i]].tolist() for i in firsts]
+    return PromptGroups(prompts, owner, prompt_len, completion_len, completions)
 
 
 def grouped_logp(model, groups: PromptGroups, *, prompt_targets: bool):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import logging
 import math
 from pathlib import Path
@@ -102,9 +101,7 @@ class TorchBackend:
 
         self.tokenizer = AutoTokenizer.from_pretrained(base)
         self._model = self._load_base(base, device=self.device)
-        # transformers 5 renamed the forward's `past_key_values` to `cache`.
-        forward_args = inspect.signature(self._model.forward).parameters
-        self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
+        self._cache_arg = ops.cache_kwarg(self._model.forward)
         self.eos_ids = ops.eos_ids(self.tokenizer, self._model)
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.eos_ids[0])
@@ -210,8 +207,7 @@ class TorchBackend:
             logits_to_keep=1,
             **{self._cache_arg: cache},
         )
-        cache = out.get("cache") if out.get("cache") is not None else out.past_key_values
-        return out.logits[:, -1, :], cache
+        return out.logits[:, -1, :], ops.returned_cache(out)
 
     def _generators(self, seed: int | tuple[int, ...] | None, prompts: int) -> list:
         """One generator for the call, or one per prompt when ``seed`` is a tuple."""

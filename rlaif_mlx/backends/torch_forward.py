@@ -18,7 +18,6 @@ forward, full logits) stays as the plain reference these must equal.
 from __future__ import annotations
 
 import functools
-import inspect
 import sys
 
 import numpy as np
@@ -26,6 +25,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from rlaif_mlx.backends import torch_ops as ops
+from rlaif_mlx.backends.base import prompt_owners
 
 # Logit elements per LM-head chunk: 32M float32 values are 128 MB (a Qwen vocabulary: ~220 positions).
 HEAD_CHUNK_ELEMENTS = 1 << 25
@@ -59,12 +59,8 @@ def sequence_logp(model, ids: torch.Tensor, attn: torch.Tensor, loss_mask: np.nd
         return logp if prompt_targets else logp * torch.as_tensor(loss_mask, device=logp.device)
     decoder, head = causal.get_decoder(), causal.get_output_embeddings()
     lengths = attn.sum(dim=1).cpu().numpy()
-    completes = loss_mask[:, : ids.shape[1] - 1] > 0
-    prompt_len = np.where(completes.any(axis=1), completes.argmax(axis=1) + 1, lengths)
-    host_ids = ids.cpu().numpy()
-    unique: dict[tuple, int] = {}  # prompt -> its index; rows need not be in groups or hold whole groups
-    group = np.array([unique.setdefault(tuple(host_ids[i, : prompt_len[i]]), len(unique)) for i in range(len(ids))])
-    if len(unique) < len(ids):
+    prompt_len, group, prompts = prompt_owners(ids.cpu().numpy(), attn.cpu().numpy(), loss_mask)
+    if prompts < len(ids):
         return _shared_prompt_logp(decoder, head, ids, lengths, prompt_len, group, prompt_targets=prompt_targets)
     # nothing shared: one whole-row forward
     hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
@@ -84,7 +80,7 @@ def _shared_prompt_logp(decoder, head, ids, lengths, prompt_len, group, *, promp
     out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
                   position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0))
     prompt_hidden = out.last_hidden_state
-    cache = out.get("cache") if out.get("cache") is not None else out.past_key_values
+    cache = ops.returned_cache(out)
     rows = torch.as_tensor(group, device=device)
 
     logp = torch.zeros((n, width - 1), dtype=torch.float32, device=device)
@@ -158,8 +154,8 @@ def _chunk_logp(head, hidden, targets):
 
 @functools.lru_cache(maxsize=None)
 def _cache_kwarg(decoder_type: type) -> str:
-    """transformers 5 renamed the forward's ``past_key_values`` to ``cache``."""
-    return "cache" if "cache" in inspect.signature(decoder_type.forward).parameters else "past_key_values"
+    """``ops.cache_kwarg``, once per decoder class."""
+    return ops.cache_kwarg(decoder_type.forward)
 
 
 def _hidden_states_give_logits(causal) -> bool:

@@ -10,6 +10,7 @@ twin is ``backends/mlx_ops.py``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import warnings
 from pathlib import Path
@@ -120,6 +121,16 @@ def left_pad(prompts: list[list[int]], *, pad_id: int, device: str):
         ids[i, width - len(p) :] = torch.as_tensor(p, dtype=torch.long)
         mask[i, width - len(p) :] = 1
     return ids.to(device), mask.to(device)
+
+
+def cache_kwarg(forward) -> str:
+    """The name under which ``forward`` takes a KV cache: transformers 5 renamed ``past_key_values`` to ``cache``."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def returned_cache(out):
+    """The KV cache a cached forward returned, under either name."""
+    return out.get("cache") if out.get("cache") is not None else out.past_key_values
 
 
 def generators(seeds, *, device: str) -> list:
