@@ -1,4 +1,4 @@
-"""Time per RL step and peak memory: rlaif-mlx's trainer vs TRL's GRPOTrainer, on the CPU.
+"""Time per RL step and peak memory: rlaif-mlx's trainer vs TRL's GRPOTrainer, on the CPU (or a GPU).
 
 Both sides do the same work each step: B prompts (plain text, no chat
 template) x G samples of up to T new tokens at temperature 1, a reward from
@@ -16,6 +16,9 @@ never by the test suite:
 
     python benchmarks/bench_step.py --model tiny --model 30m --steps 5 \\
         --prompts 4 --group 4 --new-tokens 64 --lora-rank 8 --kl 0.05
+
+``--device cuda`` runs both sides on the GPU and adds the allocator's peak GPU
+memory (``torch.cuda.max_memory_allocated``) of each side to the table.
 
 The report (``--out``) is rewritten on each run, except anything below the
 line ``<!-- notes -->``, which is kept: write findings there.
@@ -52,7 +55,7 @@ PARTS = ("sample", "score", "reference", "update", "other")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Seconds per RL step and peak memory of rlaif-mlx vs TRL's GRPOTrainer (CPU, PyTorch).")
+        description="Seconds per RL step and peak memory of rlaif-mlx vs TRL's GRPOTrainer (PyTorch).")
     parser.add_argument("--model", action="append", default=None,
                         help="tiny (0.4M parameters), 30m (about 30M) or a local model folder; repeat for several "
                              "(default: tiny)")
@@ -79,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--side", choices=("both", "ours", "trl"), default="both", help="which trainer(s) to time")
     parser.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
                         help="cProfile our step: where the target is missed (auto), always, or never")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both sides run (default cpu)")
     parser.add_argument("--target", type=float, default=0.7, help="goal for our step time / TRL's (default 0.7)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "step.md",
                         help="the Markdown report; the raw numbers go next to it as .json")
@@ -144,8 +148,9 @@ def merge_rounds(records: list[dict]) -> dict:
     merged["round_medians_s"] = [statistics.median(r["times"]["step"]) for r in records]
     merged["load_before"] = [r["load_before"] for r in records]
     merged["attempts"] = [r["attempts"] for r in records]
-    for key in ("peak_rss_mb", "rss_after_imports_mb", "rss_after_setup_mb"):
-        merged[key] = max(r[key] for r in records)
+    for key in ("peak_rss_mb", "rss_after_imports_mb", "rss_after_setup_mb", "peak_gpu_mb"):
+        values = [r[key] for r in records if r.get(key) is not None]
+        merged[key] = max(values) if values else None
     return merged
 
 
@@ -162,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
             settings = StepSettings(
                 model_path=str(path), lora=mode == "lora", steps=args.steps, prompts=args.prompts, group=args.group,
                 new_tokens=args.new_tokens, lora_rank=args.lora_rank, lora_alpha=alpha, kl=args.kl,
-                learning_rate=args.learning_rate)
+                learning_rate=args.learning_rate, device=args.device)
             records: dict[str, list[dict]] = {side: [] for side in sides}
             for round_index in range(args.rounds):
                 # alternate which side goes first, so a slow drift in the machine hits both alike
@@ -195,7 +200,7 @@ def write_report(args: argparse.Namespace, runs: list[dict], argv: list[str]) ->
         notes = out.read_text().split(NOTES_MARKER, 1)[1]
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(),
+        "machine": machine() + (f", {_gpu_name()}" if args.device != "cpu" else ""),
         "versions": versions("torch", "transformers", "peft", "trl", "accelerate", "datasets", "rlaif-mlx"),
         "command": "python benchmarks/bench_step.py " + shlex.join(argv),
     }
@@ -211,7 +216,7 @@ def write_report(args: argparse.Namespace, runs: list[dict], argv: list[str]) ->
         f"- work per step: B={args.prompts} prompts x G={args.group} samples, up to T={args.new_tokens} new tokens "
         f"at temperature 1, reward = share of digit characters (in-process), beta={args.kl} (k3 KL in the loss), "
         f"LoRA r={args.lora_rank} alpha={args.lora_alpha or 2 * args.lora_rank:g} on q/k/v/o or all weights, "
-        f"lr {args.learning_rate:g} constant, one AdamW step per batch, float32, "
+        f"lr {args.learning_rate:g} constant, one AdamW step per batch, float32 on {args.device}, "
         f"torch threads {_first(runs, 'torch_threads')}",
         f"- timing: median over {args.rounds} rounds x {args.steps} steps (one untimed warm-up step per round); "
         "each round of each side is a fresh process; peak memory = the highest `ru_maxrss` of its rounds; "
@@ -222,6 +227,10 @@ def write_report(args: argparse.Namespace, runs: list[dict], argv: list[str]) ->
         "ours MB above imports | TRL MB above imports | completion len ours / TRL |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    gpu = args.device != "cpu"
+    if gpu:  # one more column: the allocator's peak on the GPU
+        lines[-2] = lines[-2][:-1] + "| GPU peak MB ours / TRL |"
+        lines[-1] += "---|"
     for run in runs:
         ours, trl = run.get("ours"), run.get("trl")
         any_side = ours or trl
@@ -237,6 +246,7 @@ def write_report(args: argparse.Namespace, runs: list[dict], argv: list[str]) ->
             _num(ours, "peak_rss_mb", "{:.0f}"), _num(trl, "peak_rss_mb", "{:.0f}"),
             _above(ours), _above(trl),
             f"{_num(ours, 'completion_len_mean', '{:.1f}')} / {_num(trl, 'completion_len_mean', '{:.1f}')}",
+            *([f"{_num(ours, 'peak_gpu_mb', '{:.0f}')} / {_num(trl, 'peak_gpu_mb', '{:.0f}')}"] if gpu else []),
         ]) + " |")
     lines += [
         "",
@@ -284,6 +294,12 @@ def write_report(args: argparse.Namespace, runs: list[dict], argv: list[str]) ->
     text = "\n".join(lines) + "\n\n" + NOTES_MARKER + (notes if notes else "\n")
     out.write_text(text)
     print(f"report: {out}", file=sys.stderr)
+
+
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name()
 
 
 def _first(runs: list[dict], key: str):

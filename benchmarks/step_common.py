@@ -49,6 +49,7 @@ class StepSettings:
         kl: beta, the KL coefficient in the loss (k3 estimator).
         learning_rate: constant, no warm-up.
         profile: run the timed steps under cProfile (ours only) and report the top entries.
+        device: ``cpu`` or ``cuda`` (both sides run on it).
     """
 
     model_path: str
@@ -62,6 +63,7 @@ class StepSettings:
     kl: float
     learning_rate: float
     profile: bool = False
+    device: str = "cpu"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -211,6 +213,13 @@ def resolve_model(name: str, model_dir: Path) -> Path:
 
 def default_model_dir() -> Path:
     return Path(tempfile.gettempdir()) / "rlaif-mlx-bench-models"
+
+
+def peak_gpu_mb() -> float | None:
+    """The most GPU memory PyTorch's allocator held at once in this process, or None without CUDA."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
 def peak_rss_mb() -> float:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from step_common import (
     LORA_TARGETS, SEED, TEMPERATURE, PartClock, StepSettings, StepTimes, UsageMeter, benchmark_prompts,
-    digit_fraction, peak_rss_mb, step_parts, torch_threads, write_result,
+    digit_fraction, peak_gpu_mb, peak_rss_mb, step_parts, torch_threads, write_result,
 )
 
 
@@ -45,7 +45,7 @@ def build_config(settings: StepSettings, output_dir: Path):
         "model": {
             "base_model": settings.model_path, "dtype": "float32", "use_lora": settings.lora,
             "lora_r": settings.lora_rank, "lora_alpha": settings.lora_alpha, "lora_dropout": 0.0,
-            "lora_target_modules": list(LORA_TARGETS), "torch": {"device": "cpu"},
+            "lora_target_modules": list(LORA_TARGETS), "torch": {"device": settings.device},
         },
         "data": {"train_file": "benchmark", "use_chat_template": False},
         "training": {
@@ -114,6 +114,7 @@ def main(settings_json: str, result_path: str) -> None:
         "rss_after_imports_mb": rss_imports,
         "rss_after_setup_mb": rss_setup,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mb": peak_gpu_mb(),
         "last_record": {k: v for k, v in record.items() if isinstance(v, (int, float))},
     }
     if profiler:

@@ -6,7 +6,7 @@ own peak. Usage: ``python benchmarks/step_trl.py SETTINGS_JSON RESULT_PATH``.
 Settings that change the work are set to match ours explicitly (group size,
 completion length, temperature, LoRA, beta with TRL's k3 KL, learning rate,
 one optimizer step per generation batch, per-device batch = B*G, no gradient
-accumulation, float32 on the CPU, no vLLM, no gradient checkpointing). TRL's
+accumulation, float32 on the same device, no vLLM, no gradient checkpointing). TRL's
 own implementation choices (its fused log-prob head, its default fused AdamW,
 ``generate``) are left as they are: they are what a TRL user gets.
 
@@ -32,7 +32,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from step_common import (
     LORA_TARGETS, SEED, TEMPERATURE, PartClock, StepSettings, StepTimes, UsageMeter, benchmark_prompts,
-    digit_fraction, peak_rss_mb, torch_threads, write_result,
+    digit_fraction, peak_gpu_mb, peak_rss_mb, torch_threads, write_result,
 )
 
 
@@ -79,7 +79,7 @@ def build_args(settings: StepSettings, output_dir: str) -> GRPOConfig:
     return GRPOConfig(
         output_dir=output_dir,
         seed=SEED,
-        use_cpu=True,
+        use_cpu=settings.device == "cpu",
         bf16=False,
         fp16=False,
         gradient_checkpointing=False,  # GRPOConfig turns it on by default; ours has none
@@ -155,6 +155,7 @@ def main(settings_json: str, result_path: str) -> None:
         "rss_after_imports_mb": rss_imports,
         "rss_after_setup_mb": rss_setup,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mb": peak_gpu_mb(),
         "trl_optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
                               else trainer.optimizer).__name__ + f" ({trainer.args.optim})",
     })

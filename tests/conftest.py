@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# The PyTorch backend's own tests (test_torch_backend, test_torch_speedups) run on this device:
+# the CPU in CI; RLAIF_TEST_TORCH_DEVICE=cuda runs them on a GPU to check the CUDA path.
+TORCH_DEVICE = os.environ.get("RLAIF_TEST_TORCH_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ from rlaif_mlx.backends.base import (  # noqa: E402
     SequenceBatch,
     TrainBatch,
 )
+from conftest import TORCH_DEVICE  # noqa: E402
 from rlaif_mlx.backends.torch import TorchBackend, create  # noqa: E402
 from rlaif_mlx.backends.torch_ops import token_logp as _token_logp  # noqa: E402
 from rlaif_mlx.config import ModelConfig, TrainingConfig  # noqa: E402
@@ -31,7 +32,7 @@ PROMPTS = ["def add(a, b):", "import os\nprint(", "x"]  # different lengths on p
 
 def make(path, *, seed: int = 0, total_steps: int = 20, model: dict | None = None, **training) -> TorchBackend:
     training = {"learning_rate": 1e-3, "micro_batch_size": 4, "lr_scheduler_type": "constant"} | training
-    config = ModelConfig(base_model=str(path), lora_r=4, torch={"device": "cpu"}, **(model or {}))
+    config = ModelConfig(base_model=str(path), lora_r=4, torch={"device": TORCH_DEVICE}, **(model or {}))
     return create(config, TrainingConfig(**training), seed=seed, total_steps=total_steps)
 
 
@@ -82,7 +83,7 @@ def lora(tiny_model_path) -> TorchBackend:
 
 def test_satisfies_backend_protocol(lora):
     assert isinstance(lora, Backend)
-    assert lora.name == "torch" and lora.device == "cpu"
+    assert lora.name == "torch" and lora.device == TORCH_DEVICE
     assert lora.tokenizer.convert_ids_to_tokens(lora.eos_ids[0]) == "<|im_end|>"
     assert lora.pad_id == lora.tokenizer.convert_tokens_to_ids("<|endoftext|>")
     assert lora.pad_id in lora.eos_ids  # the generation config stops on it too
@@ -125,18 +126,19 @@ def test_cached_decode_equals_full_forward(lora):
     lora._model.eval()
     with torch.inference_mode():
         width = max(len(p) for p in prompts)
-        ids = torch.tensor([[lora.pad_id] * (width - len(p)) + p for p in prompts])
-        mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+        on = {"device": lora.device}
+        ids = torch.tensor([[lora.pad_id] * (width - len(p)) + p for p in prompts], **on)
+        mask = (torch.arange(width, **on)[None] >= torch.tensor([width - len(p) for p in prompts], **on)[:, None]).long()
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, cache = lora._forward_step(ids, mask, pos, None)
         next_pos = pos[:, -1] + 1
         for t in range(5):
-            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
-            tokens = torch.tensor([extra[0][t], extra[1][t]])[:, None]
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long, **on)], dim=1)
+            tokens = torch.tensor([extra[0][t], extra[1][t]], **on)[:, None]
             logits, cache = lora._forward_step(tokens, mask, next_pos[:, None], cache)
             next_pos = next_pos + 1
         for row, (p, e) in enumerate(zip(prompts, extra)):
-            full = lora._model(input_ids=torch.tensor([p + e])).logits[0, -1]
+            full = lora._model(input_ids=torch.tensor([p + e], **on)).logits[0, -1]
             torch.testing.assert_close(logits[row], full, atol=1e-4, rtol=0)
 
 
@@ -171,7 +173,7 @@ def test_top_k_one_is_greedy(lora):
     with torch.inference_mode():
         for c in completions[::2]:
             ids = list(c.prompt_ids + c.completion_ids)
-            logits = lora._model(input_ids=torch.tensor([ids])).logits[0]
+            logits = lora._model(input_ids=torch.tensor([ids], device=lora.device)).logits[0]
             start = len(c.prompt_ids) - 1
             argmax = logits[start : start + len(c.completion_ids)].argmax(-1).tolist()
             assert argmax == list(c.completion_ids)
