@@ -212,8 +212,9 @@ def _run_training(args: argparse.Namespace, config, dist) -> int:
           f"trainable {trainable:,} of {total:,} parameters ({'LoRA' if config.model.use_lora else 'full'})")
     print(f"{len(train.tasks)} training tasks from {config.data.train_file}  output {output_dir}")
     if dist.enabled:
+        sharded = "; weights, gradients and AdamW state sharded (FSDP)" if config.model.torch.fsdp else ""
         print(f"torchrun: {dist.world_size} processes, {config.training.batch_size // dist.world_size} of the "
-              f"{config.training.batch_size} prompts of each step on each; gradients summed")
+              f"{config.training.batch_size} prompts of each step on each; gradients summed{sharded}")
     from .sandbox import sandbox_capabilities
 
     caps = sandbox_capabilities()

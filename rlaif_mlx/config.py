@@ -30,6 +30,9 @@ class TorchOptions(_Section):
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     attn_implementation: str | None = None  # e.g. sdpa, eager, flash_attention_2
+    # Under torchrun: each process keeps 1/N of the weights, gradients and AdamW state (FSDP) instead of a
+    # whole replica, for a model that does not fit one GPU. Ignored, with a warning, in a single process.
+    fsdp: bool = False
 
 
 class MlxOptions(_Section):

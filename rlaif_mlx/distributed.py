@@ -25,7 +25,14 @@ Each prompt samples from a seed of its own (run seed, step, place in the whole
 batch), so a run samples the same completions on any number of processes. The
 supervised warm-up trains the whole (small) warm-up batch on every process at
 1/world_size weight; periodic evaluation runs on rank 0 while the others wait.
-Every process holds a full replica: FSDP (sharded weights) is not supported.
+
+Every process holds a whole replica, unless ``model.torch.fsdp`` shards the
+weights, gradients and AdamW state over the processes
+(``backends/torch_fsdp.py``). Then every forward and backward outside sampling
+is collective: all processes run the same number, and the backend pads with
+empty micro-batches where shares differ. Sampling, and rank 0's evaluation, run
+on weights gathered whole in every process first (``Backend.gathered``), and a
+checkpoint is gathered to rank 0, which writes the same files as one process.
 
 With ``WORLD_SIZE`` unset or 1 every helper here is a plain pass-through and
 torch is never imported (``import rlaif_mlx`` stays free of frameworks).

@@ -450,13 +450,16 @@ class Trainer:
             **(self.dist.teacher_metrics(self.teacher) if self.teacher is not None else {}),
         }
         every = self.config.eval.every_steps
-        if (self.dist.is_main and self.eval_tasks is not None and every
-                and (self.step % every == 0 or self.step == self.total_steps)):  # rank 0 evaluates, the others wait
-            # After the record is built: evaluating re-scores, which replaces the teacher's last-batch numbers.
-            started = time.perf_counter()
-            record.update(evaluate(self.backend, self.eval_tasks.tasks, self.rewards, self.config))
-            record["eval_seconds"] = time.perf_counter() - started
-            self.log(format_eval_line(record, step=self.step))
+        if self.eval_tasks is not None and every and (self.step % every == 0 or self.step == self.total_steps):
+            # Rank 0 evaluates, the others wait. Every process gathers the weights first (under FSDP a collective):
+            # rank 0 then samples on whole weights, needing no other process.
+            with self.backend.gathered():
+                if self.dist.is_main:
+                    # After the record is built: evaluating re-scores, which replaces the teacher's last-batch numbers.
+                    started = time.perf_counter()
+                    record.update(evaluate(self.backend, self.eval_tasks.tasks, self.rewards, self.config))
+                    record["eval_seconds"] = time.perf_counter() - started
+                    self.log(format_eval_line(record, step=self.step))
         if self.metrics is not None:  # rank 0's
             self.metrics.write(record)
             self.metrics.write_samples(self.step, rollout.tasks, rollout.completions, rollout.results)
@@ -524,8 +527,9 @@ class Trainer:
     def save(self) -> Path:
         """Writes a checkpoint of the current step (see ``checkpoint.save_checkpoint``).
 
-        Under torchrun rank 0 writes it (the weights are the same everywhere) and
-        every process returns once it is complete.
+        Under torchrun rank 0 writes it and every process returns once it is
+        complete; every process takes part in the backend's part (under FSDP
+        each sends rank 0 its shards).
         """
         state = {
             "step": self.step,
@@ -541,6 +545,8 @@ class Trainer:
         if self.dist.is_main:
             path = save_checkpoint(self.output_dir, step=self.step, state=state, config=self.config,
                                    save_backend=self.backend.save, keep=self.config.training.save_total_limit)
+        else:
+            self.backend.save(None)  # this process's share of the backend's save, alongside rank 0's
         return self.dist.from_main(path)
 
     def restore(self, checkpoint: Path) -> None:

@@ -9,16 +9,27 @@ tiny random model's groups have spread to learn from (the offline graders
 would score all of its output 0). Each process also notes
 which completions it scored in ``scored-rank<R>.txt`` beside the run, so the
 test can see the prompts were split.
+
+One more command, ``uneven-shares MODEL OUT``, trains the FSDP backend directly
+on shares of different sizes (``uneven_shares``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from rlaif_mlx import rewards
+from rlaif_mlx.backends.base import Completion, LossSettings, SequenceBatch, TrainBatch
 from rlaif_mlx.cli import main
+from rlaif_mlx.objective import aggregation_weights
+
+UNEVEN_LR = 1e-2
+UNEVEN_ROWS = (("def add(a, b):", " return a + b"), ("x = ", "42"), ("print(", "'hi')"), ("import os", "\nos.sep"))
 
 
 class LetterRewards:
@@ -52,12 +63,69 @@ def run(argv: list[str]) -> int:
         dist.init_process_group("gloo")
     try:
         commands = " ".join(argv).split(" --- ")
-        return max(main(command.split() + ["--no-dashboard"]) for command in commands)
+        return max(_run_one(command.split()) for command in commands)
     finally:
         rewards.RewardPipeline = original
         if dist.is_initialized():
             dist.barrier()  # gloo aborts a process that leaves while a peer still talks to it
             dist.destroy_process_group()
+
+
+def _run_one(args: list[str]) -> int:
+    if args[0] == "uneven-shares":
+        return uneven_shares(*args[1:])
+    return main(args + ["--no-dashboard"])
+
+
+def uneven_backend(model_path: str, *, fsdp: bool):
+    """A LoRA ``TorchBackend`` on the CPU with micro-batches of one row."""
+    from rlaif_mlx.backends.torch import create
+    from rlaif_mlx.config import ModelConfig, TrainingConfig
+
+    model = ModelConfig(base_model=model_path, lora_r=4, torch={"device": "cpu", "fsdp": fsdp})
+    training = TrainingConfig(micro_batch_size=1, learning_rate=UNEVEN_LR, lr_scheduler_type="constant")
+    return create(model, training, seed=0, total_steps=3)
+
+
+def uneven_batch(backend) -> TrainBatch:
+    """Four rows (``UNEVEN_ROWS``), advantages of both signs, token weights normalised over all four."""
+    encode = backend.tokenizer.encode
+    completions = [Completion(f"{i}-0", i, 0, tuple(encode(p)), tuple(encode(c)), (), c, "length")
+                   for i, (p, c) in enumerate(UNEVEN_ROWS)]
+    sequences = SequenceBatch.from_completions(completions, pad_id=backend.pad_id)
+    weights = aggregation_weights(sequences.loss_mask, aggregation="token_mean").astype(np.float32)
+    return TrainBatch(sequences, np.array([1.0, -0.5, 0.25, -2.0], dtype=np.float32), weights)
+
+
+def uneven_shares(model_path: str, out: str) -> int:
+    """FSDP on shares of 3 rows and 1 (micro-batches of one): rank 1 pads with empty forwards and backwards.
+
+    Two steps, a rebase of the reference (the adapters folded into the sharded
+    base weights, A drawn afresh), one more step. Writes each rank's reference
+    log-probs (``uneven-logp-rank<R>.npy``), rank 0's pre-clip gradient norms
+    (``uneven-norms.json``) and a checkpoint (``uneven/``); the test compares
+    them with ``uneven_steps`` in one process on all four rows.
+    """
+    import torch.distributed as dist
+
+    rank, out = dist.get_rank(), Path(out)
+    backend = uneven_backend(model_path, fsdp=True)
+    batch = uneven_batch(backend)
+    mine = slice(0, 3) if rank == 0 else slice(3, 4)
+    local = TrainBatch(batch.sequences.rows(mine), batch.advantages[mine], batch.token_weights[mine])
+    np.save(out / f"uneven-logp-rank{rank}.npy", backend.logprobs(local.sequences, reference=True))
+    norms = uneven_steps(backend, local)
+    backend.save(out / "uneven" if rank == 0 else None)
+    if rank == 0:
+        (out / "uneven-norms.json").write_text(json.dumps(norms))
+    return 0
+
+
+def uneven_steps(backend, batch: TrainBatch) -> list[float]:
+    """Two steps, a rebase, a step; the pre-clip gradient norms."""
+    norms = [backend.train_step(batch, loss=LossSettings()).grad_norm for _ in range(2)]
+    backend.rebase_reference()
+    return norms + [backend.train_step(batch, loss=LossSettings()).grad_norm]
 
 
 if __name__ == "__main__":

@@ -296,6 +296,15 @@ class Backend(Protocol):
         """Samples ``n`` completions per prompt, grouped by prompt (prompt-major order)."""
         ...
 
+    def gathered(self) -> Any:
+        """A context in which this process holds the policy's whole weights; every process enters it together.
+
+        Under FSDP the weights are gathered once for the block, so sampling inside
+        needs no other process (rank 0 may evaluate alone). Nested blocks are
+        free. A no-op where the weights are always whole.
+        """
+        ...
+
     def logprobs(self, batch: SequenceBatch, *, reference: bool = False) -> np.ndarray:
         """Per-token log-probs ``[N, T-1]`` under the policy or the frozen reference."""
         ...
@@ -321,8 +330,12 @@ class Backend(Protocol):
         """(trainable, total) parameter counts."""
         ...
 
-    def save(self, path: Path) -> None:
-        """Writes trainable weights + optimizer + scheduler state into folder ``path``."""
+    def save(self, path: Path | None) -> None:
+        """Writes trainable weights + optimizer + scheduler state into folder ``path``.
+
+        Under torchrun every process calls it together, rank 0 with the folder and
+        the others with None: under FSDP they send their shards; nothing else is written.
+        """
         ...
 
     def load(self, path: Path) -> None:

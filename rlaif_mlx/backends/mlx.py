@@ -208,6 +208,10 @@ class MlxBackend:
                 logits = self._forward_step(chosen[:, None], cache)
         return book.completions()
 
+    def gathered(self):
+        """Nothing to gather: MLX runs in one process, whose weights are whole (see ``TorchBackend.gathered``)."""
+        return contextlib.nullcontext()
+
     def _forward_step(self, ids, cache):
         """One cached forward; returns the last position's logits ``[R, V]`` (the cache updates in place)."""
         return ops.last_logits(self._model, ids, cache)
@@ -383,7 +387,7 @@ class MlxBackend:
 
     # --------------------------------------------------------------- save/load
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path | None) -> None:
         """Writes the portable checkpoint layout (``backends/portable.py``), which PyTorch reads too.
 
         LoRA: PEFT's ``adapter_model.safetensors`` + ``adapter_config.json``
@@ -391,6 +395,8 @@ class MlxBackend:
         configs. Then AdamW's moments, the rebased reference's changed weights
         (if any) and ``backend_state.json``.
         """
+        if path is None:  # another process's share of a save under torchrun: never, MLX runs in one process
+            return
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         names = self._trainable_names()

@@ -16,7 +16,11 @@ share (``backends/portable.py``).
   micro-batch once and apply the LM head to the scored positions only, in
   chunks (``backends/torch_forward.py``).
 - Under torchrun (``rlaif_mlx/distributed.py``) every process keeps a whole
-  replica; ``_accumulate_gradients`` sums the gradients of all processes.
+  replica and ``_accumulate_gradients`` sums the gradients of all processes;
+  with ``model.torch.fsdp`` each keeps a shard instead (``torch_fsdp``):
+  sampling runs on the whole weights gathered once (``gathered``), every other
+  forward and backward is collective, and checkpoints are gathered to rank 0
+  (``torch_checkpoint``).
 - Importing this module imports torch; ``import rlaif_mlx`` never does.
 """
 
@@ -46,7 +50,6 @@ from rlaif_mlx.backends.base import (
 try:
     import torch
     from peft import LoraConfig as PeftLoraConfig
-    from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -56,7 +59,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from None
 
 from rlaif_mlx import objective
-from rlaif_mlx.backends import portable
+from rlaif_mlx.backends import portable, torch_checkpoint
 from rlaif_mlx.backends import torch_forward as fwd
 from rlaif_mlx.backends import torch_ops as ops
 from rlaif_mlx.config import ModelConfig, TrainingConfig, options_set
@@ -107,6 +110,8 @@ class TorchBackend:
         self.pad_id = int(pad if pad is not None else self.eos_ids[0])
 
         self._use_lora = model.use_lora
+        self._fsdp = ops.sharding(model.torch.fsdp)  # the torch_fsdp module when the weights are sharded, else None
+        self._gathered = False  # inside ``gathered``: the policy's weights are whole in this process
         self._reference = None  # full fine-tune only: a frozen copy of the starting weights
         if model.use_lora:
             lora = PeftLoraConfig(
@@ -118,8 +123,12 @@ class TorchBackend:
             )
             self._model = ops.with_lora(self._model, lora)
         else:
-            self._reference = copy.deepcopy(self._model).eval()
+            self._reference = copy.deepcopy(self._model).eval()  # copied whole, before sharding
             self._reference.requires_grad_(False)
+        if self._fsdp is not None:  # after LoRA (adapters shard with their layer), before the optimizer
+            self._model = self._fsdp.shard(self._model)
+            if self._reference is not None:  # a whole copy in every process would undo what sharding saves
+                self._reference = self._fsdp.shard(self._reference)
 
         self._trainable = [p for p in self._model.parameters() if p.requires_grad]
         self._optimizer = self._new_optimizer()
@@ -166,8 +175,24 @@ class TorchBackend:
             raise ValueError("Every prompt needs at least one token.")
         self._model.eval()
         merged = self._use_lora and self.merge_lora_for_sampling
-        with ops.lora_merged(self._model) if merged else contextlib.nullcontext():
+        with self.gathered(), (ops.lora_merged(self._model) if merged else contextlib.nullcontext()):
             return self._generate(prompts, n, params)
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """The policy's whole weights in this process for the block (``Backend.gathered``).
+
+        Under FSDP the outermost block gathers them (every process enters it together) and reshards after.
+        """
+        if self._fsdp is None or self._gathered:
+            yield
+            return
+        self._gathered = True
+        try:
+            with self._fsdp.gathered(self._model):
+                yield
+        finally:
+            self._gathered = False
 
     def _generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[Completion]:
         generators = self._generators(params.seed, len(prompts))
@@ -236,19 +261,42 @@ class TorchBackend:
         self._model.eval()
         n, width = batch.input_ids.shape
         out = np.zeros((n, width - 1), dtype=np.float32)
-        step = self._training.micro_batch_size
-        for start in range(0, n, step):
-            rows = batch.rows(slice(start, start + step))
+        for index in self._micro_batches(n):
+            rows = batch.rows(index) if index is not None else self._idle_rows()
             ids, attn = self._tensors(rows)
-            if not reference:
-                logp = fwd.sequence_logp(self._model, ids, attn, rows.loss_mask)
-            elif self._reference is not None:
-                logp = fwd.sequence_logp(self._reference, ids, attn, rows.loss_mask)
-            else:
-                with self._model.disable_adapter():
-                    logp = fwd.sequence_logp(self._model, ids, attn, rows.loss_mask)
-            out[start : start + len(rows), : logp.shape[1]] = logp.float().cpu().numpy()
+            logp = self._score(ids, attn, rows.loss_mask, reference=reference)
+            if index is not None:
+                out[index.start : index.start + len(rows), : logp.shape[1]] = logp.float().cpu().numpy()
+        if self._fsdp is not None and reference and self._reference is not None:
+            self._reference.reshard()  # its root (embeddings, head) stays gathered after a forward until resharded
         return out
+
+    def _score(self, ids, attn, loss_mask, *, reference: bool):
+        if not reference:
+            return fwd.sequence_logp(self._model, ids, attn, loss_mask)
+        if self._reference is not None:
+            return fwd.sequence_logp(self._reference, ids, attn, loss_mask)
+        with self._model.disable_adapter():
+            return fwd.sequence_logp(self._model, ids, attn, loss_mask)
+
+    def _micro_batches(self, n: int) -> list[slice | None]:
+        """The micro-batches of ``n`` rows; under FSDP padded with None up to the most any process has.
+
+        A sharded forward or backward is collective, so every process must run
+        as many. The shares of a step are the same size; this does not rely on it.
+        """
+        step = self._training.micro_batch_size
+        parts: list[slice | None] = [slice(start, start + step) for start in range(0, n, step)]
+        if self._fsdp is not None:
+            most = torch.tensor(len(parts), device=self.device)
+            torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+            parts += [None] * (int(most) - len(parts))
+        return parts
+
+    def _idle_rows(self) -> SequenceBatch:
+        """One two-token row with no target: a forward that only keeps a sharded model's collectives in step."""
+        ids = np.full((1, 2), self.pad_id, dtype=np.int64)
+        return SequenceBatch(ids, np.ones_like(ids), np.zeros((1, 1), dtype=np.float32))
 
     def _tensors(self, rows: SequenceBatch):
         ids = torch.as_tensor(rows.input_ids, dtype=torch.long, device=self.device)
@@ -277,8 +325,10 @@ class TorchBackend:
         lr = learning_rate if learning_rate is not None else scheduled_learning_rate(self._step, self._training, total_steps=self._total_steps)
         torch.manual_seed(portable.draw_seed(self._rng))  # dropout masks
         stats = self._accumulate_gradients(batch, loss)
-        norm = torch.nn.utils.clip_grad_norm_(self._trainable, self._training.max_grad_norm or math.inf)
-        grad_norm = float(norm)
+        if self._fsdp is not None:  # the global norm over every process's shards, the same in each
+            grad_norm = self._fsdp.clip_grad_norm(self._trainable, self._training.max_grad_norm)
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self._trainable, self._training.max_grad_norm or math.inf))
         if math.isfinite(grad_norm):
             for group in self._optimizer.param_groups:
                 group["lr"] = lr
@@ -294,11 +344,13 @@ class TorchBackend:
     def _accumulate_gradients(self, batch: TrainBatch, settings: LossSettings) -> dict[str, Any]:
         """Forward + backward per micro-batch; gradients add up to the full-batch gradient."""
         self._model.train()
-        n = len(batch.sequences)
-        step = self._training.micro_batch_size
         combined = MicroBatchStats()
-        for start in range(0, n, step):
-            index = slice(start, start + step)
+        for index in self._micro_batches(len(batch.sequences)):
+            if index is None:  # FSDP: another process has more micro-batches; a zero gradient joins their sums
+                rows = self._idle_rows()
+                ids, attn = self._tensors(rows)
+                (fwd.sequence_logp(self._model, ids, attn, rows.loss_mask).sum() * 0.0).backward()
+                continue
             rows = batch.sequences.rows(index)
             ids, attn = self._tensors(rows)
             width = ids.shape[1] - 1
@@ -329,11 +381,13 @@ class TorchBackend:
         normalised over the whole batch, so the sum (not the mean) is the
         single-process gradient. Done before clipping: the clip sees the global
         norm, and every process takes the same step. A no-op in one process.
+        Under FSDP the backward already summed each gradient into its shard.
         """
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return
-        ops.all_reduce_gradients(self._trainable)
+        if self._fsdp is None:
+            ops.all_reduce_gradients(self._trainable)
         means = MicroBatchStats.MEANS
         scalars = torch.tensor([combined.loss, combined.pg_loss, combined.weight, float(combined.micro_batches),
                                 *(combined.weighted[k] for k in means)], dtype=torch.float64, device=self.device)
@@ -357,14 +411,16 @@ class TorchBackend:
 
         LoRA: the adapters are folded into the base weights and start afresh
         (B = 0), so "adapters off" is now the current policy. Full fine-tune:
-        the current weights are copied into the reference model.
+        the current weights are copied into the reference model. Under FSDP
+        every process calls it (both models are sharded alike: shards copy to shards).
         """
         if self._reference is not None:
             self._reference.load_state_dict(self._model.state_dict())
         else:
+            fill = self._fsdp.fill if self._fsdp is not None else None
             for module in ops.lora_layers(self._model).values():
                 module.get_base_layer().weight += module.get_delta_weight(ops.ADAPTER)
-                module.reset_lora_parameters(ops.ADAPTER, True)
+                ops.reset_adapter(module, fill=fill)
         self._optimizer = self._new_optimizer()
         self._rebased = True
 
@@ -377,89 +433,46 @@ class TorchBackend:
 
     # --------------------------------------------------------------- save/load
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path | None) -> None:
         """Writes the portable checkpoint layout (``backends/portable.py``), which MLX reads too.
 
         LoRA: PEFT's ``adapter_model.safetensors`` + ``adapter_config.json``;
         full fine-tune: ``model.safetensors`` + configs. Then AdamW's moments,
         the rebased reference's changed weights (if any) and ``backend_state.json``.
+        Under torchrun every process calls it, rank 0 with the folder and the
+        others with None: under FSDP they send rank 0 their shards, else they
+        have nothing to do (rank 0's replica is theirs).
         """
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self._model.save_pretrained(str(path), safe_serialization=True)
-        moments, optimizer_step = self._optimizer_moments()
-        save_file(moments, str(path / portable.OPTIMIZER_FILE))
-        if self._rebased:  # the reference is no longer the model on disk: keep what changed
-            save_file({k: t.detach().cpu().contiguous() for k, t in self._reference_weights().items()},
-                      str(path / portable.REFERENCE_FILE))
-        portable.write_state(path, backend=self.name, model=self._model_config, step=self._step,
-                             total_steps=self._total_steps, optimizer_step=optimizer_step,
-                             rebased=self._rebased, rng=self._rng)
+        if path is None and self._fsdp is None:
+            return
+        if path is not None:
+            path = Path(path)
+            path.mkdir(parents=True, exist_ok=True)
+        optimizer_step = torch_checkpoint.save(path, model=self._model, optimizer=self._optimizer,
+                                               reference=self._reference, rebased=self._rebased, fsdp=self._fsdp)
+        if path is not None:
+            portable.write_state(path, backend=self.name, model=self._model_config, step=self._step,
+                                 total_steps=self._total_steps, optimizer_step=optimizer_step,
+                                 rebased=self._rebased, rng=self._rng)
 
-    @torch.no_grad()
     def load(self, path: Path) -> None:
         """Restores a checkpoint written by either backend, so training continues where it stopped.
+
+        Under torchrun every process calls it; under FSDP rank 0 alone reads the
+        tensors and each process keeps its shard.
 
         Raises:
             portable.IncompatibleCheckpoint: it does not fit this model or config.
         """
         path = Path(path)
         state = portable.read_state(path, self._model_config, rebased=self._rebased)
-        if state["rebased"]:
-            reference = load_file(str(path / portable.REFERENCE_FILE))
-            ops.copy_into(self._reference_weights(), reference, path, "reference weights")
-            self._rebased = True
-        weights = {}
-        for file in portable.weight_files(path, lora=self._use_lora):
-            weights.update(load_file(str(file)))
-        ops.copy_into(self._trainable_weights(), weights, path, "weights")
-        self._load_optimizer(path, optimizer_step=int(state["optimizer_step"]))
+        self._optimizer = self._new_optimizer()
+        torch_checkpoint.load(path, model=self._model, optimizer=self._optimizer, reference=self._reference,
+                              rebased=state["rebased"], optimizer_step=int(state["optimizer_step"]),
+                              lora=self._use_lora, fsdp=self._fsdp)
+        self._rebased = self._rebased or state["rebased"]
         self._rng.bit_generator.state = state["rng"]
         self._step = int(state["step"])
-
-    def _trainable_weights(self) -> dict[str, torch.Tensor]:
-        """The trainable tensors under their portable names (PEFT's adapter keys, or HF names)."""
-        return {name.replace(f".{ops.ADAPTER}.", "."): p for name, p in self._model.named_parameters() if p.requires_grad}
-
-    def _reference_weights(self) -> dict[str, torch.Tensor]:
-        """The frozen tensors a rebase changes, under Hugging Face names.
-
-        Full fine-tune: every weight of the reference copy. LoRA: only the
-        adapted layers' base weights (the rest still equals the base on disk).
-        """
-        if self._reference is not None:
-            return dict(self._reference.named_parameters())
-        return {f"{name.removeprefix(portable.PEFT_PREFIX)}.weight": module.get_base_layer().weight
-                for name, module in ops.lora_layers(self._model).items()}
-
-    def _optimizer_moments(self) -> tuple[dict[str, torch.Tensor], int]:
-        """AdamW's moments under portable names, and its step count."""
-        moments, step = {}, 0
-        for key, param in self._trainable_weights().items():
-            state = self._optimizer.state.get(param)
-            if state:
-                step = int(state["step"])
-                for moment in portable.MOMENTS:
-                    moments[portable.moment_key(key, moment)] = state[moment].detach().cpu().contiguous()
-        return moments, step
-
-    def _load_optimizer(self, path: Path, *, optimizer_step: int) -> None:
-        self._optimizer = self._new_optimizer()
-        moments = load_file(str(path / portable.OPTIMIZER_FILE))
-        params = self._trainable_weights()
-        if not moments:  # saved before the first optimizer step
-            return
-        expected = {portable.moment_key(k, m): p.shape for k, p in params.items() for m in portable.MOMENTS}
-        portable.check_tensors(path, "optimizer moments", {k: t.shape for k, t in moments.items()}, expected)
-        fused = bool(self._optimizer.defaults.get("fused"))
-        for key, param in params.items():
-            # the step count where AdamW keeps it: a float32 beside the param when fused, else on the CPU
-            where = {"dtype": torch.float32, "device": param.device} if fused else {}
-            step = torch.tensor(float(optimizer_step), **where)
-            self._optimizer.state[param] = {
-                "step": step,
-                **{m: moments[portable.moment_key(key, m)].to(param.device, param.dtype) for m in portable.MOMENTS},
-            }
 
     # ------------------------------------------------------------------ export
 
@@ -469,6 +482,9 @@ class TorchBackend:
         The merge happens on a fresh CPU copy of the base, so the live model
         keeps its adapters and no extra accelerator memory is used.
         """
+        if self._fsdp is not None:
+            raise RuntimeError("export needs the whole weights in one process: export a checkpoint of this run "
+                               "with `rlaif-mlx export`")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if not self._use_lora:

@@ -21,18 +21,21 @@ What this module adds on top of FSDP2, for our trainer:
   ``load_full_optimizer_state``: whole tensors under the unsharded model's
   names on rank 0, for the portable checkpoint (``backends/portable.py``).
 - ``clip_grad_norm``: the global norm over the sharded gradients.
+- ``fill``: a sharded parameter initialised as one process would initialise it whole.
 
-Every function here except ``layers`` is collective: every process calls it,
-in the same order. So is every forward and backward of a sharded model outside
-``gathered`` (each layer gathers its weights): all processes run the same
-number of them, and no process runs one alone (rank 0's periodic evaluation).
+Every function here except ``layers`` and ``fill`` is collective: every
+process calls it, in the same order. So is every forward and backward of a
+sharded model outside ``gathered`` (each layer gathers its weights): all
+processes run the same number of them, and no process runs one alone (rank 0's
+periodic evaluation).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterable, Iterator
+from dataclasses import replace
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -46,7 +49,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 # Whole tensors gathered to rank 0's CPU memory, and scattered from rank 0: no other process holds a whole copy.
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -174,15 +177,17 @@ def gathered(model: nn.Module) -> Iterator[nn.Module]:
             module.reshard()
 
 
-def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def full_state(model: nn.Module, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
     """The whole weights (frozen ones too) as CPU tensors on rank 0; ``{}`` on the other ranks.
 
     Names are the unsharded model's ``state_dict`` names (FSDP2 adds no
     prefixes): Hugging Face names, or PEFT's (``base_model.model.…``,
     ``lora_A.default.weight``, ``base_layer.weight``) under LoRA. Gathered one
     tensor at a time, so only rank 0 ever holds a whole copy, in CPU memory.
+    ``trainable_only`` leaves out the frozen parameters (buffers stay): a LoRA
+    checkpoint gathers its adapters, not the whole base model.
     """
-    return get_model_state_dict(model, options=_GATHER)
+    return get_model_state_dict(model, options=replace(_GATHER, ignore_frozen_params=trainable_only))
 
 
 def load_full_state(model: nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True) -> None:
@@ -251,6 +256,25 @@ def _own_scalars(state: dict[str, dict]) -> dict[str, dict]:
     """
     return {name: {k: v.detach().clone() if torch.is_tensor(v) and v.dim() == 0 else v for k, v in entry.items()}
             for name, entry in state.items()}
+
+
+@torch.no_grad()
+def fill(param: nn.Parameter, init: Callable[[torch.Tensor], object]) -> None:
+    """Fills a sharded parameter with what ``init`` writes into the whole tensor in one process.
+
+    A random initialiser applied to a sharded ``DTensor`` draws each shard on its
+    own: on CPU every process would draw the same numbers for its shard (repeated
+    rows). Here every process draws the whole tensor from the same generator state,
+    as one process would, and keeps its shard; no communication.
+
+    Args:
+        param: a parameter of a model ``shard`` returned (every process calls this
+            with the same generator state).
+        init: writes into the tensor it is given, e.g. ``nn.init.zeros_``.
+    """
+    whole = torch.empty(param.shape, dtype=param.dtype, device=param.to_local().device)
+    init(whole)
+    param.copy_(distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None))
 
 
 def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> float:

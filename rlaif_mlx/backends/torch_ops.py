@@ -1,10 +1,10 @@
 """Array-level pieces of the PyTorch backend: the objective's array namespace, device
-choice, padding for batched sampling, token log-probs, sampling filters and the
-batched draw, LoRA layer access (and folding for decoding), portable-checkpoint
-tensor copies and the gradient all-reduce under torchrun.
+choice (and FSDP's), padding for batched sampling, token log-probs, sampling
+filters and the batched draw, LoRA layer access (folding for decoding, a fresh
+adapter after a rebase) and the gradient all-reduce under torchrun.
 
-``backends/torch.py`` (the ``TorchBackend`` class) is the only user; its MLX
-twin is ``backends/mlx_ops.py``.
+``backends/torch.py`` (the ``TorchBackend`` class) and its ``torch_*`` helpers
+are the only users; its MLX twin is ``backends/mlx_ops.py``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import logging
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,10 +23,11 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from rlaif_mlx.backends import portable
 from rlaif_mlx.backends.base import SamplingParams, merge_eos_ids
 
 ADAPTER = "default"  # PEFT's name for the one adapter we train
+
+log = logging.getLogger(__name__)
 
 
 class TorchOps:
@@ -52,12 +55,23 @@ def resolve_device(requested: str) -> str:
     return str(torch.device(requested))
 
 
-def copy_into(params: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], path: Path, what: str) -> None:
-    """Copies a checkpoint's tensors into the named parameters, after checking the names match."""
-    portable.check_tensors(path, what, {k: t.shape for k, t in weights.items()},
-                           {k: p.shape for k, p in params.items()})
-    for key, param in params.items():
-        param.copy_(weights[key].to(param.device, param.dtype))
+def sharding(wanted: bool):
+    """The ``torch_fsdp`` module when ``model.torch.fsdp`` asks for it and several processes share the run.
+
+    In one process there is nothing to shard over: the run goes on with the
+    whole model, and says so (a config written for a GPU server still runs on
+    a laptop). Imported only here: ``torch.distributed.fsdp`` is not free.
+    """
+    if not wanted:
+        return None
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        log.warning("model.torch.fsdp shards the weights over the processes torchrun starts; this run has one "
+                    "process, which holds the whole model.")
+        return None
+    from rlaif_mlx.backends import torch_fsdp
+
+    return torch_fsdp
 
 
 def refuse_mlx_quantized(base: str) -> None:
@@ -100,6 +114,23 @@ def lora_merged(peft_model):
     finally:
         for base, original in swapped:
             base.weight.data = original
+
+
+def reset_adapter(module, *, fill=None) -> None:
+    """Starts a LoRA layer's adapter afresh: A drawn anew, B = 0 (so it adds nothing yet).
+
+    Args:
+        module: a PEFT LoRA layer.
+        fill: ``torch_fsdp.fill`` when the model is sharded: A is drawn whole,
+            as one process draws it, and each process keeps its shard. None:
+            PEFT's own ``reset_lora_parameters`` (the same draws, in place).
+    """
+    if fill is None:
+        module.reset_lora_parameters(ADAPTER, True)
+        return
+    # PEFT's init_lora_weights=True: A as nn.Linear's default (Kaiming uniform, a = sqrt(5)), B zero
+    fill(module.lora_A[ADAPTER].weight, lambda weight: torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5)))
+    fill(module.lora_B[ADAPTER].weight, torch.nn.init.zeros_)
 
 
 def with_lora(model, config: PeftLoraConfig):
