@@ -28,17 +28,18 @@ from .backends.base import (
 from .checkpoint import check_resumable, load_trainer_state, save_checkpoint
 from .config import RunConfig
 from .curriculum import Curriculum, estimate_difficulty
-from .data import Task, TaskSet, prompt_token_ids, reference_completion_text
+from .data import Task, TaskSet, prompt_token_ids
 from .distributed import DistContext
 from .evaluation import evaluate, format_eval_line
 from .metrics import JsonlSink, MetricsSinks, SampleSink, TensorBoardSink
 from .objective import aggregation_weights
-from .reporting import PlainReporter, Reporter, RunHeader, SampleView
+from .reporting import PlainReporter, Reporter, RunHeader, extreme_samples, step_record
 from .rewards import RewardPipeline, RewardResult
 from .sample_ahead import PendingBatch
 from .schedule import scheduled_learning_rate
 from .teachers.cost import BudgetExceeded
 from .teachers.judge import TeacherUnavailable
+from .warmup import supervised_warmup
 
 
 MAX_UNSCORED_STEPS = 3
@@ -413,42 +414,11 @@ class Trainer:
 
     def record(self, rollout: Rollout, stats, adv_stats: dict, kl_token: float, kl_coef: float, *, times,
                ahead: dict | None = None) -> dict:
-        rewards = rollout.rewards[np.isfinite(rollout.rewards)]
-        lengths = [len(c.completion_ids) for c in rollout.completions]
-        components: dict[str, list[float]] = {}
-        errors = 0
-        for res in rollout.results.values():
-            errors += res.error is not None and res.reward is None
-            for name, value in res.components.items():
-                components.setdefault(name, []).append(value)
-        sample_s, score_s, reference_s, train_s, total_s = times
-        record = {
-            "step": self.step,
-            "epoch": self.curriculum.epoch,
-            "reward_mean": float(rewards.mean()) if rewards.size else float("nan"),
-            "reward_std": float(rewards.std()) if rewards.size else float("nan"),
-            **{f"reward/{k}": float(np.mean(v)) for k, v in sorted(components.items())},
-            "kl": float(kl_token),
-            "kl_coef": float(kl_coef),
-            "loss": stats.loss,
-            "pg_loss": stats.pg_loss,
-            "grad_norm": stats.grad_norm,
-            "lr": stats.lr,
-            "clip_fraction": stats.clip_fraction,
-            "completion_len_mean": float(np.mean(lengths)),
-            "scoring_errors": int(errors),
-            **adv_stats,
-            "update_skipped": int(stats.extra.get("update_skipped", 0)),
-            "curriculum_bucket": self.curriculum.bucket,
-            "sample_seconds": sample_s,
-            "score_seconds": score_s,
-            "reference_seconds": reference_s,  # overlapped with scoring
-            "train_seconds": train_s,
-            "step_seconds": total_s,
-            **(ahead or {}),
-            "tokens_per_second": float(sum(lengths) / max(sample_s, 1e-9)),
-            **(self.dist.teacher_metrics(self.teacher) if self.teacher is not None else {}),
-        }
+        """The step's metrics record (``reporting.step_record``), plus a periodic evaluation; written and shown."""
+        record = step_record(rollout, stats, adv_stats, step=self.step, epoch=self.curriculum.epoch,
+                             bucket=self.curriculum.bucket, kl_token=kl_token, kl_coef=kl_coef, times=times,
+                             ahead=ahead,
+                             teacher=self.dist.teacher_metrics(self.teacher) if self.teacher is not None else None)
         every = self.config.eval.every_steps
         if self.eval_tasks is not None and every and (self.step % every == 0 or self.step == self.total_steps):
             # Rank 0 evaluates, the others wait. Every process gathers the weights first (under FSDP a collective):
@@ -463,66 +433,21 @@ class Trainer:
         if self.metrics is not None:  # rank 0's
             self.metrics.write(record)
             self.metrics.write_samples(self.step, rollout.tasks, rollout.completions, rollout.results)
-        best, worst = self.extreme_samples(rollout)
+        best, worst = extreme_samples(rollout)
         self.reporter.step(record, best=best, worst=worst)
         return record
-
-    def extreme_samples(self, rollout: Rollout) -> tuple[SampleView | None, SampleView | None]:
-        """The step's best and worst scored completions (None when nothing was scored)."""
-        scored = [(r, i) for i, r in enumerate(rollout.rewards.reshape(-1)) if np.isfinite(r)]
-        if not scored:
-            return None, None
-
-        def view(index: int) -> SampleView:
-            c = rollout.completions[index]
-            task, result = rollout.tasks[c.prompt_index], rollout.results[c.uid]
-            return SampleView(task.id, task.prompt, c.text, task.language, result.reward,
-                              dict(result.components), result.error)
-
-        return view(max(scored)[1]), view(min(scored)[1])
 
     # ---- warm-up and checkpoints -------------------------------------------
 
     def supervised_warmup(self) -> None:
-        """Teaches the reference solutions for a few steps, then makes that the KL reference.
-
-        RL needs some successes to reinforce; a random or weak model gets none.
-        Afterwards the warmed-up weights become the frozen reference, so the KL
-        penalty keeps RL near them rather than pulling back to the raw base.
-        """
-        cfg = self.config.training
-        with_ref = [t for t in self.tasks.values() if t.reference]
-        if not with_ref:
-            self.log("supervised warm-up skipped: no task has a reference solution")
-            return
-        rng = np.random.default_rng(self.config.seed)
-        lr = cfg.sft_learning_rate or cfg.learning_rate
-        tok = self.backend.tokenizer
-        eos = self.backend.eos_ids[0]
-        for i in range(cfg.sft_warmup_steps):
-            picks = rng.choice(len(with_ref), size=min(cfg.sft_batch_size, len(with_ref)), replace=False)
-            completions = []
-            for j, k in enumerate(picks):
-                task = with_ref[k]
-                target = tok.encode(reference_completion_text(task), add_special_tokens=False) + [eos]
-                completions.append(Completion(f"sft-{j}", j, 0, tuple(self.prompt_ids[task.id]), tuple(target),
-                                              tuple([0.0] * len(target)), "", "eos"))
-            seqs = SequenceBatch.from_completions(completions, pad_id=self.backend.pad_id)
-            weights = aggregation_weights(seqs.loss_mask, aggregation="token_mean")
-            # At ratio 1 the clipped surrogate's gradient with advantage 1 is the NLL gradient. Under
-            # torchrun every process takes the whole (small) batch at 1/world_size: the summed gradient is one's.
-            self.backend.train_step(
-                TrainBatch(seqs, np.ones(len(completions), np.float32),
-                           (weights / self.dist.world_size).astype(np.float32)),
-                loss=LossSettings(kl_coef=0.0), learning_rate=lr,
-            )
+        """Teaches the reference solutions first (``warmup.supervised_warmup``); a stop signal ends it."""
+        def check_stop() -> None:  # after each warm-up step; every process stops at the same one
             if self.dist.any(self._stop_signal is not None):  # nothing to checkpoint yet: the warm-up reruns next time
                 signum = self._stop_signal or signal.SIGTERM
                 raise StopRequested(f"{signal.Signals(signum).name} during the warm-up: nothing saved", signum)
-            if (i + 1) % 10 == 0 or i + 1 == cfg.sft_warmup_steps:
-                nll = -float((self.backend.logprobs(seqs) * weights).sum())
-                self.log(f"warm-up {i + 1}/{cfg.sft_warmup_steps}  nll/token {nll:.3f}")
-        self.backend.rebase_reference()
+
+        supervised_warmup(self.backend, list(self.tasks.values()), self.prompt_ids, self.config,
+                          world_size=self.dist.world_size, log=self.log, after_step=check_stop)
 
     def save(self) -> Path:
         """Writes a checkpoint of the current step (see ``checkpoint.save_checkpoint``).
