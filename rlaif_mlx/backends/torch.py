@@ -57,6 +57,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from rlaif_mlx import objective
 from rlaif_mlx.backends import portable
+from rlaif_mlx.backends import torch_decode as decode
 from rlaif_mlx.backends import torch_forward as fwd
 from rlaif_mlx.backends import torch_ops as ops
 from rlaif_mlx.config import ModelConfig, TrainingConfig, options_set
@@ -175,7 +176,8 @@ class TorchBackend:
         ids, mask = ops.left_pad(prompts, pad_id=self.pad_id, device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, cache = self._forward_step(ids, mask, positions, None)
-        cache.batch_repeat_interleave(n)
+        room = params.max_new_tokens - 1  # decode steps: the last token is chosen, never fed back
+        cache = decode.repeated_cache(cache, n, room=room)  # in buffers sized for the call: no per-step copy
         logits = logits.repeat_interleave(n, dim=0)
         mask = mask.repeat_interleave(n, dim=0)
         next_pos = positions[:, -1].repeat_interleave(n, dim=0) + 1
