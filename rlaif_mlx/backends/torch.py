@@ -10,8 +10,9 @@ share (``backends/portable.py``).
   is PEFT's. With LoRA the frozen reference is the same model with its
   adapters switched off; a full fine-tune keeps a frozen copy made at load.
 - Sampling prefills each prompt once (left-padded batch, explicit position
-  ids) and shares its KV cache among its ``n`` samples; with LoRA it decodes
-  with the adapters folded into the weights, restored exactly afterwards.
+  ids) and shares its KV cache among its ``n`` samples, in buffers allocated once
+  per call (``backends/torch_decode.py``); with LoRA it decodes with the
+  adapters folded into the weights, restored exactly afterwards.
 - Log-probs and the training forward score each distinct prompt of a
   micro-batch once and apply the LM head to the scored positions only, in
   chunks (``backends/torch_forward.py``).
@@ -60,6 +61,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from rlaif_mlx import objective
 from rlaif_mlx.backends import portable, torch_checkpoint
+from rlaif_mlx.backends import torch_decode as decode
 from rlaif_mlx.backends import torch_forward as fwd
 from rlaif_mlx.backends import torch_ops as ops
 from rlaif_mlx.config import ModelConfig, TrainingConfig, options_set
@@ -200,7 +202,8 @@ class TorchBackend:
         ids, mask = ops.left_pad(prompts, pad_id=self.pad_id, device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, cache = self._forward_step(ids, mask, positions, None)
-        cache.batch_repeat_interleave(n)
+        room = params.max_new_tokens - 1  # decode steps: the last token is chosen, never fed back
+        cache = decode.repeated_cache(cache, n, room=room)  # in buffers sized for the call: no per-step copy
         logits = logits.repeat_interleave(n, dim=0)
         mask = mask.repeat_interleave(n, dim=0)
         next_pos = positions[:, -1].repeat_interleave(n, dim=0) + 1
