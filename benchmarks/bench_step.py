@@ -205,6 +205,10 @@ def write_report(args: argparse.Namespace, runs: list[dict], argv: list[str]) ->
         "command": "python benchmarks/bench_step.py " + shlex.join(argv),
     }
     out.with_suffix(".json").write_text(json.dumps({**meta, "runs": runs}, indent=2))
+    gpu = args.device != "cpu"  # one more column: the allocator's peak on the GPU
+    columns = ["model", "mode", "params (trainable)", "ours s/step", "TRL s/step", "ours/TRL", f"<= {args.target:g}?",
+               "CPU-s ours/TRL", "others ours / TRL", "ours peak MB", "TRL peak MB", "ours MB above imports",
+               "TRL MB above imports", "completion len ours / TRL", *(["GPU peak MB ours / TRL"] if gpu else [])]
     lines = [
         "# RL step time: rlaif-mlx vs TRL GRPOTrainer",
         "",
@@ -222,15 +226,9 @@ def write_report(args: argparse.Namespace, runs: list[dict], argv: list[str]) ->
         "each round of each side is a fresh process; peak memory = the highest `ru_maxrss` of its rounds; "
         "'others' = mean share of the cores other processes used during the timed steps (the machine is shared)",
         "",
-        "| model | mode | params (trainable) | ours s/step | TRL s/step | ours/TRL | "
-        f"<= {args.target:g}? | CPU-s ours/TRL | others ours / TRL | ours peak MB | TRL peak MB | "
-        "ours MB above imports | TRL MB above imports | completion len ours / TRL |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
     ]
-    gpu = args.device != "cpu"
-    if gpu:  # one more column: the allocator's peak on the GPU
-        lines[-2] = lines[-2][:-1] + "| GPU peak MB ours / TRL |"
-        lines[-1] += "---|"
     for run in runs:
         ours, trl = run.get("ours"), run.get("trl")
         any_side = ours or trl
