@@ -386,15 +386,14 @@ class TorchBackend:
         norm, and every process takes the same step. A no-op in one process.
         Under FSDP the backward already summed each gradient into its shard.
         """
-        dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not ops.several_processes():
             return
         if self._fsdp is None:
             ops.all_reduce_gradients(self._trainable)
         means = MicroBatchStats.MEANS
         scalars = torch.tensor([combined.loss, combined.pg_loss, combined.weight, float(combined.micro_batches),
                                 *(combined.weighted[k] for k in means)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(scalars)
+        torch.distributed.all_reduce(scalars)
         values = scalars.tolist()
         combined.loss, combined.pg_loss, combined.weight, micro_batches = values[:4]
         combined.micro_batches = int(micro_batches)

@@ -55,6 +55,12 @@ def resolve_device(requested: str) -> str:
     return str(torch.device(requested))
 
 
+def several_processes() -> bool:
+    """Whether torchrun started this process among others (an initialised process group of more than one)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def sharding(wanted: bool):
     """The ``torch_fsdp`` module when ``model.torch.fsdp`` asks for it and several processes share the run.
 
@@ -64,8 +70,7 @@ def sharding(wanted: bool):
     """
     if not wanted:
         return None
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not several_processes():
         log.warning("model.torch.fsdp shards the weights over the processes torchrun starts; this run has one "
                     "process, which holds the whole model.")
         return None
