@@ -69,7 +69,7 @@ def run_config(model: str, out: Path, server: LLMServer, *, ahead: bool, tests: 
 
 def _tasks(folder: Path, *, with_tests: bool) -> Path:
     """The quickstart's training tasks; without their tests, scoring is the teacher alone (no sandbox)."""
-    from rlaif_mlx.data import load_tasks
+    from rlaif_mlx.data.tasks import load_tasks
 
     path = folder / ("tasks.jsonl" if with_tests else "tasks-without-tests.jsonl")
     tasks = load_tasks("builtin:quickstart_train.jsonl").tasks

@@ -17,7 +17,7 @@ import struct
 import sysconfig
 from pathlib import Path
 
-from rlaif_mlx.tiny_model import default_corpus, ensure_tiny_model
+from rlaif_mlx.data.tiny_model import default_corpus, ensure_tiny_model
 
 MODELS_DIR = Path(__file__).resolve().parent / ".models"
 

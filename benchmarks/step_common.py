@@ -184,7 +184,7 @@ def benchmark_prompts(count: int) -> list[str]:
     """The first ``count`` prompts of the bundled quickstart tasks, as plain text (no chat template)."""
     import importlib.resources
 
-    text = (importlib.resources.files("rlaif_mlx") / "datasets" / "quickstart_train.jsonl").read_text("utf-8")
+    text = (importlib.resources.files("rlaif_mlx.data") / "datasets" / "quickstart_train.jsonl").read_text("utf-8")
     prompts = [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
     if count > len(prompts):
         raise SystemExit(f"--prompts {count}: the quickstart set has only {len(prompts)} prompts")
@@ -202,7 +202,7 @@ def digit_fraction(text: str) -> float:
 def resolve_model(name: str, model_dir: Path) -> Path:
     """``tiny`` / ``30m`` build (once) a random model under ``model_dir``; anything else is a model folder."""
     if name in MODEL_PRESETS:
-        from rlaif_mlx.tiny_model import ensure_tiny_model
+        from rlaif_mlx.data.tiny_model import ensure_tiny_model
 
         return ensure_tiny_model(model_dir / f"bench-{name}", **MODEL_PRESETS[name])
     path = Path(name)

@@ -30,7 +30,7 @@ class DigitRewards:
     """The benchmark reward behind rlaif-mlx's ``RewardPipeline.score`` interface."""
 
     def score(self, items):
-        from rlaif_mlx.rewards import RewardResult
+        from rlaif_mlx.rewards.pipeline import RewardResult
 
         return {uid: RewardResult(digit_fraction(text)) for uid, _, text in items}
 
@@ -68,8 +68,8 @@ def build_config(settings: StepSettings, output_dir: Path):
 def main(settings_json: str, result_path: str) -> None:
     settings = StepSettings.from_json(settings_json)
     from rlaif_mlx.backends.torch import create
-    from rlaif_mlx.data import Task, TaskSet
-    from rlaif_mlx.trainer import Trainer
+    from rlaif_mlx.data.tasks import Task, TaskSet
+    from rlaif_mlx.training.trainer import Trainer
 
     rss_imports = peak_rss_mb()
     out = Path(tempfile.mkdtemp(prefix="bench-step-ours-"))

@@ -15,7 +15,7 @@ TORCH_DEVICE = os.environ.get("RLAIF_TEST_TORCH_DEVICE", "cpu")
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Qwen2-style model + tokenizer in the Hugging Face layout."""
-    from rlaif_mlx.tiny_model import ensure_tiny_model
+    from rlaif_mlx.data.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from rlaif_mlx import rewards
+from rlaif_mlx.rewards import pipeline as rewards
 from rlaif_mlx.backends.base import Completion, LossSettings, SequenceBatch, TrainBatch
 from rlaif_mlx.cli import main
-from rlaif_mlx.objective import aggregation_weights
+from rlaif_mlx.rl.objective import aggregation_weights
 
 UNEVEN_LR = 1e-2
 UNEVEN_ROWS = (("def add(a, b):", " return a + b"), ("x = ", "42"), ("print(", "'hi')"), ("import os", "\nos.sep"))

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from rlaif_mlx.advantages import AdvantageResult, EmaBaseline, apply_zero_variance_skip, compute_advantages
+from rlaif_mlx.rl.advantages import AdvantageResult, EmaBaseline, apply_zero_variance_skip, compute_advantages
 
 NAN = float("nan")
 # Two prompts, three samples each. Group means: 2 and 2.

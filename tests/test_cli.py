@@ -13,7 +13,7 @@ import yaml
 from rlaif_mlx.backends.base import SequenceBatch
 from rlaif_mlx.cli import main
 from rlaif_mlx.config import load_config
-from rlaif_mlx.metrics import read_metrics
+from rlaif_mlx.monitor.metrics import read_metrics
 
 TASKS = [
     {"id": "add", "prompt": "Write add(a, b).", "entry_point": "add",

@@ -25,7 +25,7 @@ from rlaif_mlx.backends import torch_ops  # noqa: E402
 from rlaif_mlx.backends.base import LossSettings, SamplingParams, SequenceBatch, TrainBatch  # noqa: E402
 from rlaif_mlx.backends.portable import IncompatibleCheckpoint  # noqa: E402
 from rlaif_mlx.config import ModelConfig, TrainingConfig  # noqa: E402
-from rlaif_mlx.objective import aggregation_weights  # noqa: E402
+from rlaif_mlx.rl.objective import aggregation_weights  # noqa: E402
 
 PROMPTS = ["def add(a, b):", "import os\nprint(", "x"]  # different lengths on purpose
 LOSS = LossSettings(kl_coef=0.1)
@@ -249,7 +249,7 @@ def test_an_mlx_run_exports_to_transformers_and_resumes_on_torch(tiny_model_path
     from transformers import AutoModelForCausalLM
 
     from rlaif_mlx.cli import main
-    from rlaif_mlx.metrics import read_metrics
+    from rlaif_mlx.monitor.metrics import read_metrics
 
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join(json.dumps(t) + "\n" for t in [

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rlaif_mlx.curriculum import Curriculum, estimate_difficulty
+from rlaif_mlx.training.curriculum import Curriculum, estimate_difficulty
 
 IDS = [f"t{i}" for i in range(6)]
 

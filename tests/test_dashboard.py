@@ -11,8 +11,8 @@ import io
 import pytest
 from rich.console import Console
 
-from rlaif_mlx.dashboard import Dashboard, make_reporter, render_frame, sparkline
-from rlaif_mlx.reporting import PlainReporter, RunHeader, SampleView
+from rlaif_mlx.monitor.dashboard import Dashboard, make_reporter, render_frame, sparkline
+from rlaif_mlx.monitor.reporting import PlainReporter, RunHeader, SampleView
 
 HEADER = RunHeader(model="models/tiny-qwen2", backend="torch", device="cpu", total_steps=60,
                    output_dir="runs/quickstart")
@@ -227,7 +227,7 @@ def test_fenced_completions_are_highlighted_as_markdown():
 def test_log_warnings_go_through_the_live_console_while_it_runs():
     import logging
 
-    from rlaif_mlx.reporting import RunHeader
+    from rlaif_mlx.monitor.reporting import RunHeader
 
     console = Console(file=io.StringIO(), force_terminal=True, width=120, record=True)
     before = logging.getLogger().handlers[:]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rlaif_mlx.data import DataError, Task, load_tasks, prompt_token_ids, reference_completion_text
+from rlaif_mlx.data.tasks import DataError, Task, load_tasks, prompt_token_ids, reference_completion_text
 
 
 def write_lines(tmp_path, lines):

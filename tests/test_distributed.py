@@ -22,9 +22,9 @@ import pytest
 import yaml
 
 from rlaif_mlx.cli import main
-from rlaif_mlx.data import Task, TaskSet
-from rlaif_mlx.distributed import DistContext, DistributedSetupError, context_from_env
-from rlaif_mlx.metrics import read_metrics
+from rlaif_mlx.data.tasks import Task, TaskSet
+from rlaif_mlx.training.distributed import DistContext, DistributedSetupError, context_from_env
+from rlaif_mlx.monitor.metrics import read_metrics
 
 TESTS = Path(__file__).parent
 # Float32 sums run in another order (micro-batches in a process, then across processes) and batches are
@@ -122,7 +122,7 @@ def test_a_prompts_samples_do_not_depend_on_the_other_prompts_of_the_call(tmp_pa
     """Per-prompt seeds: the second half of a batch, sampled alone, gives what the whole batch gave it."""
     from rlaif_mlx.backends.torch import create
     from rlaif_mlx.config import load_config
-    from rlaif_mlx.trainer import Trainer
+    from rlaif_mlx.training.trainer import Trainer
 
     tasks = [Task(id=f"t{i}", prompt=f"Write f{i // 2}(x).", entry_point="f") for i in range(4)]  # prompts twice
     cfg = load_config(write_config(tmp_path, tiny_model_path, "lora"))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlaif_mlx import doctor
+from rlaif_mlx.cli import doctor
 from rlaif_mlx.cli import main
 
 KEY_ENV = "RLAIF_DOCTOR_TEST_KEY"

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from rlaif_mlx.graders import (
+from rlaif_mlx.rewards.graders import (
     COMPONENTS,
     GradeRequest,
     build_test_plan,
@@ -21,7 +21,7 @@ from rlaif_mlx.graders import (
     run_unit_tests,
     static_check,
 )
-from rlaif_mlx.sandbox import SandboxLimits
+from rlaif_mlx.rewards.sandbox import SandboxLimits
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the sandbox needs a Unix")
 

@@ -22,26 +22,30 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
-from rlaif_mlx.data import resolve_data_path
-from rlaif_mlx.metrics import read_metrics
+from rlaif_mlx.data.tasks import resolve_data_path
+from rlaif_mlx.monitor.metrics import read_metrics
 
 STEPS = 6
 TIMING_KEYS = ("seconds", "tokens_per_second")
 
 
 def write_config(folder: Path, model: Path) -> Path:
-    """LoRA on the tiny model, 8 tasks, 4 per step (an epoch is 2 steps), a checkpoint every step."""
+    """All weights of the tiny model, 8 tasks, 4 per step (an epoch is 2 steps), a checkpoint every step.
+
+    Full fine-tuning with a 40-step warm-up: the model then passes some tests and not others, so
+    the runs have a reward signal to diverge on (a LoRA warm-up this short leaves every reward equal).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     lines = resolve_data_path("builtin:quickstart_train.jsonl").read_text().splitlines()[:8]
     (folder / "tasks.jsonl").write_text("\n".join(lines) + "\n")
     config = {
         "seed": 5, "backend": "torch", "output_dir": str(folder / "run"),
-        "model": {"base_model": str(model), "lora_r": 8, "lora_alpha": 16},
+        "model": {"base_model": str(model), "use_lora": False},
         "data": {"train_file": str(folder / "tasks.jsonl")},
-        "training": {"max_steps": STEPS, "batch_size": 4, "micro_batch_size": 8, "learning_rate": 5e-3,
-                     "save_steps": 1, "save_total_limit": 2, "sft_warmup_steps": 25, "sft_learning_rate": 1e-2,
+        "training": {"max_steps": STEPS, "batch_size": 4, "micro_batch_size": 8, "learning_rate": 1e-3,
+                     "save_steps": 1, "save_total_limit": 2, "sft_warmup_steps": 40, "sft_learning_rate": 3e-3,
                      "sft_batch_size": 8},
-        "rlaif": {"num_samples_per_prompt": 2, "max_new_tokens": 24, "baseline": "none", "scale_by_std": False},
+        "rlaif": {"num_samples_per_prompt": 2, "max_new_tokens": 32, "baseline": "none", "scale_by_std": False},
         "rewards": {"weights": {"has_code": 0.3, "parses": 0.3, "tests": 0.4}, "test_timeout_s": 5},
         "logging": {"save_samples": True},
     }

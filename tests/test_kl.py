@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from rlaif_mlx.kl import (
+from rlaif_mlx.rl.kl import (
     AdaptiveKLController,
     FixedKLController,
     k1,

@@ -18,10 +18,10 @@ import yaml
 
 from rlaif_mlx.backends.base import Completion
 from rlaif_mlx.config import load_config
-from rlaif_mlx.data import Task, load_tasks
-from rlaif_mlx.metrics import SampleSink, TensorBoardSink, read_metrics, read_samples, sample_rows
-from rlaif_mlx.rewards import RewardResult
-from rlaif_mlx.trainer import Trainer
+from rlaif_mlx.data.tasks import Task, load_tasks
+from rlaif_mlx.monitor.metrics import SampleSink, TensorBoardSink, read_metrics, read_samples, sample_rows
+from rlaif_mlx.rewards.pipeline import RewardResult
+from rlaif_mlx.training.trainer import Trainer
 
 def read_events(log_dir: Path) -> list:
     """Every event of every event file in ``log_dir``, in file-name order (as TensorBoard loads them)."""

@@ -13,7 +13,7 @@ pytest.importorskip("mlx_lm")
 from mlx.utils import tree_flatten  # noqa: E402
 from mlx_lm.utils import load as mlx_lm_load  # noqa: E402
 
-from rlaif_mlx.advantages import compute_advantages  # noqa: E402
+from rlaif_mlx.rl.advantages import compute_advantages  # noqa: E402
 from rlaif_mlx.backends.base import (  # noqa: E402
     Backend,
     LossSettings,
@@ -24,7 +24,7 @@ from rlaif_mlx.backends.base import (  # noqa: E402
 from rlaif_mlx.backends.mlx import MlxBackend, create  # noqa: E402
 from rlaif_mlx.backends.mlx_ops import token_logp as _token_logp  # noqa: E402
 from rlaif_mlx.config import ModelConfig, TrainingConfig  # noqa: E402
-from rlaif_mlx.objective import aggregation_weights  # noqa: E402
+from rlaif_mlx.rl.objective import aggregation_weights  # noqa: E402
 
 PROMPTS = ["def add(a, b):", "import os\nprint(", "x"]  # different lengths on purpose
 

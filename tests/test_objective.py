@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from rlaif_mlx.objective import NUMPY_OPS, aggregation_weights, policy_loss
+from rlaif_mlx.rl.objective import NUMPY_OPS, aggregation_weights, policy_loss
 
 E = math.e
 

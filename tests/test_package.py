@@ -24,7 +24,7 @@ def run_blocked(code: str) -> subprocess.CompletedProcess:
 
 def test_import_and_help_without_frameworks():
     result = run_blocked("""
-        import rlaif_mlx, rlaif_mlx.trainer, rlaif_mlx.rewards, rlaif_mlx.config
+        import rlaif_mlx, rlaif_mlx.training.trainer, rlaif_mlx.training.setup, rlaif_mlx.rewards.pipeline, rlaif_mlx.config
         from rlaif_mlx.cli import main
         assert not any(m.split(".")[0] in {"torch", "mlx", "transformers"} for m in sys.modules)
         try:

@@ -41,7 +41,7 @@ for line in sys.stdin:
 
 
 def _load(name: str) -> list[dict]:
-    text = (importlib.resources.files("rlaif_mlx") / "datasets" / name).read_text(encoding="utf-8")
+    text = (importlib.resources.files("rlaif_mlx.data") / "datasets" / name).read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 

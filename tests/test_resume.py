@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import yaml
 
-from rlaif_mlx.checkpoint import CheckpointError, config_differences, find_checkpoint
+from rlaif_mlx.training.checkpoint import CheckpointError, config_differences, find_checkpoint
 from rlaif_mlx.config import load_config
-from rlaif_mlx.data import load_tasks
-from rlaif_mlx.metrics import JsonlSink, read_metrics
-from rlaif_mlx.rewards import RewardResult
-from rlaif_mlx.trainer import ScoringFailed, Trainer
+from rlaif_mlx.data.tasks import load_tasks
+from rlaif_mlx.monitor.metrics import JsonlSink, read_metrics
+from rlaif_mlx.rewards.pipeline import RewardResult
+from rlaif_mlx.training.trainer import ScoringFailed, Trainer
 
 TASKS = [
     {"id": "add", "prompt": "Write add(a, b).", "reference": "def add(a, b):\n    return a + b\n", "difficulty": 1},

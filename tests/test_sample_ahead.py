@@ -9,9 +9,9 @@ import numpy as np
 import yaml
 
 from rlaif_mlx.config import load_config
-from rlaif_mlx.data import TaskSet
-from rlaif_mlx.rewards import RewardResult
-from rlaif_mlx.trainer import Trainer
+from rlaif_mlx.data.tasks import TaskSet
+from rlaif_mlx.rewards.pipeline import RewardResult
+from rlaif_mlx.training.trainer import Trainer
 from test_trainer import TASKS, write_config
 
 
@@ -115,8 +115,8 @@ def test_a_saved_batch_is_whole_and_each_process_takes_back_its_share():
     from dataclasses import dataclass
 
     from rlaif_mlx.backends.base import Completion
-    from rlaif_mlx.distributed import DistContext
-    from rlaif_mlx.sample_ahead import PendingBatch
+    from rlaif_mlx.training.distributed import DistContext
+    from rlaif_mlx.training.sample_ahead import PendingBatch
 
     def completion(prompt, sample):
         return Completion(f"{prompt}-{sample}", prompt, sample, (1, 2), (3 + prompt, 4), (-0.5, -0.25),

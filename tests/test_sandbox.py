@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from rlaif_mlx.sandbox import SandboxLimits, run_sandboxed, sandbox_capabilities
+from rlaif_mlx.rewards.sandbox import SandboxLimits, run_sandboxed, sandbox_capabilities
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the sandbox needs a Unix")
 

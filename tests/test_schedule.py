@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from rlaif_mlx.schedule import learning_rate_at
+from rlaif_mlx.rl.schedule import learning_rate_at
 
 
 def lr(step, schedule, **kw):

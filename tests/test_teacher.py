@@ -12,8 +12,8 @@ import pytest
 from llm_server import DEFAULT_SCORES
 
 from rlaif_mlx.config import RewardConfig, TeacherConfig
-from rlaif_mlx.data import Task
-from rlaif_mlx.rewards import RewardPipeline
+from rlaif_mlx.data.tasks import Task
+from rlaif_mlx.rewards.pipeline import RewardPipeline
 from rlaif_mlx.teachers.base import JudgeRequest
 from rlaif_mlx.teachers.cost import BudgetExceeded
 from rlaif_mlx.teachers.judge import STOP_AFTER_FAILED_BATCHES, Teacher, TeacherUnavailable

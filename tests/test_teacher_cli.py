@@ -18,7 +18,7 @@ import yaml
 
 from rlaif_mlx.cli import main
 from rlaif_mlx.config import TeacherConfig, load_config
-from rlaif_mlx.metrics import read_metrics
+from rlaif_mlx.monitor.metrics import read_metrics
 
 SECRET = "sk-ant-test-SECRET-7f3a9c0d"
 ENV_CHECK = "import os\nassert not any('SECRET' in v for v in os.environ.values())\n"

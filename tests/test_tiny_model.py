@@ -14,7 +14,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from rlaif_mlx.tiny_model import (  # noqa: E402
+from rlaif_mlx.data.tiny_model import (  # noqa: E402
     IM_END,
     IM_START,
     PAD_TOKEN,
@@ -64,7 +64,7 @@ def mlx(model_dir):
 
 def test_import_is_cheap():
     code = (
-        "import sys, rlaif_mlx.tiny_model\n"
+        "import sys, rlaif_mlx.data.tiny_model\n"
         "heavy = {'torch', 'mlx', 'transformers', 'tokenizers', 'safetensors'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )
@@ -250,5 +250,5 @@ def test_transformers_and_mlx_logits_match(hf, mlx):
 def _quickstart_lines() -> list[str]:
     import importlib.resources
 
-    text = (importlib.resources.files("rlaif_mlx") / "datasets" / "quickstart_train.jsonl").read_text()
+    text = (importlib.resources.files("rlaif_mlx.data") / "datasets" / "quickstart_train.jsonl").read_text()
     return [line for line in text.splitlines() if line.strip()]

@@ -13,7 +13,7 @@ pytest.importorskip("peft")
 
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from rlaif_mlx.advantages import compute_advantages  # noqa: E402
+from rlaif_mlx.rl.advantages import compute_advantages  # noqa: E402
 from rlaif_mlx.backends.base import (  # noqa: E402
     Backend,
     LossSettings,
@@ -25,7 +25,7 @@ from conftest import TORCH_DEVICE  # noqa: E402
 from rlaif_mlx.backends.torch import TorchBackend, create  # noqa: E402
 from rlaif_mlx.backends.torch_ops import token_logp as _token_logp  # noqa: E402
 from rlaif_mlx.config import ModelConfig, TrainingConfig  # noqa: E402
-from rlaif_mlx.objective import aggregation_weights  # noqa: E402
+from rlaif_mlx.rl.objective import aggregation_weights  # noqa: E402
 
 PROMPTS = ["def add(a, b):", "import os\nprint(", "x"]  # different lengths on purpose
 

@@ -19,7 +19,7 @@ from rlaif_mlx.backends import torch_ops as ops  # noqa: E402
 from rlaif_mlx.backends.base import Completion, LossSettings, SamplingParams, SequenceBatch, TrainBatch  # noqa: E402
 from rlaif_mlx.backends.torch import TorchBackend, create  # noqa: E402
 from rlaif_mlx.config import ModelConfig, TrainingConfig  # noqa: E402
-from rlaif_mlx.objective import aggregation_weights  # noqa: E402
+from rlaif_mlx.rl.objective import aggregation_weights  # noqa: E402
 
 PROMPTS = ["def add(a, b):", "import os\nprint(", "x"]
 

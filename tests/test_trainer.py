@@ -13,10 +13,10 @@ import yaml
 from rlaif_mlx.backends.base import Completion, SequenceBatch
 from rlaif_mlx.cli import main
 from rlaif_mlx.config import load_config
-from rlaif_mlx.data import Task, TaskSet
-from rlaif_mlx.metrics import read_metrics
-from rlaif_mlx.rewards import RewardResult
-from rlaif_mlx.trainer import Trainer, sampled_logprobs
+from rlaif_mlx.data.tasks import Task, TaskSet
+from rlaif_mlx.monitor.metrics import read_metrics
+from rlaif_mlx.rewards.pipeline import RewardResult
+from rlaif_mlx.training.trainer import Trainer, sampled_logprobs
 
 REQUIRED_KEYS = {"step", "reward_mean", "reward_std", "kl", "kl_coef", "loss", "lr", "completion_len_mean",
                  "step_seconds"}
@@ -148,7 +148,7 @@ class _BrokenRewards:
 
 def test_unscorable_steps_skip_the_update_then_stop_the_run(tmp_path, tiny_model_path):
     from rlaif_mlx.backends.torch import create
-    from rlaif_mlx.trainer import ScoringFailed
+    from rlaif_mlx.training.trainer import ScoringFailed
 
     cfg = load_config(write_config(tmp_path, tiny_model_path, max_steps=5))
     backend = create(cfg.model, cfg.training, seed=0, total_steps=5)
@@ -206,7 +206,7 @@ def test_missing_model_is_one_line_error(tmp_path, capsys):
 
 def test_lr_schedule_follows_rl_steps_not_optimizer_updates(tmp_path, tiny_model_path):
     from rlaif_mlx.backends.torch import create
-    from rlaif_mlx.schedule import learning_rate_at
+    from rlaif_mlx.rl.schedule import learning_rate_at
 
     cfg = load_config(write_config(tmp_path, tiny_model_path, max_steps=3, warmup_steps=2, updates_per_batch=2,
                                    lr_scheduler_type="linear"))

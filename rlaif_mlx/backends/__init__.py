@@ -8,7 +8,7 @@ import platform
 
 from .base import Backend, BackendUnavailable
 
-_INSTALL = {
+INSTALL_COMMANDS = {
     "torch": "pip install 'rlaif-mlx[torch]'  (CUDA users: install the torch build for your CUDA first)",
     "mlx": "pip install 'rlaif-mlx[mlx]'  (on Linux: pip install 'mlx[cpu]' mlx-lm)",
 }
@@ -41,7 +41,7 @@ def resolve_backend_name(requested: str) -> str:
     """
     if requested != "auto":
         if not frameworks_installed(requested):
-            raise BackendUnavailable(f"backend '{requested}' is not installed: {_INSTALL[requested]}")
+            raise BackendUnavailable(f"backend '{requested}' is not installed: {INSTALL_COMMANDS[requested]}")
         if not implemented(requested):
             raise BackendUnavailable(f"the '{requested}' backend is not part of this version of rlaif-mlx")
         return requested
@@ -51,7 +51,7 @@ def resolve_backend_name(requested: str) -> str:
         return "torch"
     if installed("mlx"):
         return "mlx"
-    raise BackendUnavailable(f"no backend is installed: {_INSTALL['torch']}  or  {_INSTALL['mlx']}")
+    raise BackendUnavailable(f"no backend is installed: {INSTALL_COMMANDS['torch']}  or  {INSTALL_COMMANDS['mlx']}")
 
 
 def create_backend(name: str, model, training, *, seed: int, total_steps: int) -> Backend:
@@ -62,7 +62,7 @@ def create_backend(name: str, model, training, *, seed: int, total_steps: int) -
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.startswith("rlaif_mlx"):
             raise BackendUnavailable(f"the '{name}' backend is not part of this version of rlaif-mlx") from None
-        raise BackendUnavailable(f"backend '{name}' needs {exc.name}: {_INSTALL[name]}") from None
+        raise BackendUnavailable(f"backend '{name}' needs {exc.name}: {INSTALL_COMMANDS[name]}") from None
     return module.create(model, training, seed=seed, total_steps=total_steps)
 
 

@@ -58,12 +58,12 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "Install them with: pip install 'rlaif-mlx[mlx]'  (on Linux: pip install 'mlx[cpu]' mlx-lm)"
     ) from None
 
-from rlaif_mlx import objective
+from rlaif_mlx.rl import objective
 from rlaif_mlx.backends import mlx_groups as grouped
 from rlaif_mlx.backends import mlx_ops as ops
 from rlaif_mlx.backends import portable
 from rlaif_mlx.config import ModelConfig, TrainingConfig, options_set
-from rlaif_mlx.schedule import scheduled_learning_rate
+from rlaif_mlx.rl.schedule import scheduled_learning_rate
 
 log = logging.getLogger(__name__)
 

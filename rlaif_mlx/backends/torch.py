@@ -59,13 +59,13 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "Install them with: pip install 'rlaif-mlx[torch]'"
     ) from None
 
-from rlaif_mlx import objective
+from rlaif_mlx.rl import objective
 from rlaif_mlx.backends import portable, torch_checkpoint
 from rlaif_mlx.backends import torch_decode as decode
 from rlaif_mlx.backends import torch_forward as fwd
 from rlaif_mlx.backends import torch_ops as ops
 from rlaif_mlx.config import ModelConfig, TrainingConfig, options_set
-from rlaif_mlx.schedule import scheduled_learning_rate
+from rlaif_mlx.rl.schedule import scheduled_learning_rate
 
 log = logging.getLogger(__name__)
 hf_logging.disable_progress_bar()  # per-file progress bars would drown the one-line-per-step log

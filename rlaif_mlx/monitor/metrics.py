@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 if TYPE_CHECKING:
-    from .backends.base import Completion
-    from .data import Task
-    from .rewards import RewardResult
+    from ..backends.base import Completion
+    from ..data.tasks import Task
+    from ..rewards.pipeline import RewardResult
 
 
 class JsonlSink:

@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 
 from typing import TYPE_CHECKING
 
-from .config import RewardConfig
-from .data import Task
+from ..config import RewardConfig
+from ..data.tasks import Task
 from .graders import GradeRequest, GradeResult, grade_many
 from .sandbox import SandboxLimits
 
 if TYPE_CHECKING:  # the teacher imports the SDKs; only runs with a teacher load it
-    from .teachers.base import Judgement
-    from .teachers.judge import Teacher
+    from ..teachers.base import Judgement
+    from ..teachers.judge import Teacher
 
 # Grader errors that mean "we could not judge", not "the completion failed".
 _INFRASTRUCTURE_ERRORS = ("grader failed", "sandbox setup error", "sandbox supervisor killed")
@@ -87,7 +87,7 @@ class RewardPipeline:
 
     def _judge(self, items: list[tuple[str, Task, str]], graded: dict[str, GradeResult]) -> dict[str, "Judgement"]:
         """Asks the teacher about the completions that pass its gate."""
-        from .teachers.base import JudgeRequest
+        from ..teachers.base import JudgeRequest
 
         config = self.teacher.config
         gated = [(uid, task, text) for uid, task, text in items if self.passes_gate(graded[uid], config.gate)]

@@ -46,7 +46,7 @@ class TaskSet:
 def resolve_data_path(name: str) -> Path:
     """``builtin:NAME`` is a file shipped in ``rlaif_mlx/datasets``; anything else is a path."""
     if name.startswith(BUILTIN_PREFIX):
-        return Path(str(resources.files("rlaif_mlx") / "datasets" / name[len(BUILTIN_PREFIX) :]))
+        return Path(str(resources.files("rlaif_mlx.data") / "datasets" / name[len(BUILTIN_PREFIX) :]))
     return Path(name)
 
 

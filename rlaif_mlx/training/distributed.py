@@ -314,7 +314,7 @@ def init_from_env(*, device: str = "auto", backend: str = "torch",
 
 def _ledger_like(ledger: Any, state: dict[str, Any]) -> Any:
     """A ledger with ``ledger``'s price and budget holding the counters in ``state``."""
-    from .teachers.cost import CostLedger
+    from ..teachers.cost import CostLedger
 
     out = CostLedger(price=ledger.price, budget_usd=ledger.budget_usd)
     out.load_state_dict(state)

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 import numpy as np
 
 if TYPE_CHECKING:  # the trainer imports this module
-    from .backends.base import StepStats
-    from .trainer import Rollout
+    from ..backends.base import StepStats
+    from ..training.trainer import Rollout
 
 
 @dataclass(frozen=True)

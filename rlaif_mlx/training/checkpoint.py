@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import RunConfig, load_config, save_config
+from ..config import RunConfig, load_config, save_config
 
 _NAME = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "trainer_state.json"

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import ast
 
-from .data import Task, TaskSet
+from .tasks import Task, TaskSet
 
 NAME = "humaneval"
 INSTRUCTION = (

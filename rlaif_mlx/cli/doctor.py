@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from . import backends
-from .backends import _INSTALL  # the pip command per backend, as backend errors phrase it
-from .cli import _first_line
+from .. import backends
+from ..backends import INSTALL_COMMANDS  # the pip command per backend, as backend errors phrase it
+from .common import first_line
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 MIN_PYTHON = (3, 10)
@@ -67,7 +67,7 @@ def environment_checks() -> list[Check]:
         if not present:
             # Only a fail when neither backend is usable: one is enough to train.
             status = WARN if any(installed.values()) else FAIL
-            checks.append(Check(f"backend {name}", status, "not installed", _INSTALL[name]))
+            checks.append(Check(f"backend {name}", status, "not installed", INSTALL_COMMANDS[name]))
             continue
         checks.append(Check(f"backend {name}", OK, _versions(_PACKAGES[name])))
         checks += _torch_devices() if name == "torch" else _mlx_devices()
@@ -83,7 +83,7 @@ def environment_checks() -> list[Check]:
 
 def config_checks(path: str) -> list[Check]:
     """The config validates; its model, data, teacher key and folders are usable here."""
-    from .config import ConfigError, load_config
+    from ..config import ConfigError, load_config
 
     try:
         config = load_config(path)
@@ -144,7 +144,17 @@ def render(checks: list[Check], *, stream: IO[str] | None = None, table: bool | 
     print(summary, file=stream)
 
 
-def doctor_command(args: argparse.Namespace) -> int:
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    doctor = sub.add_parser(
+        "doctor",
+        help="check this machine (backends, devices, versions) and, with --config, a run's model, data, "
+        "teacher key and folders",
+    )
+    doctor.add_argument("--config", help="a run config to check as well")
+    doctor.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
     """Runs ``rlaif-mlx doctor``: 0 when no check failed, 1 otherwise."""
     checks = run_checks(args.config)
     render(checks)
@@ -168,8 +178,8 @@ def _torch_devices() -> list[Check]:
     try:
         import torch
     except Exception as exc:  # a broken wheel raises anything from ImportError to OSError
-        return [Check("devices torch", FAIL, f"torch does not import: {_first_line(exc)}",
-                      f"reinstall it: {_INSTALL['torch']}")]
+        return [Check("devices torch", FAIL, f"torch does not import: {first_line(exc)}",
+                      f"reinstall it: {INSTALL_COMMANDS['torch']}")]
     found = []
     if torch.cuda.is_available():
         found += [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
@@ -183,8 +193,8 @@ def _mlx_devices() -> list[Check]:
     try:
         import mlx.core as mx
     except Exception as exc:  # e.g. a missing shared library
-        return [Check("devices mlx", FAIL, f"mlx does not import: {_first_line(exc)}",
-                      f"reinstall it: {_INSTALL['mlx']}")]
+        return [Check("devices mlx", FAIL, f"mlx does not import: {first_line(exc)}",
+                      f"reinstall it: {INSTALL_COMMANDS['mlx']}")]
     metal = bool(getattr(getattr(mx, "metal", None), "is_available", lambda: False)())
     device = mx.default_device()
     metal_state = "available" if metal else "not available"
@@ -206,12 +216,12 @@ def _openblas_loaded() -> bool:
 
 
 def _sandbox() -> Check:
-    from .sandbox import sandbox_capabilities
+    from ..rewards.sandbox import sandbox_capabilities
 
     try:
         caps = sandbox_capabilities()
     except Exception as exc:  # probing starts subprocesses; report, never crash
-        return Check("sandbox", FAIL, f"cannot start the sandbox: {_first_line(exc)}",
+        return Check("sandbox", FAIL, f"cannot start the sandbox: {first_line(exc)}",
                      "check that this Python can start subprocesses")
     detail = (f"{caps['mode']} (network isolated: {caps['network_isolated']}, "
               f"read-only outside its folder: {caps['fs_readonly']})")
@@ -263,7 +273,7 @@ def _in_hub_cache(repo_id: str) -> bool | None:
 
 
 def _tasks(name: str, file: str, on_bad_line: str) -> Check:
-    from .data import DataError, load_tasks, resolve_data_path
+    from ..data.tasks import DataError, load_tasks, resolve_data_path
 
     try:
         tasks = load_tasks(file, on_bad_line=on_bad_line)
@@ -275,7 +285,7 @@ def _tasks(name: str, file: str, on_bad_line: str) -> Check:
 
 
 def _teacher(teacher) -> list[Check]:
-    from .teachers.providers import DEFAULT_KEY_ENV
+    from ..teachers.providers import DEFAULT_KEY_ENV
 
     if teacher.provider == "none":
         return [Check("teacher", OK, "none (offline graders only)")]

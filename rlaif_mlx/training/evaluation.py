@@ -15,24 +15,19 @@ that have tests.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
-import time
 from dataclasses import replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-from .backends.base import SamplingParams
-from .config import RunConfig
-from .data import Task, prompt_token_ids
-from .graders import normalize_language
-from .rewards import RewardResult
+from ..config import RunConfig
+from ..data.tasks import Task
+from ..rewards.graders import normalize_language
+from ..rewards.pipeline import RewardResult
+from .settings import sampling_params, task_prompt_ids
 
 if TYPE_CHECKING:
-    from .backends.base import Backend
-    from .rewards import RewardPipeline
+    from ..backends.base import Backend
+    from ..rewards.pipeline import RewardPipeline
 
 # Eval sampling seeds: an offset that keeps them apart from training's per-prompt seeds, within 63 bits.
 _SEED_OFFSET = 0x5EED_0000_0000
@@ -66,18 +61,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def has_tests(task: Task) -> bool:
     """Whether the graders run unit tests for the task (tests given, and in Python)."""
     return bool(task.tests and task.tests.strip()) and normalize_language(task.language) == "python"
-
-
-def eval_prompt_ids(tokenizer: Any, tasks: Sequence[Task], config: RunConfig) -> dict[str, list[int]]:
-    """The prompt token ids of each task, built exactly as training builds them.
-
-    Raises:
-        DataError: a prompt is longer than ``data.max_prompt_tokens``.
-    """
-    data = config.data
-    return {t.id: prompt_token_ids(tokenizer, t, use_chat_template=data.use_chat_template,
-                                   system_prompt=data.system_prompt, max_prompt_tokens=data.max_prompt_tokens)
-            for t in tasks}
 
 
 def evaluate(
@@ -119,9 +102,8 @@ def evaluate(
     """
     ev, rl = config.eval, config.rlaif
     tasks = list(tasks)[: ev.max_tasks] if ev.max_tasks else list(tasks)
-    prompts = eval_prompt_ids(backend.tokenizer, tasks, config)
-    params = SamplingParams(max_new_tokens=ev.max_new_tokens or rl.max_new_tokens, temperature=ev.temperature,
-                            top_k=rl.top_k, top_p=rl.top_p, min_p=rl.min_p, stop=tuple(rl.stop))
+    prompts = task_prompt_ids(backend.tokenizer, tasks, config.data)
+    params = sampling_params(rl, temperature=ev.temperature, max_new_tokens=ev.max_new_tokens)
     per_batch = max(1, config.training.batch_size * rl.num_samples_per_prompt // ev.num_samples)
     results: dict[str, list[RewardResult]] = {t.id: [] for t in tasks}
     for number, start in enumerate(range(0, len(tasks), per_batch)):
@@ -169,8 +151,8 @@ def summarise(tasks: Sequence[Task], results: dict[str, list[RewardResult]], *, 
 def format_eval_line(metrics: dict[str, float], *, step: int | None = None) -> str:
     """One line for a person: mean reward, pass@k, tests and teacher means, and what could not be scored."""
     where = f" at step {step}" if step is not None else ""
-    parts = [f"reward {_fmt(metrics['eval/reward_mean'])}"]
-    parts += [f"{key.removeprefix('eval/')} {_fmt(value)}" for key, value in metrics.items()
+    parts = [f"reward {format_metric(metrics['eval/reward_mean'])}"]
+    parts += [f"{key.removeprefix('eval/')} {format_metric(value)}" for key, value in metrics.items()
               if key.startswith("eval/pass@") or key in ("eval/tests_mean", "eval/teacher_mean")]
     return (f"eval{where}: {'  '.join(parts)}  ({metrics['eval/tasks']} tasks, "
             f"{metrics['eval/unscored']} of {metrics['eval/samples']} samples unscored)")
@@ -180,123 +162,10 @@ def _mean(values: Sequence[float]) -> float:
     return float(sum(values) / len(values)) if values else float("nan")
 
 
-# ---- rlaif-mlx eval ----------------------------------------------------------
-
-
-def run_eval_command(args: argparse.Namespace) -> int:
-    """``rlaif-mlx eval``: the base model, and a checkpoint when given, on one eval set.
-
-    Args:
-        args: ``config``, ``checkpoint`` (or None), ``eval_set`` (or None: the
-            config's ``data.eval_file``), ``max_tasks`` (or None) and ``out`` (or None).
-
-    Returns:
-        The exit status (0). Problems a user can fix raise ``cli._UserError``.
-    """
-    from .checkpoint import find_checkpoint
-    from .cli import _UserError, _create_backend, _create_teacher, _first_line
-    from .config import ConfigError, load_config
-    from .data import DataError, load_task_set
-    from .rewards import RewardPipeline
-    from .teachers.cost import BudgetExceeded
-    from .teachers.judge import TeacherUnavailable
-
-    try:
-        config = load_config(args.config, overrides={"eval.max_tasks": args.max_tasks})
-        checkpoint = find_checkpoint(args.checkpoint) if args.checkpoint else None
-        eval_set = args.eval_set or config.data.eval_file
-        if not eval_set:
-            raise _UserError(f"{args.config}: no eval set; name one with --eval-set (humaneval, or a JSONL task "
-                             "file) or set data.eval_file in the config")
-        tasks = load_task_set(eval_set, on_bad_line=config.data.on_bad_line)
-    except (ConfigError, DataError, ValueError) as exc:  # CheckpointError is a ValueError phrased as one line
-        raise _UserError(str(exc)) from None
-    model_path = Path(config.model.base_model)
-    if config.model.build_tiny_if_missing and not (model_path / "config.json").exists():
-        from .tiny_model import ensure_tiny_model
-
-        print(f"building the tiny random model at {model_path} (model.build_tiny_if_missing)", file=sys.stderr)
-        ensure_tiny_model(model_path)
-    backend = _create_backend(config, total_steps=1, source=args.config)  # no optimizer steps: any count does
-    pipeline = RewardPipeline(config.rewards, teacher=_create_teacher(config, source=args.config))
-    count = min(len(tasks.tasks), config.eval.max_tasks or len(tasks.tasks))
-    print(f"evaluating {count} tasks from {tasks.source}, {config.eval.num_samples} sample(s) each "
-          f"(backend {backend.name} on {backend.device})", file=sys.stderr)
-
-    def progress(label: str) -> Callable[[str], None]:
-        return lambda line: print(f"{label} {line}", file=sys.stderr)
-
-    started = time.perf_counter()
-    try:
-        base = evaluate(backend, tasks.tasks, pipeline, config, log=progress("base model"))
-        trained = None
-        if checkpoint is not None:
-            try:
-                backend.load(checkpoint)
-            except (ValueError, OSError) as exc:  # another model or LoRA shape than the config's
-                raise _UserError(f"{checkpoint}: cannot be loaded with {args.config}'s model settings: "
-                                 f"{_first_line(exc)}") from None
-            trained = evaluate(backend, tasks.tasks, pipeline, config, log=progress("checkpoint"))
-    except DataError as exc:
-        raise _UserError(str(exc)) from None
-    except (BudgetExceeded, TeacherUnavailable) as exc:
-        raise _UserError(f"stopped: {exc}") from None
-    finally:
-        if pipeline.teacher is not None:
-            pipeline.teacher.close()
-    print(f"evaluated in {time.perf_counter() - started:.0f}s", file=sys.stderr)
-    print_comparison(base, trained, rich=sys.stdout.isatty())
-    if args.out:
-        report = {
-            "eval_set": tasks.source, "config": str(args.config),
-            "checkpoint_path": str(checkpoint) if checkpoint is not None else None,
-            "base": _json_floats(base),
-            "checkpoint": _json_floats(trained) if trained is not None else None,
-            "delta": _json_floats(_delta(base, trained)) if trained is not None else None,
-        }
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.out}", file=sys.stderr)
-    return 0
-
-
-def print_comparison(base: dict[str, float], trained: dict[str, float] | None, *, rich: bool) -> None:
-    """Prints metric, base (and checkpoint, delta) as a ``rich`` table or plain aligned text."""
-    header = ["metric", "base"] + (["checkpoint", "delta"] if trained is not None else [])
-    delta = _delta(base, trained) if trained is not None else {}
-    rows = []
-    for key in list(base) + [k for k in (trained or {}) if k not in base]:
-        row = [key.removeprefix("eval/"), _fmt(base.get(key))]
-        if trained is not None:
-            row += [_fmt(trained.get(key)), _fmt(delta.get(key), signed=True)]
-        rows.append(row)
-    if rich:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title="evaluation")
-        for i, name in enumerate(header):
-            table.add_column(name, justify="left" if i == 0 else "right")
-        for row in rows:
-            table.add_row(*row)
-        Console().print(table)
-        return
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
-
-
-def _delta(base: dict[str, float], trained: dict[str, float] | None) -> dict[str, float]:
-    return {k: trained[k] - base[k] for k in base if trained is not None and k in trained}
-
-
-def _fmt(value: float | None, *, signed: bool = False) -> str:
+def format_metric(value: float | None, *, signed: bool = False) -> str:
+    """A metric for a person: 3 decimals (signed for a delta), ``-`` for a missing or NaN value."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if isinstance(value, int):
         return f"{value:+d}" if signed else str(value)
     return f"{value:+.3f}" if signed else f"{value:.3f}"
-
-
-def _json_floats(metrics: dict[str, float]) -> dict[str, float | None]:
-    """JSON has no NaN: a metric with nothing to average becomes null."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}

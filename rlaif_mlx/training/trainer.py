@@ -20,25 +20,26 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import advantages as adv
-from . import kl as klmod
-from .backends.base import (
-    Backend, Completion, LossSettings, SamplingParams, SequenceBatch, StepStats, TrainBatch,
+from ..rl import advantages as adv
+from ..rl import kl as klmod
+from ..backends.base import (
+    Backend, Completion, LossSettings, SequenceBatch, StepStats, TrainBatch,
 )
 from .checkpoint import check_resumable, load_trainer_state, save_checkpoint
-from .config import RunConfig
+from ..config import RunConfig
 from .curriculum import Curriculum, estimate_difficulty
-from .data import Task, TaskSet, prompt_token_ids
+from ..data.tasks import Task, TaskSet
 from .distributed import DistContext
 from .evaluation import evaluate, format_eval_line
-from .metrics import JsonlSink, MetricsSinks, SampleSink, TensorBoardSink
-from .objective import aggregation_weights
-from .reporting import PlainReporter, Reporter, RunHeader, extreme_samples, step_record
-from .rewards import RewardPipeline, RewardResult
+from ..monitor.metrics import JsonlSink, MetricsSinks, SampleSink, TensorBoardSink
+from ..rl.objective import aggregation_weights
+from ..monitor.reporting import PlainReporter, Reporter, RunHeader, extreme_samples, step_record
+from ..rewards.pipeline import RewardPipeline, RewardResult
 from .sample_ahead import PendingBatch
-from .schedule import scheduled_learning_rate
-from .teachers.cost import BudgetExceeded
-from .teachers.judge import TeacherUnavailable
+from ..rl.schedule import scheduled_learning_rate
+from ..teachers.cost import BudgetExceeded
+from ..teachers.judge import TeacherUnavailable
+from .settings import sampling_params, task_prompt_ids
 from .warmup import supervised_warmup
 
 
@@ -132,14 +133,7 @@ class Trainer:
         self.restored_from: Path | None = None  # the checkpoint ``restore`` loaded
         self._stop_signal: int | None = None  # SIGINT / SIGTERM received: stop after this step
         self._pending: PendingBatch | None = None  # the next step's batch, sampled ahead (``rlaif.sample_ahead``)
-        data = config.data
-        self.prompt_ids = {
-            t.id: prompt_token_ids(
-                backend.tokenizer, t, use_chat_template=data.use_chat_template,
-                system_prompt=data.system_prompt, max_prompt_tokens=data.max_prompt_tokens,
-            )
-            for t in train.tasks
-        }
+        self.prompt_ids = task_prompt_ids(backend.tokenizer, train.tasks, config.data)
         cur = config.curriculum
         self.curriculum = Curriculum(
             [t.id for t in train.tasks],
@@ -200,6 +194,11 @@ class Trainer:
                 self.metrics = None
             self.reporter.close()
         return records
+
+    def close(self) -> None:
+        """Releases the teacher's client and score cache (the run itself closes its metrics)."""
+        if self.teacher is not None:
+            self.teacher.close()
 
     def _catch_stop_signals(self) -> dict:
         """SIGINT / SIGTERM finish the current step, save a checkpoint and stop; a second one stops at once.
@@ -304,12 +303,9 @@ class Trainer:
         """
         first_index = self.dist.rank * len(tasks) if first_index is None else first_index
         rl = self.config.rlaif
-        params = SamplingParams(
-            max_new_tokens=rl.max_new_tokens, temperature=rl.generation_temperature, top_k=rl.top_k,
-            top_p=rl.top_p, min_p=rl.min_p, stop=tuple(rl.stop),
-            seed=tuple(prompt_seed(self.config.seed, self.step if step is None else step, first_index + i)
-                       for i in range(len(tasks))),
-        )
+        seeds = tuple(prompt_seed(self.config.seed, self.step if step is None else step, first_index + i)
+                      for i in range(len(tasks)))
+        params = sampling_params(rl, seed=seeds)
         return self.backend.sample([self.prompt_ids[t.id] for t in tasks], n=rl.num_samples_per_prompt, params=params)
 
     def logprob_batch(self, completions: list[Completion]):

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable
 
-from rlaif_mlx.sandbox import SandboxLimits, SandboxResult, run_sandboxed
+from rlaif_mlx.rewards.sandbox import SandboxLimits, SandboxResult, run_sandboxed
 
 _log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def build_test_plan(tests: str, *, entry_point: str | None) -> _TestPlan:
 
 # Runs inside the sandbox as main.py. Everything lives in function locals so
 # the candidate (exec'd in its own module namespace) cannot reach it by name.
-_HARNESS = (Path(__file__).parent / "grading_harness.py").read_text()
+_HARNESS = (Path(__file__).parent / "harness.py").read_text()
 
 
 def run_unit_tests(

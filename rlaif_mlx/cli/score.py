@@ -9,15 +9,64 @@ component and ``error`` (null when there was none). Useful on its own
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
-from .data import DataError, Task
-from .rewards import RewardPipeline
+from .common import one_line_errors
+
+if TYPE_CHECKING:
+    from ..data.tasks import Task
+    from ..rewards.pipeline import RewardPipeline
 
 CHUNK = 64  # completions per pipeline call: bounded memory, progress between chunks
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    score = sub.add_parser("score", help="grade existing completions with the configured graders and teacher")
+    score.add_argument("--config", required=True, help="a run config (its rewards and teacher sections are used)")
+    score.add_argument("--completions", required=True, help="JSONL: one {task_id, completion} per line")
+    score.add_argument(
+        "--tasks",
+        help="JSONL tasks matched by id, or humaneval for HumanEval's problems "
+        "(ids HumanEval/0 ...); default: the config's data.train_file",
+    )
+    score.add_argument("--out", help="JSONL output, one line per completion (default: stdout)")
+    score.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import ConfigError, load_config
+    from ..data.tasks import DataError, load_task_set
+    from ..rewards.pipeline import RewardPipeline
+    from ..teachers.cost import BudgetExceeded
+    from ..teachers.judge import TeacherUnavailable
+    from ..training.setup import create_teacher
+
+    with one_line_errors(ConfigError, DataError):
+        config = load_config(args.config)
+        tasks = load_task_set(args.tasks or config.data.train_file, on_bad_line=config.data.on_bad_line).by_id()
+        lines = read_completions(Path(args.completions), tasks)
+    pipeline = RewardPipeline(config.rewards, teacher=create_teacher(config, source=args.config))
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    try:
+        with one_line_errors(BudgetExceeded, TeacherUnavailable, prefix="stopped: "):
+            summary = score_completions(lines, tasks, pipeline, out)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+        if pipeline.teacher is not None:
+            pipeline.teacher.close()
+    spent = f", teacher spend ${pipeline.teacher.ledger.spent_usd:.4f}" if pipeline.teacher is not None else ""
+    print(
+        f"scored {summary['scored']} of {len(lines)} completions (mean reward {summary['reward_mean']:.3f}), "
+        f"{summary['unscored']} could not be scored{spent}",
+        file=sys.stderr,
+    )
+    return 0
 
 
 @dataclass(frozen=True)
@@ -34,6 +83,8 @@ def read_completions(path: Path, tasks: dict[str, Task]) -> list[CompletionLine]
         DataError: ``file:line: problem`` for a line that is not a JSON object, lacks
             ``task_id`` / ``completion``, or names a task that is not in the task set.
     """
+    from ..data.tasks import DataError
+
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:

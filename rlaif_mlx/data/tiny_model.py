@@ -207,7 +207,7 @@ def ensure_tiny_model(path: str | Path, **kwargs) -> Path:
 def default_corpus() -> list[str]:
     """Texts the default tokenizer is trained on: quickstart tasks + stdlib source."""
     texts: list[str] = []
-    data = importlib.resources.files("rlaif_mlx") / "datasets"
+    data = importlib.resources.files("rlaif_mlx.data") / "datasets"
     for name in _QUICKSTART_FILES:
         resource = data / name
         if not resource.is_file():

@@ -28,7 +28,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from rlaif_mlx.kl import KL_ESTIMATORS, KLEstimator, kl_estimate
+from rlaif_mlx.rl.kl import KL_ESTIMATORS, KLEstimator, kl_estimate
 
 Aggregation = Literal["token_mean", "sequence_mean", "constant"]
 AGGREGATIONS: tuple[str, ...] = ("token_mean", "sequence_mean", "constant")

@@ -12,10 +12,10 @@ from typing import Callable
 
 import numpy as np
 
-from .backends.base import Backend, Completion, LossSettings, SequenceBatch, TrainBatch
-from .config import RunConfig
-from .data import Task, reference_completion_text
-from .objective import aggregation_weights
+from ..backends.base import Backend, Completion, LossSettings, SequenceBatch, TrainBatch
+from ..config import RunConfig
+from ..data.tasks import Task, reference_completion_text
+from ..rl.objective import aggregation_weights
 
 
 def supervised_warmup(backend: Backend, tasks: list[Task], prompt_ids: dict[str, list[int]], config: RunConfig, *,

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .backends.base import Completion
+from ..backends.base import Completion
 from .distributed import DistContext, renumbered
 
 

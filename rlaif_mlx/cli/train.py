@@ -1,0 +1,113 @@
+"""``rlaif-mlx train``: RL training from a YAML config, resumable, under torchrun too."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+from .common import UserError, one_line_errors
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="run RL training from a YAML config")
+    train.add_argument("--config", required=True, help="path to the run's YAML config")
+    train.add_argument("--model", help="override model.base_model (local path or hub id)")
+    train.add_argument("--train-file", help="override data.train_file")
+    train.add_argument("--eval-file", help="override data.eval_file")
+    train.add_argument("--backend", choices=["auto", "torch", "mlx"], help="override backend")
+    train.add_argument("--output-dir", help="override output_dir")
+    train.add_argument("--max-steps", type=int, help="override training.max_steps")
+    train.add_argument("--seed", type=int, help="override seed")
+    train.add_argument(
+        "--save-every", type=int, metavar="N",
+        help="override training.save_steps: checkpoint every N optimizer steps",
+    )
+    train.add_argument(
+        "--resume", nargs="?", const="", metavar="CHECKPOINT",
+        help="continue a run from a checkpoint folder, or from the newest checkpoint of a run folder; "
+        "alone, from the newest checkpoint in the config's output_dir",
+    )
+    train.add_argument("--no-dashboard", action="store_true", help="print one plain line per step even on a terminal")
+    train.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import CLI_OVERRIDES, ConfigError, load_config
+
+    overrides = {path: getattr(args, flag) for flag, path in CLI_OVERRIDES.items()}
+    if args.model:
+        # A model named on the command line is loaded as is: "Qwen/Qwen2.5-Coder-0.5B" must
+        # never become a freshly built random model in a folder of that name.
+        overrides["model.build_tiny_if_missing"] = False
+    with one_line_errors(ConfigError):
+        config = load_config(args.config, overrides=overrides)
+    dist = _process_group(config)
+    try:
+        with contextlib.ExitStack() as stack:
+            if not dist.is_main:  # under torchrun rank 0 speaks for the run; the others print only errors
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            code = _train(args, config, dist)
+        dist.barrier()  # all done before any leaves: gloo aborts a process whose peer left mid-exchange
+        return code
+    finally:
+        dist.close()
+
+
+def _process_group(config):
+    """This process's place under torchrun (a single process without it); one-line errors."""
+    from ..backends import BackendUnavailable, resolve_backend_name
+    from ..training.distributed import DistributedSetupError, context_from_env, init_from_env
+
+    with one_line_errors(DistributedSetupError, BackendUnavailable):
+        dist = context_from_env()
+        if dist.enabled:
+            dist.check_batch_size(config.training.batch_size)
+            dist = init_from_env(device=config.model.torch.device, backend=resolve_backend_name(config.backend))
+        return dist
+
+
+def _train(args: argparse.Namespace, config, dist) -> int:
+    from ..teachers.cost import BudgetExceeded
+    from ..teachers.judge import TeacherUnavailable
+    from ..training.setup import build_run
+    from ..training.trainer import ScoringFailed, StopRequested
+
+    resume = False if args.resume is None else (args.resume or True)
+    trainer = build_run(
+        config, source=args.config, resume=resume, dist=dist,
+        dashboard=config.logging.dashboard and not args.no_dashboard,
+    )
+    output_dir = trainer.output_dir
+    if trainer.restored_from is not None:
+        print(f"resuming from {trainer.restored_from} at step {trainer.step}")
+        if trainer.step >= trainer.total_steps:
+            print(
+                f"nothing to do: step {trainer.step} already reaches the budget of {trainer.total_steps} steps "
+                "(raise training.max_steps, e.g. with --max-steps)"
+            )
+    started = time.perf_counter()
+    try:
+        records = trainer.run()
+    except (ScoringFailed, BudgetExceeded, TeacherUnavailable) as exc:
+        saved = (
+            f"; the last checkpoint is in {output_dir / 'checkpoints'} (continue with --resume)"
+            if trainer.step > 0 else ""
+        )
+        raise UserError(f"stopped at step {trainer.step}: {exc}{saved}") from None
+    except StopRequested as exc:
+        print(f"stopped by {exc} (continue with --resume)", file=sys.stderr)
+        return 128 + exc.signum
+    finally:
+        trainer.close()
+    if records:
+        k = max(1, len(records) // 4)
+        first = sum(r["reward_mean"] for r in records[:k]) / k
+        last = sum(r["reward_mean"] for r in records[-k:]) / k
+        print(
+            f"done: {len(records)} steps in {time.perf_counter() - started:.0f}s; mean reward of the first "
+            f"{k} steps {first:.3f}, of the last {k} steps {last:.3f}; metrics in {output_dir / 'metrics.jsonl'}"
+        )
+    return 0

@@ -1,0 +1,1 @@
+"""Tasks: JSONL task files, HumanEval, the bundled datasets and the tiny local model."""

@@ -1,0 +1,58 @@
+"""Settings that training, evaluation and ``rlaif-mlx sample`` must build the same way.
+
+One place turns the config into prompt token ids and into sampling parameters,
+so a sample printed by ``sample`` or scored by ``eval`` is drawn exactly as the
+trainer draws it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from ..backends.base import SamplingParams
+from ..config import DataConfig, RlaifConfig
+from ..data.tasks import Task, prompt_token_ids
+
+
+def task_prompt_ids(tokenizer: Any, tasks: Sequence[Task], data: DataConfig) -> dict[str, list[int]]:
+    """The prompt token ids of each task (chat template and system prompt as ``data`` says).
+
+    Raises:
+        DataError: a prompt is longer than ``data.max_prompt_tokens``.
+    """
+    return {
+        t.id: prompt_token_ids(
+            tokenizer,
+            t,
+            use_chat_template=data.use_chat_template,
+            system_prompt=data.system_prompt,
+            max_prompt_tokens=data.max_prompt_tokens,
+        )
+        for t in tasks
+    }
+
+
+def sampling_params(
+    rlaif: RlaifConfig,
+    *,
+    seed: int | tuple[int, ...] | None = None,
+    temperature: float | None = None,
+    max_new_tokens: int | None = None,
+) -> SamplingParams:
+    """The training's sampling parameters: its filters, stop strings and, unless given, temperature and length.
+
+    Args:
+        rlaif: the config's ``rlaif`` section.
+        seed: one seed, or one per prompt (None: unseeded).
+        temperature: overrides ``rlaif.generation_temperature`` (0 is greedy).
+        max_new_tokens: overrides ``rlaif.max_new_tokens``.
+    """
+    return SamplingParams(
+        max_new_tokens=max_new_tokens or rlaif.max_new_tokens,
+        temperature=rlaif.generation_temperature if temperature is None else temperature,
+        top_k=rlaif.top_k,
+        top_p=rlaif.top_p,
+        min_p=rlaif.min_p,
+        stop=tuple(rlaif.stop),
+        seed=seed,
+    )

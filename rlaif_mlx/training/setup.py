@@ -1,0 +1,222 @@
+"""Run setup, as torchtune's recipe ``setup()``: a config in, a ready ``Trainer`` out.
+
+``build_run`` builds the model, tasks, backend, rewards and reporter, and
+restores a checkpoint when asked. ``train`` calls it, and so do tests and
+benchmarks, so each of them starts a run the way a user does. Problems a user
+can fix are ``SetupError``s of one line that name the file or key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..config import RunConfig
+from ..errors import SetupError, first_line
+
+
+def create_backend(config: RunConfig, *, total_steps: int, source: str, hint: str = "") -> Any:
+    """Creates the config's backend; a missing framework or model becomes a one-line ``SetupError``.
+
+    Args:
+        config: the run config (backend, model, training, seed).
+        total_steps: planned optimizer steps, for the LR schedule.
+        source: the config file, named in the error.
+        hint: appended to the error when the base model cannot be loaded.
+    """
+    from ..backends import BackendUnavailable
+    from ..backends import create_backend as create
+
+    try:
+        return create(config.backend, config.model, config.training, seed=config.seed, total_steps=total_steps)
+    except BackendUnavailable as exc:
+        raise SetupError(str(exc)) from None
+    except OSError as exc:  # transformers / mlx-lm: no such folder, or not reachable on the hub
+        raise SetupError(
+            f"{source}: model.base_model {config.model.base_model!r} cannot be loaded: {first_line(exc)}{hint}"
+        ) from None
+    except ValueError as exc:  # the backend refuses this model with these settings; the message names the key
+        raise SetupError(f"{source}: {first_line(exc)}") from None
+
+
+def create_teacher(config: RunConfig, *, source: str) -> Any:
+    """The configured teacher, or None; a missing key or unknown price becomes a one-line ``SetupError``."""
+    if config.teacher.provider == "none":
+        return None
+    from ..teachers.judge import Teacher
+
+    try:
+        return Teacher(config.teacher)
+    except ValueError as exc:  # MissingApiKey, no price for a budget, an unusable cache file
+        raise SetupError(f"{source}: {first_line(exc)}") from None
+
+
+def ensure_model(config: RunConfig, *, log: Callable[[str], None]) -> None:
+    """Builds the tiny random model where ``model.build_tiny_if_missing`` asks for it and none is there yet."""
+    model_path = Path(config.model.base_model)
+    if config.model.build_tiny_if_missing and not (model_path / "config.json").exists():
+        from ..data.tiny_model import ensure_tiny_model
+
+        log(f"building the tiny random model at {model_path} (model.build_tiny_if_missing)")
+        ensure_tiny_model(model_path)
+
+
+def build_run(
+    config: RunConfig,
+    *,
+    source: str,
+    resume: bool | str | Path = False,
+    dashboard: bool = False,
+    dist: Any = None,
+    log: Callable[[str], None] = print,
+) -> Any:
+    """A ``Trainer`` ready to ``run``: model, tasks, backend, rewards, reporter, and the checkpoint restored.
+
+    Args:
+        config: the validated run config.
+        source: the config file, named in errors.
+        resume: False for a fresh run; True for the newest checkpoint in ``output_dir``; or a
+            checkpoint folder, or a run folder (its newest checkpoint).
+        dashboard: show the live dashboard (on a terminal) instead of plain lines.
+        dist: this process's place under torchrun (None: a single process).
+        log: receives the setup's human lines (what was built, loaded and restored).
+
+    Returns:
+        The trainer; ``trainer.close()`` releases the teacher when the run is over.
+
+    Raises:
+        SetupError: no checkpoint to resume, tasks that do not load, a missing model,
+            framework or teacher key; one line each.
+    """
+    from ..data.tasks import DataError, load_task_set
+    from ..monitor.reporting import PlainReporter
+    from ..rewards.pipeline import RewardPipeline
+    from ..rewards.sandbox import sandbox_capabilities
+    from .checkpoint import check_resumable, find_checkpoint
+    from .distributed import DistContext
+    from .trainer import Trainer, total_optimizer_steps
+
+    dist = dist if dist is not None else DistContext()
+    output_dir = Path(config.output_dir)
+    checkpoint = None
+    if resume is not False:
+        # Checked before anything is written: the run folder's config.yaml may be the
+        # only record of an older checkpoint's config.
+        try:
+            checkpoint = find_checkpoint(output_dir if resume is True else resume)
+            check_resumable(checkpoint, config)
+        except ValueError as exc:
+            raise SetupError(str(exc)) from None
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        from ..config import save_config
+
+        save_config(config, output_dir / "config.yaml")
+        ensure_model(config, log=log)
+    dist.barrier()  # the others load the model rank 0 may have just built
+    try:
+        train = load_task_set(config.data.train_file, on_bad_line=config.data.on_bad_line)
+        periodic = config.eval.every_steps and config.data.eval_file
+        eval_set = load_task_set(config.data.eval_file, on_bad_line=config.data.on_bad_line) if periodic else None
+    except DataError as exc:
+        raise SetupError(str(exc)) from None
+    if train.skipped_lines:
+        log(f"skipped {train.skipped_lines} bad line(s) in {train.source} (data.on_bad_line: skip)")
+
+    backend = create_backend(config, total_steps=total_optimizer_steps(config, len(train.tasks)), source=source)
+    trainable, total = backend.trainable_parameter_count()
+    log(
+        f"backend {backend.name} on {backend.device}  model {config.model.base_model}  "
+        f"trainable {trainable:,} of {total:,} parameters ({'LoRA' if config.model.use_lora else 'full'})"
+    )
+    log(f"{len(train.tasks)} training tasks from {config.data.train_file}  output {output_dir}")
+    if dist.enabled:
+        sharded = "; weights, gradients and AdamW state sharded (FSDP)" if config.model.torch.fsdp else ""
+        log(
+            f"torchrun: {dist.world_size} processes, {config.training.batch_size // dist.world_size} of the "
+            f"{config.training.batch_size} prompts of each step on each; gradients summed{sharded}"
+        )
+    caps = sandbox_capabilities()
+    log(
+        f"sandbox: {caps['mode']} (network isolated: {caps['network_isolated']}, "
+        f"read-only outside its folder: {caps['fs_readonly']})"
+    )
+    rewards = RewardPipeline(config.rewards, teacher=create_teacher(config, source=source))
+    if not dist.is_main:
+        reporter = PlainReporter(lambda line: None)
+    elif dashboard:
+        from ..monitor.dashboard import make_reporter
+
+        reporter = make_reporter(dashboard=True, log_every=config.logging.log_every)
+    else:
+        reporter = PlainReporter(log, log_every=config.logging.log_every)
+    trainer = Trainer(
+        config, backend=backend, train=train, rewards=rewards, output_dir=output_dir, reporter=reporter,
+        eval_tasks=eval_set, dist=dist,
+    )
+    if checkpoint is not None:
+        try:
+            trainer.restore(checkpoint)
+        except (ValueError, OSError) as exc:  # the weights or data order do not fit this model or task list
+            trainer.close()
+            raise SetupError(f"cannot resume from {checkpoint}: {first_line(exc)}") from None
+    return trainer
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint loaded into a backend, ready to sample from, evaluate or export.
+
+    Attributes:
+        path: the checkpoint folder (``.../checkpoints/step-NNNNNN``).
+        config: the run config it was saved with, after the caller's overrides.
+        config_path: where that config was read from (named in errors).
+        step: the optimizer step it was saved at.
+        backend: the backend holding its weights.
+    """
+
+    path: Path
+    config: RunConfig
+    config_path: Path
+    step: int
+    backend: Any
+
+
+def load_checkpoint(
+    checkpoint: str | Path, *, backend: str | None = None, model: str | None = None, seed: int | None = None
+) -> LoadedCheckpoint:
+    """Finds a checkpoint, reads the config saved with it and loads it into a backend.
+
+    Args:
+        checkpoint: a checkpoint folder, or a run folder (its newest checkpoint).
+        backend: ``auto``, ``torch`` or ``mlx``; None keeps the checkpoint config's.
+        model: where the base model lives on this machine; None keeps the config's.
+        seed: overrides the config's seed (the backend's random state).
+
+    Raises:
+        SetupError: no checkpoint or config there, a missing framework or base
+            model, or weights the backend cannot load; one line each.
+    """
+    from ..config import load_config
+    from .checkpoint import checkpoint_config_path, find_checkpoint, load_trainer_state
+
+    overrides: dict[str, Any] = {"backend": backend, "model.base_model": model, "seed": seed}
+    if model:
+        overrides["model.build_tiny_if_missing"] = False  # as in train: a named model is loaded, never built
+    try:  # CheckpointError and ConfigError are ValueErrors phrased as one line
+        path = find_checkpoint(checkpoint)
+        config_path = checkpoint_config_path(path)
+        config = load_config(config_path, overrides=overrides)
+        step = int(load_trainer_state(path)["step"])
+    except ValueError as exc:
+        raise SetupError(str(exc)) from None
+    # total_steps only shapes the LR schedule, which neither export nor sample uses.
+    steps = max(config.training.max_steps or 0, step, 1)
+    hint = "" if model else " (name the base model on this machine with --model)"
+    loaded = create_backend(config, total_steps=steps, source=str(config_path), hint=hint)
+    try:
+        loaded.load(path)
+    except (ValueError, OSError) as exc:
+        raise SetupError(f"{path}: cannot be loaded by the {loaded.name} backend: {first_line(exc)}") from None
+    return LoadedCheckpoint(path=path, config=config, config_path=config_path, step=step, backend=loaded)
