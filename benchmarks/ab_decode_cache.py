@@ -50,7 +50,7 @@ def ab_case(model: str, *, group: int, pairs: int, prompts: int, length: int, ne
         (_, fast), (_, dynamic) = call(True), call(False)  # also the warm-up
         assert [c.completion_ids for c in fast] == [c.completion_ids for c in dynamic], "sampled ids differ"
         assert all(len(c.completion_ids) == new_tokens for c in fast)
-        gap = max(float(np.abs(np.subtract(a.logprobs, b.logprobs)).max()) for a, b in zip(fast, dynamic))
+        gap = max(float(np.abs(np.subtract(a.logprobs, b.logprobs)).max()) for a, b in zip(fast, dynamic, strict=True))
         assert gap <= 1e-6, f"log-probs differ by {gap}"
         new, old = [], []
         for i in range(pairs):
@@ -60,12 +60,21 @@ def ab_case(model: str, *, group: int, pairs: int, prompts: int, length: int, ne
             old.append(seconds[False])
     finally:
         torch_decode.PREALLOCATE = True
-    ratios = sorted(n / o for n, o in zip(new, old))
+    ratios = sorted(n / o for n, o in zip(new, old, strict=True))
     quartiles = statistics.quantiles(ratios, n=4)
-    return {"group": group, "rows": prompts * group, "pairs": pairs, "logp_gap": gap,
-            "median_ratio": statistics.median(ratios), "q1": quartiles[0], "q3": quartiles[2],
-            "min": ratios[0], "max": ratios[-1],
-            "dynamic_s": statistics.median(old), "preallocated_s": statistics.median(new)}
+    return {
+        "group": group,
+        "rows": prompts * group,
+        "pairs": pairs,
+        "logp_gap": gap,
+        "median_ratio": statistics.median(ratios),
+        "q1": quartiles[0],
+        "q3": quartiles[2],
+        "min": ratios[0],
+        "max": ratios[-1],
+        "dynamic_s": statistics.median(old),
+        "preallocated_s": statistics.median(new),
+    }
 
 
 def main() -> None:
@@ -78,15 +87,21 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
     model = sampling_models.resolve_model(args.model)
-    print("| model | G | rows | pairs | preallocated / dynamic (median) | quartiles | min - max "
-          "| dynamic s/call | preallocated s/call | max log-prob gap |")
+    print(
+        "| model | G | rows | pairs | preallocated / dynamic (median) | quartiles | min - max "
+        "| dynamic s/call | preallocated s/call | max log-prob gap |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for group in (int(g) for g in args.group.split(",")):
-        r = ab_case(model, group=group, pairs=args.pairs, prompts=args.prompts, length=args.length,
-                    new_tokens=args.new_tokens)
-        print(f"| {Path(args.model).name} | {group} | {r['rows']} | {r['pairs']} | **{r['median_ratio']:.3f}** "
-              f"| {r['q1']:.3f} - {r['q3']:.3f} | {r['min']:.3f} - {r['max']:.3f} | {r['dynamic_s']:.3f} "
-              f"| {r['preallocated_s']:.3f} | {r['logp_gap']:.1e} |", flush=True)
+        r = ab_case(
+            model, group=group, pairs=args.pairs, prompts=args.prompts, length=args.length, new_tokens=args.new_tokens
+        )
+        print(
+            f"| {Path(args.model).name} | {group} | {r['rows']} | {r['pairs']} | **{r['median_ratio']:.3f}** "
+            f"| {r['q1']:.3f} - {r['q3']:.3f} | {r['min']:.3f} - {r['max']:.3f} | {r['dynamic_s']:.3f} "
+            f"| {r['preallocated_s']:.3f} | {r['logp_gap']:.1e} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -72,8 +72,13 @@ def main(argv: list[str] | None = None) -> int:
                 for round_ in range(args.rounds):
                     # Alternate the order each round, so slow drift of the machine hits both sides alike.
                     for impl in IMPLS if round_ % 2 == 0 else IMPLS[::-1]:
-                        case = common | {"backend": backend, "impl": impl, "group": group, "repeats": args.repeats,
-                                         "round": round_}
+                        case = common | {
+                            "backend": backend,
+                            "impl": impl,
+                            "group": group,
+                            "repeats": args.repeats,
+                            "round": round_,
+                        }
                         run["results"].append(_reuse_or_measure(case, earlier, args))
                         _print_result(run["results"][-1])
                         _save(raw, settings, runs)  # progress survives an interrupted run (see --resume)
@@ -127,39 +132,71 @@ def _save(raw: Path, settings: dict, runs: list[dict]) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Sampling throughput (generated tokens/s) and peak memory of rlaif-mlx's backends "
-                    "vs transformers generate (PyTorch) and mlx-lm batch_generate (MLX), same model, "
-                    "prompts and token counts. Each case runs in its own process.")
-    p.add_argument("--model", default="tiny,30m",
-                   help="comma list: 'tiny' and '30m' are random Qwen2 models built under benchmarks/.models/; "
-                        "anything else is a local model folder or a Hugging Face hub id (default: tiny,30m)")
+        "vs transformers generate (PyTorch) and mlx-lm batch_generate (MLX), same model, "
+        "prompts and token counts. Each case runs in its own process."
+    )
+    p.add_argument(
+        "--model",
+        default="tiny,30m",
+        help="comma list: 'tiny' and '30m' are random Qwen2 models built under benchmarks/.models/; "
+        "anything else is a local model folder or a Hugging Face hub id (default: tiny,30m)",
+    )
     p.add_argument("--backends", default="torch,mlx", help="comma list of torch, mlx (default: torch,mlx)")
     p.add_argument("--prompts", type=int, default=8, help="distinct prompts (default: 8)")
     p.add_argument("--group", default="1,4,8", help="comma list of G, samples per prompt (default: 1,4,8)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="tokens in every prompt, exactly (default: 128)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sample, exactly (default: 64)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per case after one warm-up (default: 3)")
-    p.add_argument("--rounds", type=int, default=2,
-                   help="fresh-process runs of each case, ours and the peer alternating; the timed calls of all "
-                        "rounds are pooled (default: 2)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="fresh-process runs of each case, ours and the peer alternating; the timed calls of all "
+        "rounds are pooled (default: 2)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mlx-preload", default=os.environ.get("LD_PRELOAD", ""),
-                   help="LD_PRELOAD for the MLX cases, e.g. OpenBLAS on Linux (default: this shell's "
-                        "LD_PRELOAD). PyTorch cases always run without LD_PRELOAD.")
-    p.add_argument("--quiet-below", type=float, default=0.3,
-                   help="before each case, wait until other processes use fewer CPU cores than this; a case "
-                        "whose timing saw more is run again (default: 0.3)")
-    p.add_argument("--max-wait", type=float, default=300.0,
-                   help="seconds to wait for a quiet machine before running anyway (default: 300)")
-    p.add_argument("--attempts", type=int, default=3,
-                   help="runs of a case disturbed by other processes before keeping the least disturbed (default: 3)")
-    p.add_argument("--resume", action="store_true",
-                   help="reuse the undisturbed cases of an earlier run with the same settings from the .json "
-                        "next to --out (written after every case), and measure only the rest")
-    p.add_argument("--profile", action="store_true",
-                   help="also profile our sampling per phase (prefill, decode, sampling, bookkeeping) "
-                        "at the largest G, and a cProfile of one call")
-    p.add_argument("--out", default=str(HERE / "results" / "sampling.md"),
-                   help="Markdown report; the raw numbers go next to it as .json (default: %(default)s)")
+    p.add_argument(
+        "--mlx-preload",
+        default=os.environ.get("LD_PRELOAD", ""),
+        help="LD_PRELOAD for the MLX cases, e.g. OpenBLAS on Linux (default: this shell's "
+        "LD_PRELOAD). PyTorch cases always run without LD_PRELOAD.",
+    )
+    p.add_argument(
+        "--quiet-below",
+        type=float,
+        default=0.3,
+        help="before each case, wait until other processes use fewer CPU cores than this; a case "
+        "whose timing saw more is run again (default: 0.3)",
+    )
+    p.add_argument(
+        "--max-wait",
+        type=float,
+        default=300.0,
+        help="seconds to wait for a quiet machine before running anyway (default: 300)",
+    )
+    p.add_argument(
+        "--attempts",
+        type=int,
+        default=3,
+        help="runs of a case disturbed by other processes before keeping the least disturbed (default: 3)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the undisturbed cases of an earlier run with the same settings from the .json "
+        "next to --out (written after every case), and measure only the rest",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile our sampling per phase (prefill, decode, sampling, bookkeeping) "
+        "at the largest G, and a cProfile of one call",
+    )
+    p.add_argument(
+        "--out",
+        default=str(HERE / "results" / "sampling.md"),
+        help="Markdown report; the raw numbers go next to it as .json (default: %(default)s)",
+    )
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case (JSON) in this process
     p.add_argument("--case-out", help=argparse.SUPPRESS)
     return p
@@ -187,8 +224,11 @@ def _measure(case: dict, args: argparse.Namespace) -> dict:
             best = result
         if result["other_cores"] < args.quiet_below:
             break
-        print(f"   (other processes kept {result['other_cores']:.2f} cores busy during the timing; "
-              f"{'running it again' if attempt < args.attempts else 'keeping the least disturbed run'})", flush=True)
+        print(
+            f"   (other processes kept {result['other_cores']:.2f} cores busy during the timing; "
+            f"{'running it again' if attempt < args.attempts else 'keeping the least disturbed run'})",
+            flush=True,
+        )
     return best
 
 
@@ -214,20 +254,25 @@ def _spawn(case: dict, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         case_file, out_file = Path(tmp) / "case.json", Path(tmp) / "result.json"
         case_file.write_text(json.dumps(case))
-        done = subprocess.run([sys.executable, __file__, "--case", str(case_file), "--case-out", str(out_file)],
-                              env=env)
+        done = subprocess.run(
+            [sys.executable, __file__, "--case", str(case_file), "--case-out", str(out_file)], env=env
+        )
         if done.returncode != 0:
-            raise SystemExit(f"case {case.get('backend')}/{case.get('impl', 'profile')}/G={case['group']} "
-                             f"failed (exit {done.returncode}); its error is printed above")
+            raise SystemExit(
+                f"case {case.get('backend')}/{case.get('impl', 'profile')}/G={case['group']} "
+                f"failed (exit {done.returncode}); its error is printed above"
+            )
         now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         return json.loads(out_file.read_text()) | {"measured_at": now}
 
 
 def _print_result(r: dict) -> None:
     tps = r["tokens_per_call"] / statistics.median(r["seconds"])
-    print(f"   {r['backend']:5} {r['impl']:4} G={r['group']:<2} round {r.get('round', 0)} {tps:9.1f} tok/s  "
-          f"peak RSS {r['rss_peak'] / 2**20:7.1f} MiB  (calls: {', '.join(f'{s:.2f}s' for s in r['seconds'])})",
-          flush=True)
+    print(
+        f"   {r['backend']:5} {r['impl']:4} G={r['group']:<2} round {r.get('round', 0)} {tps:9.1f} tok/s  "
+        f"peak RSS {r['rss_peak'] / 2**20:7.1f} MiB  (calls: {', '.join(f'{s:.2f}s' for s in r['seconds'])})",
+        flush=True,
+    )
 
 
 def _csv(text: str) -> list[str]:

@@ -45,7 +45,14 @@ import time
 from pathlib import Path
 
 from step_common import (
-    StepSettings, default_model_dir, machine, machine_load, pool, resolve_model, summarise, versions,
+    StepSettings,
+    default_model_dir,
+    machine,
+    machine_load,
+    pool,
+    resolve_model,
+    summarise,
+    versions,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -55,10 +62,14 @@ PARTS = ("sample", "score", "reference", "update", "other")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Seconds per RL step and peak memory of rlaif-mlx vs TRL's GRPOTrainer (PyTorch).")
-    parser.add_argument("--model", action="append", default=None,
-                        help="tiny (0.4M parameters), 30m (about 30M) or a local model folder; repeat for several "
-                             "(default: tiny)")
+        description="Seconds per RL step and peak memory of rlaif-mlx vs TRL's GRPOTrainer (PyTorch)."
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="tiny (0.4M parameters), 30m (about 30M) or a local model folder; repeat for several (default: tiny)",
+    )
     parser.add_argument("--lora", action="store_true", help="LoRA adapters (default: both LoRA and full)")
     parser.add_argument("--full", action="store_true", help="full fine-tune (default: both LoRA and full)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step (default 5)")
@@ -69,25 +80,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
     parser.add_argument("--kl", type=float, default=0.05, help="beta, the KL coefficient in the loss (default 0.05)")
     parser.add_argument("--learning-rate", type=float, default=1e-5, help="constant learning rate (default 1e-5)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="fresh processes per side, alternating which side goes first; the steps of all "
-                             "rounds are pooled (default 3)")
-    parser.add_argument("--quiet", type=float, default=0.15,
-                        help="before each run, wait until other processes use at most this share of the cores "
-                             "(default 0.15)")
-    parser.add_argument("--retries", type=int, default=2,
-                        help="run a round again when others used more than --quiet of the cores during it "
-                             "(default 2)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="fresh processes per side, alternating which side goes first; the steps of all "
+        "rounds are pooled (default 3)",
+    )
+    parser.add_argument(
+        "--quiet",
+        type=float,
+        default=0.15,
+        help="before each run, wait until other processes use at most this share of the cores (default 0.15)",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="run a round again when others used more than --quiet of the cores during it (default 2)",
+    )
     parser.add_argument("--max-wait", type=float, default=300, help="longest wait for a quiet machine, s (default 300)")
     parser.add_argument("--side", choices=("both", "ours", "trl"), default="both", help="which trainer(s) to time")
-    parser.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
-                        help="cProfile our step: where the target is missed (auto), always, or never")
+    parser.add_argument(
+        "--profile",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="cProfile our step: where the target is missed (auto), always, or never",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both sides run (default cpu)")
     parser.add_argument("--target", type=float, default=0.7, help="goal for our step time / TRL's (default 0.7)")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "step.md",
-                        help="the Markdown report; the raw numbers go next to it as .json")
-    parser.add_argument("--model-dir", type=Path, default=default_model_dir(),
-                        help="where tiny / 30m are built (once)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=HERE / "results" / "step.md",
+        help="the Markdown report; the raw numbers go next to it as .json",
+    )
+    parser.add_argument("--model-dir", type=Path, default=default_model_dir(), help="where tiny / 30m are built (once)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.prompts < 1 or args.group < 2 or args.new_tokens < 1:
         parser.error("--steps, --prompts and --new-tokens must be >= 1, --group >= 2 (GRPO needs a group)")
@@ -131,8 +159,12 @@ def run_round(side: str, settings: StepSettings, args: argparse.Namespace, label
         record["load_before"] = load
         record["attempts"] = attempt + 1
         foreign = statistics.fmean(record["times"]["foreign"])
-        print(f"  median {statistics.median(record['times']['step']):.3f} s/step, peak RSS "
-              f"{record['peak_rss_mb']:.0f} MB, others used {foreign:.0%} of the cores", file=sys.stderr, flush=True)
+        print(
+            f"  median {statistics.median(record['times']['step']):.3f} s/step, peak RSS "
+            f"{record['peak_rss_mb']:.0f} MB, others used {foreign:.0%} of the cores",
+            file=sys.stderr,
+            flush=True,
+        )
         if not foreign > args.quiet:
             break
         print("  contended: running this round again", file=sys.stderr, flush=True)
@@ -165,20 +197,29 @@ def main(argv: list[str] | None = None) -> None:
         path = resolve_model(name, args.model_dir)
         for mode in modes:
             settings = StepSettings(
-                model_path=str(path), lora=mode == "lora", steps=args.steps, prompts=args.prompts, group=args.group,
-                new_tokens=args.new_tokens, lora_rank=args.lora_rank, lora_alpha=alpha, kl=args.kl,
-                learning_rate=args.learning_rate, device=args.device)
+                model_path=str(path),
+                lora=mode == "lora",
+                steps=args.steps,
+                prompts=args.prompts,
+                group=args.group,
+                new_tokens=args.new_tokens,
+                lora_rank=args.lora_rank,
+                lora_alpha=alpha,
+                kl=args.kl,
+                learning_rate=args.learning_rate,
+                device=args.device,
+            )
             records: dict[str, list[dict]] = {side: [] for side in sides}
             for round_index in range(args.rounds):
                 # alternate which side goes first, so a slow drift in the machine hits both alike
                 for side in sides if round_index % 2 == 0 else sides[::-1]:
-                    records[side].append(run_round(side, settings, args, f"{name} {mode} {side} round "
-                                                                        f"{round_index + 1}/{args.rounds}"))
+                    records[side].append(
+                        run_round(side, settings, args, f"{name} {mode} {side} round {round_index + 1}/{args.rounds}")
+                    )
             run = {"model": name, "mode": mode, **{side: merge_rounds(records[side]) for side in sides}}
             ratio = run["ours"]["median_step_s"] / run["trl"]["median_step_s"] if len(sides) == 2 else None
             run["ratio"] = ratio
-            run["cpu_ratio"] = (run["ours"]["median_cpu_s"] / run["trl"]["median_cpu_s"]
-                                if len(sides) == 2 else None)
+            run["cpu_ratio"] = run["ours"]["median_cpu_s"] / run["trl"]["median_cpu_s"] if len(sides) == 2 else None
             missed = ratio is None or ratio > args.target
             if "ours" in sides and (args.profile == "always" or (args.profile == "auto" and missed)):
                 settings.profile = True
@@ -191,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # ---- the report ----------------------------------------------------------------------------------------------
+
 
 def write_report(args: argparse.Namespace, runs: list[dict], argv: list[str]) -> None:
     out: Path = args.out
@@ -206,9 +248,23 @@ def write_report(args: argparse.Namespace, runs: list[dict], argv: list[str]) ->
     }
     out.with_suffix(".json").write_text(json.dumps({**meta, "runs": runs}, indent=2))
     gpu = args.device != "cpu"  # one more column: the allocator's peak on the GPU
-    columns = ["model", "mode", "params (trainable)", "ours s/step", "TRL s/step", "ours/TRL", f"<= {args.target:g}?",
-               "CPU-s ours/TRL", "others ours / TRL", "ours peak MB", "TRL peak MB", "ours MB above imports",
-               "TRL MB above imports", "completion len ours / TRL", *(["GPU peak MB ours / TRL"] if gpu else [])]
+    columns = [
+        "model",
+        "mode",
+        "params (trainable)",
+        "ours s/step",
+        "TRL s/step",
+        "ours/TRL",
+        f"<= {args.target:g}?",
+        "CPU-s ours/TRL",
+        "others ours / TRL",
+        "ours peak MB",
+        "TRL peak MB",
+        "ours MB above imports",
+        "TRL MB above imports",
+        "completion len ours / TRL",
+        *(["GPU peak MB ours / TRL"] if gpu else []),
+    ]
     lines = [
         "# RL step time: rlaif-mlx vs TRL GRPOTrainer",
         "",
@@ -233,28 +289,44 @@ def write_report(args: argparse.Namespace, runs: list[dict], argv: list[str]) ->
         ours, trl = run.get("ours"), run.get("trl")
         any_side = ours or trl
         ratio = run["ratio"]
-        lines.append("| " + " | ".join([
-            run["model"], run["mode"],
-            f"{any_side['total_params'] / 1e6:.2f}M ({any_side['trainable_params'] / 1e6:.3f}M)",
-            _num(ours, "median_step_s", "{:.3f}"), _num(trl, "median_step_s", "{:.3f}"),
-            f"{ratio:.2f}" if ratio is not None else "-",
-            ("yes" if ratio <= args.target else "**no**") if ratio is not None else "-",
-            f"{run['cpu_ratio']:.2f}" if run["cpu_ratio"] is not None else "-",
-            f"{_num(ours, 'foreign_load_mean', '{:.0%}')} / {_num(trl, 'foreign_load_mean', '{:.0%}')}",
-            _num(ours, "peak_rss_mb", "{:.0f}"), _num(trl, "peak_rss_mb", "{:.0f}"),
-            _above(ours), _above(trl),
-            f"{_num(ours, 'completion_len_mean', '{:.1f}')} / {_num(trl, 'completion_len_mean', '{:.1f}')}",
-            *([f"{_num(ours, 'peak_gpu_mb', '{:.0f}')} / {_num(trl, 'peak_gpu_mb', '{:.0f}')}"] if gpu else []),
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    run["model"],
+                    run["mode"],
+                    f"{any_side['total_params'] / 1e6:.2f}M ({any_side['trainable_params'] / 1e6:.3f}M)",
+                    _num(ours, "median_step_s", "{:.3f}"),
+                    _num(trl, "median_step_s", "{:.3f}"),
+                    f"{ratio:.2f}" if ratio is not None else "-",
+                    ("yes" if ratio <= args.target else "**no**") if ratio is not None else "-",
+                    f"{run['cpu_ratio']:.2f}" if run["cpu_ratio"] is not None else "-",
+                    f"{_num(ours, 'foreign_load_mean', '{:.0%}')} / {_num(trl, 'foreign_load_mean', '{:.0%}')}",
+                    _num(ours, "peak_rss_mb", "{:.0f}"),
+                    _num(trl, "peak_rss_mb", "{:.0f}"),
+                    _above(ours),
+                    _above(trl),
+                    f"{_num(ours, 'completion_len_mean', '{:.1f}')} / {_num(trl, 'completion_len_mean', '{:.1f}')}",
+                    *([f"{_num(ours, 'peak_gpu_mb', '{:.0f}')} / {_num(trl, 'peak_gpu_mb', '{:.0f}')}"] if gpu else []),
+                ]
+            )
+            + " |"
+        )
     lines += [
         "",
         "Per-round medians (s/step) and attempts per round (a round is re-run when other processes used the "
         "cores during it): "
-        + "; ".join(f"{run['model']} {run['mode']} "
-                    + ", ".join(f"{side} " + " ".join(f"{m:.3f}" for m in run[side]["round_medians_s"])
-                                + f" (attempts {'/'.join(map(str, run[side]['attempts']))})"
-                                for side in ("ours", "trl") if side in run)
-                    for run in runs),
+        + "; ".join(
+            f"{run['model']} {run['mode']} "
+            + ", ".join(
+                f"{side} "
+                + " ".join(f"{m:.3f}" for m in run[side]["round_medians_s"])
+                + f" (attempts {'/'.join(map(str, run[side]['attempts']))})"
+                for side in ("ours", "trl")
+                if side in run
+            )
+            for run in runs
+        ),
     ]
     lines += [
         "",
@@ -269,10 +341,14 @@ def write_report(args: argparse.Namespace, runs: list[dict], argv: list[str]) ->
         for side in ("ours", "trl"):
             if side in run:
                 r = run[side]
-                cells = [f"{r['parts_median_s'][p]:.3f} ({r['parts_median_s'][p] / r['median_step_s']:.0%})"
-                         for p in PARTS]
-                lines.append(f"| {run['model']} | {run['mode']} | {side} | " + " | ".join(cells)
-                             + f" | {r['median_step_s']:.3f} |")
+                cells = [
+                    f"{r['parts_median_s'][p]:.3f} ({r['parts_median_s'][p] / r['median_step_s']:.0%})" for p in PARTS
+                ]
+                lines.append(
+                    f"| {run['model']} | {run['mode']} | {side} | "
+                    + " | ".join(cells)
+                    + f" | {r['median_step_s']:.3f} |"
+                )
     for run in runs:
         if "profile" in run:
             lines += [

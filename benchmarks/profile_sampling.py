@@ -33,12 +33,16 @@ import sampling_case  # noqa: E402
 
 _NEVER_MATCHES = "\x00no-such-stop\x00"
 _NOTES = {
-    "torch": ("Loop overhead = the rest of `TorchBackend.sample`: `torch.where` on the chosen ids, "
-              "`.tolist()` of ids and log-probs, `torch.tensor(alive)`, growing the attention mask with "
-              "`torch.cat`, position ids, the Python loop itself."),
-    "mlx": ("Loop overhead = the rest of `MlxBackend.sample`: `mx.random.split`, `mx.where`, the per-step "
-            "`mx.eval` + `.tolist()` sync of ids and log-probs, `mx.array(alive)`, the Python loop itself. "
-            "Each wrapper forces `mx.eval`, so compute is charged to the phase that produced it."),
+    "torch": (
+        "Loop overhead = the rest of `TorchBackend.sample`: `torch.where` on the chosen ids, "
+        "`.tolist()` of ids and log-probs, `torch.tensor(alive)`, growing the attention mask with "
+        "`torch.cat`, position ids, the Python loop itself."
+    ),
+    "mlx": (
+        "Loop overhead = the rest of `MlxBackend.sample`: `mx.random.split`, `mx.where`, the per-step "
+        "`mx.eval` + `.tolist()` sync of ids and log-probs, `mx.array(alive)`, the Python loop itself. "
+        "Each wrapper forces `mx.eval`, so compute is charged to the phase that produced it."
+    ),
 }
 
 
@@ -70,8 +74,9 @@ def profile_case(case: dict, *, calls: int = 3) -> dict:
     plain = statistics.median(_seconds(call) for _ in range(calls))
     check = _logprob_check(backend, backend.sample(prompts, n=group, params=params))
     stop_params = dataclasses.replace(params, stop=(_NEVER_MATCHES,))
-    with_stop = statistics.median(_seconds(lambda: backend.sample(prompts, n=group, params=stop_params))
-                                  for _ in range(calls))
+    with_stop = statistics.median(
+        _seconds(lambda: backend.sample(prompts, n=group, params=stop_params)) for _ in range(calls)
+    )
 
     profiler = cProfile.Profile()
     profiler.enable()
@@ -82,10 +87,17 @@ def profile_case(case: dict, *, calls: int = 3) -> dict:
     body = text.getvalue().splitlines()
     start = next((i for i, line in enumerate(body) if "ncalls" in line), 0)
     return {
-        "backend": case["backend"], "group": group, "rows": len(prompts) * group, "calls": calls,
-        "total_seconds": middle.total, "phases": phases, "phase_notes": _NOTES[case["backend"]],
+        "backend": case["backend"],
+        "group": group,
+        "rows": len(prompts) * group,
+        "calls": calls,
+        "total_seconds": middle.total,
+        "phases": phases,
+        "phase_notes": _NOTES[case["backend"]],
         "prefill_compare": _prefill_compare(backend, prompts, group, middle),
-        "plain_seconds": plain, "logprob_error": check, "stop_seconds": with_stop,
+        "plain_seconds": plain,
+        "logprob_error": check,
+        "stop_seconds": with_stop,
         "stop_check": _stop_check_cost(backend, prompts, group),
         "cprofile": [line.rstrip() for line in body[start:] if line.strip()],
     }
@@ -132,7 +144,7 @@ def _logprob_check(backend, completions) -> float:
     gap = 0.0
     for row, c in enumerate(completions):
         start = len(c.prompt_ids) - 1
-        gap = max(gap, float(np.abs(forced[row, start:start + len(c.logprobs)] - np.array(c.logprobs)).max()))
+        gap = max(gap, float(np.abs(forced[row, start : start + len(c.logprobs)] - np.array(c.logprobs)).max()))
     return gap
 
 
@@ -183,6 +195,7 @@ def _instrumented(backend, timers: _Timers):
         return "prefill forward (P rows)" if timers.forwards == 1 else "decode forward (P x G rows)"
 
     with ExitStack() as stack:
+
         def timed(owner, attr: str, label, after=force) -> None:
             original = getattr(owner, attr)
 
@@ -236,8 +249,13 @@ def _prefill_compare(backend, prompts: list[list[int]], group: int, timers: _Tim
 
     decode = timers.seconds.get("decode forward (P x G rows)", 0.0)
     steps = max(timers.calls.get("decode forward (P x G rows)", 0), 1)
-    return {"prompts": len(prompts), "rows": len(repeated), "ours": prefill(prompts), "peer": prefill(repeated),
-            "decode_step": decode / steps}
+    return {
+        "prompts": len(prompts),
+        "rows": len(repeated),
+        "ours": prefill(prompts),
+        "peer": prefill(repeated),
+        "decode_step": decode / steps,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,9 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     model = sampling_models.resolve_model(args.model)
-    case = {"backend": args.backend, "model": model, "group": args.group, "new_tokens": args.new_tokens,
-            "seed": args.seed,
-            "prompts": sampling_models.make_prompts(model, count=args.prompts, length=args.prompt_tokens)}
+    case = {
+        "backend": args.backend,
+        "model": model,
+        "group": args.group,
+        "new_tokens": args.new_tokens,
+        "seed": args.seed,
+        "prompts": sampling_models.make_prompts(model, count=args.prompts, length=args.prompt_tokens),
+    }
     print(json.dumps(profile_case(case), indent=1))
     return 0
 

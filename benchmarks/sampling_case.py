@@ -23,8 +23,8 @@ import os
 import platform
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 Generate = Callable[[], list[int]]  # one sampling call; returns the generated-token count per row
 
@@ -81,7 +81,7 @@ def _check(counts: list[int], expected: list[int]) -> None:
 # ------------------------------------------------------------------ PyTorch
 
 
-def _torch_ours(case: dict) -> tuple[Generate, "_Memory"]:
+def _torch_ours(case: dict) -> tuple[Generate, _Memory]:
     from rlaif_mlx.backends.base import SamplingParams
 
     backend = _our_backend("torch", case)
@@ -93,7 +93,7 @@ def _torch_ours(case: dict) -> tuple[Generate, "_Memory"]:
     return generate, _Memory()
 
 
-def _torch_peer(case: dict) -> tuple[Generate, "_Memory"]:
+def _torch_peer(case: dict) -> tuple[Generate, _Memory]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -106,9 +106,15 @@ def _torch_peer(case: dict) -> tuple[Generate, "_Memory"]:
     ids, mask = _left_pad_torch(torch, case["prompts"], pad)
     t = case["new_tokens"]
     settings = {
-        "do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-        "num_return_sequences": case["group"], "min_new_tokens": t, "max_new_tokens": t,
-        "pad_token_id": pad, "use_cache": True,
+        "do_sample": True,
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "num_return_sequences": case["group"],
+        "min_new_tokens": t,
+        "max_new_tokens": t,
+        "pad_token_id": pad,
+        "use_cache": True,
     }
 
     def generate() -> list[int]:
@@ -124,15 +130,15 @@ def _left_pad_torch(torch, prompts: list[list[int]], pad: int):
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
     return ids, mask
 
 
 # ---------------------------------------------------------------------- MLX
 
 
-def _mlx_ours(case: dict) -> tuple[Generate, "_Memory"]:
+def _mlx_ours(case: dict) -> tuple[Generate, _Memory]:
     from rlaif_mlx.backends.base import SamplingParams
 
     backend = _our_backend("mlx", case)
@@ -144,7 +150,7 @@ def _mlx_ours(case: dict) -> tuple[Generate, "_Memory"]:
     return generate, _MlxMemory()
 
 
-def _mlx_peer(case: dict) -> tuple[Generate, "_Memory"]:
+def _mlx_peer(case: dict) -> tuple[Generate, _Memory]:
     import mlx.core as mx
     from mlx_lm import batch_generate, load
     from mlx_lm.sample_utils import make_sampler
@@ -157,9 +163,16 @@ def _mlx_peer(case: dict) -> tuple[Generate, "_Memory"]:
 
     def generate() -> list[int]:
         # One batch for everything, like ours: every row prefilled and decoded together.
-        out = batch_generate(model, no_eos, rows, max_tokens=case["new_tokens"], sampler=sampler,
-                             prefill_batch_size=len(rows), completion_batch_size=len(rows),
-                             return_token_ids=True)
+        out = batch_generate(
+            model,
+            no_eos,
+            rows,
+            max_tokens=case["new_tokens"],
+            sampler=sampler,
+            prefill_batch_size=len(rows),
+            completion_batch_size=len(rows),
+            return_token_ids=True,
+        )
         return [len(ids) for ids in out.token_ids]
 
     return generate, _MlxMemory()
@@ -190,8 +203,9 @@ def _our_backend(name: str, case: dict):
     from rlaif_mlx.backends import create_backend
     from rlaif_mlx.config import ModelConfig, TrainingConfig
 
-    model = ModelConfig(base_model=case["model"], use_lora=False,
-                        **({"torch": {"device": "cpu"}} if name == "torch" else {}))
+    model = ModelConfig(
+        base_model=case["model"], use_lora=False, **({"torch": {"device": "cpu"}} if name == "torch" else {})
+    )
     backend = create_backend(name, model, TrainingConfig(), seed=case["seed"], total_steps=1)
     backend._reference = None
     backend.eos_ids = ()  # EOS never ends a row: every row is exactly new_tokens long
@@ -266,8 +280,10 @@ def _reset_rss_peak() -> bool:
 def code_fingerprint() -> str:
     """What `sha256sum rlaif_mlx/backends/*.py | sha256sum | cut -c1-16` prints, run from the repo root."""
     folder = Path(__file__).resolve().parent.parent / "rlaif_mlx" / "backends"
-    listing = "".join(f"{hashlib.sha256(f.read_bytes()).hexdigest()}  rlaif_mlx/backends/{f.name}\n"
-                      for f in sorted(folder.glob("*.py")))
+    listing = "".join(
+        f"{hashlib.sha256(f.read_bytes()).hexdigest()}  rlaif_mlx/backends/{f.name}\n"
+        for f in sorted(folder.glob("*.py"))
+    )
     return hashlib.sha256(listing.encode()).hexdigest()[:16]
 
 

@@ -107,6 +107,12 @@ def describe(model: str) -> dict:
                 for dim in entry["shape"]:
                     count *= dim
                 params += count
-    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "intermediate_size", "vocab_size")
+    keys = (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "vocab_size",
+    )
     return {"model": model, "parameters": params, **{k: config.get(k) for k in keys}}

@@ -44,8 +44,9 @@ def _machine(runs: list[dict]) -> list[str]:
     cpu = "unknown"
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     memory = ""
@@ -56,18 +57,23 @@ def _machine(runs: list[dict]) -> list[str]:
     versions = ", ".join(f"{name} {_version(name)}" for name in _PACKAGES)
     envs = {r["backend"]: r["env"] for run in runs for r in run["results"]}
     codes = {r["env"]["code"] for run in runs for r in run["results"] if "code" in r["env"]}
-    lines = ["## Machine and code", "",
-             f"- CPU: {cpu}, {cores} cores usable{memory}, {platform.system()} {platform.machine()}, no GPU used",
-             f"- Python {platform.python_version()}; {versions}",
-             f"- Code measured: `rlaif_mlx/backends/*.py` fingerprint {', '.join(sorted(codes)) or '?'} "
-             "(compare with `sha256sum rlaif_mlx/backends/*.py | sha256sum | cut -c1-16`; more than one means "
-             "the code changed during the run)"]
+    lines = [
+        "## Machine and code",
+        "",
+        f"- CPU: {cpu}, {cores} cores usable{memory}, {platform.system()} {platform.machine()}, no GPU used",
+        f"- Python {platform.python_version()}; {versions}",
+        f"- Code measured: `rlaif_mlx/backends/*.py` fingerprint {', '.join(sorted(codes)) or '?'} "
+        "(compare with `sha256sum rlaif_mlx/backends/*.py | sha256sum | cut -c1-16`; more than one means "
+        "the code changed during the run)",
+    ]
     if "torch" in envs:
         lines.append(f"- PyTorch cases: LD_PRELOAD unset, {envs['torch'].get('torch_threads')} intra-op threads")
     if "mlx" in envs:
         env = envs["mlx"]
         preload = f"`LD_PRELOAD={env['LD_PRELOAD']}`" if env["LD_PRELOAD"] else "no LD_PRELOAD"
-        mapped = "OpenBLAS loaded in the process" if env["openblas_mapped"] else "OpenBLAS NOT loaded (the wheel's own BLAS)"
+        mapped = (
+            "OpenBLAS loaded in the process" if env["openblas_mapped"] else "OpenBLAS NOT loaded (the wheel's own BLAS)"
+        )
         lines.append(f"- MLX cases: {preload}; {mapped}; device {env.get('mlx_device')}")
     return lines + [""]
 
@@ -81,7 +87,8 @@ def _version(name: str) -> str:
 
 def _settings(s: dict) -> list[str]:
     return [
-        "## What is measured", "",
+        "## What is measured",
+        "",
         f"- {s['prompts']} distinct prompts of exactly {s['prompt_tokens']} tokens (consecutive windows of "
         f"stdlib source, encoded by the model's tokenizer), G in {{{s['group']}}} samples per prompt, "
         f"exactly {s['new_tokens']} new tokens per sample: {s['prompts']} x G rows.",
@@ -106,7 +113,8 @@ def _settings(s: dict) -> list[str]:
         f"{s['quiet_below']} cores, and reruns a case whose timing saw more (up to {s['attempts']} runs, "
         "keeping the least disturbed). PyTorch's two OpenMP threads slow down several-fold when another "
         "process holds a core, so a disturbed PyTorch row says little.",
-        "- Memory (the largest reading over the rounds): RSS after loading, and the peak RSS while sampling (the kernel's high-water mark reset "
+        "- Memory (the largest reading over the rounds): RSS after loading, and the peak RSS while sampling "
+        "(the kernel's high-water mark reset "
         "after loading via `/proc/self/clear_refs`, so loading spikes are excluded); for MLX also "
         "`mx.get_active_memory()` after loading and `mx.get_peak_memory()` while sampling (weights included).",
         "",
@@ -117,34 +125,50 @@ def _model_section(run: dict) -> list[str]:
     m = run["model"]
     shape = ""
     if "parameters" in m:
-        shape = (f": {m['parameters'] / 1e6:.1f}M parameters, hidden {m['hidden_size']}, "
-                 f"{m['num_hidden_layers']} layers, {m['num_attention_heads']} heads / "
-                 f"{m['num_key_value_heads']} KV heads, MLP {m['intermediate_size']}, vocab {m['vocab_size']}")
+        shape = (
+            f": {m['parameters'] / 1e6:.1f}M parameters, hidden {m['hidden_size']}, "
+            f"{m['num_hidden_layers']} layers, {m['num_attention_heads']} heads / "
+            f"{m['num_key_value_heads']} KV heads, MLP {m['intermediate_size']}, vocab {m['vocab_size']}"
+        )
     stamps = sorted(r["measured_at"] for r in run["results"] if "measured_at" in r)
     when = f"; cases measured {stamps[0]} to {stamps[-1]}" if stamps else ""
-    lines = [f"## Model `{run['spec']}`{shape}", "", f"Folder: `{_relative(m['model'])}`{when}", "",
-             "### Throughput (generated tokens/s, median)", "",
-             "| backend | peer | G | rows | ours tok/s | peer tok/s | ours / peer | per round | ours s/call "
-             "| peer s/call | other CPU load, cores (ours / peer) |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"## Model `{run['spec']}`{shape}",
+        "",
+        f"Folder: `{_relative(m['model'])}`{when}",
+        "",
+        "### Throughput (generated tokens/s, median)",
+        "",
+        "| backend | peer | G | rows | ours tok/s | peer tok/s | ours / peer | per round | ours s/call "
+        "| peer s/call | other CPU load, cores (ours / peer) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     pairs = _pairs(run["results"])
     for (backend, group), (ours, peer) in pairs.items():
         o, p = _tps(ours), _tps(peer)
         ratio = o / p
         flag = "" if group < 4 else (" (meets 1.3x)" if ratio >= TARGET else " (below 1.3x)")
-        rounds = ", ".join(f"{a / b:.2f}" for a, b in zip(ours["round_tps"], peer["round_tps"]))
-        lines.append(f"| {backend} | {_PEER[backend]} | {group} | {ours['rows']} | {o:,.0f} | {p:,.0f} | "
-                     f"**{ratio:.2f}x**{flag} | {rounds} | {statistics.median(ours['seconds']):.3f} | "
-                     f"{statistics.median(peer['seconds']):.3f} | {_load(ours)} / {_load(peer)} |")
-    lines += ["", "### Peak memory (MiB)", "",
-              "| backend | G | impl | RSS after load | peak RSS while sampling | peak - loaded | "
-              "MLX active after load | MLX peak while sampling |",
-              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+        rounds = ", ".join(f"{a / b:.2f}" for a, b in zip(ours["round_tps"], peer["round_tps"], strict=True))
+        lines.append(
+            f"| {backend} | {_PEER[backend]} | {group} | {ours['rows']} | {o:,.0f} | {p:,.0f} | "
+            f"**{ratio:.2f}x**{flag} | {rounds} | {statistics.median(ours['seconds']):.3f} | "
+            f"{statistics.median(peer['seconds']):.3f} | {_load(ours)} / {_load(peer)} |"
+        )
+    lines += [
+        "",
+        "### Peak memory (MiB)",
+        "",
+        "| backend | G | impl | RSS after load | peak RSS while sampling | peak - loaded | "
+        "MLX active after load | MLX peak while sampling |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for (backend, group), both in pairs.items():
         for r in both:
-            mlx = (f"{_mib(r['mlx_active_loaded'])} | {_mib(r['mlx_peak'])}" if "mlx_peak" in r else "- | -")
-            lines.append(f"| {backend} | {group} | {r['impl']} | {_mib(r['rss_loaded'])} | {_mib(r['rss_peak'])} | "
-                         f"{_mib(r['rss_peak'] - r['rss_loaded'])} | {mlx} |")
+            mlx = f"{_mib(r['mlx_active_loaded'])} | {_mib(r['mlx_peak'])}" if "mlx_peak" in r else "- | -"
+            lines.append(
+                f"| {backend} | {group} | {r['impl']} | {_mib(r['rss_loaded'])} | {_mib(r['rss_peak'])} | "
+                f"{_mib(r['rss_peak'] - r['rss_loaded'])} | {mlx} |"
+            )
     for profile in run["profiles"]:
         lines += _profile_section(profile)
     return lines + [""]
@@ -152,33 +176,49 @@ def _model_section(run: dict) -> list[str]:
 
 def _profile_section(p: dict) -> list[str]:
     total = p["total_seconds"]
-    lines = ["", f"### Profile: ours on {p['backend']}, G={p['group']} ({p['rows']} rows), one call of "
-             f"{total:.3f} s (instrumented; median of {p['calls']} calls)", "",
-             "| phase | seconds | share | calls |", "| --- | ---: | ---: | ---: |"]
+    lines = [
+        "",
+        f"### Profile: ours on {p['backend']}, G={p['group']} ({p['rows']} rows), one call of "
+        f"{total:.3f} s (instrumented; median of {p['calls']} calls)",
+        "",
+        "| phase | seconds | share | calls |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for name, (seconds, calls) in p["phases"].items():
         lines.append(f"| {name} | {seconds:.4f} | {seconds / total:.1%} | {calls} |")
     lines += ["", p["phase_notes"], ""]
     if p.get("prefill_compare"):
         c = p["prefill_compare"]
-        lines += [f"Prefill alone (model forward, no sampling): P={c['prompts']} rows {c['ours']:.3f} s "
-                  f"(ours: once per prompt) vs P x G={c['rows']} rows {c['peer']:.3f} s (the peers: once per "
-                  f"sample). One decode step over {c['rows']} rows: {c['decode_step']:.4f} s.", ""]
+        lines += [
+            f"Prefill alone (model forward, no sampling): P={c['prompts']} rows {c['ours']:.3f} s "
+            f"(ours: once per prompt) vs P x G={c['rows']} rows {c['peer']:.3f} s (the peers: once per "
+            f"sample). One decode step over {c['rows']} rows: {c['decode_step']:.4f} s.",
+            "",
+        ]
     if "plain_seconds" in p:
         plain = p["plain_seconds"]
-        check = (f"; its sampled log-probs match a teacher-forced forward within {p['logprob_error']:.1e}"
-                 if "logprob_error" in p else "")  # runs from before the check was recorded
-        lines += [f"Uninstrumented call: {plain:.3f} s{check}. With one stop string configured "
-                  f"(never matching, so every row still runs full length): {p['stop_seconds']:.3f} s "
-                  f"({p['stop_seconds'] / plain - 1:+.0%}).", ""]
+        check = (
+            f"; its sampled log-probs match a teacher-forced forward within {p['logprob_error']:.1e}"
+            if "logprob_error" in p
+            else ""
+        )  # runs from before the check was recorded
+        lines += [
+            f"Uninstrumented call: {plain:.3f} s{check}. With one stop string configured "
+            f"(never matching, so every row still runs full length): {p['stop_seconds']:.3f} s "
+            f"({p['stop_seconds'] / plain - 1:+.0%}).",
+            "",
+        ]
     if "stop_check" in p:
         costs = p["stop_check"]
         lengths = sorted({int(k.split()[0]) for k in costs})
-        lines += [f"`DecodeBook.add` alone over one whole call of {p['rows']} rows (random ids, no model), with one "
-                  "stop string vs none: " + "; ".join(
-                      f"T={t}: {costs[f'{t} with']:.2f} s vs {costs[f'{t} without']:.3f} s" for t in lengths)
-                  + ".", ""]
-    lines += ["cProfile of one uninstrumented call, top functions by own time:", "", "```",
-              *p["cprofile"], "```"]
+        lines += [
+            f"`DecodeBook.add` alone over one whole call of {p['rows']} rows (random ids, no model), with one "
+            "stop string vs none: "
+            + "; ".join(f"T={t}: {costs[f'{t} with']:.2f} s vs {costs[f'{t} without']:.3f} s" for t in lengths)
+            + ".",
+            "",
+        ]
+    lines += ["cProfile of one uninstrumented call, top functions by own time:", "", "```", *p["cprofile"], "```"]
     return lines
 
 

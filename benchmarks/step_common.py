@@ -19,15 +19,22 @@ import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # ``--model 30m``: about 30M parameters with the tiny model's tokenizer (3,719 tokens).
 MODEL_PRESETS: dict[str, dict[str, int]] = {
     "tiny": {},  # build_tiny_model's defaults: the quickstart model (0.43M parameters)
-    "30m": {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 1792,
-            "vocab_size": 8192},
+    "30m": {
+        "hidden_size": 512,
+        "num_layers": 8,
+        "num_heads": 8,
+        "num_kv_heads": 4,
+        "intermediate_size": 1792,
+        "vocab_size": 8192,
+    },
 }
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 TEMPERATURE = 1.0
@@ -69,7 +76,7 @@ class StepSettings:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "StepSettings":
+    def from_json(cls, text: str) -> StepSettings:
         return cls(**json.loads(text))
 
 
@@ -89,7 +96,7 @@ class StepTimes:
     cpu: list[float] = field(default_factory=list)
     foreign: list[float] = field(default_factory=list)
 
-    def add(self, seconds: float, parts: dict[str, float], completion_len: float, usage: "Usage") -> None:
+    def add(self, seconds: float, parts: dict[str, float], completion_len: float, usage: Usage) -> None:
         self.step.append(seconds)
         for name, value in parts.items():
             self.parts.setdefault(name, []).append(value)

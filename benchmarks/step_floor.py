@@ -26,11 +26,15 @@ import time
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
-
 from step_common import (
-    LORA_TARGETS, UsageMeter, benchmark_prompts, default_model_dir, machine_load, resolve_model,
+    LORA_TARGETS,
+    UsageMeter,
+    benchmark_prompts,
+    default_model_dir,
+    machine_load,
+    resolve_model,
 )
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
 
 CACHE_ARG = "cache" if "cache" in inspect.signature(Qwen2ForCausalLM.forward).parameters else "past_key_values"
 
@@ -69,8 +73,8 @@ def left_pad(rows: list[list[int]], pad: int):
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row)
-        mask[i, width - len(row):] = 1
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
     return ids, mask
 
 
@@ -94,13 +98,20 @@ def decode(model, ids, mask, *, group: int, new_tokens: int, per_prompt_draws: b
         for _ in range(new_tokens):
             probs = logits.float().softmax(-1)
             if per_prompt_draws:
-                chosen = torch.cat([torch.multinomial(p, 1, generator=g)
-                                    for p, g in zip(probs.split(group), generators)])
+                chosen = torch.cat(
+                    [torch.multinomial(p, 1, generator=g) for p, g in zip(probs.split(group), generators, strict=True)]
+                )
             else:
                 chosen = torch.multinomial(probs, 1, generator=generators[0])
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            out = model(input_ids=chosen, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-                        **{CACHE_ARG: cache})
+            out = model(
+                input_ids=chosen,
+                attention_mask=mask,
+                position_ids=pos,
+                use_cache=True,
+                logits_to_keep=1,
+                **{CACHE_ARG: cache},
+            )
             cache, logits, pos = cache_of(out), out.logits[:, -1], pos + 1
 
 
@@ -118,16 +129,18 @@ def whole_forward(model, ids, mask):
 def shared_prompt_forward(model, prompt_ids, prompt_mask, completion_ids, *, group: int):
     """The prompt once per group (its KV cache repeated G times, gradients flow through it), then completions."""
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1)
+    out = model(
+        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1
+    )
     cache = cache_of(out)
     cache.batch_repeat_interleave(group)
     first = out.logits[:, -1].repeat_interleave(group, dim=0)
     mask = torch.cat([prompt_mask.repeat_interleave(group, dim=0), torch.ones_like(completion_ids)], dim=1)
     start = positions[:, -1:].repeat_interleave(group, dim=0) + 1
     steps = torch.arange(completion_ids.shape[1])[None, :]
-    logits = model(input_ids=completion_ids, attention_mask=mask, position_ids=start + steps, use_cache=True,
-                   **{CACHE_ARG: cache}).logits
+    logits = model(
+        input_ids=completion_ids, attention_mask=mask, position_ids=start + steps, use_cache=True, **{CACHE_ARG: cache}
+    ).logits
     logits = torch.cat([first[:, None], logits[:, :-1]], dim=1)
     return token_logp(logits.float(), completion_ids)
 
@@ -148,8 +161,15 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if args.lora:
-        model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
-                                                 target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=args.lora_rank,
+                lora_alpha=2 * args.lora_rank,
+                target_modules=list(LORA_TARGETS),
+                task_type="CAUSAL_LM",
+            ),
+        )
     pad = tokenizer.pad_token_id
     prompt_rows = [tokenizer.encode(p) for p in benchmark_prompts(args.prompts)]
     prompt_ids, prompt_mask = left_pad(prompt_rows, pad)
@@ -162,8 +182,14 @@ def main() -> None:
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
 
     def sample(per_prompt_draws=True):
-        return lambda: decode(model, prompt_ids, prompt_mask, group=args.group, new_tokens=args.new_tokens,
-                              per_prompt_draws=per_prompt_draws)
+        return lambda: decode(
+            model,
+            prompt_ids,
+            prompt_mask,
+            group=args.group,
+            new_tokens=args.new_tokens,
+            per_prompt_draws=per_prompt_draws,
+        )
 
     def reference(forward):
         def run():
@@ -173,6 +199,7 @@ def main() -> None:
                         forward()
                 else:
                     forward()
+
         return run
 
     def update(forward):
@@ -183,6 +210,7 @@ def main() -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             model.eval()
+
         return run
 
     def merged(fn):
@@ -192,6 +220,7 @@ def main() -> None:
                 fn()
             finally:
                 model.unmerge_adapter()
+
         return run
 
     whole = lambda: whole_forward(model, ids, mask)  # noqa: E731
@@ -202,14 +231,23 @@ def main() -> None:
         ("update (fwd + bwd + clip + AdamW): whole rows -> prompt once per group", update(whole), update(shared)),
     ]
     if args.lora:
-        comparisons.insert(1, ("sample: PEFT adapters -> adapters merged into the weights (merge + unmerge "
-                               "included)", sample(), merged(sample())))
-    print(f"{args.model} {'lora' if args.lora else 'full'}: B={args.prompts} G={args.group} T={args.new_tokens}, "
-          f"prompt tokens {[len(r) for r in prompt_rows]}, torch threads {torch.get_num_threads()}\n")
+        comparisons.insert(
+            1,
+            (
+                "sample: PEFT adapters -> adapters merged into the weights (merge + unmerge included)",
+                sample(),
+                merged(sample()),
+            ),
+        )
+    print(
+        f"{args.model} {'lora' if args.lora else 'full'}: B={args.prompts} G={args.group} T={args.new_tokens}, "
+        f"prompt tokens {[len(r) for r in prompt_rows]}, torch threads {torch.get_num_threads()}\n"
+    )
     print("| change | before s | after s | saved | clean pairs |\n|---|---|---|---|---|")
     for name, base, variant in comparisons:
         before, after, clean = compare(base, variant, args.repeats)
         print(f"| {name} | {before:.3f} | {after:.3f} | {1 - after / before:.0%} | {clean} |", flush=True)
+
 
 if __name__ == "__main__":
     main()

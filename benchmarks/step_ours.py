@@ -21,8 +21,20 @@ import time
 from pathlib import Path
 
 from step_common import (
-    LORA_TARGETS, SEED, TEMPERATURE, PartClock, StepSettings, StepTimes, UsageMeter, benchmark_prompts,
-    digit_fraction, peak_gpu_mb, peak_rss_mb, step_parts, torch_threads, write_result,
+    LORA_TARGETS,
+    SEED,
+    TEMPERATURE,
+    PartClock,
+    StepSettings,
+    StepTimes,
+    UsageMeter,
+    benchmark_prompts,
+    digit_fraction,
+    peak_gpu_mb,
+    peak_rss_mb,
+    step_parts,
+    torch_threads,
+    write_result,
 )
 
 
@@ -38,31 +50,51 @@ class DigitRewards:
 def build_config(settings: StepSettings, output_dir: Path):
     from rlaif_mlx.config import RunConfig
 
-    return RunConfig.model_validate({
-        "seed": SEED,
-        "backend": "torch",
-        "output_dir": str(output_dir),
-        "model": {
-            "base_model": settings.model_path, "dtype": "float32", "use_lora": settings.lora,
-            "lora_r": settings.lora_rank, "lora_alpha": settings.lora_alpha, "lora_dropout": 0.0,
-            "lora_target_modules": list(LORA_TARGETS), "torch": {"device": settings.device},
-        },
-        "data": {"train_file": "benchmark", "use_chat_template": False},
-        "training": {
-            "max_steps": settings.steps + 1, "batch_size": settings.prompts,
-            # one forward/backward over the whole batch, as TRL's per-device batch = B*G
-            "micro_batch_size": settings.prompts * settings.group,
-            "learning_rate": settings.learning_rate, "lr_scheduler_type": "constant", "warmup_steps": 0,
-            "max_grad_norm": 1.0, "updates_per_batch": 1, "clip_eps_low": 0.2, "clip_eps_high": 0.2,
-            "loss_aggregation": "token_mean", "save_steps": 10_000,
-        },
-        "rlaif": {
-            "num_samples_per_prompt": settings.group, "max_new_tokens": settings.new_tokens,
-            "generation_temperature": TEMPERATURE, "kl_penalty": settings.kl, "kl_estimator": "k3",
-            "kl_placement": "loss", "adaptive_kl": False, "baseline": "group_mean", "scale_by_std": True,
-        },
-        "logging": {"dashboard": False, "tensorboard": False},
-    })
+    return RunConfig.model_validate(
+        {
+            "seed": SEED,
+            "backend": "torch",
+            "output_dir": str(output_dir),
+            "model": {
+                "base_model": settings.model_path,
+                "dtype": "float32",
+                "use_lora": settings.lora,
+                "lora_r": settings.lora_rank,
+                "lora_alpha": settings.lora_alpha,
+                "lora_dropout": 0.0,
+                "lora_target_modules": list(LORA_TARGETS),
+                "torch": {"device": settings.device},
+            },
+            "data": {"train_file": "benchmark", "use_chat_template": False},
+            "training": {
+                "max_steps": settings.steps + 1,
+                "batch_size": settings.prompts,
+                # one forward/backward over the whole batch, as TRL's per-device batch = B*G
+                "micro_batch_size": settings.prompts * settings.group,
+                "learning_rate": settings.learning_rate,
+                "lr_scheduler_type": "constant",
+                "warmup_steps": 0,
+                "max_grad_norm": 1.0,
+                "updates_per_batch": 1,
+                "clip_eps_low": 0.2,
+                "clip_eps_high": 0.2,
+                "loss_aggregation": "token_mean",
+                "save_steps": 10_000,
+            },
+            "rlaif": {
+                "num_samples_per_prompt": settings.group,
+                "max_new_tokens": settings.new_tokens,
+                "generation_temperature": TEMPERATURE,
+                "kl_penalty": settings.kl,
+                "kl_estimator": "k3",
+                "kl_placement": "loss",
+                "adaptive_kl": False,
+                "baseline": "group_mean",
+                "scale_by_std": True,
+            },
+            "logging": {"dashboard": False, "tensorboard": False},
+        }
+    )
 
 
 def main(settings_json: str, result_path: str) -> None:
@@ -74,8 +106,11 @@ def main(settings_json: str, result_path: str) -> None:
     rss_imports = peak_rss_mb()
     out = Path(tempfile.mkdtemp(prefix="bench-step-ours-"))
     config = build_config(settings, out)
-    tasks = TaskSet([Task(id=f"p{i}", prompt=p) for i, p in enumerate(benchmark_prompts(settings.prompts))],
-                    skipped_lines=0, source="benchmark")
+    tasks = TaskSet(
+        [Task(id=f"p{i}", prompt=p) for i, p in enumerate(benchmark_prompts(settings.prompts))],
+        skipped_lines=0,
+        source="benchmark",
+    )
     backend = create(config.model, config.training, seed=config.seed, total_steps=config.training.max_steps)
     rewards = DigitRewards()
     trainer = Trainer(config, backend=backend, train=tasks, rewards=rewards, output_dir=out, log=lambda line: None)

@@ -27,13 +27,23 @@ import time
 import torch
 from datasets import Dataset
 from peft import LoraConfig
+from step_common import (
+    LORA_TARGETS,
+    SEED,
+    TEMPERATURE,
+    PartClock,
+    StepSettings,
+    StepTimes,
+    UsageMeter,
+    benchmark_prompts,
+    digit_fraction,
+    peak_gpu_mb,
+    peak_rss_mb,
+    torch_threads,
+    write_result,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
-
-from step_common import (
-    LORA_TARGETS, SEED, TEMPERATURE, PartClock, StepSettings, StepTimes, UsageMeter, benchmark_prompts,
-    digit_fraction, peak_gpu_mb, peak_rss_mb, torch_threads, write_result,
-)
 
 
 def digit_reward(completions, **kwargs) -> list[float]:
@@ -61,8 +71,7 @@ class StepTimer(TrainerCallback):
         if state.global_step <= 1:
             return  # warm-up
         now = self.clock.snapshot()
-        spent = {k: now.get(k, 0.0) - self._before.get(k, 0.0)
-                 for k in ("sample", "score", "reference", "prepare")}
+        spent = {k: now.get(k, 0.0) - self._before.get(k, 0.0) for k in ("sample", "score", "reference", "prepare")}
         parts = {
             "sample": spent["sample"],
             "score": spent["score"],
@@ -118,11 +127,22 @@ def main(settings_json: str, result_path: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(settings.model_path, dtype=torch.float32)
     peft_config = None
     if settings.lora:
-        peft_config = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
-                                 target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=settings.lora_rank,
+            lora_alpha=settings.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=list(LORA_TARGETS),
+            task_type="CAUSAL_LM",
+        )
     dataset = Dataset.from_list([{"prompt": p} for p in benchmark_prompts(settings.prompts)])
-    trainer = GRPOTrainer(model=model, reward_funcs=[digit_reward], args=build_args(settings, out),
-                          train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[digit_reward],
+        args=build_args(settings, out),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     rss_setup = peak_rss_mb()
@@ -139,26 +159,32 @@ def main(settings_json: str, result_path: str) -> None:
     trainer._generate = generate_and_count
     trainer._calculate_rewards = clock.wrap("score", trainer._calculate_rewards)
     trainer._get_per_token_logps_and_entropies = clock.wrap(
-        "reference", trainer._get_per_token_logps_and_entropies, when=lambda: not torch.is_grad_enabled())
+        "reference", trainer._get_per_token_logps_and_entropies, when=lambda: not torch.is_grad_enabled()
+    )
     trainer._prepare_inputs = clock.wrap("prepare", trainer._prepare_inputs)
     timer = StepTimer(clock, lengths)
     trainer.add_callback(timer)
     trainer.train()
 
-    write_result(result_path, {
-        "side": "trl",
-        "settings": vars(settings),
-        "trainable_params": trainable,
-        "total_params": total,
-        "torch_threads": torch_threads(),
-        "times": timer.times.as_dict(),
-        "rss_after_imports_mb": rss_imports,
-        "rss_after_setup_mb": rss_setup,
-        "peak_rss_mb": peak_rss_mb(),
-        "peak_gpu_mb": peak_gpu_mb(),
-        "trl_optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
-                              else trainer.optimizer).__name__ + f" ({trainer.args.optim})",
-    })
+    write_result(
+        result_path,
+        {
+            "side": "trl",
+            "settings": vars(settings),
+            "trainable_params": trainable,
+            "total_params": total,
+            "torch_threads": torch_threads(),
+            "times": timer.times.as_dict(),
+            "rss_after_imports_mb": rss_imports,
+            "rss_after_setup_mb": rss_setup,
+            "peak_rss_mb": peak_rss_mb(),
+            "peak_gpu_mb": peak_gpu_mb(),
+            "trl_optimizer": type(
+                trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+            ).__name__
+            + f" ({trainer.args.optim})",
+        },
+    )
 
 
 if __name__ == "__main__":

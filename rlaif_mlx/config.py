@@ -44,8 +44,11 @@ class MlxOptions(_Section):
 
 def options_set(options: _Section, prefix: str) -> list[str]:
     """Dotted names of a backend's options that differ from their defaults (for the "ignored" note)."""
-    return [f"{prefix}.{name}" for name, field in type(options).model_fields.items()
-            if getattr(options, name) != field.get_default(call_default_factory=True)]
+    return [
+        f"{prefix}.{name}"
+        for name, field in type(options).model_fields.items()
+        if getattr(options, name) != field.get_default(call_default_factory=True)
+    ]
 
 
 class ModelConfig(_Section):
@@ -120,12 +123,13 @@ class RlaifConfig(_Section):
     # and the loss's ratio is taken against the policy that sampled it (``sample_ahead.py``).
     sample_ahead: bool = False
 
-
     @model_validator(mode="after")
-    def _std_scaling_needs_a_centred_baseline(self) -> "RlaifConfig":
+    def _std_scaling_needs_a_centred_baseline(self) -> RlaifConfig:
         if self.scale_by_std and self.baseline == "none":
-            raise ValueError("scale_by_std: true divides raw rewards by their spread; use it with baseline "
-                             "group_mean, leave_one_out or ema, or set scale_by_std: false")
+            raise ValueError(
+                "scale_by_std: true divides raw rewards by their spread; use it with baseline "
+                "group_mean, leave_one_out or ema, or set scale_by_std: false"
+            )
         return self
 
 
@@ -153,7 +157,8 @@ class TeacherConfig(_Section):
     budget_usd: float | None = Field(default=None, gt=0)
     prices: PriceConfig | None = None  # overrides the built-in price table for this model
     rubric_weights: dict[str, float] = Field(
-        default_factory=lambda: {"correctness": 0.6, "quality": 0.15, "efficiency": 0.1, "readability": 0.15})
+        default_factory=lambda: {"correctness": 0.6, "quality": 0.15, "efficiency": 0.1, "readability": 0.15}
+    )
     use_reference: bool = True  # show the rubric the task's (or the teacher's) reference solution
     write_reference: bool = False  # ask the teacher for a reference solution where a task has none (cached)
     gate: Literal["always", "parses", "any_test_passes", "all_tests_pass"] = "parses"
@@ -171,7 +176,7 @@ class TeacherConfig(_Section):
         return weights
 
     @model_validator(mode="after")
-    def _provider_needs(self) -> "TeacherConfig":
+    def _provider_needs(self) -> TeacherConfig:
         if self.provider != "none" and not self.model:
             raise ValueError(f"teacher.provider {self.provider} needs teacher.model")
         if self.provider == "openai_compatible" and not self.base_url:
@@ -221,7 +226,7 @@ class EvalConfig(_Section):
     max_tasks: int | None = Field(default=None, ge=1, description="evaluate the first N tasks only")
 
     @model_validator(mode="after")
-    def _k_within_samples(self) -> "EvalConfig":
+    def _k_within_samples(self) -> EvalConfig:
         if max(self.pass_k) > self.num_samples or min(self.pass_k) < 1:
             raise ValueError(f"pass_k {self.pass_k} needs 1 <= k <= num_samples ({self.num_samples})")
         return self
@@ -242,13 +247,17 @@ class RunConfig(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
-    def _teacher_weight_needs_a_teacher(self) -> "RunConfig":
+    def _teacher_weight_needs_a_teacher(self) -> RunConfig:
         if self.rewards.weights.get("teacher", 0) > 0 and self.teacher.provider == "none":
-            raise ValueError("rewards.weights.teacher is set but teacher.provider is none; configure the "
-                             "teacher section or drop the teacher weight")
+            raise ValueError(
+                "rewards.weights.teacher is set but teacher.provider is none; configure the "
+                "teacher section or drop the teacher weight"
+            )
         if self.teacher.provider != "none" and self.rewards.weights.get("teacher", 0) <= 0:
-            raise ValueError(f"teacher.provider is {self.teacher.provider} but rewards.weights.teacher is not set; "
-                             "give the teacher a weight, e.g. rewards.weights: {tests: 0.6, teacher: 0.4}")
+            raise ValueError(
+                f"teacher.provider is {self.teacher.provider} but rewards.weights.teacher is not set; "
+                "give the teacher a weight, e.g. rewards.weights: {tests: 0.6, teacher: 0.4}"
+            )
         return self
 
 

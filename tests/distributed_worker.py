@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rlaif_mlx.rewards import pipeline as rewards
 from rlaif_mlx.backends.base import Completion, LossSettings, SequenceBatch, TrainBatch
 from rlaif_mlx.cli import main
+from rlaif_mlx.rewards import pipeline as rewards
 from rlaif_mlx.rl.objective import aggregation_weights
 
 UNEVEN_LR = 1e-2
@@ -90,8 +90,10 @@ def uneven_backend(model_path: str, *, fsdp: bool):
 def uneven_batch(backend) -> TrainBatch:
     """Four rows (``UNEVEN_ROWS``), advantages of both signs, token weights normalised over all four."""
     encode = backend.tokenizer.encode
-    completions = [Completion(f"{i}-0", i, 0, tuple(encode(p)), tuple(encode(c)), (), c, "length")
-                   for i, (p, c) in enumerate(UNEVEN_ROWS)]
+    completions = [
+        Completion(f"{i}-0", i, 0, tuple(encode(p)), tuple(encode(c)), (), c, "length")
+        for i, (p, c) in enumerate(UNEVEN_ROWS)
+    ]
     sequences = SequenceBatch.from_completions(completions, pad_id=backend.pad_id)
     weights = aggregation_weights(sequences.loss_mask, aggregation="token_mean").astype(np.float32)
     return TrainBatch(sequences, np.array([1.0, -0.5, 0.25, -2.0], dtype=np.float32), weights)

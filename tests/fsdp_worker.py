@@ -156,8 +156,10 @@ def full_finetune_checks(path: str, rank: int, batch, mine: slice, folder: Path)
     accumulate(sharded, *local)
     accumulate(whole, *batch)
     whole_grads = {n: p.grad for n, p in whole.named_parameters()}
-    out["grad_rel_diff"] = max(float((p.grad.full_tensor() - whole_grads[n]).abs().max() / whole_grads[n].abs().max())
-                               for n, p in sharded.named_parameters())
+    out["grad_rel_diff"] = max(
+        float((p.grad.full_tensor() - whole_grads[n]).abs().max() / whole_grads[n].abs().max())
+        for n, p in sharded.named_parameters()
+    )
     sharded.zero_grad(set_to_none=True)
     whole.zero_grad(set_to_none=True)
     norms_s = train(sharded, opt_s, local, STEPS - 1)
@@ -177,16 +179,18 @@ def full_finetune_checks(path: str, rank: int, batch, mine: slice, folder: Path)
     if rank == 0:
         reference = whole.state_dict()
         out["state_names"] = sorted(state) == sorted(reference)
-        out["state_on_cpu_whole"] = all(t.device.type == "cpu" and t.shape == reference[k].shape
-                                        for k, t in state.items())
+        out["state_on_cpu_whole"] = all(
+            t.device.type == "cpu" and t.shape == reference[k].shape for k, t in state.items()
+        )
         out["state_diff_step2"] = max_diff(state, reference)
         out["reload_exact"] = all(torch.equal(again[k], state[k]) for k in state)
         names = {p: n for n, p in whole.named_parameters()}
         ref_moments = {names[p]: s for p, s in opt_w.state.items()}
         out["moment_names"] = sorted(moments) == sorted(ref_moments)
         out["moment_steps"] = sorted({float(s["step"]) for s in moments.values()})
-        out["moment_diff"] = max(float((moments[n][m] - ref_moments[n][m]).abs().max())
-                                 for n in moments for m in portable.MOMENTS)
+        out["moment_diff"] = max(
+            float((moments[n][m] - ref_moments[n][m]).abs().max()) for n in moments for m in portable.MOMENTS
+        )
 
     # Step 3 with and without the reload: the same weights, bit for bit.
     norms_s += train(sharded, opt_s, local, 1)
@@ -201,8 +205,9 @@ def full_finetune_checks(path: str, rank: int, batch, mine: slice, folder: Path)
     if rank == 0:
         reference = whole.state_dict()
         out["weight_diff"] = max_diff(final, reference)
-        out["weight_close_fraction"] = float(torch.cat([(final[k] - reference[k]).abs().flatten() for k in final])
-                                             .le(1e-6).float().mean())
+        out["weight_close_fraction"] = float(
+            torch.cat([(final[k] - reference[k]).abs().flatten() for k in final]).le(1e-6).float().mean()
+        )
         out["weight_moved"] = max_diff(reference, load(path).state_dict())
         out["resume_exact"] = all(torch.equal(final_reloaded[k], final[k]) for k in final)
         out["rebase_exact"] = all(torch.equal(rebased[k], final[k]) for k in final)
@@ -213,8 +218,10 @@ def save_checkpoint(folder: Path, state: dict, moments: dict) -> None:
     """What rank 0 writes: the weights and ``optimizer.safetensors`` (``<name>.exp_avg`` …) of ``portable``."""
     tied = {"lm_head.weight"}  # shares the embedding's storage; Hugging Face checkpoints leave it out too
     save_file({k: t for k, t in state.items() if k not in tied}, str(folder / portable.FULL_FILE))
-    save_file({portable.moment_key(name, m): entry[m] for name, entry in moments.items() for m in portable.MOMENTS},
-              str(folder / portable.OPTIMIZER_FILE))
+    save_file(
+        {portable.moment_key(name, m): entry[m] for name, entry in moments.items() for m in portable.MOMENTS},
+        str(folder / portable.OPTIMIZER_FILE),
+    )
     steps = {float(entry["step"]) for entry in moments.values()}  # one count, as backend_state.json keeps it
     (folder / "optimizer_step.json").write_text(json.dumps(int(steps.pop())))
 
@@ -226,8 +233,10 @@ def read_checkpoint(folder: Path) -> tuple[dict, dict]:
     flat = load_file(str(folder / portable.OPTIMIZER_FILE))
     step = torch.tensor(float(json.loads((folder / "optimizer_step.json").read_text())))
     names = {key.rsplit(".", 1)[0] for key in flat}
-    moments = {name: {"step": step.clone(), **{m: flat[portable.moment_key(name, m)] for m in portable.MOMENTS}}
-               for name in names}
+    moments = {
+        name: {"step": step.clone(), **{m: flat[portable.moment_key(name, m)] for m in portable.MOMENTS}}
+        for name in names
+    }
     return state, moments
 
 

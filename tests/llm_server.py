@@ -135,8 +135,9 @@ class LLMServer:
     def start(self) -> LLMServer:
         """Serves in a background thread."""
         # A short poll interval: shutdown() waits for it, once per test.
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02},
-                                        name="llm-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, name="llm-server", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -163,8 +164,15 @@ class LLMServer:
         self.stop()
 
     # ----- faults
-    def add_fault(self, kind: str, *, times: int | None = 1, retry_after: float | None = None,
-                  retry_after_ms: int | None = None, content_type: str = "application/json") -> None:
+    def add_fault(
+        self,
+        kind: str,
+        *,
+        times: int | None = 1,
+        retry_after: float | None = None,
+        retry_after_ms: int | None = None,
+        content_type: str = "application/json",
+    ) -> None:
         """Applies a fault to the next ``times`` requests (after those already queued).
 
         Args:
@@ -309,8 +317,13 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _error(endpoint: str, status: int, message: str, param: str | None = None) -> dict[str, Any]:
-    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-            429: "rate_limit_error", 529: "overloaded_error"}.get(status, "api_error")
+    kind = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        404: "not_found_error",
+        429: "rate_limit_error",
+        529: "overloaded_error",
+    }.get(status, "api_error")
     if endpoint == "anthropic":
         return {"type": "error", "error": {"type": kind, "message": message}}
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
@@ -321,16 +334,24 @@ def _anthropic_message(owner: LLMServer, request: dict[str, Any], content: dict[
     choice = request.get("tool_choice") or {}
     tool_name = choice.get("name") if choice.get("type") == "tool" else (tools[0].get("name") if tools else None)
     if isinstance(content, dict) and tool_name:
-        block: dict[str, Any] = {"type": "tool_use", "id": f"toolu_{owner._next_id()}", "name": tool_name,
-                                 "input": content}
+        block: dict[str, Any] = {
+            "type": "tool_use",
+            "id": f"toolu_{owner._next_id()}",
+            "name": tool_name,
+            "input": content,
+        }
         stop_reason = "tool_use"
     else:
         text = content if isinstance(content, str) else json.dumps(content)
         block, stop_reason = {"type": "text", "text": text}, "end_turn"
     return {
-        "id": f"msg_{owner._next_id()}", "type": "message", "role": "assistant",
-        "model": request.get("model", "unknown"), "content": [block],
-        "stop_reason": stop_reason, "stop_sequence": None,
+        "id": f"msg_{owner._next_id()}",
+        "type": "message",
+        "role": "assistant",
+        "model": request.get("model", "unknown"),
+        "content": [block],
+        "stop_reason": stop_reason,
+        "stop_sequence": None,
         "usage": {"input_tokens": owner.input_tokens, "output_tokens": owner.output_tokens},
     }
 
@@ -338,12 +359,23 @@ def _anthropic_message(owner: LLMServer, request: dict[str, Any], content: dict[
 def _openai_completion(owner: LLMServer, request: dict[str, Any], content: dict[str, Any] | str) -> dict[str, Any]:
     text = content if isinstance(content, str) else json.dumps(content)
     answer: dict[str, Any] = {
-        "id": f"chatcmpl-{owner._next_id()}", "object": "chat.completion", "created": int(time.time()),
+        "id": f"chatcmpl-{owner._next_id()}",
+        "object": "chat.completion",
+        "created": int(time.time()),
         "model": request.get("model", "unknown"),
-        "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                     "message": {"role": "assistant", "content": text, "refusal": None}}],
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "logprobs": None,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+            }
+        ],
     }
     if owner.include_usage:
-        answer["usage"] = {"prompt_tokens": owner.input_tokens, "completion_tokens": owner.output_tokens,
-                           "total_tokens": owner.input_tokens + owner.output_tokens}
+        answer["usage"] = {
+            "prompt_tokens": owner.input_tokens,
+            "completion_tokens": owner.output_tokens,
+            "total_tokens": owner.input_tokens + owner.output_tokens,
+        }
     return answer

@@ -67,9 +67,7 @@ def test_nan_excluded_and_zero_variance_counted():
         ]
     )
     res = compute_advantages(rewards, baseline="group_mean")
-    np.testing.assert_allclose(
-        res.advantages, [[-1, 0, 1], [0, 0, 0], [0, 0, 0], [0, 0, 0], [-0.5, 0.5, 0]]
-    )
+    np.testing.assert_allclose(res.advantages, [[-1, 0, 1], [0, 0, 0], [0, 0, 0], [0, 0, 0], [-0.5, 0.5, 0]])
     assert not np.isnan(res.advantages).any()
     np.testing.assert_array_equal(res.valid_mask, ~np.isnan(rewards))
     np.testing.assert_array_equal(res.zero_variance_mask, [False, True, True, True, False])
@@ -127,8 +125,9 @@ def test_errors():
 def test_std_scaling_leaves_zero_variance_groups_unscaled_for_ema():
     """An EMA baseline does not centre a group: dividing its zero spread by eps gave ~1e6."""
     ema = EmaBaseline(decay=0.9, value=0.5)
-    result = compute_advantages(np.array([[1.0, 1.0, 1.0], [0.0, 1.0, 0.5]]), baseline="ema", scale_by_std=True,
-                                ema_state=ema)
+    result = compute_advantages(
+        np.array([[1.0, 1.0, 1.0], [0.0, 1.0, 0.5]]), baseline="ema", scale_by_std=True, ema_state=ema
+    )
     assert result.advantages[0].tolist() == [0.5, 0.5, 0.5]  # 1 - 0.5, unscaled
     std = np.std([0.0, 1.0, 0.5])
     np.testing.assert_allclose(result.advantages[1], (np.array([0.0, 1.0, 0.5]) - 0.5) / (std + 1e-6))

@@ -16,10 +16,20 @@ from rlaif_mlx.config import load_config
 from rlaif_mlx.monitor.metrics import read_metrics
 
 TASKS = [
-    {"id": "add", "prompt": "Write add(a, b).", "entry_point": "add",
-     "reference": "def add(a, b):\n    return a + b\n", "tests": "assert add(1, 2) == 3"},
-    {"id": "neg", "prompt": "Write neg(x).", "entry_point": "neg",
-     "reference": "def neg(x):\n    return -x\n", "tests": "assert neg(1) == -1"},
+    {
+        "id": "add",
+        "prompt": "Write add(a, b).",
+        "entry_point": "add",
+        "reference": "def add(a, b):\n    return a + b\n",
+        "tests": "assert add(1, 2) == 3",
+    },
+    {
+        "id": "neg",
+        "prompt": "Write neg(x).",
+        "entry_point": "neg",
+        "reference": "def neg(x):\n    return -x\n",
+        "tests": "assert neg(1) == -1",
+    },
 ]
 
 
@@ -28,11 +38,21 @@ def write_config(folder: Path, model_path: Path) -> Path:
     tasks = folder / "tasks.jsonl"
     tasks.write_text("".join(json.dumps(t) + "\n" for t in TASKS))
     config = {
-        "seed": 1, "backend": "torch", "output_dir": str(folder / "run"),
+        "seed": 1,
+        "backend": "torch",
+        "output_dir": str(folder / "run"),
         "model": {"base_model": str(model_path), "use_lora": True, "lora_r": 4},
         "data": {"train_file": str(tasks)},
-        "training": {"max_steps": 2, "batch_size": 2, "micro_batch_size": 4, "learning_rate": 1e-2,
-                     "save_steps": 1, "save_total_limit": 2, "sft_warmup_steps": 2, "sft_batch_size": 2},
+        "training": {
+            "max_steps": 2,
+            "batch_size": 2,
+            "micro_batch_size": 4,
+            "learning_rate": 1e-2,
+            "save_steps": 1,
+            "save_total_limit": 2,
+            "sft_warmup_steps": 2,
+            "sft_batch_size": 2,
+        },
         "rlaif": {"num_samples_per_prompt": 2, "max_new_tokens": 16},
         "rewards": {"max_workers": 2, "test_timeout_s": 5},
     }
@@ -105,7 +125,8 @@ def test_export_writes_a_model_that_scores_like_the_checkpoint(trained, tmp_path
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
     assert capsys.readouterr().out == f"exported {checkpoint} to {out} (backend torch)\n"
     assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= {
-        p.name for p in out.iterdir()}
+        p.name for p in out.iterdir()
+    }
 
     cfg = load_config(checkpoint / "config.yaml")
     backend = create(cfg.model, cfg.training, seed=cfg.seed, total_steps=2)

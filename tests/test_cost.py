@@ -18,8 +18,19 @@ from rlaif_mlx.teachers.cost import (
     table_price,
 )
 
-REQUIRED = ["claude-opus-4-5", "claude-sonnet-4-5", "claude-haiku-4-5", "claude-3-5-haiku", "gpt-5", "gpt-5-mini",
-            "gpt-5-nano", "gpt-4.1", "gpt-4.1-mini", "gpt-4o", "gpt-4o-mini"]
+REQUIRED = [
+    "claude-opus-4-5",
+    "claude-sonnet-4-5",
+    "claude-haiku-4-5",
+    "claude-3-5-haiku",
+    "gpt-5",
+    "gpt-5-mini",
+    "gpt-5-nano",
+    "gpt-4.1",
+    "gpt-4.1-mini",
+    "gpt-4o",
+    "gpt-4o-mini",
+]
 
 
 def test_table_covers_current_models_with_sane_prices():
@@ -31,18 +42,21 @@ def test_table_covers_current_models_with_sane_prices():
     assert PRICES["gpt-5-mini"] == (0.25, 2.0)
 
 
-@pytest.mark.parametrize(("model", "expected"), [
-    ("claude-sonnet-4-5-20250929", "claude-sonnet-4-5"),
-    ("claude-sonnet-4-5@20250929", "claude-sonnet-4-5"),
-    ("claude-3-5-haiku-latest", "claude-3-5-haiku"),
-    ("claude-opus-4-1-20250805", "claude-opus-4-1"),
-    ("claude-opus-4-20250514", "claude-opus-4"),
-    ("claude-haiku-4-5-20251001-v1:0", "claude-haiku-4-5"),
-    ("gpt-4o-2024-08-06", "gpt-4o"),
-    ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),
-    ("gpt-5-mini-2025-08-07", "gpt-5-mini"),
-    ("GPT-4.1-2025-04-14", "gpt-4.1"),
-])
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("claude-sonnet-4-5-20250929", "claude-sonnet-4-5"),
+        ("claude-sonnet-4-5@20250929", "claude-sonnet-4-5"),
+        ("claude-3-5-haiku-latest", "claude-3-5-haiku"),
+        ("claude-opus-4-1-20250805", "claude-opus-4-1"),
+        ("claude-opus-4-20250514", "claude-opus-4"),
+        ("claude-haiku-4-5-20251001-v1:0", "claude-haiku-4-5"),
+        ("gpt-4o-2024-08-06", "gpt-4o"),
+        ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),
+        ("gpt-5-mini-2025-08-07", "gpt-5-mini"),
+        ("GPT-4.1-2025-04-14", "gpt-4.1"),
+    ],
+)
 def test_dated_ids_price_as_their_model(model, expected):
     assert table_price(model) == PRICES[expected]
 

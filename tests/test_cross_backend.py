@@ -45,8 +45,12 @@ PARITY_POST_STEP_ATOL = 1e-4
 
 def make(kind: str, path, *, seed: int = 0, model: dict | None = None, **training):
     """A backend of either kind with the same config sections."""
-    training = {"learning_rate": 1e-3, "micro_batch_size": 4, "lr_scheduler_type": "cosine",
-                "warmup_steps": 1} | training
+    training = {
+        "learning_rate": 1e-3,
+        "micro_batch_size": 4,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 1,
+    } | training
     model = {"lora_r": 4} | ({"torch": {"device": "cpu"}} if kind == "torch" else {}) | (model or {})
     config = ModelConfig(base_model=str(path), **model)
     module = mlx_backend if kind == "mlx" else torch_backend
@@ -89,7 +93,7 @@ def test_parity_on_the_same_weights(tiny_model_path):
     # greedy decoding: the same tokens, prompt by prompt, for 32 new tokens (or up to the same EOS)
     greedy = SamplingParams(max_new_tokens=32, top_k=1)
     a, b = ours.sample(encode(ours), n=1, params=greedy), theirs.sample(encode(theirs), n=1, params=greedy)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x.completion_ids == y.completion_ids
         assert x.finish_reason == y.finish_reason and x.text == y.text
         assert len(x.completion_ids) == 32 or x.finish_reason == "eos"
@@ -99,8 +103,7 @@ def test_parity_on_the_same_weights(tiny_model_path):
     batch = train_batch(ours)
     lp_ours, lp_theirs = ours.logprobs(batch.sequences), theirs.logprobs(batch.sequences)
     np.testing.assert_allclose(lp_ours, lp_theirs, atol=PARITY_LOGP_ATOL)
-    np.testing.assert_allclose(batch.ref_logp, theirs.logprobs(batch.sequences, reference=True),
-                               atol=PARITY_LOGP_ATOL)
+    np.testing.assert_allclose(batch.ref_logp, theirs.logprobs(batch.sequences, reference=True), atol=PARITY_LOGP_ATOL)
 
     # one full fine-tune step from the same weights on the same batch
     batch.old_logp = lp_ours + 0.05 * np.random.default_rng(1).standard_normal(lp_ours.shape).astype(np.float32)
@@ -138,8 +141,11 @@ def test_a_checkpoint_continues_on_the_other_backend(tiny_model_path, tmp_path, 
     assert np.abs(second.logprobs(batch.sequences) - first.logprobs(batch.sequences)).max() > 1e-3
     second.load(tmp_path / "ckpt")
     for reference in (False, True):
-        np.testing.assert_allclose(second.logprobs(batch.sequences, reference=reference),
-                                   first.logprobs(batch.sequences, reference=reference), atol=PARITY_LOGP_ATOL)
+        np.testing.assert_allclose(
+            second.logprobs(batch.sequences, reference=reference),
+            first.logprobs(batch.sequences, reference=reference),
+            atol=PARITY_LOGP_ATOL,
+        )
 
     # The optimizer's moments and step count and the LR schedule position came along:
     # the next step is the same step on both backends.
@@ -147,8 +153,9 @@ def test_a_checkpoint_continues_on_the_other_backend(tiny_model_path, tmp_path, 
     assert a.lr == b.lr
     assert a.loss == pytest.approx(b.loss, abs=PARITY_LOSS_ATOL)
     assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-4)
-    np.testing.assert_allclose(second.logprobs(batch.sequences), first.logprobs(batch.sequences),
-                               atol=PARITY_POST_STEP_ATOL)
+    np.testing.assert_allclose(
+        second.logprobs(batch.sequences), first.logprobs(batch.sequences), atol=PARITY_POST_STEP_ATOL
+    )
     first.save(tmp_path / "a")
     second.save(tmp_path / "b")
     ta, tb = saved_tensors(tmp_path / "a"), saved_tensors(tmp_path / "b")
@@ -170,8 +177,9 @@ def test_peft_loads_an_mlx_adapter(tiny_model_path, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, tmp_path / "ckpt").eval()
     with torch.inference_mode():
-        got = torch_ops.token_logp(peft_model, torch.as_tensor(batch.sequences.input_ids),
-                                        torch.as_tensor(batch.sequences.attention_mask)).numpy()
+        got = torch_ops.token_logp(
+            peft_model, torch.as_tensor(batch.sequences.input_ids), torch.as_tensor(batch.sequences.attention_mask)
+        ).numpy()
     np.testing.assert_allclose(got, backend.logprobs(batch.sequences), atol=PARITY_LOGP_ATOL)
 
 
@@ -212,8 +220,9 @@ def test_lora_on_a_quantized_base_trains_exports_and_moves_to_torch(tiny_model_p
     backend.export(tmp_path / "export")
     config = json.loads((tmp_path / "export" / "config.json").read_text())
     assert "quantization" not in config and "quantization_config" not in config
-    exported = torch_backend.create(ModelConfig(base_model=str(tmp_path / "export"), use_lora=False),
-                                    TrainingConfig(), seed=0, total_steps=1)
+    exported = torch_backend.create(
+        ModelConfig(base_model=str(tmp_path / "export"), use_lora=False), TrainingConfig(), seed=0, total_steps=1
+    )
     np.testing.assert_allclose(exported.logprobs(batch.sequences), policy, atol=PARITY_LOGP_ATOL)
 
     # the adapter trained on the 8-bit base continues on the float base in PyTorch (laptop -> server)
@@ -233,8 +242,10 @@ def test_the_cli_refuses_a_quantized_base_on_torch_in_one_line(quantized_path, t
     from rlaif_mlx.cli import main
 
     config = tmp_path / "run.yaml"
-    config.write_text(f"model: {{base_model: {quantized_path}}}\ndata: {{train_file: builtin:quickstart_train.jsonl}}\n"
-                      f"output_dir: {tmp_path / 'run'}\n")
+    config.write_text(
+        f"model: {{base_model: {quantized_path}}}\ndata: {{train_file: builtin:quickstart_train.jsonl}}\n"
+        f"output_dir: {tmp_path / 'run'}\n"
+    )
     assert main(["train", "--config", str(config), "--backend", "torch"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {config}: model.base_model") and "quantised for MLX" in err and "\n" not in err
@@ -252,22 +263,48 @@ def test_an_mlx_run_exports_to_transformers_and_resumes_on_torch(tiny_model_path
     from rlaif_mlx.monitor.metrics import read_metrics
 
     tasks = tmp_path / "tasks.jsonl"
-    tasks.write_text("".join(json.dumps(t) + "\n" for t in [
-        {"id": "add", "prompt": "Write add(a, b).", "reference": "def add(a, b):\n    return a + b\n",
-         "tests": "assert add(1, 2) == 3"},
-        {"id": "neg", "prompt": "Write neg(x).", "reference": "def neg(x):\n    return -x\n",
-         "tests": "assert neg(1) == -1"},
-    ]))
+    tasks.write_text(
+        "".join(
+            json.dumps(t) + "\n"
+            for t in [
+                {
+                    "id": "add",
+                    "prompt": "Write add(a, b).",
+                    "reference": "def add(a, b):\n    return a + b\n",
+                    "tests": "assert add(1, 2) == 3",
+                },
+                {
+                    "id": "neg",
+                    "prompt": "Write neg(x).",
+                    "reference": "def neg(x):\n    return -x\n",
+                    "tests": "assert neg(1) == -1",
+                },
+            ]
+        )
+    )
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({
-        "seed": 3, "backend": "mlx", "output_dir": str(tmp_path / "run"),
-        "model": {"base_model": str(tiny_model_path), "lora_r": 4},
-        "data": {"train_file": str(tasks)},
-        "training": {"max_steps": 2, "batch_size": 2, "micro_batch_size": 4, "learning_rate": 1e-2,
-                     "save_steps": 2, "sft_warmup_steps": 2, "sft_batch_size": 2},
-        "rlaif": {"num_samples_per_prompt": 2, "max_new_tokens": 12},
-        "rewards": {"test_timeout_s": 5},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "seed": 3,
+                "backend": "mlx",
+                "output_dir": str(tmp_path / "run"),
+                "model": {"base_model": str(tiny_model_path), "lora_r": 4},
+                "data": {"train_file": str(tasks)},
+                "training": {
+                    "max_steps": 2,
+                    "batch_size": 2,
+                    "micro_batch_size": 4,
+                    "learning_rate": 1e-2,
+                    "save_steps": 2,
+                    "sft_warmup_steps": 2,
+                    "sft_batch_size": 2,
+                },
+                "rlaif": {"num_samples_per_prompt": 2, "max_new_tokens": 12},
+                "rewards": {"test_timeout_s": 5},
+            }
+        )
+    )
     assert main(["train", "--config", str(config)]) == 0
     checkpoint = tmp_path / "run" / "checkpoints" / "step-000002"
     assert json.loads((checkpoint / "backend_state.json").read_text())["backend"] == "mlx"
@@ -280,8 +317,9 @@ def test_an_mlx_run_exports_to_transformers_and_resumes_on_torch(tiny_model_path
     batch = train_batch(mlx_side)
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     with torch.inference_mode():
-        hf = torch_ops.token_logp(exported, torch.as_tensor(batch.sequences.input_ids),
-                                  torch.as_tensor(batch.sequences.attention_mask)).numpy()
+        hf = torch_ops.token_logp(
+            exported, torch.as_tensor(batch.sequences.input_ids), torch.as_tensor(batch.sequences.attention_mask)
+        ).numpy()
     np.testing.assert_allclose(hf, mlx_side.logprobs(batch.sequences), atol=PARITY_LOGP_ATOL)
 
     # the same config, on the server: PyTorch continues the MLX run from its checkpoint
@@ -306,6 +344,7 @@ def test_a_torch_export_loads_in_mlx_lm_with_the_same_log_probs(tiny_model_path,
     backend.export(tmp_path / "hf")
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["rope_theta"] == 10000.0
     model, _ = mlx_lm_load(str(tmp_path / "hf"))
-    got = mlx_ops.token_logp(model, mx.array(batch.sequences.input_ids.astype(np.int32)),
-                             mx.array(batch.sequences.attention_mask))
+    got = mlx_ops.token_logp(
+        model, mx.array(batch.sequences.input_ids.astype(np.int32)), mx.array(batch.sequences.attention_mask)
+    )
     np.testing.assert_allclose(np.array(got), backend.logprobs(batch.sequences), atol=PARITY_LOGP_ATOL)

@@ -14,27 +14,65 @@ from rich.console import Console
 from rlaif_mlx.monitor.dashboard import Dashboard, make_reporter, render_frame, sparkline
 from rlaif_mlx.monitor.reporting import PlainReporter, RunHeader, SampleView
 
-HEADER = RunHeader(model="models/tiny-qwen2", backend="torch", device="cpu", total_steps=60,
-                   output_dir="runs/quickstart")
-TEACHER_HEADER = RunHeader(model="Qwen/Qwen2.5-Coder-1.5B-Instruct", backend="mlx", device="gpu", total_steps=500,
-                           output_dir="runs/laptop", teacher="anthropic/claude-sonnet-5-5", budget_usd=10.0)
-BEST = SampleView("clamp", "Write clamp(x, lo, hi).",
-                  "def clamp(x, lo, hi):\n    if x < lo:\n        return lo\n    return min(x, hi)\n",
-                  "python", 1.0, {"has_code": 1.0, "parses": 1.0, "tests": 1.0})
-WORST = SampleView("is_palindrome", "Write is_palindrome(s).", "def is_palindrome(s):\n    return s == s[1:-1]\n",
-                   "python", 0.1, {"has_code": 1.0, "parses": 1.0, "tests": 0.0},
-                   "AssertionError: assert is_palindrome('abba')")
+HEADER = RunHeader(
+    model="models/tiny-qwen2", backend="torch", device="cpu", total_steps=60, output_dir="runs/quickstart"
+)
+TEACHER_HEADER = RunHeader(
+    model="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+    backend="mlx",
+    device="gpu",
+    total_steps=500,
+    output_dir="runs/laptop",
+    teacher="anthropic/claude-sonnet-5-5",
+    budget_usd=10.0,
+)
+BEST = SampleView(
+    "clamp",
+    "Write clamp(x, lo, hi).",
+    "def clamp(x, lo, hi):\n    if x < lo:\n        return lo\n    return min(x, hi)\n",
+    "python",
+    1.0,
+    {"has_code": 1.0, "parses": 1.0, "tests": 1.0},
+)
+WORST = SampleView(
+    "is_palindrome",
+    "Write is_palindrome(s).",
+    "def is_palindrome(s):\n    return s == s[1:-1]\n",
+    "python",
+    0.1,
+    {"has_code": 1.0, "parses": 1.0, "tests": 0.0},
+    "AssertionError: assert is_palindrome('abba')",
+)
 
 
 def record(step: int, reward: float = 0.55, **overrides) -> dict:
     """One step's metrics line, as ``Trainer.record`` writes it."""
     rec = {
-        "step": step, "epoch": 2, "reward_mean": reward, "reward_std": 0.44,
-        "reward/has_code": 1.0, "reward/parses": 0.97, "reward/tests": reward - 0.08,
-        "kl": 0.0712, "kl_coef": 0.025, "loss": -0.5444, "pg_loss": -0.55, "grad_norm": 0.064, "lr": 3.58e-4,
-        "clip_fraction": 0.0, "completion_len_mean": 33.0, "scoring_errors": 0, "zero_variance_groups": 4,
-        "unscored": 0, "advantage_abs_mean": 0.41, "update_skipped": 0, "curriculum_bucket": 1,
-        "sample_seconds": 0.3, "score_seconds": 1.4, "train_seconds": 0.4, "step_seconds": 2.1,
+        "step": step,
+        "epoch": 2,
+        "reward_mean": reward,
+        "reward_std": 0.44,
+        "reward/has_code": 1.0,
+        "reward/parses": 0.97,
+        "reward/tests": reward - 0.08,
+        "kl": 0.0712,
+        "kl_coef": 0.025,
+        "loss": -0.5444,
+        "pg_loss": -0.55,
+        "grad_norm": 0.064,
+        "lr": 3.58e-4,
+        "clip_fraction": 0.0,
+        "completion_len_mean": 33.0,
+        "scoring_errors": 0,
+        "zero_variance_groups": 4,
+        "unscored": 0,
+        "advantage_abs_mean": 0.41,
+        "update_skipped": 0,
+        "curriculum_bucket": 1,
+        "sample_seconds": 0.3,
+        "score_seconds": 1.4,
+        "train_seconds": 0.4,
+        "step_seconds": 2.1,
         "tokens_per_second": 7040.0,
     }
     return rec | overrides
@@ -42,9 +80,17 @@ def record(step: int, reward: float = 0.55, **overrides) -> dict:
 
 def teacher_keys(step: int) -> dict:
     """The ``teacher/*`` keys of ``BatchStats.metrics``."""
-    return {"teacher/requests": 64.0, "teacher/calls": 41.0, "teacher/cache_hits": 23.0,
-            "teacher/cache_hit_rate": 23 / 64, "teacher/failures": 2.0, "teacher/latency_p50_s": 1.84,
-            "teacher/latency_p95_s": 3.9, "teacher/cost_usd": 0.1353, "teacher/spent_usd": 0.1353 * step}
+    return {
+        "teacher/requests": 64.0,
+        "teacher/calls": 41.0,
+        "teacher/cache_hits": 23.0,
+        "teacher/cache_hit_rate": 23 / 64,
+        "teacher/failures": 2.0,
+        "teacher/latency_p50_s": 1.84,
+        "teacher/latency_p95_s": 3.9,
+        "teacher/cost_usd": 0.1353,
+        "teacher/spent_usd": 0.1353 * step,
+    }
 
 
 @pytest.fixture(autouse=True)

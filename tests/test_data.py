@@ -14,25 +14,31 @@ def write_lines(tmp_path, lines):
 
 
 def test_loads_fields_and_defaults(tmp_path):
-    path = write_lines(tmp_path, [
-        json.dumps({"prompt": "add", "tests": "assert f() == 1", "entry_point": "f", "difficulty": 2, "id": "a"}),
-        "",
-        json.dumps({"prompt": "sub", "language": "Rust"}),
-    ])
+    path = write_lines(
+        tmp_path,
+        [
+            json.dumps({"prompt": "add", "tests": "assert f() == 1", "entry_point": "f", "difficulty": 2, "id": "a"}),
+            "",
+            json.dumps({"prompt": "sub", "language": "Rust"}),
+        ],
+    )
     ts = load_tasks(str(path))
     assert [t.id for t in ts.tasks] == ["a", "tasks-3"]
     assert ts.tasks[0].difficulty == 2.0 and ts.tasks[0].language == "python"
     assert ts.tasks[1].language == "rust" and ts.tasks[1].tests is None
 
 
-@pytest.mark.parametrize("line, problem", [
-    ("{not json", "not valid JSON"),
-    ("[1, 2]", "expected a JSON object"),
-    (json.dumps({"language": "python"}), "'prompt' is required"),
-    (json.dumps({"prompt": "x", "tests": 3}), "'tests' must be a string"),
-    (json.dumps({"prompt": "x", "difficulty": "hard"}), "'difficulty' must be a number"),
-    (json.dumps({"prompt": "x", "promt": "y"}), "unknown field"),
-])
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        (json.dumps({"language": "python"}), "'prompt' is required"),
+        (json.dumps({"prompt": "x", "tests": 3}), "'tests' must be a string"),
+        (json.dumps({"prompt": "x", "difficulty": "hard"}), "'difficulty' must be a number"),
+        (json.dumps({"prompt": "x", "promt": "y"}), "unknown field"),
+    ],
+)
 def test_bad_line_names_file_and_line(tmp_path, line, problem):
     path = write_lines(tmp_path, [json.dumps({"prompt": "ok"}), line])
     with pytest.raises(DataError) as exc:
@@ -64,8 +70,9 @@ def test_chat_template_applied_when_present(tiny_model_path):
 
     tok = AutoTokenizer.from_pretrained(tiny_model_path)
     task = Task(id="t", prompt="Write add(a, b).")
-    with_template = prompt_token_ids(tok, task, use_chat_template=True, system_prompt="Be brief.",
-                                     max_prompt_tokens=512)
+    with_template = prompt_token_ids(
+        tok, task, use_chat_template=True, system_prompt="Be brief.", max_prompt_tokens=512
+    )
     text = tok.decode(with_template)
     assert "Write add(a, b)." in text and "Be brief." in text and text.rstrip().endswith("assistant")
     plain = prompt_token_ids(tok, task, use_chat_template=False, system_prompt=None, max_prompt_tokens=512)

@@ -46,13 +46,18 @@ def _streams(tokenizer, count: int, seed: int = 0) -> list[list[int]]:
 def test_windowed_stop_check_matches_decoding_the_whole_completion(tokenizer):
     streams = _streams(tokenizer, 24)
     for stops in (STOPS, ("é!",), ("\n\n",)):
-        book = DecodeBook([[1]], len(streams), eos_ids=(), stop=stops,
-                          decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
+        book = DecodeBook(
+            [[1]],
+            len(streams),
+            eos_ids=(),
+            stop=stops,
+            decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
+        )
         for step in range(60):
             book.add([s[step] for s in streams], [0.0] * len(streams))
         expected = [_first_stop_by_full_decode(tokenizer, s, stops) for s in streams]
         assert sum(e is not None for e in expected) >= 6  # the streams do exercise the stops
-        found = [len(ids) if reason == "stop" else None for ids, reason in zip(book.tokens, book.reasons)]
+        found = [len(ids) if reason == "stop" else None for ids, reason in zip(book.tokens, book.reasons, strict=True)]
         assert found == expected, stops
 
 
@@ -60,11 +65,14 @@ def test_a_stop_string_spanning_many_single_byte_tokens_is_found(tokenizer):
     """A stop made of tokens of one byte each (the longest span the window must cover)."""
     stop = "ü" * 5  # 10 bytes; byte tokens make it 10 tokens, after 40 tokens of filler
     ids = [b for b in tokenizer.encode("a" * 40, add_special_tokens=False)]
-    byte_ids = [tokenizer.convert_tokens_to_ids(t) for t in tokenizer.convert_ids_to_tokens(
-        tokenizer.encode("ü", add_special_tokens=False))]
+    byte_ids = [
+        tokenizer.convert_tokens_to_ids(t)
+        for t in tokenizer.convert_ids_to_tokens(tokenizer.encode("ü", add_special_tokens=False))
+    ]
     ids += byte_ids * 5 + tokenizer.encode("zz", add_special_tokens=False)
-    book = DecodeBook([[1]], 1, eos_ids=(), stop=(stop,),
-                      decode=lambda t: tokenizer.decode(t, skip_special_tokens=False))
+    book = DecodeBook(
+        [[1]], 1, eos_ids=(), stop=(stop,), decode=lambda t: tokenizer.decode(t, skip_special_tokens=False)
+    )
     for token in ids:
         if not book.add([token], [0.0])[0]:
             break

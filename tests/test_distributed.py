@@ -23,8 +23,8 @@ import yaml
 
 from rlaif_mlx.cli import main
 from rlaif_mlx.data.tasks import Task, TaskSet
-from rlaif_mlx.training.distributed import DistContext, DistributedSetupError, context_from_env
 from rlaif_mlx.monitor.metrics import read_metrics
+from rlaif_mlx.training.distributed import DistContext, DistributedSetupError, context_from_env
 
 TESTS = Path(__file__).parent
 # Float32 sums run in another order (micro-batches in a process, then across processes) and batches are
@@ -144,8 +144,9 @@ def test_both_backends_sample_each_prompt_from_its_own_seed(tiny_model_path, kin
 
     pytest.importorskip("mlx_lm" if kind == "mlx" else "transformers")
     module = importlib.import_module(f"rlaif_mlx.backends.{kind}")
-    backend = module.create(ModelConfig(base_model=str(tiny_model_path), lora_r=4), TrainingConfig(),
-                            seed=0, total_steps=1)
+    backend = module.create(
+        ModelConfig(base_model=str(tiny_model_path), lora_r=4), TrainingConfig(), seed=0, total_steps=1
+    )
     prompts = [backend.tokenizer.encode(t, add_special_tokens=False) for t in ("def f(x):", "a much longer prompt =")]
     params = SamplingParams(max_new_tokens=6, seed=(11, 12))
     whole = backend.sample(prompts, n=3, params=params)
@@ -222,8 +223,9 @@ def test_a_resumed_two_process_run_continues_exactly(runs):
     resumed = load_tensors(folder / "resumed" / "checkpoints" / "step-000003" / "adapter_model.safetensors")
     for key in straight:
         np.testing.assert_array_equal(resumed[key], straight[key], err_msg=key)
-    assert [r["reward_mean"] for r in read_metrics(folder / "resumed" / "metrics.jsonl")] == \
-        [r["reward_mean"] for r in read_metrics(folder / "lora" / "metrics.jsonl")]
+    assert [r["reward_mean"] for r in read_metrics(folder / "resumed" / "metrics.jsonl")] == [
+        r["reward_mean"] for r in read_metrics(folder / "lora" / "metrics.jsonl")
+    ]
 
 
 # ---- FSDP: two processes with sharded weights against one ------------------------------
@@ -237,19 +239,31 @@ def fsdp_runs(runs, tiny_model_path) -> tuple[Path, str]:
     folder = runs["single"][0].parent / "fsdp"
     folder.mkdir()
     sharded = {"model": {"torch": {"fsdp": True}}}
-    lora = write_config(folder, tiny_model_path, "lora", **sharded, data={"eval_file": str(folder / "tasks.jsonl")},
-                        eval={"every_steps": 2, "num_samples": 2, "max_tasks": 3, "max_new_tokens": 8})
+    lora = write_config(
+        folder,
+        tiny_model_path,
+        "lora",
+        **sharded,
+        data={"eval_file": str(folder / "tasks.jsonl")},
+        eval={"every_steps": 2, "num_samples": 2, "max_tasks": 3, "max_new_tokens": 8},
+    )
     every_step = {"save_steps": 1, "save_total_limit": 3}  # step 2 resumes in another folder
     full = write_config(folder, tiny_model_path, "full", **sharded, training=every_step)
     resumed = write_config(folder, tiny_model_path, "full", name="full-resumed", **sharded, training=every_step)
-    whole = write_config(folder, tiny_model_path, "lora", name="whole-half", output="mixed", max_steps=2,
-                         training={"save_steps": 1})
-    half = write_config(folder, tiny_model_path, "lora", name="sharded-half", output="mixed", **sharded,
-                        training={"save_steps": 1})
-    commands = [f"train --config {lora}", f"train --config {full}",
-                f"train --config {resumed} --resume {folder / 'full' / 'checkpoints' / 'step-000002'}",
-                f"train --config {whole}",
-                f"train --config {half} --resume", f"uneven-shares {tiny_model_path} {folder}"]
+    whole = write_config(
+        folder, tiny_model_path, "lora", name="whole-half", output="mixed", max_steps=2, training={"save_steps": 1}
+    )
+    half = write_config(
+        folder, tiny_model_path, "lora", name="sharded-half", output="mixed", **sharded, training={"save_steps": 1}
+    )
+    commands = [
+        f"train --config {lora}",
+        f"train --config {full}",
+        f"train --config {resumed} --resume {folder / 'full' / 'checkpoints' / 'step-000002'}",
+        f"train --config {whole}",
+        f"train --config {half} --resume",
+        f"uneven-shares {tiny_model_path} {folder}",
+    ]
     return folder, launch(folder, commands, processes=2)
 
 
@@ -277,8 +291,9 @@ def test_a_sharded_checkpoint_has_the_layout_of_one_process(runs, fsdp_runs):
             assert {k: (t.shape, t.dtype) for k, t in b.items()} == {k: (t.shape, t.dtype) for k, t in a.items()}
         for file in want.glob("*.json"):  # backend_state.json (RNG state included), PEFT's and HF's configs
             assert _settings(got / file.name) == _settings(file), (name, file.name)
-    assert "lm_head.weight" not in load_tensors(fsdp_runs[0] / "full" / "checkpoints" / "step-000003"
-                                                / "model.safetensors")  # tied to the embedding: saved once
+    assert "lm_head.weight" not in load_tensors(
+        fsdp_runs[0] / "full" / "checkpoints" / "step-000003" / "model.safetensors"
+    )  # tied to the embedding: saved once
 
 
 def test_a_resumed_sharded_run_continues_exactly(fsdp_runs):
@@ -335,7 +350,7 @@ def test_uneven_shares_run_as_many_collectives_and_train_what_one_process_trains
     for rank, rows in ((0, slice(0, 3)), (1, slice(3, 4))):
         got = np.load(folder / f"uneven-logp-rank{rank}.npy")
         np.testing.assert_allclose(got, want[rows, : got.shape[1]], atol=1e-5)
-        assert not want[rows, got.shape[1]:].any()
+        assert not want[rows, got.shape[1] :].any()
     norms = uneven_steps(whole, batch)
     assert json.loads((folder / "uneven-norms.json").read_text()) == pytest.approx(norms, rel=1e-5)
     whole.save(tmp_path / "whole")
@@ -352,21 +367,44 @@ def test_uneven_shares_run_as_many_collectives_and_train_what_one_process_trains
 def launch(folder: Path, commands: list[str], *, processes: int) -> str:
     """Runs ``rlaif-mlx`` commands in turn in ``tests/distributed_worker.py``: under torchrun with
     ``processes`` > 1, else in one plain process. Returns its stdout; fails the test on a non-zero exit."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SCORED_LOG_DIR": str(folder),
-           "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "SCORED_LOG_DIR": str(folder),
+        "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(var, None)
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                 "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-                if processes > 1 else [sys.executable])
-    done = subprocess.run([*launcher, str(TESTS / "distributed_worker.py"), *" --- ".join(commands).split()],
-                          env=env, capture_output=True, text=True, timeout=300)
+    launcher = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+        ]
+        if processes > 1
+        else [sys.executable]
+    )
+    done = subprocess.run(
+        [*launcher, str(TESTS / "distributed_worker.py"), *" --- ".join(commands).split()],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
 
-def assert_trains_like_one_process(single: Path, multi: Path, name: str, *, run: str | None = None,
-                                   worst: float = 1 / 50) -> None:
+def assert_trains_like_one_process(
+    single: Path, multi: Path, name: str, *, run: str | None = None, worst: float = 1 / 50
+) -> None:
     """Run ``run`` (default ``name``) in folder ``multi`` ends step 3 with the weights of run ``name`` in
     ``single`` (the ``CLOSE`` rule, each weight within ``worst`` x lr), and those weights moved far more
     than the tolerance."""
@@ -378,8 +416,9 @@ def assert_trains_like_one_process(single: Path, multi: Path, name: str, *, run:
     if lora:  # B starts at 0: the adapters moved far more than the tolerance
         moved = max(np.abs(t).max() for k, t in want.items() if "lora_B" in k)
     else:
-        base = load_tensors(Path(yaml.safe_load((single / f"{name}.yaml").read_text())["model"]["base_model"])
-                            / "model.safetensors")
+        base = load_tensors(
+            Path(yaml.safe_load((single / f"{name}.yaml").read_text())["model"]["base_model"]) / "model.safetensors"
+        )
         moved = max(np.abs(want[k] - base[k]).max() for k in want if k in base)
     assert moved > lr, (name, moved)
 
@@ -397,7 +436,7 @@ def assert_records_like_one_process(single: Path, multi: Path) -> None:
     """Run folder ``multi`` recorded the metrics and samples of run folder ``single``, from rank 0 alone."""
     want, got = read_metrics(single / "metrics.jsonl"), read_metrics(multi / "metrics.jsonl")
     assert [r["step"] for r in got] == [1, 2, 3]  # one writer: rank 0
-    for a, b in zip(want, got):
+    for a, b in zip(want, got, strict=True):
         assert b["reward_mean"] == a["reward_mean"] and b["reward_std"] == a["reward_std"]
         assert b["completion_len_mean"] == a["completion_len_mean"]
         for key in ("loss", "kl", "kl_coef", "grad_norm", "clip_fraction"):
@@ -406,8 +445,17 @@ def assert_records_like_one_process(single: Path, multi: Path) -> None:
     assert samples(multi) == samples(single)
 
 
-def write_config(folder: Path, model_path: Path, kind: str, *, name: str | None = None, backend: str = "torch",
-                 max_steps: int = 3, output: str | None = None, **sections: dict) -> Path:
+def write_config(
+    folder: Path,
+    model_path: Path,
+    kind: str,
+    *,
+    name: str | None = None,
+    backend: str = "torch",
+    max_steps: int = 3,
+    output: str | None = None,
+    **sections: dict,
+) -> Path:
     """A 3-step run, B=4 prompts x G=2 samples, 8 new tokens; ``kind`` picks a ``RUNS`` entry.
 
     Written to ``folder/<name>.yaml``, writing into ``folder/<output or name>``; ``sections``
@@ -416,17 +464,34 @@ def write_config(folder: Path, model_path: Path, kind: str, *, name: str | None 
     lora, micro_batch, lr = RUNS[kind]
     name = name or kind
     tasks = folder / "tasks.jsonl"
-    tasks.write_text("".join(json.dumps({"id": f"t{i}", "prompt": f"Write f{i}(x) returning {i}*x.",
-                                         "entry_point": f"f{i}"}) + "\n" for i in range(6)))
+    tasks.write_text(
+        "".join(
+            json.dumps({"id": f"t{i}", "prompt": f"Write f{i}(x) returning {i}*x.", "entry_point": f"f{i}"}) + "\n"
+            for i in range(6)
+        )
+    )
     config = {
-        "seed": 3, "backend": backend, "output_dir": str(folder / (output or name)),
+        "seed": 3,
+        "backend": backend,
+        "output_dir": str(folder / (output or name)),
         "model": {"base_model": str(model_path), "use_lora": lora, "lora_r": 4},
         "data": {"train_file": str(tasks)},
-        "training": {"max_steps": max_steps, "batch_size": 4, "micro_batch_size": micro_batch, "learning_rate": lr,
-                     "lr_scheduler_type": "constant", "save_steps": 1 if name == "resumed" else 3,
-                     "save_total_limit": 1},
-        "rlaif": {"num_samples_per_prompt": 2, "max_new_tokens": 8, "generation_temperature": 0.7,
-                  "kl_penalty": 0.01, "sample_ahead": kind == "full"},  # each process samples its next share
+        "training": {
+            "max_steps": max_steps,
+            "batch_size": 4,
+            "micro_batch_size": micro_batch,
+            "learning_rate": lr,
+            "lr_scheduler_type": "constant",
+            "save_steps": 1 if name == "resumed" else 3,
+            "save_total_limit": 1,
+        },
+        "rlaif": {
+            "num_samples_per_prompt": 2,
+            "max_new_tokens": 8,
+            "generation_temperature": 0.7,
+            "kl_penalty": 0.01,
+            "sample_ahead": kind == "full",
+        },  # each process samples its next share
         "logging": {"dashboard": False},
     }
     for section, values in sections.items():
@@ -449,8 +514,10 @@ def load_tensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def samples(run: Path) -> list[tuple]:
-    return [(s["step"], s["uid"], s["task_id"], s["completion"], s["reward"])
-            for s in map(json.loads, (run / "samples.jsonl").read_text().splitlines())]
+    return [
+        (s["step"], s["uid"], s["task_id"], s["completion"], s["reward"])
+        for s in map(json.loads, (run / "samples.jsonl").read_text().splitlines())
+    ]
 
 
 def _settings(file: Path) -> dict:

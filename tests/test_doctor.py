@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlaif_mlx.cli import doctor
-from rlaif_mlx.cli import main
+from rlaif_mlx.cli import doctor, main
 
 KEY_ENV = "RLAIF_DOCTOR_TEST_KEY"
 SECRET = "sk-test-4f9c2e71b0d3a8"
@@ -26,8 +25,12 @@ def write_config(folder: Path, model: str, **changes) -> Path:
         "model": {"base_model": model},
         "data": {"train_file": str(tasks)},
         "rewards": {"weights": {"tests": 0.6, "teacher": 0.4}},
-        "teacher": {"provider": "anthropic", "model": "claude-sonnet-4-5", "api_key_env": KEY_ENV,
-                    "cache_path": str(folder / "cache" / "teacher.sqlite")},
+        "teacher": {
+            "provider": "anthropic",
+            "model": "claude-sonnet-4-5",
+            "api_key_env": KEY_ENV,
+            "cache_path": str(folder / "cache" / "teacher.sqlite"),
+        },
     } | changes
     path = folder / "run.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -98,14 +101,16 @@ def test_a_hub_id_outside_the_cache_warns_online_and_fails_offline(config_only, 
 
 def test_an_invalid_config_and_an_unwritable_output_dir_fail(config_only, tmp_path, tiny_model_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"model": {"base_model": "x"}, "data": {"train_file": "t"},
-                                   "training": {"learning_rate": -1}}))
+    bad.write_text(
+        yaml.safe_dump({"model": {"base_model": "x"}, "data": {"train_file": "t"}, "training": {"learning_rate": -1}})
+    )
     assert main(["doctor", "--config", str(bad)]) == 1
     assert "training.learning_rate" in lines_of(capsys.readouterr().out)["config"]
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    config = write_config(tmp_path, str(tiny_model_path), output_dir=str(blocker / "run"),
-                          teacher={"provider": "none"}, rewards={})
+    config = write_config(
+        tmp_path, str(tiny_model_path), output_dir=str(blocker / "run"), teacher={"provider": "none"}, rewards={}
+    )
     assert main(["doctor", "--config", str(config)]) == 1
     found = lines_of(capsys.readouterr().out)
     assert found["output dir"].startswith("fail") and f"{blocker} is a file" in found["output dir"]

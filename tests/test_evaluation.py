@@ -12,22 +12,37 @@ import yaml
 from rlaif_mlx.backends.base import Completion
 from rlaif_mlx.cli import main
 from rlaif_mlx.config import RewardConfig, RunConfig
-from rlaif_mlx.data.tasks import Task, load_task_set
-from rlaif_mlx.training.evaluation import evaluate, format_eval_line, pass_at_k
 from rlaif_mlx.data.humaneval import load_humaneval
+from rlaif_mlx.data.tasks import Task, load_task_set
 from rlaif_mlx.rewards.pipeline import RewardPipeline
+from rlaif_mlx.training.evaluation import evaluate, format_eval_line, pass_at_k
 
 TASKS = [
-    {"id": "add", "prompt": "Write add(a, b).", "entry_point": "add",
-     "reference": "def add(a, b):\n    return a + b\n", "tests": "assert add(1, 2) == 3"},
-    {"id": "neg", "prompt": "Write neg(x).", "entry_point": "neg",
-     "reference": "def neg(x):\n    return -x\n", "tests": "assert neg(1) == -1"},
+    {
+        "id": "add",
+        "prompt": "Write add(a, b).",
+        "entry_point": "add",
+        "reference": "def add(a, b):\n    return a + b\n",
+        "tests": "assert add(1, 2) == 3",
+    },
+    {
+        "id": "neg",
+        "prompt": "Write neg(x).",
+        "entry_point": "neg",
+        "reference": "def neg(x):\n    return -x\n",
+        "tests": "assert neg(1) == -1",
+    },
 ]
 
 
 def run_config(model: str = "unused", **sections) -> RunConfig:
-    raw = {"seed": 3, "backend": "torch", "model": {"base_model": model, "use_lora": True, "lora_r": 4},
-           "data": {"train_file": "unused.jsonl"}, "rewards": {"max_workers": 2, "test_timeout_s": 5}}
+    raw = {
+        "seed": 3,
+        "backend": "torch",
+        "model": {"base_model": model, "use_lora": True, "lora_r": 4},
+        "data": {"train_file": "unused.jsonl"},
+        "rewards": {"max_workers": 2, "test_timeout_s": 5},
+    }
     raw.update(sections)
     return RunConfig.model_validate(raw)
 
@@ -35,17 +50,20 @@ def run_config(model: str = "unused", **sections) -> RunConfig:
 # ---- pass@k ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n, c, k, expected", [
-    (4, 1, 1, 0.25),            # c / n
-    (4, 1, 2, 1 - 3 / 6),       # 1 - C(3,2)/C(4,2)
-    (5, 2, 2, 1 - 3 / 10),      # 1 - C(3,2)/C(5,2)
-    (10, 3, 5, 1 - 21 / 252),   # 1 - C(7,5)/C(10,5)
-    (4, 0, 1, 0.0),             # nothing passes
-    (4, 0, 4, 0.0),
-    (4, 4, 1, 1.0),             # everything passes
-    (4, 3, 2, 1.0),             # k > n - c: every draw of k holds a pass
-    (1, 1, 1, 1.0),
-])
+@pytest.mark.parametrize(
+    "n, c, k, expected",
+    [
+        (4, 1, 1, 0.25),  # c / n
+        (4, 1, 2, 1 - 3 / 6),  # 1 - C(3,2)/C(4,2)
+        (5, 2, 2, 1 - 3 / 10),  # 1 - C(3,2)/C(5,2)
+        (10, 3, 5, 1 - 21 / 252),  # 1 - C(7,5)/C(10,5)
+        (4, 0, 1, 0.0),  # nothing passes
+        (4, 0, 4, 0.0),
+        (4, 4, 1, 1.0),  # everything passes
+        (4, 3, 2, 1.0),  # k > n - c: every draw of k holds a pass
+        (1, 1, 1, 1.0),
+    ],
+)
 def test_pass_at_k_matches_hand_computed_values(n, c, k, expected):
     assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
 
@@ -81,25 +99,38 @@ class ScriptedBackend:
 
     def sample(self, prompts, *, n, params):
         self.calls.append((len(prompts), params.seed))
-        return [Completion(f"{p}-{s}", p, s, tuple(ids), (1,), (0.0,), self.answers[bytes(ids).decode()][s], "eos")
-                for p, ids in enumerate(prompts) for s in range(n)]
+        return [
+            Completion(f"{p}-{s}", p, s, tuple(ids), (1,), (0.0,), self.answers[bytes(ids).decode()][s], "eos")
+            for p, ids in enumerate(prompts)
+            for s in range(n)
+        ]
 
 
 def test_evaluate_counts_passes_with_the_real_graders():
     add = "```python\ndef add(a, b):\n    return a + b\n```"
-    backend = ScriptedBackend({
-        # tests 1, 0, 0.5 and "does not parse": one of four passes
-        "Write add(a, b).": [add, "def add(a, b):\n    return a - b", "def add(a, b):\n    return 3",
-                             "def add(a, b:"],
-        "Write neg(x).": ["def neg(x):\n    return x"] * 4,  # never passes
-        "Explain lists.": ["x = [1]", "y = 2", "not code at all", "(("],  # no tests: parses only
-    })
-    tasks = [Task(id="add", prompt="Write add(a, b).", tests="assert add(1, 2) == 3\nassert add(2, 2) == 4",
-                  entry_point="add"),
-             Task(id="neg", prompt="Write neg(x).", tests="assert neg(1) == -1", entry_point="neg"),
-             Task(id="free", prompt="Explain lists.")]
-    config = run_config(eval={"num_samples": 4, "pass_k": [1, 2, 4]},
-                        training={"batch_size": 1}, rlaif={"num_samples_per_prompt": 4})
+    backend = ScriptedBackend(
+        {
+            # tests 1, 0, 0.5 and "does not parse": one of four passes
+            "Write add(a, b).": [
+                add,
+                "def add(a, b):\n    return a - b",
+                "def add(a, b):\n    return 3",
+                "def add(a, b:",
+            ],
+            "Write neg(x).": ["def neg(x):\n    return x"] * 4,  # never passes
+            "Explain lists.": ["x = [1]", "y = 2", "not code at all", "(("],  # no tests: parses only
+        }
+    )
+    tasks = [
+        Task(
+            id="add", prompt="Write add(a, b).", tests="assert add(1, 2) == 3\nassert add(2, 2) == 4", entry_point="add"
+        ),
+        Task(id="neg", prompt="Write neg(x).", tests="assert neg(1) == -1", entry_point="neg"),
+        Task(id="free", prompt="Explain lists."),
+    ]
+    config = run_config(
+        eval={"num_samples": 4, "pass_k": [1, 2, 4]}, training={"batch_size": 1}, rlaif={"num_samples_per_prompt": 4}
+    )
     lines = []
     metrics = evaluate(backend, tasks, RewardPipeline(config.rewards), config, log=lines.append)
 
@@ -114,8 +145,10 @@ def test_evaluate_counts_passes_with_the_real_graders():
     # one prompt per batch (4 sequences, as a training step samples), a fixed seed for each
     assert [n for n, _ in backend.calls] == [1, 1, 1] and len({s for _, s in backend.calls}) == 3
     assert lines[-1] == "eval: 3/3 tasks sampled and graded"
-    assert format_eval_line(metrics, step=7) == ("eval at step 7: reward 0.338  tests_mean 0.188  pass@1 0.125  "
-                                                 "pass@2 0.250  pass@4 0.500  (3 tasks, 0 of 12 samples unscored)")
+    assert format_eval_line(metrics, step=7) == (
+        "eval at step 7: reward 0.338  tests_mean 0.188  pass@1 0.125  "
+        "pass@2 0.250  pass@4 0.500  (3 tasks, 0 of 12 samples unscored)"
+    )
 
     first_calls = backend.calls[:]
     config.eval.max_tasks = 1
@@ -129,20 +162,32 @@ def test_evaluate_on_the_tiny_model_is_deterministic_and_sane(tiny_model_path):
 
     from rlaif_mlx.backends.torch import create
 
-    config = run_config(str(tiny_model_path), eval={"num_samples": 2, "pass_k": [1, 2], "temperature": 1.0,
-                                                    "max_new_tokens": 6})
+    config = run_config(
+        str(tiny_model_path), eval={"num_samples": 2, "pass_k": [1, 2], "temperature": 1.0, "max_new_tokens": 6}
+    )
     backend = create(config.model, config.training, seed=config.seed, total_steps=1)
     # The random model's text rarely parses; when it does, "assert True" passes and "assert False" never does.
-    tasks = [Task(id="yes", prompt="Write any code.", tests="assert True"),
-             Task(id="no", prompt="Write more code.", tests="assert False"),
-             Task(id="free", prompt="Say something.")]
+    tasks = [
+        Task(id="yes", prompt="Write any code.", tests="assert True"),
+        Task(id="no", prompt="Write more code.", tests="assert False"),
+        Task(id="free", prompt="Say something."),
+    ]
     pipeline = RewardPipeline(config.rewards)
     rng = torch.get_rng_state()
     first = evaluate(backend, tasks, pipeline, config)
     assert torch.equal(torch.get_rng_state(), rng)  # an eval mid-training leaves the training's RNG alone
     assert evaluate(backend, tasks, pipeline, config) == first
-    assert {"eval/reward_mean", "eval/pass@1", "eval/pass@2", "eval/tests_mean", "eval/parses_mean",
-            "eval/unscored", "eval/tasks", "eval/samples", "eval/tasks_with_tests"} == set(first)
+    assert {
+        "eval/reward_mean",
+        "eval/pass@1",
+        "eval/pass@2",
+        "eval/tests_mean",
+        "eval/parses_mean",
+        "eval/unscored",
+        "eval/tasks",
+        "eval/samples",
+        "eval/tasks_with_tests",
+    } == set(first)
     assert first["eval/tasks"] == 3 and first["eval/samples"] == 6 and first["eval/unscored"] == 0
     assert 0.0 <= first["eval/pass@1"] <= first["eval/pass@2"] <= 0.5  # the "no" task never passes
     assert 0.0 <= first["eval/reward_mean"] <= 1.0
@@ -168,15 +213,26 @@ def test_humaneval_loads_and_its_canonical_solutions_pass_in_the_sandbox():
     items = [(tid, by_id[tid], f"```python\n{by_id[tid].reference}\n```") for tid in picks]
     p2, p38 = problems["HumanEval/2"], problems["HumanEval/38"]
     items += [
-        ("wrong", by_id["HumanEval/2"], "```python\ndef truncate_number(number: float) -> float:\n    return number\n```"),
+        (
+            "wrong",
+            by_id["HumanEval/2"],
+            "```python\ndef truncate_number(number: float) -> float:\n    return number\n```",
+        ),
         # a chat answer with only the function asked for: the prompt's helper comes from the tests' setup
-        ("no-helper", by_id["HumanEval/38"], "```python\ndef decode_cyclic(s: str):\n"
-                                             "    return encode_cyclic(encode_cyclic(s))\n```"),
+        (
+            "no-helper",
+            by_id["HumanEval/38"],
+            "```python\ndef decode_cyclic(s: str):\n    return encode_cyclic(encode_cyclic(s))\n```",
+        ),
         ("unfenced", by_id["HumanEval/2"], p2["prompt"] + p2["canonical_solution"]),
         # not graded as meant (documented in humaneval.py): a body alone, a signature without its import
         ("body-only", by_id["HumanEval/38"], p38["canonical_solution"]),
-        ("no-import", by_id["HumanEval/0"], problems["HumanEval/0"]["prompt"].replace("from typing import List", "")
-         + problems["HumanEval/0"]["canonical_solution"]),
+        (
+            "no-import",
+            by_id["HumanEval/0"],
+            problems["HumanEval/0"]["prompt"].replace("from typing import List", "")
+            + problems["HumanEval/0"]["canonical_solution"],
+        ),
     ]
     results = RewardPipeline(RewardConfig(max_workers=2)).score(items)
     for tid in picks + ["no-helper", "unfenced"]:
@@ -199,7 +255,9 @@ def write_config(folder: Path, model_path: Path, *, eval_file: bool = True) -> P
     tasks = folder / "tasks.jsonl"
     tasks.write_text("".join(json.dumps(t) + "\n" for t in TASKS))
     config = {
-        "seed": 1, "backend": "torch", "output_dir": str(folder / "run"),
+        "seed": 1,
+        "backend": "torch",
+        "output_dir": str(folder / "run"),
         "model": {"base_model": str(model_path), "use_lora": True, "lora_r": 4},
         "data": {"train_file": str(tasks), **({"eval_file": str(tasks)} if eval_file else {})},
         "training": {"max_steps": 1, "batch_size": 2, "micro_batch_size": 4, "learning_rate": 1e-2, "save_steps": 1},
@@ -226,8 +284,9 @@ def test_eval_command_compares_base_and_checkpoint(tmp_path, tiny_model_path, ca
     report = json.loads(out.read_text())
     assert report["checkpoint_path"] == str(tmp_path / "run" / "checkpoints" / "step-000001")
     assert report["base"]["eval/tasks"] == report["checkpoint"]["eval/tasks"] == 2
-    assert report["delta"]["eval/pass@1"] == pytest.approx(report["checkpoint"]["eval/pass@1"]
-                                                           - report["base"]["eval/pass@1"])
+    assert report["delta"]["eval/pass@1"] == pytest.approx(
+        report["checkpoint"]["eval/pass@1"] - report["base"]["eval/pass@1"]
+    )
 
     # HumanEval out of the box, base model only
     assert main(["eval", "--config", str(config), "--eval-set", "humaneval", "--max-tasks", "1"]) == 0
@@ -249,15 +308,34 @@ def test_score_grades_humaneval_by_task_id(tmp_path, capsys):
     config = write_config(tmp_path, tmp_path / "no-model-needed")
     problems = read_problems()
     completions = tmp_path / "completions.jsonl"
-    completions.write_text("".join(
-        json.dumps({"task_id": tid, "completion": f"```python\n{problems[tid]['prompt']}"
-                                                  f"{problems[tid]['canonical_solution']}```"}) + "\n"
-        for tid in ["HumanEval/0", "HumanEval/1"]))
+    completions.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "task_id": tid,
+                    "completion": f"```python\n{problems[tid]['prompt']}{problems[tid]['canonical_solution']}```",
+                }
+            )
+            + "\n"
+            for tid in ["HumanEval/0", "HumanEval/1"]
+        )
+    )
     out = tmp_path / "scored.jsonl"
-    argv = ["score", "--config", str(config), "--completions", str(completions), "--tasks", "humaneval",
-            "--out", str(out)]
+    argv = [
+        "score",
+        "--config",
+        str(config),
+        "--completions",
+        str(completions),
+        "--tasks",
+        "humaneval",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["task_id"], r["tests"], r["reward"]) for r in rows] == [("HumanEval/0", 1.0, 1.0),
-                                                                        ("HumanEval/1", 1.0, 1.0)]
+    assert [(r["task_id"], r["tests"], r["reward"]) for r in rows] == [
+        ("HumanEval/0", 1.0, 1.0),
+        ("HumanEval/1", 1.0, 1.0),
+    ]
     assert "scored 2 of 2 completions" in capsys.readouterr().err

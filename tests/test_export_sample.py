@@ -34,17 +34,24 @@ def run(tmp_path_factory, tiny_model_path) -> Path:
     from rlaif_mlx.backends.torch import create
 
     folder = tmp_path_factory.mktemp("export") / "run"
-    config = RunConfig.model_validate({
-        "seed": 3, "backend": "torch", "output_dir": str(folder),
-        "model": {"base_model": str(tiny_model_path), "lora_r": 4, "torch": {"device": "cpu"}},
-        "data": {"train_file": "builtin:quickstart_train.jsonl"},
-        "training": {"max_steps": 1, "learning_rate": 5e-2},
-        "rlaif": {"max_new_tokens": 12},
-    })
+    config = RunConfig.model_validate(
+        {
+            "seed": 3,
+            "backend": "torch",
+            "output_dir": str(folder),
+            "model": {"base_model": str(tiny_model_path), "lora_r": 4, "torch": {"device": "cpu"}},
+            "data": {"train_file": "builtin:quickstart_train.jsonl"},
+            "training": {"max_steps": 1, "learning_rate": 5e-2},
+            "rlaif": {"max_new_tokens": 12},
+        }
+    )
     backend = create(config.model, config.training, seed=config.seed, total_steps=1)
     ids, attention, mask = encode(backend.tokenizer, backend.pad_id)
-    batch = TrainBatch(SequenceBatch(ids, attention, mask), advantages=np.ones(len(ids), dtype=np.float32),
-                       token_weights=mask / mask.sum())
+    batch = TrainBatch(
+        SequenceBatch(ids, attention, mask),
+        advantages=np.ones(len(ids), dtype=np.float32),
+        token_weights=mask / mask.sum(),
+    )
     backend.train_step(batch, loss=LossSettings())
     checkpoint = folder / "checkpoints" / "step-000001"
     checkpoint.mkdir(parents=True)
@@ -105,8 +112,7 @@ def test_mlx_export_loads_in_mlx_lm_and_scores_like_the_hf_export(backend, run, 
     _, expected, _ = hf_export
     out = tmp_path / "mlx"
     capsys.readouterr()
-    assert main(["export", "--checkpoint", str(run), "--out", str(out), "--format", "mlx",
-                 "--backend", backend]) == 0
+    assert main(["export", "--checkpoint", str(run), "--out", str(out), "--format", "mlx", "--backend", backend]) == 0
     checkpoint = run / "checkpoints" / "step-000001"
     assert capsys.readouterr().out == f"exported {checkpoint} to {out} (backend {backend}; MLX format, not quantised)\n"
     assert "quantization" not in json.loads((out / "config.json").read_text())
@@ -118,8 +124,9 @@ def test_mlx_export_loads_in_mlx_lm_and_scores_like_the_hf_export(backend, run, 
 def test_quantised_mlx_export_is_smaller_and_close(bits, run, hf_export, tmp_path, capsys):
     hf_out, expected, mask = hf_export
     out = tmp_path / f"q{bits}"
-    assert main(["export", "--checkpoint", str(run), "--out", str(out), "--format", "mlx",
-                 "--quantize", str(bits)]) == 0
+    assert (
+        main(["export", "--checkpoint", str(run), "--out", str(out), "--format", "mlx", "--quantize", str(bits)]) == 0
+    )
     assert capsys.readouterr().out.endswith(f"(backend torch; MLX format, {bits}-bit)\n")
     quantization = json.loads((out / "config.json").read_text())["quantization"]
     assert quantization["bits"] == bits and quantization["group_size"] == 64

@@ -52,8 +52,7 @@ def _wait_gone(marker: str, within_s: float = 2.0) -> list[int]:
                 except OSError:
                     continue
         else:
-            out = subprocess.run(["ps", "-axo", "pid=,command="], capture_output=True,
-                                 text=True).stdout
+            out = subprocess.run(["ps", "-axo", "pid=,command="], capture_output=True, text=True).stdout
             alive = [int(line.split()[0]) for line in out.splitlines() if marker in line]
         if not alive or time.monotonic() > deadline:
             return alive
@@ -61,6 +60,7 @@ def _wait_gone(marker: str, within_s: float = 2.0) -> list[int]:
 
 
 # --- extraction -------------------------------------------------------------
+
 
 def test_extract_fenced_python():
     text = "Here you go:\n```python\ndef f(x):\n    return x\n```\nDone."
@@ -97,6 +97,7 @@ def test_extract_empty(text):
 
 # --- static checks ----------------------------------------------------------
 
+
 def test_static_check():
     ok = static_check("x = 1", language="python")
     assert ok.ok and ok.has_code == 1.0 and ok.parses == 1.0 and ok.reason is None
@@ -113,6 +114,7 @@ def test_static_check():
 
 # --- unit tests -------------------------------------------------------------
 
+
 def test_all_tests_pass():
     out = run_unit_tests(GOOD, SQUARE_TESTS, timeout_s=10)
     assert (out.passed, out.total, out.fraction, out.error) == (5, 5, 1.0, None)
@@ -128,13 +130,15 @@ def test_partial_pass_counts_each_assert():
 
 
 def test_humaneval_check_is_unrolled():
-    tests = ("METADATA = {'author': 'x'}\n\n"
-             "def check(candidate):\n"
-             "    assert candidate([1, 2]) == 3\n"
-             "    assert candidate([]) == 0\n"
-             "    for n in range(3):\n"
-             "        assert candidate([n]) == n\n"
-             "    assert candidate([5]) == 6\n")
+    tests = (
+        "METADATA = {'author': 'x'}\n\n"
+        "def check(candidate):\n"
+        "    assert candidate([1, 2]) == 3\n"
+        "    assert candidate([]) == 0\n"
+        "    for n in range(3):\n"
+        "        assert candidate([n]) == n\n"
+        "    assert candidate([5]) == 6\n"
+    )
     plan = build_test_plan(tests, entry_point="total")
     assert plan.total == 4
     out = run_unit_tests("def total(xs):\n    return sum(xs)", tests, entry_point="total")
@@ -150,10 +154,12 @@ def test_check_with_return_runs_as_one_test():
 
 
 def test_pytest_style_functions_and_explicit_calls():
-    tests = ("def test_one():\n    assert f(1) == 1\n"
-             "def test_two():\n    assert f(2) == 5\n"
-             "def check(fn):\n    assert fn(3) == 9\n"
-             "check(f)\n")
+    tests = (
+        "def test_one():\n    assert f(1) == 1\n"
+        "def test_two():\n    assert f(2) == 5\n"
+        "def check(fn):\n    assert fn(3) == 9\n"
+        "check(f)\n"
+    )
     out = run_unit_tests(GOOD, tests)
     assert (out.passed, out.total) == (2, 3)
 
@@ -170,14 +176,18 @@ def test_exception_while_defining_the_solution():
     assert "ValueError: boom" in out.error
 
 
-@pytest.mark.parametrize("code", [
-    "import sys\nsys.exit(0)\n",
-    "import os\nos._exit(0)\n",
-    # Without a pid namespace this kills the supervisor; inside one it is ignored
-    # and the sleep runs into the timeout. Either way nothing passes.
-    "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nimport time\ntime.sleep(5)\n",
-    "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n",
-], ids=["sys.exit", "os._exit", "kill-parent", "kill-self"])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import sys\nsys.exit(0)\n",
+        "import os\nos._exit(0)\n",
+        # Without a pid namespace this kills the supervisor; inside one it is ignored
+        # and the sleep runs into the timeout. Either way nothing passes.
+        "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nimport time\ntime.sleep(5)\n",
+        "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n",
+    ],
+    ids=["sys.exit", "os._exit", "kill-parent", "kill-self"],
+)
 def test_early_exit_scores_zero(code):
     out = run_unit_tests(code + GOOD, SQUARE_TESTS, timeout_s=2)
     assert out.passed == 0 and out.fraction == 0.0
@@ -223,17 +233,21 @@ def test_stdout_flood_fails():
 
 def test_fake_results_are_ignored():
     forged = json.dumps({"event": "test", "index": 0, "ok": True, "nonce": "0" * 32})
-    lines = "".join(
-        json.dumps({"event": "test", "index": i, "ok": True, "nonce": "guess"}) + "\n"
-        for i in range(5)) + json.dumps({"event": "done", "nonce": "guess"}) + "\n"
-    code = ("import os, sys\n"
-            f"print({forged!r})\nprint('5 passed, 0 failed')\n"
-            "for fd in range(3, 64):  # find the result channel the hard way\n"
-            "    try:\n"
-            f"        os.write(fd, {lines.encode()!r})\n"
-            "    except OSError:\n"
-            "        pass\n"
-            "sys.stdout.flush()\nos._exit(0)\n")
+    lines = (
+        "".join(json.dumps({"event": "test", "index": i, "ok": True, "nonce": "guess"}) + "\n" for i in range(5))
+        + json.dumps({"event": "done", "nonce": "guess"})
+        + "\n"
+    )
+    code = (
+        "import os, sys\n"
+        f"print({forged!r})\nprint('5 passed, 0 failed')\n"
+        "for fd in range(3, 64):  # find the result channel the hard way\n"
+        "    try:\n"
+        f"        os.write(fd, {lines.encode()!r})\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "sys.stdout.flush()\nos._exit(0)\n"
+    )
     out = run_unit_tests(code, SQUARE_TESTS)
     assert out.passed == 0
     assert "exited before tests ran" in out.error
@@ -241,27 +255,30 @@ def test_fake_results_are_ignored():
 
 def test_forked_grandchildren_are_killed():
     marker = f"rlaif-test-{uuid.uuid4().hex}"
-    code = ("import subprocess, sys\n"
-            "for _ in range(5):\n"
-            "    subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', "
-            f"'{marker}'])\n" + GOOD)
+    code = (
+        "import subprocess, sys\n"
+        "for _ in range(5):\n"
+        "    subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', "
+        f"'{marker}'])\n" + GOOD
+    )
     out = run_unit_tests(code, SQUARE_TESTS, timeout_s=10)
     assert out.passed == 5  # forking is allowed; leaving processes behind is not
     assert _wait_gone(marker) == []
 
 
 def test_memory_hog_fails():
-    out = run_unit_tests("x = bytearray(2 << 30)\n" + GOOD, SQUARE_TESTS,
-                         limits=SandboxLimits(memory_bytes=256 << 20))
+    out = run_unit_tests("x = bytearray(2 << 30)\n" + GOOD, SQUARE_TESTS, limits=SandboxLimits(memory_bytes=256 << 20))
     assert out.passed == 0 and "MemoryError" in out.error
 
 
 def test_disk_filler_hits_the_file_size_limit():
-    code = ("def f(x):\n"
-            "    with open('fill.bin', 'wb') as fh:\n"
-            "        for _ in range(100):\n"
-            "            fh.write(b'x' * (1 << 20))\n"
-            "    return x * x\n")
+    code = (
+        "def f(x):\n"
+        "    with open('fill.bin', 'wb') as fh:\n"
+        "        for _ in range(100):\n"
+        "            fh.write(b'x' * (1 << 20))\n"
+        "    return x * x\n"
+    )
     out = run_unit_tests(code, SQUARE_TESTS, limits=SandboxLimits(file_size_bytes=1 << 20))
     assert out.passed == 0 and "File too large" in out.failures[0]
 
@@ -269,36 +286,41 @@ def test_disk_filler_hits_the_file_size_limit():
 def test_api_keys_are_not_visible_to_solutions(monkeypatch):
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-fake")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-fake")
-    tests = ("import os\nassert 'ANTHROPIC_API_KEY' not in os.environ\n"
-             "assert 'OPENAI_API_KEY' not in os.environ\n"
-             "assert 'SANDBOX_RESULT_FD' not in os.environ\n")
+    tests = (
+        "import os\nassert 'ANTHROPIC_API_KEY' not in os.environ\n"
+        "assert 'OPENAI_API_KEY' not in os.environ\n"
+        "assert 'SANDBOX_RESULT_FD' not in os.environ\n"
+    )
     out = run_unit_tests("x = 1", tests)
     assert (out.passed, out.total) == (3, 3)
 
 
 # --- tiered grading ---------------------------------------------------------
 
+
 def test_grade_completion_runs_tests_for_good_code():
-    g = grade_completion(completion=f"```python\n{GOOD}```", task_tests=SQUARE_TESTS,
-                         entry_point=None, language="python", timeout_s=10)
+    g = grade_completion(
+        completion=f"```python\n{GOOD}```", task_tests=SQUARE_TESTS, entry_point=None, language="python", timeout_s=10
+    )
     assert g.components == {"has_code": 1.0, "parses": 1.0, "tests": 1.0}
     assert g.error is None and g.tests_skipped is None and g.outcome.passed == 5
 
 
 def test_grade_completion_skips_tests_when_static_check_fails():
-    g = grade_completion(completion="```python\ndef f(:\n```", task_tests=SQUARE_TESTS,
-                         entry_point=None, language="python", timeout_s=10)
+    g = grade_completion(
+        completion="```python\ndef f(:\n```", task_tests=SQUARE_TESTS, entry_point=None, language="python", timeout_s=10
+    )
     assert g.components == {"has_code": 1.0, "parses": 0.0, "tests": 0.0}
     assert g.outcome is None and g.tests_skipped.startswith("static check failed: syntax error")
-    g = grade_completion(completion="", task_tests=SQUARE_TESTS, entry_point=None,
-                         language="python")
+    g = grade_completion(completion="", task_tests=SQUARE_TESTS, entry_point=None, language="python")
     assert g.components == {"has_code": 0.0, "parses": 0.0, "tests": 0.0}
     assert g.error == "empty"
 
 
 def test_grade_completion_skips_other_languages_and_missing_tests():
-    g = grade_completion(completion="```rust\nfn main() {}\n```", task_tests="assert True",
-                         entry_point=None, language="rust")
+    g = grade_completion(
+        completion="```rust\nfn main() {}\n```", task_tests="assert True", entry_point=None, language="rust"
+    )
     assert g.components == {"has_code": 1.0, "parses": 1.0, "tests": 0.0}
     assert "only run for Python" in g.tests_skipped
     g = grade_completion(completion=GOOD, task_tests=None, entry_point=None, language="python")
@@ -310,10 +332,8 @@ def test_grade_many_keeps_results_with_their_uid():
     # uid i makes exactly i of the 5 asserts pass.
     requests = []
     for passing in range(5, -1, -1):
-        code = (f"import time\ntime.sleep({0.15 * passing})\n"
-                f"def f(x):\n    return x * x if x <= {passing} else -1\n")
-        requests.append(GradeRequest(uid=f"u{passing}", completion=code,
-                                     task_tests=SQUARE_TESTS))
+        code = f"import time\ntime.sleep({0.15 * passing})\ndef f(x):\n    return x * x if x <= {passing} else -1\n"
+        requests.append(GradeRequest(uid=f"u{passing}", completion=code, task_tests=SQUARE_TESTS))
     requests.append(GradeRequest(uid="broken", completion="def (", task_tests=SQUARE_TESTS))
     results = grade_many(requests, max_workers=4, timeout_s=10)
     assert set(results) == {r.uid for r in requests}

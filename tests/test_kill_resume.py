@@ -39,12 +39,22 @@ def write_config(folder: Path, model: Path) -> Path:
     lines = resolve_data_path("builtin:quickstart_train.jsonl").read_text().splitlines()[:8]
     (folder / "tasks.jsonl").write_text("\n".join(lines) + "\n")
     config = {
-        "seed": 5, "backend": "torch", "output_dir": str(folder / "run"),
+        "seed": 5,
+        "backend": "torch",
+        "output_dir": str(folder / "run"),
         "model": {"base_model": str(model), "use_lora": False},
         "data": {"train_file": str(folder / "tasks.jsonl")},
-        "training": {"max_steps": STEPS, "batch_size": 4, "micro_batch_size": 8, "learning_rate": 1e-3,
-                     "save_steps": 1, "save_total_limit": 2, "sft_warmup_steps": 40, "sft_learning_rate": 3e-3,
-                     "sft_batch_size": 8},
+        "training": {
+            "max_steps": STEPS,
+            "batch_size": 4,
+            "micro_batch_size": 8,
+            "learning_rate": 1e-3,
+            "save_steps": 1,
+            "save_total_limit": 2,
+            "sft_warmup_steps": 40,
+            "sft_learning_rate": 3e-3,
+            "sft_batch_size": 8,
+        },
         "rlaif": {"num_samples_per_prompt": 2, "max_new_tokens": 32, "baseline": "none", "scale_by_std": False},
         "rewards": {"weights": {"has_code": 0.3, "parses": 0.3, "tests": 0.4}, "test_timeout_s": 5},
         "logging": {"save_samples": True},
@@ -55,9 +65,13 @@ def write_config(folder: Path, model: Path) -> Path:
 
 
 def start(config: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "rlaif_mlx.cli", "train", "--config", str(config), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    return subprocess.Popen(
+        [sys.executable, "-m", "rlaif_mlx.cli", "train", "--config", str(config), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"HF_HUB_OFFLINE": "1"},
+    )
 
 
 def wait_for_steps(process: subprocess.Popen, metrics: Path, steps: int, timeout: float = 120) -> None:
@@ -70,8 +84,14 @@ def wait_for_steps(process: subprocess.Popen, metrics: Path, steps: int, timeout
 
 def comparable(records: list[dict]) -> list[dict]:
     """Every metric but the timings; NaN made comparable."""
-    return [{k: ("nan" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()
-             if not any(t in k for t in TIMING_KEYS)} for r in records]
+    return [
+        {
+            k: ("nan" if isinstance(v, float) and math.isnan(v) else v)
+            for k, v in r.items()
+            if not any(t in k for t in TIMING_KEYS)
+        }
+        for r in records
+    ]
 
 
 def final_tensors(run: Path) -> dict[str, np.ndarray]:

@@ -23,6 +23,7 @@ from rlaif_mlx.monitor.metrics import SampleSink, TensorBoardSink, read_metrics,
 from rlaif_mlx.rewards.pipeline import RewardResult
 from rlaif_mlx.training.trainer import Trainer
 
+
 def read_events(log_dir: Path) -> list:
     """Every event of every event file in ``log_dir``, in file-name order (as TensorBoard loads them)."""
     from tensorboardX.proto.event_pb2 import Event
@@ -32,11 +33,11 @@ def read_events(log_dir: Path) -> list:
     for path in sorted(log_dir.glob("events.out.tfevents.*")):
         data, pos = path.read_bytes(), 0
         while pos < len(data):
-            header = data[pos:pos + 8]
+            header = data[pos : pos + 8]
             (length,) = struct.unpack("<Q", header)
-            assert struct.unpack("<I", data[pos + 8:pos + 12])[0] == masked_crc32c(header), path
-            payload = data[pos + 12:pos + 12 + length]
-            assert struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])[0] == masked_crc32c(payload), path
+            assert struct.unpack("<I", data[pos + 8 : pos + 12])[0] == masked_crc32c(header), path
+            payload = data[pos + 12 : pos + 12 + length]
+            assert struct.unpack("<I", data[pos + 12 + length : pos + 16 + length])[0] == masked_crc32c(payload), path
             events.append(Event.FromString(payload))
             pos += 16 + length
     return events
@@ -63,9 +64,19 @@ def scalars(events) -> dict[str, dict[int, float]]:
 def test_tensorboard_sink_writes_numbers_at_their_step_and_skips_the_rest(tmp_path):
     sink = TensorBoardSink(tmp_path / "tb")
     for step in (1, 2):
-        sink.write({"step": step, "loss": 0.5 * step, "reward/tests": 0.25, "teacher/calls": 3 * step,
-                    "reward_mean": float("nan") if step == 2 else 0.75, "grad_norm": math.inf,
-                    "model": "tiny", "update_skipped": True, "missing": None})
+        sink.write(
+            {
+                "step": step,
+                "loss": 0.5 * step,
+                "reward/tests": 0.25,
+                "teacher/calls": 3 * step,
+                "reward_mean": float("nan") if step == 2 else 0.75,
+                "grad_norm": math.inf,
+                "model": "tiny",
+                "update_skipped": True,
+                "missing": None,
+            }
+        )
     sink.close()
 
     [event_file] = (tmp_path / "tb").iterdir()
@@ -104,24 +115,60 @@ def completion(uid: str, prompt_index: int, sample_index: int, text: str, n_toke
 
 def test_sample_rows_take_each_result_by_uid(tmp_path):
     tasks = [Task(id="add", prompt="Write add(a, b)."), Task(id="neg", prompt="Write neg(x).")]
-    completions = [completion("u0", 0, 0, "def add", 2), completion("u1", 0, 1, "pass", 1),
-                   completion("u2", 1, 0, "def neg", 3)]
+    completions = [
+        completion("u0", 0, 0, "def add", 2),
+        completion("u1", 0, 1, "pass", 1),
+        completion("u2", 1, 0, "def neg", 3),
+    ]
     # In another order than the completions: a lookup by position would mix them up.
-    results = {"u2": RewardResult(0.5, {"tests": 0.5, "judge": float("nan")}),
-               "u1": RewardResult(None, {}, "sandbox timed out"),
-               "u0": RewardResult(1.0, {"tests": 1.0, "judge": 0.9})}
+    results = {
+        "u2": RewardResult(0.5, {"tests": 0.5, "judge": float("nan")}),
+        "u1": RewardResult(None, {}, "sandbox timed out"),
+        "u0": RewardResult(1.0, {"tests": 1.0, "judge": 0.9}),
+    }
     sink = SampleSink(tmp_path / "samples.jsonl", truncate_after_step=0)
     sink.write_step(1, sample_rows(tasks, completions, results))
     sink.close()
 
     rows = read_samples(tmp_path / "samples.jsonl")
     assert rows == [
-        {"step": 1, "task_id": "add", "uid": "u0", "prompt": "Write add(a, b).", "completion": "def add",
-         "finish_reason": "eos", "num_tokens": 2, "reward": 1.0, "tests": 1.0, "judge": 0.9, "error": None},
-        {"step": 1, "task_id": "add", "uid": "u1", "prompt": "Write add(a, b).", "completion": "pass",
-         "finish_reason": "eos", "num_tokens": 1, "reward": None, "error": "sandbox timed out"},
-        {"step": 1, "task_id": "neg", "uid": "u2", "prompt": "Write neg(x).", "completion": "def neg",
-         "finish_reason": "eos", "num_tokens": 3, "reward": 0.5, "tests": 0.5, "judge": None, "error": None},
+        {
+            "step": 1,
+            "task_id": "add",
+            "uid": "u0",
+            "prompt": "Write add(a, b).",
+            "completion": "def add",
+            "finish_reason": "eos",
+            "num_tokens": 2,
+            "reward": 1.0,
+            "tests": 1.0,
+            "judge": 0.9,
+            "error": None,
+        },
+        {
+            "step": 1,
+            "task_id": "add",
+            "uid": "u1",
+            "prompt": "Write add(a, b).",
+            "completion": "pass",
+            "finish_reason": "eos",
+            "num_tokens": 1,
+            "reward": None,
+            "error": "sandbox timed out",
+        },
+        {
+            "step": 1,
+            "task_id": "neg",
+            "uid": "u2",
+            "prompt": "Write neg(x).",
+            "completion": "def neg",
+            "finish_reason": "eos",
+            "num_tokens": 3,
+            "reward": 0.5,
+            "tests": 0.5,
+            "judge": None,
+            "error": None,
+        },
     ]
 
 
@@ -137,7 +184,12 @@ def test_sample_sink_reopened_keeps_lines_up_to_the_restored_step(tmp_path):
     sink.write_step(3, [{"uid": "3-new"}])
     sink.close()
     assert [(r["step"], r["uid"]) for r in read_samples(path)] == [
-        (1, "1-a"), (1, "1-b"), (2, "2-a"), (2, "2-b"), (3, "3-new")]
+        (1, "1-a"),
+        (1, "1-b"),
+        (2, "2-a"),
+        (2, "2-b"),
+        (3, "3-new"),
+    ]
 
 
 # ---- a real run -----------------------------------------------------------------
@@ -158,11 +210,19 @@ def run_config(tmp_path: Path, model_path: Path, max_steps: int):
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join(json.dumps({"id": i, "prompt": f"Write {i}(x)."}) + "\n" for i in ("inc", "neg", "sq")))
     config = {
-        "seed": 1, "backend": "torch", "output_dir": str(tmp_path / "run"),
+        "seed": 1,
+        "backend": "torch",
+        "output_dir": str(tmp_path / "run"),
         "model": {"base_model": str(model_path), "use_lora": True, "lora_r": 4},
         "data": {"train_file": str(tasks)},
-        "training": {"max_steps": max_steps, "batch_size": 2, "micro_batch_size": 4, "learning_rate": 1e-3,
-                     "save_steps": 2, "save_total_limit": 2},
+        "training": {
+            "max_steps": max_steps,
+            "batch_size": 2,
+            "micro_batch_size": 4,
+            "learning_rate": 1e-3,
+            "save_steps": 2,
+            "save_total_limit": 2,
+        },
         "rlaif": {"num_samples_per_prompt": 2, "max_new_tokens": 8},
         "logging": {"tensorboard": True, "dashboard": False},
     }
@@ -175,8 +235,14 @@ def make_trainer(config) -> Trainer:
     from rlaif_mlx.backends.torch import create
 
     backend = create(config.model, config.training, seed=config.seed, total_steps=config.training.max_steps)
-    return Trainer(config, backend=backend, train=load_tasks(config.data.train_file), rewards=_ReversedTextRewards(),
-                   output_dir=Path(config.output_dir), log=lambda line: None)
+    return Trainer(
+        config,
+        backend=backend,
+        train=load_tasks(config.data.train_file),
+        rewards=_ReversedTextRewards(),
+        output_dir=Path(config.output_dir),
+        log=lambda line: None,
+    )
 
 
 def test_a_run_writes_tensorboard_events_and_every_sample_with_its_reward(tmp_path, tiny_model_path):

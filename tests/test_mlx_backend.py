@@ -13,7 +13,6 @@ pytest.importorskip("mlx_lm")
 from mlx.utils import tree_flatten  # noqa: E402
 from mlx_lm.utils import load as mlx_lm_load  # noqa: E402
 
-from rlaif_mlx.rl.advantages import compute_advantages  # noqa: E402
 from rlaif_mlx.backends.base import (  # noqa: E402
     Backend,
     LossSettings,
@@ -24,6 +23,7 @@ from rlaif_mlx.backends.base import (  # noqa: E402
 from rlaif_mlx.backends.mlx import MlxBackend, create  # noqa: E402
 from rlaif_mlx.backends.mlx_ops import token_logp as _token_logp  # noqa: E402
 from rlaif_mlx.config import ModelConfig, TrainingConfig  # noqa: E402
+from rlaif_mlx.rl.advantages import compute_advantages  # noqa: E402
 from rlaif_mlx.rl.objective import aggregation_weights  # noqa: E402
 
 PROMPTS = ["def add(a, b):", "import os\nprint(", "x"]  # different lengths on purpose
@@ -99,8 +99,13 @@ def test_options_for_torch_are_ignored_with_a_note_and_the_memory_limit_is_set(t
     previous_cache = mx.set_cache_limit(2**40)
     try:
         with caplog.at_level("WARNING", logger="rlaif_mlx.backends.mlx"):
-            backend = make(tiny_model_path, model={"torch": {"device": "cpu", "attn_implementation": "eager"},
-                                                   "mlx": {"memory_limit_gb": 48, "cache_limit_gb": 1}})
+            backend = make(
+                tiny_model_path,
+                model={
+                    "torch": {"device": "cpu", "attn_implementation": "eager"},
+                    "mlx": {"memory_limit_gb": 48, "cache_limit_gb": 1},
+                },
+            )
         assert "model.torch.device, model.torch.attn_implementation: PyTorch-only" in caplog.text
         assert mx.get_memory_limit() == 48 * 1024**3
         assert mx.set_cache_limit(2**40) == 1024**3
@@ -135,11 +140,15 @@ def test_missing_mlx_names_the_pip_command():
 # ------------------------------------------------------------------- sampling
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(max_new_tokens=10, seed=1),
-    SamplingParams(max_new_tokens=10, seed=(1, 2, 3), temperature=0.7, top_k=40, top_p=0.9, min_p=0.02),
-    SamplingParams(max_new_tokens=10, temperature=0.0),
-], ids=["plain", "filtered", "greedy"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_new_tokens=10, seed=1),
+        SamplingParams(max_new_tokens=10, seed=(1, 2, 3), temperature=0.7, top_k=40, top_p=0.9, min_p=0.02),
+        SamplingParams(max_new_tokens=10, temperature=0.0),
+    ],
+    ids=["plain", "filtered", "greedy"],
+)
 def test_sample_logprobs_equal_teacher_forced(lora, params):
     prompts = encode(lora)
     completions = lora.sample(prompts, n=3, params=params)
@@ -156,7 +165,8 @@ def test_sample_logprobs_equal_teacher_forced(lora, params):
 
 def test_left_padded_cached_decode_equals_full_forward(lora):
     # BatchKVCache offsets RoPE per row: a left-padded row decodes as if unpadded.
-    from rlaif_mlx.backends.mlx_ops import batch_cache as _batch_cache, left_pad as _left_pad
+    from rlaif_mlx.backends.mlx_ops import batch_cache as _batch_cache
+    from rlaif_mlx.backends.mlx_ops import left_pad as _left_pad
 
     prompts = encode(lora, ["def add(a, b):\n    return", "y"])
     extra = [[11, 12, 13, 14, 15], [21, 22, 23, 24, 25]]
@@ -166,7 +176,7 @@ def test_left_padded_cached_decode_equals_full_forward(lora):
     logits = lora._forward_step(ids, cache)
     for t in range(5):
         logits = lora._forward_step(mx.array([[extra[0][t]], [extra[1][t]]]), cache)
-    for row, (p, e) in enumerate(zip(prompts, extra)):
+    for row, (p, e) in enumerate(zip(prompts, extra, strict=True)):
         full = lora._model(mx.array([p + e]))[0, -1]
         np.testing.assert_allclose(np.array(logits[row]), np.array(full), atol=1e-4)
 

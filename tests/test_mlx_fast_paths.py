@@ -136,16 +136,16 @@ def test_logsumexp_and_its_gradient_equal_mlx_own():
 
 
 @pytest.mark.parametrize("kind", ["tied", "untied", "quantized"])
-def test_prefill_head_on_the_last_position_equals_the_full_forward(tiny_model_path, untied_path, quantized_path,
-                                                                    kind):
+def test_prefill_head_on_the_last_position_equals_the_full_forward(tiny_model_path, untied_path, quantized_path, kind):
     path = {"tied": tiny_model_path, "untied": untied_path, "quantized": quantized_path}[kind]
     backend = make(path)
     model = backend._model
     head = mlx_ops.lm_head(model)
     assert head is not None  # the fast path, not the fallback
     if kind == "untied":
-        assert head == model.lm_head and not np.array_equal(np.array(model.lm_head.weight),
-                                                            np.array(model.model.embed_tokens.weight))
+        assert head == model.lm_head and not np.array_equal(
+            np.array(model.lm_head.weight), np.array(model.model.embed_tokens.weight)
+        )
     if kind == "quantized":
         assert isinstance(model.model.embed_tokens, nn.QuantizedEmbedding)
     prompts = encode(backend)
@@ -224,10 +224,13 @@ def test_shared_prompt_gradients_equal_the_whole_row_gradients(tiny_model_path, 
     seqs = shared_prompt_batch()
     rng = np.random.default_rng(1)
     logp = whole_row_logp(backend._model, seqs)
-    batch = TrainBatch(sequences=seqs, advantages=rng.standard_normal(len(seqs)).astype(np.float32),
-                       token_weights=aggregation_weights(seqs.loss_mask).astype(np.float32),
-                       old_logp=logp + 0.1 * rng.standard_normal(logp.shape).astype(np.float32),
-                       ref_logp=logp - 0.05)
+    batch = TrainBatch(
+        sequences=seqs,
+        advantages=rng.standard_normal(len(seqs)).astype(np.float32),
+        token_weights=aggregation_weights(seqs.loss_mask).astype(np.float32),
+        old_logp=logp + 0.1 * rng.standard_normal(logp.shape).astype(np.float32),
+        ref_logp=logp - 0.05,
+    )
     if use_lora:  # B != 0, so the adapters' A gradients are not trivially zero
         for _, layer in mlx_ops.lora_layers(backend._model).items():
             layer.lora_b = mx.random.normal(layer.lora_b.shape, key=mx.random.key(5)) * 0.05
@@ -251,8 +254,11 @@ def test_shared_prompt_gradients_equal_the_whole_row_gradients(tiny_model_path, 
 def test_training_with_lora_dropout_keeps_whole_rows(tiny_model_path, monkeypatch):
     backend = make(tiny_model_path, model={"lora_dropout": 0.1})
     seqs = shared_prompt_batch()
-    batch = TrainBatch(sequences=seqs, advantages=np.ones(len(seqs), np.float32),
-                       token_weights=aggregation_weights(seqs.loss_mask).astype(np.float32))
+    batch = TrainBatch(
+        sequences=seqs,
+        advantages=np.ones(len(seqs), np.float32),
+        token_weights=aggregation_weights(seqs.loss_mask).astype(np.float32),
+    )
     monkeypatch.setattr(mlx_groups, "grouped_logp", lambda *a, **k: pytest.fail("a shared prompt under dropout"))
     backend._accumulate_gradients(batch, LossSettings())
 

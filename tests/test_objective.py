@@ -151,8 +151,15 @@ def test_masked_positions_torch_zero_grad():
         lp_np[MASK == 0] = junk
         lp = torch.tensor(lp_np, requires_grad=True)
         loss, _ = policy_loss(
-            ops, logp=lp, old_logp=None, ref_logp=ref, advantages=adv, token_weights=w,
-            clip_eps_low=0.2, clip_eps_high=0.2, kl_coef=0.05,
+            ops,
+            logp=lp,
+            old_logp=None,
+            ref_logp=ref,
+            advantages=adv,
+            token_weights=w,
+            clip_eps_low=0.2,
+            clip_eps_high=0.2,
+            kl_coef=0.05,
         )
         loss.backward()
         losses.append(loss.item())
@@ -178,8 +185,15 @@ def test_gradient_torch_matches_hand():
     for kl_coef in (0.0, 0.05):
         lp = torch.tensor(LOGP, requires_grad=True)
         loss, stats = policy_loss(
-            ops, logp=lp, old_logp=None, ref_logp=torch.tensor(ref_np), advantages=torch.tensor(adv_np),
-            token_weights=torch.tensor(w_np), clip_eps_low=0.2, clip_eps_high=0.2, kl_coef=kl_coef,
+            ops,
+            logp=lp,
+            old_logp=None,
+            ref_logp=torch.tensor(ref_np),
+            advantages=torch.tensor(adv_np),
+            token_weights=torch.tensor(w_np),
+            clip_eps_low=0.2,
+            clip_eps_high=0.2,
+            kl_coef=kl_coef,
         )
         loss.backward()
         np.testing.assert_allclose(lp.grad.numpy(), _expected_grad(LOGP, ref_np, adv_np, w_np, kl_coef), atol=1e-12)
@@ -189,9 +203,15 @@ def test_gradient_torch_matches_hand():
     # Clipped tokens get no policy-gradient signal: r=1.5, A=+1.
     lp = torch.zeros(1, 1, requires_grad=True)
     loss, _ = policy_loss(
-        ops, logp=lp, old_logp=torch.full((1, 1), -math.log(1.5)), ref_logp=None,
-        advantages=torch.tensor([1.0]), token_weights=torch.ones(1, 1, dtype=torch.float64),
-        clip_eps_low=0.2, clip_eps_high=0.2, kl_coef=0.0,
+        ops,
+        logp=lp,
+        old_logp=torch.full((1, 1), -math.log(1.5)),
+        ref_logp=None,
+        advantages=torch.tensor([1.0]),
+        token_weights=torch.ones(1, 1, dtype=torch.float64),
+        clip_eps_low=0.2,
+        clip_eps_high=0.2,
+        kl_coef=0.0,
     )
     loss.backward()
     assert lp.grad.item() == 0.0
@@ -205,10 +225,18 @@ def test_gradient_mlx_matches_hand():
     adv_np = np.array([0.7, -1.1])
     f32 = lambda a: mx.array(np.asarray(a, dtype=np.float32))  # noqa: E731
     for kl_coef in (0.0, 0.05):
+
         def f(lp):
             loss, _ = policy_loss(
-                ops, logp=lp, old_logp=None, ref_logp=f32(ref_np), advantages=f32(adv_np),
-                token_weights=f32(w_np), clip_eps_low=0.2, clip_eps_high=0.2, kl_coef=kl_coef,
+                ops,
+                logp=lp,
+                old_logp=None,
+                ref_logp=f32(ref_np),
+                advantages=f32(adv_np),
+                token_weights=f32(w_np),
+                clip_eps_low=0.2,
+                clip_eps_high=0.2,
+                kl_coef=kl_coef,
             )
             return loss
 
@@ -260,7 +288,9 @@ def test_micro_batches_sum_to_full_loss(aggregation):
     )
     parts = [slice(0, 2), slice(2, 4), slice(4, 5)]
     outs = [
-        policy_loss(NUMPY_OPS, logp=logp[s], old_logp=old[s], ref_logp=ref[s], advantages=adv[s], token_weights=w[s], **kw)
+        policy_loss(
+            NUMPY_OPS, logp=logp[s], old_logp=old[s], ref_logp=ref[s], advantages=adv[s], token_weights=w[s], **kw
+        )
         for s in parts
     ]
     assert sum(float(o[0]) for o in outs) == pytest.approx(float(full))

@@ -18,13 +18,15 @@ BLOCK = textwrap.dedent("""
 
 
 def run_blocked(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", BLOCK + textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", BLOCK + textwrap.dedent(code)], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_import_and_help_without_frameworks():
     result = run_blocked("""
-        import rlaif_mlx, rlaif_mlx.training.trainer, rlaif_mlx.training.setup, rlaif_mlx.rewards.pipeline, rlaif_mlx.config
+        import rlaif_mlx, rlaif_mlx.config, rlaif_mlx.rewards.pipeline
+        import rlaif_mlx.training.setup, rlaif_mlx.training.trainer
         from rlaif_mlx.cli import main
         assert not any(m.split(".")[0] in {"torch", "mlx", "transformers"} for m in sys.modules)
         try:

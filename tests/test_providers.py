@@ -37,22 +37,32 @@ SCHEMA = {
 PROVIDERS = ["anthropic", "openai"]
 
 
-def make_client(provider: str, server: LLMServer, *, timeout_s: float = 5.0, max_retries: int = 0,
-                **kwargs: Any) -> AnthropicClient | OpenAIClient:
+def make_client(
+    provider: str, server: LLMServer, *, timeout_s: float = 5.0, max_retries: int = 0, **kwargs: Any
+) -> AnthropicClient | OpenAIClient:
     if provider == "anthropic":
-        return AnthropicClient("claude-test", api_key=KEY, base_url=server.url, timeout_s=timeout_s,
-                               max_retries=max_retries, **kwargs)
-    return OpenAIClient(kwargs.pop("model", "gpt-4.1-mini"), api_key=KEY, base_url=server.openai_url,
-                        timeout_s=timeout_s, max_retries=max_retries, **kwargs)
+        return AnthropicClient(
+            "claude-test", api_key=KEY, base_url=server.url, timeout_s=timeout_s, max_retries=max_retries, **kwargs
+        )
+    return OpenAIClient(
+        kwargs.pop("model", "gpt-4.1-mini"),
+        api_key=KEY,
+        base_url=server.openai_url,
+        timeout_s=timeout_s,
+        max_retries=max_retries,
+        **kwargs,
+    )
 
 
 def complete(client: AnthropicClient | OpenAIClient, calls: int = 1) -> RawAnswer:
     """Runs ``calls`` completions one after the other and closes the client; returns the last answer."""
+
     async def go() -> RawAnswer:
         try:
             for _ in range(calls):
-                answer = await client.complete(system="You grade code.", user="def f(): pass", schema=SCHEMA,
-                                               max_tokens=256)
+                answer = await client.complete(
+                    system="You grade code.", user="def f(): pass", schema=SCHEMA, max_tokens=256
+                )
             return answer
         finally:
             await client.close()
@@ -78,8 +88,9 @@ def test_anthropic_scores_come_back_through_the_forced_tool(llm_server: LLMServe
     assert request.path == "/v1/messages"
     assert request.headers["authorization"] == f"Bearer {KEY}"  # SDK 2.x sends the key as a bearer token
     body = request.body
-    assert body["tools"] == [{"name": TOOL_NAME, "description": body["tools"][0]["description"],
-                              "input_schema": SCHEMA}]
+    assert body["tools"] == [
+        {"name": TOOL_NAME, "description": body["tools"][0]["description"], "input_schema": SCHEMA}
+    ]
     assert body["tool_choice"] == {"type": "tool", "name": TOOL_NAME}
     assert body["system"] == "You grade code."
     assert body["messages"] == [{"role": "user", "content": "def f(): pass"}]
@@ -96,10 +107,14 @@ def test_openai_scores_come_back_as_strict_json_schema(llm_server: LLMServer) ->
     assert request.path == "/v1/chat/completions"
     assert request.headers["authorization"] == f"Bearer {KEY}"
     body = request.body
-    assert body["response_format"] == {"type": "json_schema",
-                                       "json_schema": {"name": "scores", "schema": SCHEMA, "strict": True}}
-    assert body["messages"] == [{"role": "system", "content": "You grade code."},
-                                {"role": "user", "content": "def f(): pass"}]
+    assert body["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "scores", "schema": SCHEMA, "strict": True},
+    }
+    assert body["messages"] == [
+        {"role": "system", "content": "You grade code."},
+        {"role": "user", "content": "def f(): pass"},
+    ]
     assert body["max_completion_tokens"] == 256 and "max_tokens" not in body
     assert body["temperature"] == 0.3
 
@@ -138,8 +153,9 @@ def test_requests_run_concurrently(llm_server: LLMServer) -> None:
 
     async def go() -> list[RawAnswer]:
         try:
-            return await asyncio.gather(*[client.complete(system="s", user=str(i), schema=SCHEMA, max_tokens=64)
-                                          for i in range(4)])
+            return await asyncio.gather(
+                *[client.complete(system="s", user=str(i), schema=SCHEMA, max_tokens=64) for i in range(4)]
+            )
         finally:
             await client.close()
 
@@ -255,12 +271,16 @@ def test_server_stop_ends_hung_handlers() -> None:
 # ----------------------------------------------------------------------------- openai_compatible fallback
 
 
-def test_compatible_server_without_json_schema_falls_back_once(llm_server: LLMServer,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compatible_server_without_json_schema_falls_back_once(
+    llm_server: LLMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     llm_server.reject_response_format = True
-    client = create_client(TeacherConfig(provider="openai_compatible", model="local", base_url=llm_server.openai_url,
-                                         max_retries=0, cache_path=None))
+    client = create_client(
+        TeacherConfig(
+            provider="openai_compatible", model="local", base_url=llm_server.openai_url, max_retries=0, cache_path=None
+        )
+    )
     assert isinstance(client, OpenAIClient)
 
     answer = complete(client, calls=2)
@@ -287,13 +307,17 @@ def test_openai_proper_does_not_fall_back(llm_server: LLMServer) -> None:
 # ----------------------------------------------------------------------------- keys
 
 
-@pytest.mark.parametrize(("provider", "env", "variable"), [
-    ("anthropic", None, "ANTHROPIC_API_KEY"),
-    ("openai", None, "OPENAI_API_KEY"),
-    ("anthropic", "MY_JUDGE_KEY", "MY_JUDGE_KEY"),
-])
-def test_missing_key_names_the_variable(monkeypatch: pytest.MonkeyPatch, provider: str, env: str | None,
-                                        variable: str) -> None:
+@pytest.mark.parametrize(
+    ("provider", "env", "variable"),
+    [
+        ("anthropic", None, "ANTHROPIC_API_KEY"),
+        ("openai", None, "OPENAI_API_KEY"),
+        ("anthropic", "MY_JUDGE_KEY", "MY_JUDGE_KEY"),
+    ],
+)
+def test_missing_key_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, provider: str, env: str | None, variable: str
+) -> None:
     monkeypatch.delenv(variable, raising=False)
 
     with pytest.raises(MissingApiKey) as info:
@@ -304,19 +328,22 @@ def test_missing_key_names_the_variable(monkeypatch: pytest.MonkeyPatch, provide
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_key_from_the_environment_is_sent_and_never_shown(llm_server: LLMServer, monkeypatch: pytest.MonkeyPatch,
-                                                          provider: str) -> None:
+def test_key_from_the_environment_is_sent_and_never_shown(
+    llm_server: LLMServer, monkeypatch: pytest.MonkeyPatch, provider: str
+) -> None:
     variable = "ANTHROPIC_API_KEY" if provider == "anthropic" else "OPENAI_API_KEY"
     monkeypatch.setenv(variable, KEY)
     base_url = llm_server.url if provider == "anthropic" else llm_server.openai_url
-    client = create_client(TeacherConfig(provider=provider, model="m", base_url=base_url, max_retries=0,
-                                         cache_path=None))
+    client = create_client(
+        TeacherConfig(provider=provider, model="m", base_url=base_url, max_retries=0, cache_path=None)
+    )
 
     ours = {name: value for name, value in vars(client).items() if name != "_sdk"}  # the SDK client must hold it
     assert KEY not in repr(client) and KEY not in repr(ours)
     assert complete(client).data == DEFAULT_SCORES
     assert llm_server.requests[0].headers["authorization"] == f"Bearer {KEY}"
     llm_server.add_fault("500")
-    exc = fail(create_client(TeacherConfig(provider=provider, model="m", base_url=base_url, max_retries=0,
-                                           cache_path=None)))
+    exc = fail(
+        create_client(TeacherConfig(provider=provider, model="m", base_url=base_url, max_retries=0, cache_path=None))
+    )
     assert KEY not in describe_error(exc) and KEY not in str(exc)

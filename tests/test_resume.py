@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import yaml
 
-from rlaif_mlx.training.checkpoint import CheckpointError, config_differences, find_checkpoint
 from rlaif_mlx.config import load_config
 from rlaif_mlx.data.tasks import load_tasks
 from rlaif_mlx.monitor.metrics import JsonlSink, read_metrics
 from rlaif_mlx.rewards.pipeline import RewardResult
+from rlaif_mlx.training.checkpoint import CheckpointError, config_differences, find_checkpoint
 from rlaif_mlx.training.trainer import ScoringFailed, Trainer
 
 TASKS = [
@@ -32,16 +32,33 @@ def make_config(tmp_path: Path, model_path: Path, run: str, *, ahead: bool = Fal
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join(json.dumps(t) + "\n" for t in TASKS))
     config = {
-        "seed": 5, "backend": "torch", "output_dir": str(tmp_path / run),
+        "seed": 5,
+        "backend": "torch",
+        "output_dir": str(tmp_path / run),
         "model": {"base_model": str(model_path), "use_lora": True, "lora_r": 4},
         "data": {"train_file": str(tasks)},
         # constant + warm-up: the LR still changes each step, but not with max_steps,
         # so a shorter first leg sees the same LRs as the uninterrupted run
-        "training": {"max_steps": 4, "batch_size": 2, "micro_batch_size": 4, "learning_rate": 1e-2,
-                     "lr_scheduler_type": "constant", "warmup_steps": 3, "save_steps": 2, "save_total_limit": 2,
-                     "sft_warmup_steps": 2, "sft_batch_size": 2, **training},
-        "rlaif": {"num_samples_per_prompt": 2, "max_new_tokens": 16, "baseline": "ema", "kl_penalty": 0.1,
-                  "sample_ahead": ahead},
+        "training": {
+            "max_steps": 4,
+            "batch_size": 2,
+            "micro_batch_size": 4,
+            "learning_rate": 1e-2,
+            "lr_scheduler_type": "constant",
+            "warmup_steps": 3,
+            "save_steps": 2,
+            "save_total_limit": 2,
+            "sft_warmup_steps": 2,
+            "sft_batch_size": 2,
+            **training,
+        },
+        "rlaif": {
+            "num_samples_per_prompt": 2,
+            "max_new_tokens": 16,
+            "baseline": "ema",
+            "kl_penalty": 0.1,
+            "sample_ahead": ahead,
+        },
         "curriculum": {"enabled": True, "num_buckets": 2, "advance_after_steps": 2, "mix_previous": 0.5},
     }
     path = tmp_path / f"{run}-{training.get('max_steps', 4)}.yaml"
@@ -65,13 +82,21 @@ def make_trainer(config, rewards, log=lambda line: None) -> Trainer:
     from rlaif_mlx.backends.torch import create
 
     backend = create(config.model, config.training, seed=config.seed, total_steps=config.training.max_steps)
-    return Trainer(config, backend=backend, train=load_tasks(config.data.train_file), rewards=rewards,
-                   output_dir=Path(config.output_dir), log=log)
+    return Trainer(
+        config,
+        backend=backend,
+        train=load_tasks(config.data.train_file),
+        rewards=rewards,
+        output_dir=Path(config.output_dir),
+        log=log,
+    )
 
 
 def numeric(records):
-    return [{k: v for k, v in r.items() if isinstance(v, (int, float, type(None))) and not k.endswith(TIMING_KEYS)}
-            for r in records]
+    return [
+        {k: v for k, v in r.items() if isinstance(v, (int, float, type(None))) and not k.endswith(TIMING_KEYS)}
+        for r in records
+    ]
 
 
 def weights(checkpoint: Path) -> dict[str, np.ndarray]:
@@ -95,8 +120,9 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_model_path, ahe
     make_trainer(make_config(tmp_path, tiny_model_path, "part", ahead=ahead, max_steps=3), _TextRewards()).run()
     assert [r["step"] for r in read_metrics(tmp_path / "part" / "metrics.jsonl")] == [1, 2, 3]
     lines: list[str] = []
-    resumed = make_trainer(make_config(tmp_path, tiny_model_path, "part", ahead=ahead, max_steps=4),
-                           _TextRewards(), lines.append)
+    resumed = make_trainer(
+        make_config(tmp_path, tiny_model_path, "part", ahead=ahead, max_steps=4), _TextRewards(), lines.append
+    )
     resumed.restore(tmp_path / "part" / "checkpoints" / "step-000002")
     assert resumed.step == 2
     assert [r["step"] for r in resumed.run()] == [3, 4]
@@ -122,8 +148,9 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_model_path, ahe
 def test_a_resumed_run_keeps_counting_unscored_steps(tmp_path, tiny_model_path):
     first = make_config(tmp_path, tiny_model_path, "run", max_steps=2, sft_warmup_steps=0)
     make_trainer(first, _BrokenRewards()).run()  # 2 unscored steps: one short of stopping
-    resumed = make_trainer(make_config(tmp_path, tiny_model_path, "run", max_steps=5, sft_warmup_steps=0),
-                           _BrokenRewards())
+    resumed = make_trainer(
+        make_config(tmp_path, tiny_model_path, "run", max_steps=5, sft_warmup_steps=0), _BrokenRewards()
+    )
     resumed.restore(find_checkpoint(tmp_path / "run"))
     with pytest.raises(ScoringFailed, match="3 consecutive steps"):
         resumed.run()
@@ -140,14 +167,28 @@ def test_restore_refuses_a_config_that_changes_the_run(tmp_path, tiny_model_path
 
 
 def test_config_differences_ignore_where_and_how_long_a_run_goes():
-    saved = {"seed": 0, "output_dir": "a", "model": {"base_model": "m", "lora_r": 4, "torch": {"device": "cpu"}},
-             "training": {"max_steps": 2, "batch_size": 2}, "logging": {"log_every": 1},
-             "rewards": {"weights": {"tests": 1.0}}}
-    current = {"seed": 1, "output_dir": "b", "model": {"base_model": "n", "lora_r": 8, "torch": {"device": "cuda"}},
-               "training": {"max_steps": 9, "batch_size": 2}, "logging": {"log_every": 5},
-               "rewards": {"weights": {"tests": 0.9, "parses": 0.1}}}
-    assert config_differences(saved, current) == ["model.lora_r", "rewards.weights.parses",
-                                                  "rewards.weights.tests", "seed"]
+    saved = {
+        "seed": 0,
+        "output_dir": "a",
+        "model": {"base_model": "m", "lora_r": 4, "torch": {"device": "cpu"}},
+        "training": {"max_steps": 2, "batch_size": 2},
+        "logging": {"log_every": 1},
+        "rewards": {"weights": {"tests": 1.0}},
+    }
+    current = {
+        "seed": 1,
+        "output_dir": "b",
+        "model": {"base_model": "n", "lora_r": 8, "torch": {"device": "cuda"}},
+        "training": {"max_steps": 9, "batch_size": 2},
+        "logging": {"log_every": 5},
+        "rewards": {"weights": {"tests": 0.9, "parses": 0.1}},
+    }
+    assert config_differences(saved, current) == [
+        "model.lora_r",
+        "rewards.weights.parses",
+        "rewards.weights.tests",
+        "seed",
+    ]
     assert config_differences(saved, saved) == []
 
 

@@ -99,8 +99,9 @@ def test_structured_data_wins_over_text():
 
 
 def test_structured_data_without_criteria_falls_back_to_text():
-    answer = RawAnswer(data={"unrelated": 1}, text="correctness: 5\nquality: 5\nefficiency: 5\nreadability: 5",
-                       usage=Usage())
+    answer = RawAnswer(
+        data={"unrelated": 1}, text="correctness: 5\nquality: 5\nefficiency: 5\nreadability: 5", usage=Usage()
+    )
     criteria, _ = parse_scores(answer)
     assert criteria == dict.fromkeys(CRITERIA, 0.5)
 
@@ -113,17 +114,21 @@ def test_parse_json_text():
 
 
 def test_parse_fenced_json_with_prose_around_it():
-    text = ("Here is my review of the code.\n\n```json\n"
-            '{"correctness": 4, "quality": 5, "efficiency": 6, "readability": 7, "rationale": "fails on []"}\n'
-            "```\nLet me know if you need more detail {not json}.")
+    text = (
+        "Here is my review of the code.\n\n```json\n"
+        '{"correctness": 4, "quality": 5, "efficiency": 6, "readability": 7, "rationale": "fails on []"}\n'
+        "```\nLet me know if you need more detail {not json}."
+    )
     criteria, rationale = parse_scores(text_answer(text))
     assert criteria == pytest.approx({"correctness": 0.4, "quality": 0.5, "efficiency": 0.6, "readability": 0.7})
     assert rationale == "fails on []"
 
 
 def test_parse_first_object_that_parses_and_nested_scores():
-    text = ('Note {this is not JSON}. Scores: {"scores": {"Correctness": 8, "Quality": 8, '
-            '"Efficiency": 8, "Readability": 8}, "rationale": "nested"} trailing')
+    text = (
+        'Note {this is not JSON}. Scores: {"scores": {"Correctness": 8, "Quality": 8, '
+        '"Efficiency": 8, "Readability": 8}, "rationale": "nested"} trailing'
+    )
     criteria, rationale = parse_scores(text_answer(text))
     assert criteria == dict.fromkeys(CRITERIA, 0.8) and rationale == "nested"
 
@@ -135,8 +140,10 @@ def test_parse_numeric_strings_floats_and_fractions():
 
 
 def test_parse_score_lines():
-    text = ("**Review**\n- **Correctness**: 7/10\n- Quality - 6\n- Efficiency (0-10) = 5.5\n"
-            "* readability: 8 out of 10\nRationale: handles the empty list but is slow.")
+    text = (
+        "**Review**\n- **Correctness**: 7/10\n- Quality - 6\n- Efficiency (0-10) = 5.5\n"
+        "* readability: 8 out of 10\nRationale: handles the empty list but is slow."
+    )
     criteria, rationale = parse_scores(text_answer(text))
     assert criteria == pytest.approx({"correctness": 0.7, "quality": 0.6, "efficiency": 0.55, "readability": 0.8})
     assert rationale == "handles the empty list but is slow."
@@ -148,22 +155,30 @@ def test_parse_json_cut_short_by_max_tokens():
     assert criteria == pytest.approx({"correctness": 0.6, "quality": 0.7, "efficiency": 0.8, "readability": 0.9})
 
 
-@pytest.mark.parametrize("answer", [
-    text_answer('{"correctness": 7, "quality": 7, "efficiency": 7, "rationale": "no readability"}'),
-    text_answer("correctness: 7/10\nquality: 6/10\nefficiency: 5/10"),
-    RawAnswer(data={"correctness": 7, "quality": 7, "efficiency": 7}, text="", usage=Usage()),
-])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        text_answer('{"correctness": 7, "quality": 7, "efficiency": 7, "rationale": "no readability"}'),
+        text_answer("correctness: 7/10\nquality: 6/10\nefficiency: 5/10"),
+        RawAnswer(data={"correctness": 7, "quality": 7, "efficiency": 7}, text="", usage=Usage()),
+    ],
+)
 def test_missing_criterion_is_unparseable(answer):
     with pytest.raises(UnparseableAnswer, match="readability"):
         parse_scores(answer)
 
 
-@pytest.mark.parametrize("answer", [
-    text_answer('{"correctness": 11, "quality": 7, "efficiency": 7, "readability": 7}'),
-    text_answer("correctness: 7\nquality: 11/10\nefficiency: 5\nreadability: 5"),
-    text_answer('{"correctness": -1, "quality": 7, "efficiency": 7, "readability": 7}'),
-    RawAnswer(data={"correctness": 7, "quality": 7, "efficiency": "7", "readability": "12"}, text="", usage=Usage()),
-])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        text_answer('{"correctness": 11, "quality": 7, "efficiency": 7, "readability": 7}'),
+        text_answer("correctness: 7\nquality: 11/10\nefficiency: 5\nreadability: 5"),
+        text_answer('{"correctness": -1, "quality": 7, "efficiency": 7, "readability": 7}'),
+        RawAnswer(
+            data={"correctness": 7, "quality": 7, "efficiency": "7", "readability": "12"}, text="", usage=Usage()
+        ),
+    ],
+)
 def test_out_of_range_is_unparseable_not_clamped(answer):
     with pytest.raises(UnparseableAnswer, match="outside 0-10"):
         parse_scores(answer)

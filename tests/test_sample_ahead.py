@@ -7,12 +7,12 @@ import threading
 
 import numpy as np
 import yaml
+from test_trainer import TASKS, write_config
 
 from rlaif_mlx.config import load_config
 from rlaif_mlx.data.tasks import TaskSet
 from rlaif_mlx.rewards.pipeline import RewardResult
 from rlaif_mlx.training.trainer import Trainer
-from test_trainer import TASKS, write_config
 
 
 class _TextRewards:
@@ -74,7 +74,7 @@ def test_a_sampled_ahead_batch_is_trained_with_the_ratio_against_its_sampling_po
     # Stale samples: the ratio is against the log-probs recorded when they were sampled.
     for row, c in enumerate(pending.completions):
         start = len(c.prompt_ids) - 1
-        np.testing.assert_array_equal(seen[1][row, start:start + len(c.logprobs)], np.float32(c.logprobs))
+        np.testing.assert_array_equal(seen[1][row, start : start + len(c.logprobs)], np.float32(c.logprobs))
 
 
 def test_scoring_overlaps_sampling_the_next_batch(tmp_path, tiny_model_path):
@@ -119,11 +119,14 @@ def test_a_saved_batch_is_whole_and_each_process_takes_back_its_share():
     from rlaif_mlx.training.sample_ahead import PendingBatch
 
     def completion(prompt, sample):
-        return Completion(f"{prompt}-{sample}", prompt, sample, (1, 2), (3 + prompt, 4), (-0.5, -0.25),
-                          f"text {prompt}", "length")
+        return Completion(
+            f"{prompt}-{sample}", prompt, sample, (1, 2), (3 + prompt, 4), (-0.5, -0.25), f"text {prompt}", "length"
+        )
 
-    shares = [PendingBatch(7, ["a", "b", "c", "d"], [completion(p, s) for p in range(2) for s in range(2)], 1.5, 6)
-              for _ in range(2)]
+    shares = [
+        PendingBatch(7, ["a", "b", "c", "d"], [completion(p, s) for p in range(2) for s in range(2)], 1.5, 6)
+        for _ in range(2)
+    ]
     shares[1].completions = [completion(p, s) for p in range(2) for s in range(2)]
 
     @dataclass(frozen=True)

@@ -17,9 +17,15 @@ import pytest
 from rlaif_mlx.teachers.cache import ScoreCache, ScoreCacheError, judgement_key, reference_key
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = dict(provider="anthropic", model="claude-haiku-4-5", rubric_version="1", prompt="Write add.",
-            completion="def add(a, b): return a + b", reference=None,
-            weights={"correctness": 0.6, "quality": 0.4})
+BASE = dict(
+    provider="anthropic",
+    model="claude-haiku-4-5",
+    rubric_version="1",
+    prompt="Write add.",
+    completion="def add(a, b): return a + b",
+    reference=None,
+    weights={"correctness": 0.6, "quality": 0.4},
+)
 
 
 def test_judgement_key_is_stable_and_depends_on_every_field():
@@ -28,12 +34,19 @@ def test_judgement_key_is_stable_and_depends_on_every_field():
     assert judgement_key(**BASE) == key
     # Weight order and int-vs-float spelling do not matter ...
     assert judgement_key(**{**BASE, "weights": {"quality": 0.4, "correctness": 0.6}}) == key
-    assert judgement_key(**{**BASE, "weights": {"correctness": 1, "quality": 0}}) == \
-        judgement_key(**{**BASE, "weights": {"correctness": 1.0, "quality": 0.0}})
+    assert judgement_key(**{**BASE, "weights": {"correctness": 1, "quality": 0}}) == judgement_key(
+        **{**BASE, "weights": {"correctness": 1.0, "quality": 0.0}}
+    )
     # ... every field's value does.
-    changes = {"provider": "openai", "model": "claude-sonnet-4-5", "rubric_version": "2", "prompt": "Write sub.",
-               "completion": "def add(a, b): return b + a", "reference": "def add(a, b): return a + b",
-               "weights": {"correctness": 0.5, "quality": 0.5}}
+    changes = {
+        "provider": "openai",
+        "model": "claude-sonnet-4-5",
+        "rubric_version": "2",
+        "prompt": "Write sub.",
+        "completion": "def add(a, b): return b + a",
+        "reference": "def add(a, b): return a + b",
+        "weights": {"correctness": 0.5, "quality": 0.5},
+    }
     keys = {judgement_key(**{**BASE, field: value}) for field, value in changes.items()}
     assert len(keys) == len(changes) and key not in keys
     assert judgement_key(**{**BASE, "reference": ""}) != key  # "" is not None
@@ -43,8 +56,9 @@ def test_reference_key_differs_from_judgement_key():
     ref = reference_key(provider="anthropic", model="m", rubric_version="1", prompt="p", language="python")
     assert ref == reference_key(provider="anthropic", model="m", rubric_version="1", prompt="p", language="python")
     assert ref != reference_key(provider="anthropic", model="m", rubric_version="1", prompt="p", language="rust")
-    assert ref != judgement_key(provider="anthropic", model="m", rubric_version="1", prompt="p",
-                                completion="python", reference=None, weights={})
+    assert ref != judgement_key(
+        provider="anthropic", model="m", rubric_version="1", prompt="p", completion="python", reference=None, weights={}
+    )
 
 
 def test_put_get_replace_and_persist(tmp_path):
@@ -119,6 +133,7 @@ def test_garbage_file_gives_one_clear_line(tmp_path):
 def test_threads_share_one_cache(tmp_path):
     errors: list[BaseException] = []
     with ScoreCache(tmp_path / "c.sqlite", ttl_s=None) as cache:
+
         def work(t: int) -> None:
             try:
                 for i in range(100):
@@ -174,14 +189,22 @@ _WORKER = textwrap.dedent("""
 def test_processes_write_and_read_one_file_concurrently(tmp_path):
     path, go, n_procs = tmp_path / "shared.sqlite", tmp_path / "go", 4
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(path), str(me), str(n_procs), str(go)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for me in range(n_procs)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(path), str(me), str(n_procs), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for me in range(n_procs)
+    ]
     # Release all writers at once, after each has opened the (fresh) file.
     deadline = time.time() + 30
     while not all(Path(f"{go}.ready{me}").exists() for me in range(n_procs)):
-        assert time.time() < deadline and all(p.poll() is None for p in procs), \
-            [p.communicate() for p in procs if p.poll() is not None]
+        assert time.time() < deadline and all(p.poll() is None for p in procs), [
+            p.communicate() for p in procs if p.poll() is not None
+        ]
         time.sleep(0.01)
     go.touch()
     results = []

@@ -24,15 +24,24 @@ EXPECTED = weighted_score({k: DEFAULT_SCORES[k] / 10 for k in WEIGHTS}, WEIGHTS)
 
 
 def make(server, tmp_path, *, provider: str = "openai_compatible", **overrides) -> Teacher:
-    settings = {"provider": provider, "model": "judge-1", "max_retries": 0, "timeout_s": 5,
-                "cache_path": str(tmp_path / "cache.sqlite"),
-                "base_url": server.openai_url if provider != "anthropic" else server.url} | overrides
+    settings = {
+        "provider": provider,
+        "model": "judge-1",
+        "max_retries": 0,
+        "timeout_s": 5,
+        "cache_path": str(tmp_path / "cache.sqlite"),
+        "base_url": server.openai_url if provider != "anthropic" else server.url,
+    } | overrides
     return Teacher(TeacherConfig(**settings))
 
 
 def requests(n: int, *, prefix: str = "c") -> list[JudgeRequest]:
-    return [JudgeRequest(uid=f"{prefix}{i}", prompt="Write add(a, b).",
-                         completion=f"def add(a, b):\n    return a + b  # {prefix}{i}") for i in range(n)]
+    return [
+        JudgeRequest(
+            uid=f"{prefix}{i}", prompt="Write add(a, b).", completion=f"def add(a, b):\n    return a + b  # {prefix}{i}"
+        )
+        for i in range(n)
+    ]
 
 
 @pytest.mark.parametrize("provider", ["anthropic", "openai", "openai_compatible"])
@@ -153,15 +162,22 @@ def test_the_budget_stops_before_overspending_and_keeps_what_was_paid(llm_server
 
 def test_the_reward_pipeline_asks_only_about_code_that_passes_the_gate(llm_server, tmp_path):
     teacher = make(llm_server, tmp_path, cache_path=None, gate="parses")
-    pipeline = RewardPipeline(RewardConfig(weights={"parses": 0.1, "tests": 0.6, "teacher": 0.3}, test_timeout_s=5),
-                              teacher=teacher)
-    task = Task(id="add", prompt="Write add(a, b).", tests="assert add(1, 2) == 3\nassert add(0, 0) == 0",
-                reference="def add(a, b):\n    return a + b\n")
-    results = pipeline.score([
-        ("good", task, "```python\ndef add(a, b):\n    return a + b\n```"),
-        ("wrong", task, "```python\ndef add(a, b):\n    return a - b\n```"),
-        ("broken", task, "```python\ndef add(a, b) return\n```"),
-    ])
+    pipeline = RewardPipeline(
+        RewardConfig(weights={"parses": 0.1, "tests": 0.6, "teacher": 0.3}, test_timeout_s=5), teacher=teacher
+    )
+    task = Task(
+        id="add",
+        prompt="Write add(a, b).",
+        tests="assert add(1, 2) == 3\nassert add(0, 0) == 0",
+        reference="def add(a, b):\n    return a + b\n",
+    )
+    results = pipeline.score(
+        [
+            ("good", task, "```python\ndef add(a, b):\n    return a + b\n```"),
+            ("wrong", task, "```python\ndef add(a, b):\n    return a - b\n```"),
+            ("broken", task, "```python\ndef add(a, b) return\n```"),
+        ]
+    )
     assert llm_server.count() == 2  # "broken" does not parse: no call
     sent = [r.body["messages"][-1]["content"] for r in llm_server.requests]
     assert any("return a + b" in s for s in sent) and all("def add(a, b):\n    return a + b" in s for s in sent)
@@ -196,7 +212,9 @@ def test_the_teacher_writes_a_reference_once_and_the_rubric_uses_it(llm_server, 
 
     pipeline.score([("b", task, "def add(a, b):\n    return b + a")])
     assert llm_server.count() == 3  # the reference was not asked for again
-    fresh = RewardPipeline(RewardConfig(weights={"tests": 0.5, "teacher": 0.5}),
-                           teacher=make(llm_server, tmp_path, write_reference=True, gate="always"))
+    fresh = RewardPipeline(
+        RewardConfig(weights={"tests": 0.5, "teacher": 0.5}),
+        teacher=make(llm_server, tmp_path, write_reference=True, gate="always"),
+    )
     fresh.score([("c", task, "def add(a, b):\n    return a + b")])
     assert llm_server.count() == 3  # a new run: reference and judgement both come from the cache

@@ -23,10 +23,18 @@ from rlaif_mlx.monitor.metrics import read_metrics
 SECRET = "sk-ant-test-SECRET-7f3a9c0d"
 ENV_CHECK = "import os\nassert not any('SECRET' in v for v in os.environ.values())\n"
 TASKS = [
-    {"id": "add", "prompt": "Write add(a, b).", "reference": "def add(a, b):\n    return a + b\n",
-     "tests": ENV_CHECK + "assert add(1, 2) == 3\nassert add(2, 2) == 4"},
-    {"id": "neg", "prompt": "Write neg(x).", "reference": "def neg(x):\n    return -x\n",
-     "tests": ENV_CHECK + "assert neg(1) == -1"},
+    {
+        "id": "add",
+        "prompt": "Write add(a, b).",
+        "reference": "def add(a, b):\n    return a + b\n",
+        "tests": ENV_CHECK + "assert add(1, 2) == 3\nassert add(2, 2) == 4",
+    },
+    {
+        "id": "neg",
+        "prompt": "Write neg(x).",
+        "reference": "def neg(x):\n    return -x\n",
+        "tests": ENV_CHECK + "assert neg(1) == -1",
+    },
 ]
 
 
@@ -34,15 +42,24 @@ def write_run(tmp_path: Path, model: Path, server, **teacher) -> Path:
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join(json.dumps(t) + "\n" for t in TASKS))
     config = {
-        "seed": 0, "backend": "torch", "output_dir": str(tmp_path / "run"),
+        "seed": 0,
+        "backend": "torch",
+        "output_dir": str(tmp_path / "run"),
         "model": {"base_model": str(model), "lora_r": 4},
         "data": {"train_file": str(tasks)},
         "training": {"max_steps": 3, "batch_size": 2, "micro_batch_size": 4, "learning_rate": 1e-3, "save_steps": 1},
         "rlaif": {"num_samples_per_prompt": 2, "max_new_tokens": 8},
         "rewards": {"weights": {"parses": 0.2, "tests": 0.5, "teacher": 0.3}, "test_timeout_s": 5},
-        "teacher": {"provider": "anthropic", "model": "claude-sonnet-5-5", "base_url": server.url,
-                    "api_key_env": "RLAIF_TEST_KEY", "max_retries": 0, "gate": "always",
-                    "cache_path": str(tmp_path / "cache.sqlite")} | teacher,
+        "teacher": {
+            "provider": "anthropic",
+            "model": "claude-sonnet-5-5",
+            "base_url": server.url,
+            "api_key_env": "RLAIF_TEST_KEY",
+            "max_retries": 0,
+            "gate": "always",
+            "cache_path": str(tmp_path / "cache.sqlite"),
+        }
+        | teacher,
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -82,8 +99,9 @@ def test_a_missing_key_is_one_line_naming_the_variable(llm_server, tiny_model_pa
     assert llm_server.count() == 0
 
 
-def test_the_budget_stops_the_run_with_a_checkpoint_and_resume_continues(llm_server, tiny_model_path, tmp_path,
-                                                                          monkeypatch, capsys):
+def test_the_budget_stops_the_run_with_a_checkpoint_and_resume_continues(
+    llm_server, tiny_model_path, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("RLAIF_TEST_KEY", "k")
     # 600 + 150 tokens at $1000 / Mtok: $0.75 a judgement, $3.00 a step (4 samples): a 2nd step would pass $5
     llm_server.input_tokens, llm_server.output_tokens = 600, 150
@@ -129,8 +147,12 @@ def test_score_writes_one_line_per_completion(llm_server, tmp_path, monkeypatch,
     llm_server.answer = lambda request: "cannot say"
     lines.append({"task_id": "neg", "completion": "def neg(x):\n    return 0 - x"})
     completions.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    assert main(["score", "--config", str(config), "--completions", str(completions),
-                 "--out", str(tmp_path / "out.jsonl")]) == 0
+    assert (
+        main(
+            ["score", "--config", str(config), "--completions", str(completions), "--out", str(tmp_path / "out.jsonl")]
+        )
+        == 0
+    )
     again = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert llm_server.count() == 3  # only the new completion was asked: the others came from the cache
     assert [r["reward"] for r in again[:3]] == [r["reward"] for r in rows]
@@ -172,9 +194,22 @@ def _free_port() -> int:
 def mlx_server(tiny_model_path):
     pytest.importorskip("mlx_lm")
     port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "mlx_lm.server", "--model", str(tiny_model_path),
-                                "--host", "127.0.0.1", "--port", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm.server",
+            "--model",
+            str(tiny_model_path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=os.environ | {"HF_HUB_OFFLINE": "1"},
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -196,11 +231,20 @@ def test_a_local_mlx_lm_server_as_judge(mlx_server, tiny_model_path, tmp_path):
     from rlaif_mlx.teachers.base import JudgeRequest
     from rlaif_mlx.teachers.judge import Teacher
 
-    config = TeacherConfig(provider="openai_compatible", model=str(tiny_model_path), base_url=mlx_server,
-                           max_tokens=16, timeout_s=30, max_retries=0, cache_path=str(tmp_path / "c.sqlite"))
+    config = TeacherConfig(
+        provider="openai_compatible",
+        model=str(tiny_model_path),
+        base_url=mlx_server,
+        max_tokens=16,
+        timeout_s=30,
+        max_retries=0,
+        cache_path=str(tmp_path / "c.sqlite"),
+    )
     teacher = Teacher(config)
-    requests = [JudgeRequest(uid=f"u{i}", prompt="Write add(a, b).", completion=f"def add(a, b): return a + {i}")
-                for i in range(3)]
+    requests = [
+        JudgeRequest(uid=f"u{i}", prompt="Write add(a, b).", completion=f"def add(a, b): return a + {i}")
+        for i in range(3)
+    ]
     got = teacher.judge(requests)
     teacher.close()
     assert set(got) == {"u0", "u1", "u2"}

@@ -33,7 +33,7 @@ CODE_SAMPLES = [
     "class Stack:\n    def __init__(self):\n        self.items = []\n\n"
     "    def push(self, x):\n        self.items.append(x)  # grow\n",
     "for i in range(10):\n\tif i % 2 == 0:\n\t\tprint(f'{i:>3} even')\n",
-    'x = {"key": [1, 2.5, -3e-4], \'s\': None}\r\n\n\n   \n    y = x  \n',
+    "x = {\"key\": [1, 2.5, -3e-4], 's': None}\r\n\n\n   \n    y = x  \n",
     "```python\ndef f(s: str) -> str:\n    return s[::-1]\n```\n",
     "name = 'héllo wörld €'  # non-ASCII\n",
     " leading space and trailing newlines\n\n",
@@ -49,9 +49,7 @@ def model_dir(tmp_path_factory) -> Path:
 def hf(model_dir):
     pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir, output_loading_info=True
-    )
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     return model.eval(), tokenizer, info
 
@@ -68,9 +66,7 @@ def test_import_is_cheap():
         "heavy = {'torch', 'mlx', 'transformers', 'tokenizers', 'safetensors'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
-    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 

@@ -11,9 +11,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from conftest import TORCH_DEVICE  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from rlaif_mlx.rl.advantages import compute_advantages  # noqa: E402
 from rlaif_mlx.backends.base import (  # noqa: E402
     Backend,
     LossSettings,
@@ -21,10 +21,10 @@ from rlaif_mlx.backends.base import (  # noqa: E402
     SequenceBatch,
     TrainBatch,
 )
-from conftest import TORCH_DEVICE  # noqa: E402
 from rlaif_mlx.backends.torch import TorchBackend, create  # noqa: E402
 from rlaif_mlx.backends.torch_ops import token_logp as _token_logp  # noqa: E402
 from rlaif_mlx.config import ModelConfig, TrainingConfig  # noqa: E402
+from rlaif_mlx.rl.advantages import compute_advantages  # noqa: E402
 from rlaif_mlx.rl.objective import aggregation_weights  # noqa: E402
 
 PROMPTS = ["def add(a, b):", "import os\nprint(", "x"]  # different lengths on purpose
@@ -128,7 +128,9 @@ def test_cached_decode_equals_full_forward(lora):
         width = max(len(p) for p in prompts)
         on = {"device": lora.device}
         ids = torch.tensor([[lora.pad_id] * (width - len(p)) + p for p in prompts], **on)
-        mask = (torch.arange(width, **on)[None] >= torch.tensor([width - len(p) for p in prompts], **on)[:, None]).long()
+        mask = (
+            torch.arange(width, **on)[None] >= torch.tensor([width - len(p) for p in prompts], **on)[:, None]
+        ).long()
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, cache = lora._forward_step(ids, mask, pos, None)
         next_pos = pos[:, -1] + 1
@@ -137,7 +139,7 @@ def test_cached_decode_equals_full_forward(lora):
             tokens = torch.tensor([extra[0][t], extra[1][t]], **on)[:, None]
             logits, cache = lora._forward_step(tokens, mask, next_pos[:, None], cache)
             next_pos = next_pos + 1
-        for row, (p, e) in enumerate(zip(prompts, extra)):
+        for row, (p, e) in enumerate(zip(prompts, extra, strict=True)):
             full = lora._model(input_ids=torch.tensor([p + e], **on)).logits[0, -1]
             torch.testing.assert_close(logits[row], full, atol=1e-4, rtol=0)
 
@@ -433,9 +435,7 @@ def test_export_round_trip(tiny_model_path, tmp_path, use_lora):
 TARGET = range(100, 164)  # 64 of ~1024 token ids: chance is ~1/16
 
 
-@pytest.mark.parametrize(
-    ("use_lora", "lr"), [(True, 1e-2), (False, 3e-3)], ids=["lora", "full"]
-)
+@pytest.mark.parametrize(("use_lora", "lr"), [(True, 1e-2), (False, 3e-3)], ids=["lora", "full"])
 def test_rl_loop_learns_a_toy_reward(tiny_model_path, use_lora, lr):
     """Reward = fraction of completion tokens in TARGET; the mean reward must rise well above chance.
 

@@ -14,9 +14,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from conftest import TORCH_DEVICE  # noqa: E402
 from transformers.cache_utils import DynamicCache, DynamicLayer  # noqa: E402
 
-from conftest import TORCH_DEVICE  # noqa: E402
 from rlaif_mlx.backends import torch_decode as decode  # noqa: E402
 from rlaif_mlx.backends.base import SamplingParams  # noqa: E402
 from rlaif_mlx.backends.torch import TorchBackend, create  # noqa: E402
@@ -27,8 +27,9 @@ PROMPTS = ["def add(a, b):\n    return", "import os\nprint(", "x"]  # different 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["lora", "full"])
 def backend(request, tiny_model_path) -> TorchBackend:
-    config = ModelConfig(base_model=str(tiny_model_path), use_lora=request.param, lora_r=4,
-                         torch={"device": TORCH_DEVICE})
+    config = ModelConfig(
+        base_model=str(tiny_model_path), use_lora=request.param, lora_r=4, torch={"device": TORCH_DEVICE}
+    )
     return create(config, TrainingConfig(), seed=0, total_steps=1)
 
 
@@ -44,15 +45,19 @@ def sample_both(backend, monkeypatch, params: SamplingParams, *, n: int):
 def assert_same(fast, dynamic) -> None:
     assert [c.completion_ids for c in fast] == [c.completion_ids for c in dynamic]
     assert [c.finish_reason for c in fast] == [c.finish_reason for c in dynamic]
-    for a, b in zip(fast, dynamic):
+    for a, b in zip(fast, dynamic, strict=True):
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(max_new_tokens=24, seed=(3, 4, 5)),
-    SamplingParams(max_new_tokens=12, seed=9, temperature=0.7, top_p=0.9, top_k=40),
-    SamplingParams(max_new_tokens=8, top_k=1),
-], ids=["policy", "filtered", "greedy"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_new_tokens=24, seed=(3, 4, 5)),
+        SamplingParams(max_new_tokens=12, seed=9, temperature=0.7, top_p=0.9, top_k=40),
+        SamplingParams(max_new_tokens=8, top_k=1),
+    ],
+    ids=["policy", "filtered", "greedy"],
+)
 def test_preallocated_decode_equals_the_dynamic_cache(backend, monkeypatch, params):
     assert_same(*sample_both(backend, monkeypatch, params, n=3))
 
@@ -79,14 +84,16 @@ def test_sampling_decodes_through_the_preallocated_buffers(backend, monkeypatch)
         def spy(self, *args, **kwargs):
             calls[kind] += 1
             return update(self, *args, **kwargs)
+
         return spy
 
     monkeypatch.setattr(DynamicLayer, "update", counted("dynamic", grow))
     monkeypatch.setattr(decode.BufferLayer, "update", counted("buffer", write))
     monkeypatch.setattr(backend, "eos_ids", ())  # every row runs all 6 tokens: 5 decode steps
     layers = backend._model.config.num_hidden_layers
-    backend.sample([backend.tokenizer.encode(t) for t in PROMPTS], n=2,
-                   params=SamplingParams(max_new_tokens=6, top_k=1))
+    backend.sample(
+        [backend.tokenizer.encode(t) for t in PROMPTS], n=2, params=SamplingParams(max_new_tokens=6, top_k=1)
+    )
     assert calls == {"dynamic": layers, "buffer": 5 * layers}
 
 
@@ -110,7 +117,7 @@ def test_the_buffers_hold_what_the_dynamic_cache_holds():
         new = [states(6, 1) for _ in range(2)]
         for i, (k, v) in enumerate(new):
             want, got = dynamic.update(k, v, i), fast.update(k, v, i)
-            for w, g in zip(want, got):
+            for w, g in zip(want, got, strict=True):
                 assert torch.equal(w, g)
         assert fast.get_seq_length() == dynamic.get_seq_length() == 6 + step
     with pytest.raises(RuntimeError, match="holds 8 positions"):

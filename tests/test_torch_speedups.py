@@ -15,6 +15,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from conftest import TORCH_DEVICE  # noqa: E402
+
 from rlaif_mlx.backends import torch_ops as ops  # noqa: E402
 from rlaif_mlx.backends.base import Completion, LossSettings, SamplingParams, SequenceBatch, TrainBatch  # noqa: E402
 from rlaif_mlx.backends.torch import TorchBackend, create  # noqa: E402
@@ -86,8 +87,9 @@ def test_each_prompt_samples_from_its_own_seed(lora):
         alone = lora.sample([prompts[i]], n=3, params=SamplingParams(max_new_tokens=6, seed=(seed,), top_p=0.95))
         assert [c.completion_ids for c in alone] == [c.completion_ids for c in together[3 * i : 3 * i + 3]]
         # the log-probs differ only by float rounding (the batch's padding changes the matmul shapes)
-        np.testing.assert_allclose([c.logprobs for c in alone], [c.logprobs for c in together[3 * i : 3 * i + 3]],
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            [c.logprobs for c in alone], [c.logprobs for c in together[3 * i : 3 * i + 3]], atol=1e-5
+        )
     assert len({c.completion_ids for c in together[:3]}) > 1  # a prompt's samples differ from each other
 
 
@@ -184,12 +186,13 @@ def test_fused_adamw_takes_the_plain_adamw_step(tiny_model_path, use_lora):
     for _ in range(3):
         a, b = fused.train_step(batch, loss=LOSS), plain.train_step(batch, loss=LOSS)
         assert a.loss == pytest.approx(b.loss, abs=1e-6)
-    for p, q, p0 in zip(fused._trainable, plain._trainable, start):
+    for p, q, p0 in zip(fused._trainable, plain._trainable, start, strict=True):
         assert not torch.equal(p, p0)
         torch.testing.assert_close(p, q, atol=1e-5, rtol=0)  # float rounding (6e-6 on CUDA); the steps are ~3e-3
         for moment in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(fused._optimizer.state[p][moment], plain._optimizer.state[q][moment],
-                                       atol=1e-7, rtol=1e-4)
+            torch.testing.assert_close(
+                fused._optimizer.state[p][moment], plain._optimizer.state[q][moment], atol=1e-7, rtol=1e-4
+            )
     assert fused._optimizer.state[fused._trainable[0]]["step"].item() == 3
 
 
@@ -254,8 +257,9 @@ def exact_attention():
 
 @pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
 @pytest.mark.parametrize("chunked", [False, True], ids=["one-head-call", "head-in-chunks"])
-def test_shared_prompt_forward_equals_the_whole_row_forward(trained_lora, tiny_model_path, monkeypatch,
-                                                            exact_attention, use_lora, chunked):
+def test_shared_prompt_forward_equals_the_whole_row_forward(
+    trained_lora, tiny_model_path, monkeypatch, exact_attention, use_lora, chunked
+):
     from rlaif_mlx.backends import torch_forward as fwd
 
     if chunked:  # 5 positions per LM-head chunk: several chunks, recomputed in the backward pass
@@ -278,8 +282,9 @@ def test_shared_prompt_forward_equals_the_whole_row_forward(trained_lora, tiny_m
         weights = torch.as_tensor(rng.standard_normal(completion.shape).astype(np.float32), device=backend.device)
         weights = weights * completion
         expected = loss_grads(model, lambda: ops.token_logp(model, ids, attn), weights)
-        got = loss_grads(model, lambda: fwd.sequence_logp(model, ids, attn, rows.loss_mask, prompt_targets=False),
-                         weights)
+        got = loss_grads(
+            model, lambda: fwd.sequence_logp(model, ids, attn, rows.loss_mask, prompt_targets=False), weights
+        )
         assert got.keys() == expected.keys() and expected
         for name in expected:
             assert expected[name].abs().max() > 0, name
@@ -341,8 +346,9 @@ def test_one_token_prompts_and_rows_without_completion(trained_lora):
     loss_mask[3:] = 0  # the last two rows are all prompt, and the same prompt
     model = trained_lora._model
     for n in (3, 5):  # only 1-token prompts (a 1-wide prompt frame), then with the all-prompt rows too
-        ids_n, attention_n, mask_n = (torch.as_tensor(a[:n], device=trained_lora.device)
-                                      for a in (ids, attention, loss_mask))
+        ids_n, attention_n, mask_n = (
+            torch.as_tensor(a[:n], device=trained_lora.device) for a in (ids, attention, loss_mask)
+        )
         with torch.inference_mode():
             whole = ops.token_logp(model, ids_n, attention_n)
             for prompt_targets in (True, False):

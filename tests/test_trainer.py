@@ -18,14 +18,33 @@ from rlaif_mlx.monitor.metrics import read_metrics
 from rlaif_mlx.rewards.pipeline import RewardResult
 from rlaif_mlx.training.trainer import Trainer, sampled_logprobs
 
-REQUIRED_KEYS = {"step", "reward_mean", "reward_std", "kl", "kl_coef", "loss", "lr", "completion_len_mean",
-                 "step_seconds"}
+REQUIRED_KEYS = {
+    "step",
+    "reward_mean",
+    "reward_std",
+    "kl",
+    "kl_coef",
+    "loss",
+    "lr",
+    "completion_len_mean",
+    "step_seconds",
+}
 
 TASKS = [
-    Task(id="add", prompt="Write add(a, b).", entry_point="add", reference="def add(a, b):\n    return a + b\n",
-         tests="assert add(1, 2) == 3\nassert add(0, 0) == 0"),
-    Task(id="neg", prompt="Write neg(x).", entry_point="neg", reference="def neg(x):\n    return -x\n",
-         tests="assert neg(1) == -1\nassert neg(-2) == 2"),
+    Task(
+        id="add",
+        prompt="Write add(a, b).",
+        entry_point="add",
+        reference="def add(a, b):\n    return a + b\n",
+        tests="assert add(1, 2) == 3\nassert add(0, 0) == 0",
+    ),
+    Task(
+        id="neg",
+        prompt="Write neg(x).",
+        entry_point="neg",
+        reference="def neg(x):\n    return -x\n",
+        tests="assert neg(1) == -1\nassert neg(-2) == 2",
+    ),
 ]
 
 
@@ -33,11 +52,20 @@ def write_config(tmp_path, model_path, **training):
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join(json.dumps(t.__dict__) + "\n" for t in TASKS))
     config = {
-        "seed": 3, "backend": "torch", "output_dir": str(tmp_path / "run"),
+        "seed": 3,
+        "backend": "torch",
+        "output_dir": str(tmp_path / "run"),
         "model": {"base_model": str(model_path), "use_lora": True, "lora_r": 4},
         "data": {"train_file": str(tasks)},
-        "training": {"max_steps": 2, "batch_size": 2, "micro_batch_size": 4, "learning_rate": 1e-3,
-                     "save_steps": 1, "save_total_limit": 1, **training},
+        "training": {
+            "max_steps": 2,
+            "batch_size": 2,
+            "micro_batch_size": 4,
+            "learning_rate": 1e-3,
+            "save_steps": 1,
+            "save_total_limit": 1,
+            **training,
+        },
         "rlaif": {"num_samples_per_prompt": 3, "max_new_tokens": 12},
         "rewards": {"max_workers": 2, "test_timeout_s": 5},
     }
@@ -93,7 +121,7 @@ def test_rewards_attach_by_uid_not_by_position(tmp_path, tiny_model_path):
     rollout = trainer.assemble(TASKS, completions, shuffled)
     assert rollout.rewards.tolist() == [[0.0, 1.0, 2.0], [10.0, 11.0, 12.0]]
     # The token batch rows are the sampled tokens, in the same prompt-major order.
-    for row, c in zip(rollout.sequences.input_ids, completions):
+    for row, c in zip(rollout.sequences.input_ids, completions, strict=True):
         n = len(c.prompt_ids) + len(c.completion_ids)
         assert row[:n].tolist() == list(c.prompt_ids) + list(c.completion_ids)
 
@@ -105,8 +133,7 @@ def test_unscored_samples_are_left_out_of_the_update(tmp_path, tiny_model_path):
     backend = create(cfg.model, cfg.training, seed=0, total_steps=2)
     trainer = Trainer(cfg, backend=backend, train=TaskSet(TASKS, 0, "test"), rewards=None, output_dir=tmp_path)
     completions = trainer.sample(TASKS)
-    results = {c.uid: RewardResult(None if c.uid == "0-1" else float(c.sample_index), {}, "boom")
-               for c in completions}
+    results = {c.uid: RewardResult(None if c.uid == "0-1" else float(c.sample_index), {}, "boom") for c in completions}
     rollout = trainer.assemble(TASKS, completions, results)
     assert np.isnan(rollout.rewards[0, 1])
     advantages, weights, stats = trainer.advantages(rollout)
@@ -153,8 +180,9 @@ def test_unscorable_steps_skip_the_update_then_stop_the_run(tmp_path, tiny_model
     cfg = load_config(write_config(tmp_path, tiny_model_path, max_steps=5))
     backend = create(cfg.model, cfg.training, seed=0, total_steps=5)
     before = {k: v.clone() for k, v in backend._model.named_parameters() if v.requires_grad}
-    trainer = Trainer(cfg, backend=backend, train=TaskSet(TASKS, 0, "test"), rewards=_BrokenRewards(),
-                      output_dir=tmp_path)
+    trainer = Trainer(
+        cfg, backend=backend, train=TaskSet(TASKS, 0, "test"), rewards=_BrokenRewards(), output_dir=tmp_path
+    )
     with pytest.raises(ScoringFailed, match="3 consecutive steps; last error: sandbox setup error"):
         trainer.run()
     records = read_metrics(tmp_path / "metrics.jsonl")
@@ -179,19 +207,33 @@ class _DigitRewards:
 @pytest.mark.parametrize("use_lora, lr", [(True, 2e-2), (False, 2e-3)])
 def test_training_loop_raises_a_toy_reward(tmp_path, tiny_model_path, use_lora, lr):
     """The whole recipe (sampling, advantages, token weights, KL control, updates) learns."""
-    path = write_config(tmp_path, tiny_model_path, max_steps=16, learning_rate=lr, lr_scheduler_type="constant",
-                        micro_batch_size=16)
-    cfg = load_config(path, overrides={"model.use_lora": use_lora, "rlaif.num_samples_per_prompt": 8,
-                                       "rlaif.max_new_tokens": 8, "rlaif.generation_temperature": 0.3,
-                                       "rlaif.kl_penalty": 0.01,
-                                       # Digits are rare at temperature 0.3: whether 16 steps find enough of
-                                       # them depends on the sampling stream (LoRA climbs for about 2 seeds in 10).
-                                       "seed": 7})
+    path = write_config(
+        tmp_path, tiny_model_path, max_steps=16, learning_rate=lr, lr_scheduler_type="constant", micro_batch_size=16
+    )
+    cfg = load_config(
+        path,
+        overrides={
+            "model.use_lora": use_lora,
+            "rlaif.num_samples_per_prompt": 8,
+            "rlaif.max_new_tokens": 8,
+            "rlaif.generation_temperature": 0.3,
+            "rlaif.kl_penalty": 0.01,
+            # Digits are rare at temperature 0.3: whether 16 steps find enough of
+            # them depends on the sampling stream (LoRA climbs for about 2 seeds in 10).
+            "seed": 7,
+        },
+    )
     from rlaif_mlx.backends.torch import create
 
     backend = create(cfg.model, cfg.training, seed=0, total_steps=16)
-    trainer = Trainer(cfg, backend=backend, train=TaskSet(TASKS, 0, "test"), rewards=_DigitRewards(),
-                      output_dir=tmp_path, log=lambda line: None)
+    trainer = Trainer(
+        cfg,
+        backend=backend,
+        train=TaskSet(TASKS, 0, "test"),
+        rewards=_DigitRewards(),
+        output_dir=tmp_path,
+        log=lambda line: None,
+    )
     rewards = [r["reward_mean"] for r in trainer.run()]
     assert np.mean(rewards[:3]) < 0.1, rewards
     assert np.mean(rewards[-4:]) > np.mean(rewards[:3]) + 0.3, rewards
@@ -208,11 +250,20 @@ def test_lr_schedule_follows_rl_steps_not_optimizer_updates(tmp_path, tiny_model
     from rlaif_mlx.backends.torch import create
     from rlaif_mlx.rl.schedule import learning_rate_at
 
-    cfg = load_config(write_config(tmp_path, tiny_model_path, max_steps=3, warmup_steps=2, updates_per_batch=2,
-                                   lr_scheduler_type="linear"))
+    cfg = load_config(
+        write_config(
+            tmp_path, tiny_model_path, max_steps=3, warmup_steps=2, updates_per_batch=2, lr_scheduler_type="linear"
+        )
+    )
     backend = create(cfg.model, cfg.training, seed=0, total_steps=3)
-    trainer = Trainer(cfg, backend=backend, train=TaskSet(TASKS, 0, "test"), rewards=_DigitRewards(),
-                      output_dir=tmp_path, log=lambda line: None)
+    trainer = Trainer(
+        cfg,
+        backend=backend,
+        train=TaskSet(TASKS, 0, "test"),
+        rewards=_DigitRewards(),
+        output_dir=tmp_path,
+        log=lambda line: None,
+    )
     lrs = [r["lr"] for r in trainer.run()]
     expected = [learning_rate_at(s, base_lr=1e-3, warmup_steps=2, total_steps=3, schedule="linear") for s in range(3)]
     assert lrs == pytest.approx(expected) and lrs[0] == pytest.approx(5e-4)
@@ -239,8 +290,11 @@ def test_periodic_eval_adds_eval_metrics_to_the_step_records(tmp_path, tiny_mode
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     evaluated = [r["step"] for r in records if "eval/pass@1" in r]
     assert evaluated == [2, 3]  # every 2 steps, and at the end
-    assert all(r["eval/tasks"] == 2 and r["eval/samples"] == 4 and 0 <= r["eval/pass@1"] <= r["eval/pass@2"] <= 1
-               for r in records if r["step"] in evaluated)
+    assert all(
+        r["eval/tasks"] == 2 and r["eval/samples"] == 4 and 0 <= r["eval/pass@1"] <= r["eval/pass@2"] <= 1
+        for r in records
+        if r["step"] in evaluated
+    )
     assert "eval" in capsys.readouterr().out
 
 
@@ -268,7 +322,12 @@ def test_scoring_overlaps_the_reference_log_probs(tmp_path, tiny_model_path):
             assert reference_started.wait(timeout=30), "scoring did not overlap the reference log-probs"
             return {uid: RewardResult(0.5, {"tests": 0.5}) for uid, _, _ in items}
 
-    trainer = Trainer(cfg, backend=backend, train=TaskSet(TASKS, 0, "test"), rewards=WaitsForTheReference(),
-                      output_dir=tmp_path / "run")
+    trainer = Trainer(
+        cfg,
+        backend=backend,
+        train=TaskSet(TASKS, 0, "test"),
+        rewards=WaitsForTheReference(),
+        output_dir=tmp_path / "run",
+    )
     record = trainer.train_step()
     assert record["reward_mean"] == 0.5 and record["reference_seconds"] > 0

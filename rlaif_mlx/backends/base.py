@@ -74,14 +74,14 @@ class SequenceBatch:
     loss_mask: np.ndarray
 
     @classmethod
-    def from_completions(cls, completions: list[Completion], *, pad_id: int) -> "SequenceBatch":
+    def from_completions(cls, completions: list[Completion], *, pad_id: int) -> SequenceBatch:
         """Builds the batch from sampled tokens (never from re-tokenised text)."""
         rows = [list(c.prompt_ids) + list(c.completion_ids) for c in completions]
         width = max(len(r) for r in rows)
         ids = np.full((len(rows), width), pad_id, dtype=np.int64)
         attention = np.zeros((len(rows), width), dtype=np.int64)
         loss_mask = np.zeros((len(rows), width - 1), dtype=np.float32)
-        for i, (row, c) in enumerate(zip(rows, completions)):
+        for i, (row, c) in enumerate(zip(rows, completions, strict=True)):
             ids[i, : len(row)] = row
             attention[i, : len(row)] = 1
             start = len(c.prompt_ids)
@@ -92,7 +92,7 @@ class SequenceBatch:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
-    def rows(self, index: slice | np.ndarray) -> "SequenceBatch":
+    def rows(self, index: slice | np.ndarray) -> SequenceBatch:
         """A sub-batch, trimmed to its own longest row (no wasted padding)."""
         ids, attn, mask = self.input_ids[index], self.attention_mask[index], self.loss_mask[index]
         width = max(int(attn.sum(axis=1).max()), 2)
@@ -161,8 +161,9 @@ class DecodeBook:
         decode: ids -> text, with special tokens kept.
     """
 
-    def __init__(self, prompts: list[list[int]], n: int, *, eos_ids: tuple[int, ...], stop: tuple[str, ...],
-                 decode: Any) -> None:
+    def __init__(
+        self, prompts: list[list[int]], n: int, *, eos_ids: tuple[int, ...], stop: tuple[str, ...], decode: Any
+    ) -> None:
         self.prompts, self.n, self.eos, self.stop, self.decode = prompts, n, set(eos_ids), stop, decode
         rows = len(prompts) * n
         self.tokens: list[list[int]] = [[] for _ in range(rows)]
@@ -175,14 +176,14 @@ class DecodeBook:
 
     def add(self, tokens: list[int], logps: list[float]) -> list[bool]:
         """Records one step for every row; returns which rows are still going."""
-        for r, (tok, lp) in enumerate(zip(tokens, logps)):
+        for r, (tok, lp) in enumerate(zip(tokens, logps, strict=True)):
             if self.reasons[r] is not None:
                 continue
             self.tokens[r].append(tok)
             self.logps[r].append(lp)
             if tok in self.eos:
                 self.reasons[r] = "eos"
-            elif self.stop and find_stop(self.decode(self.tokens[r][-self.stop_window:]), self.stop) >= 0:
+            elif self.stop and find_stop(self.decode(self.tokens[r][-self.stop_window :]), self.stop) >= 0:
                 self.reasons[r] = "stop"  # a stop may span tokens, hence a window and not the last token
         return [reason is None for reason in self.reasons]
 
@@ -231,8 +232,12 @@ class MicroBatchStats:
     def result(self) -> dict[str, Any]:
         """Keyword arguments for ``StepStats`` (all but ``grad_norm`` and ``lr``)."""
         means = {k: (v / self.weight if self.weight > 0 else 0.0) for k, v in self.weighted.items()}
-        return {"loss": self.loss, "pg_loss": self.pg_loss, **means,
-                "extra": {"micro_batches": float(self.micro_batches)}}
+        return {
+            "loss": self.loss,
+            "pg_loss": self.pg_loss,
+            **means,
+            "extra": {"micro_batches": float(self.micro_batches)},
+        }
 
 
 def merge_eos_ids(tokenizer_eos: int | None, generation_eos: int | list[int] | None) -> tuple[int, ...]:
@@ -251,8 +256,9 @@ def merge_eos_ids(tokenizer_eos: int | None, generation_eos: int | list[int] | N
     return tuple(found)
 
 
-def prompt_owners(input_ids: np.ndarray, attention_mask: np.ndarray,
-                  loss_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+def prompt_owners(
+    input_ids: np.ndarray, attention_mask: np.ndarray, loss_mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Which rows of a right-padded batch share a prompt (both backends forward each prompt once).
 
     A row's prompt is its tokens up to its first completion target (``loss_mask``'s
@@ -267,7 +273,9 @@ def prompt_owners(input_ids: np.ndarray, attention_mask: np.ndarray,
     targets = loss_mask[:, : input_ids.shape[1] - 1] > 0
     prompt_len = np.where(targets.any(axis=1), targets.argmax(axis=1) + 1, lengths)
     index: dict[tuple[int, ...], int] = {}
-    owner = np.array([index.setdefault(tuple(row[:p].tolist()), len(index)) for row, p in zip(input_ids, prompt_len)])
+    owner = np.array(
+        [index.setdefault(tuple(row[:p].tolist()), len(index)) for row, p in zip(input_ids, prompt_len, strict=True)]
+    )
     return prompt_len, owner, len(index)
 
 

@@ -58,11 +58,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "Install them with: pip install 'rlaif-mlx[mlx]'  (on Linux: pip install 'mlx[cpu]' mlx-lm)"
     ) from None
 
-from rlaif_mlx.rl import objective
 from rlaif_mlx.backends import mlx_groups as grouped
 from rlaif_mlx.backends import mlx_ops as ops
 from rlaif_mlx.backends import portable
 from rlaif_mlx.config import ModelConfig, TrainingConfig, options_set
+from rlaif_mlx.rl import objective
 from rlaif_mlx.rl.schedule import scheduled_learning_rate
 
 log = logging.getLogger(__name__)
@@ -122,8 +122,10 @@ class MlxBackend:
         self._use_lora = model.use_lora
         self._reference = None  # full fine-tune only: a frozen copy of the starting weights
         if ops.is_quantized(self._model) and not model.use_lora:
-            raise ValueError(f"model.base_model {model.base_model!r} is quantised and full fine-tuning needs float "
-                             "weights: set model.use_lora: true, or use the unquantised model")
+            raise ValueError(
+                f"model.base_model {model.base_model!r} is quantised and full fine-tuning needs float "
+                "weights: set model.use_lora: true, or use the unquantised model"
+            )
         if model.use_lora:
             self._model.freeze()
             lora = {
@@ -262,7 +264,7 @@ class MlxBackend:
                 m.scale = 0.0
             yield
         finally:
-            for m, s in zip(layers, scales):
+            for m, s in zip(layers, scales, strict=True):
                 m.scale = s
 
     def _arrays(self, rows: SequenceBatch):
@@ -284,7 +286,11 @@ class MlxBackend:
         Returns:
             The step's loss, its parts, the pre-clip gradient norm and the rate used.
         """
-        lr = learning_rate if learning_rate is not None else scheduled_learning_rate(self._step, self._training, total_steps=self._total_steps)
+        lr = (
+            learning_rate
+            if learning_rate is not None
+            else scheduled_learning_rate(self._step, self._training, total_steps=self._total_steps)
+        )
         mx.random.seed(portable.draw_seed(self._rng))  # dropout masks
         grads, stats = self._accumulate_gradients(batch, loss)
         grads, norm = ops.clip_grad_norm(grads, self._training.max_grad_norm or math.inf)
@@ -326,8 +332,11 @@ class MlxBackend:
 
             def loss_fn(model, groups=groups, arrays=arrays, inputs=inputs):
                 # inside the differentiated computation
-                logp = (ops.token_logp(model, *arrays) if groups is None
-                        else grouped.grouped_logp(model, groups, prompt_targets=False)[1])
+                logp = (
+                    ops.token_logp(model, *arrays)
+                    if groups is None
+                    else grouped.grouped_logp(model, groups, prompt_targets=False)[1]
+                )
                 return objective.policy_loss(
                     ops.MlxOps(),
                     logp=logp,
@@ -412,10 +421,19 @@ class MlxBackend:
         mx.save_safetensors(str(path / portable.OPTIMIZER_FILE), moments)
         if self._rebased:  # the reference is no longer the model on disk: keep what changed
             frozen = self._reference if self._reference is not None else self._model
-            mx.save_safetensors(str(path / portable.REFERENCE_FILE), ops.renamed(frozen.parameters(), self._reference_names()))
-        portable.write_state(path, backend=self.name, model=self._model_config, step=self._step,
-                             total_steps=self._total_steps, optimizer_step=optimizer_step,
-                             rebased=self._rebased, rng=self._rng)
+            mx.save_safetensors(
+                str(path / portable.REFERENCE_FILE), ops.renamed(frozen.parameters(), self._reference_names())
+            )
+        portable.write_state(
+            path,
+            backend=self.name,
+            model=self._model_config,
+            step=self._step,
+            total_steps=self._total_steps,
+            optimizer_step=optimizer_step,
+            rebased=self._rebased,
+            rng=self._rng,
+        )
 
     def load(self, path: Path) -> None:
         """Restores a checkpoint written by either backend, so training continues where it stopped.
@@ -480,8 +498,11 @@ class MlxBackend:
         if not moments:  # saved before the first optimizer step
             return
         params = dict(tree_flatten(self._model.trainable_parameters()))
-        self._optimizer.state = {**self._optimizer.state, **ops.moments_state(path, moments, params, names),
-                                 "step": mx.array(optimizer_step, dtype=mx.uint64)}
+        self._optimizer.state = {
+            **self._optimizer.state,
+            **ops.moments_state(path, moments, params, names),
+            "step": mx.array(optimizer_step, dtype=mx.uint64),
+        }
         mx.eval(self._optimizer.state)
 
     def _copy_hf_files(self, path: Path) -> None:

@@ -18,9 +18,9 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 from mlx_lm.tuner.lora import LoRALinear
@@ -82,8 +82,9 @@ def copy_into(module: nn.Module, names: dict[str, tuple[str, bool]], weights: di
     current = dict(tree_flatten(module.parameters()))
     expected = {key: tuple(current[name].shape[::-1] if t else current[name].shape) for name, (key, t) in names.items()}
     portable.check_tensors(path, what, {k: v.shape for k, v in weights.items()}, expected)
-    update = [(name, (weights[key].T if t else weights[key]).astype(current[name].dtype))
-              for name, (key, t) in names.items()]
+    update = [
+        (name, (weights[key].T if t else weights[key]).astype(current[name].dtype)) for name, (key, t) in names.items()
+    ]
     module.update(tree_unflatten(update))
     mx.eval(module.parameters())
 
@@ -102,8 +103,11 @@ def optimizer_moments(state, names: dict[str, tuple[str, bool]]) -> tuple[dict[s
 
 def moments_state(path: Path, moments: dict, params: dict, names: dict[str, tuple[str, bool]]) -> dict:
     """A checkpoint's portable AdamW moments as mlx optimizer state, after checking their shapes."""
-    expected = {portable.moment_key(key, theirs): tuple(params[name].shape[::-1] if t else params[name].shape)
-                for name, (key, t) in names.items() for _, theirs in MOMENT_NAMES}
+    expected = {
+        portable.moment_key(key, theirs): tuple(params[name].shape[::-1] if t else params[name].shape)
+        for name, (key, t) in names.items()
+        for _, theirs in MOMENT_NAMES
+    }
     portable.check_tensors(path, "optimizer moments", {k: v.shape for k, v in moments.items()}, expected)
     state = []
     for name, (key, transposed) in names.items():
@@ -180,8 +184,10 @@ def batch_cache(model, padding: list[int]) -> list:
     kinds = make_prompt_cache(model)
     if not all(type(c) is KVCache for c in kinds):
         names = sorted({type(c).__name__ for c in kinds})
-        raise ValueError(f"batched sampling needs a plain KV cache in every layer, and this model uses {names} "
-                         "(sliding-window or state-space layers); use the PyTorch backend for it")
+        raise ValueError(
+            f"batched sampling needs a plain KV cache in every layer, and this model uses {names} "
+            "(sliding-window or state-space layers); use the PyTorch backend for it"
+        )
     return [BatchKVCache(padding) for _ in kinds]
 
 
@@ -343,6 +349,7 @@ def clip_grad_norm(grads, max_norm: float):
     embedding); the norm both scales the update and is reported, so sum in
     blocks of 256 instead. Same rule as torch: scale by ``min(max / (norm + 1e-6), 1)``.
     """
+
     def squared(g):
         x = g.astype(mx.float32).square().reshape(-1)
         while x.size > BLOCK:
@@ -389,8 +396,13 @@ def merged_weights(model: nn.Module) -> dict[str, mx.array]:
     for name, module in model.named_modules():
         if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             weights[f"{name}.weight"] = mx.dequantize(
-                module.weight, module.scales, module.get("biases"), group_size=module.group_size,
-                bits=module.bits, mode=module.mode)
+                module.weight,
+                module.scales,
+                module.get("biases"),
+                group_size=module.group_size,
+                bits=module.bits,
+                mode=module.mode,
+            )
             weights.pop(f"{name}.scales")
             weights.pop(f"{name}.biases", None)
     for name, module in lora_layers(model).items():

@@ -97,8 +97,17 @@ def draw_seed(rng: np.random.Generator) -> int:
     return int(rng.integers(0, 2**31 - 1))
 
 
-def write_state(path: Path, *, backend: str, model: ModelConfig, step: int, total_steps: int,
-                optimizer_step: int, rebased: bool, rng: np.random.Generator) -> None:
+def write_state(
+    path: Path,
+    *,
+    backend: str,
+    model: ModelConfig,
+    step: int,
+    total_steps: int,
+    optimizer_step: int,
+    rebased: bool,
+    rng: np.random.Generator,
+) -> None:
     """Writes ``backend_state.json`` (the RNG stream's exact state included)."""
     state = {
         "format": FORMAT_VERSION,
@@ -132,17 +141,23 @@ def read_state(path: Path, model: ModelConfig, *, rebased: bool) -> dict[str, An
         raise IncompatibleCheckpoint(f"{path}: not a checkpoint folder (no {STATE_FILE})")
     state = json.loads(file.read_text())
     if state.get("format") != FORMAT_VERSION:
-        raise IncompatibleCheckpoint(f"{path}: checkpoint layout {state.get('format')!r} is not this "
-                                     f"version's ({FORMAT_VERSION}); it was written by another rlaif-mlx version")
+        raise IncompatibleCheckpoint(
+            f"{path}: checkpoint layout {state.get('format')!r} is not this "
+            f"version's ({FORMAT_VERSION}); it was written by another rlaif-mlx version"
+        )
     if state["use_lora"] != model.use_lora:
         kind = "LoRA" if state["use_lora"] else "full fine-tune"
-        raise IncompatibleCheckpoint(f"{path} holds a {kind} checkpoint; set model.use_lora: "
-                                     f"{str(state['use_lora']).lower()} to load it")
+        raise IncompatibleCheckpoint(
+            f"{path} holds a {kind} checkpoint; set model.use_lora: {str(state['use_lora']).lower()} to load it"
+        )
     ours = lora_settings(model)
     if ours is not None and state["lora"] != ours:
         names = {"r": "lora_r", "lora_alpha": "lora_alpha", "target_modules": "lora_target_modules"}
-        diffs = [f"model.{names[k]} is {ours[k]} here but {state['lora'].get(k)} in the checkpoint"
-                 for k in ours if state["lora"].get(k) != ours[k]]
+        diffs = [
+            f"model.{names[k]} is {ours[k]} here but {state['lora'].get(k)} in the checkpoint"
+            for k in ours
+            if state["lora"].get(k) != ours[k]
+        ]
         raise IncompatibleCheckpoint(f"{path}: LoRA settings differ: " + "; ".join(diffs))
     if rebased and not state["rebased"]:
         raise IncompatibleCheckpoint(f"{path} was saved before the reference was rebased; load it into a fresh backend")
@@ -157,10 +172,13 @@ def check_tensors(path: Path, what: str, found: dict[str, tuple], expected: dict
     """
     if set(found) != set(expected):
         missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-        raise IncompatibleCheckpoint(f"{path}: {what} do not match the model (missing {missing[:3]}, "
-                                     f"unexpected {unexpected[:3]}); was it trained on another base model?")
-    wrong = [f"{k} {tuple(found[k])} vs {tuple(expected[k])}" for k in sorted(found)
-             if tuple(found[k]) != tuple(expected[k])]
+        raise IncompatibleCheckpoint(
+            f"{path}: {what} do not match the model (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}); was it trained on another base model?"
+        )
+    wrong = [
+        f"{k} {tuple(found[k])} vs {tuple(expected[k])}" for k in sorted(found) if tuple(found[k]) != tuple(expected[k])
+    ]
     if wrong:
         raise IncompatibleCheckpoint(f"{path}: {what} have other shapes than the model's: {wrong[:3]}")
 

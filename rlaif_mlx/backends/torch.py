@@ -59,12 +59,12 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "Install them with: pip install 'rlaif-mlx[torch]'"
     ) from None
 
-from rlaif_mlx.rl import objective
 from rlaif_mlx.backends import portable, torch_checkpoint
 from rlaif_mlx.backends import torch_decode as decode
 from rlaif_mlx.backends import torch_forward as fwd
 from rlaif_mlx.backends import torch_ops as ops
 from rlaif_mlx.config import ModelConfig, TrainingConfig, options_set
+from rlaif_mlx.rl import objective
 from rlaif_mlx.rl.schedule import scheduled_learning_rate
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ class TorchBackend:
             raise ValueError("Every prompt needs at least one token.")
         self._model.eval()
         merged = self._use_lora and self.merge_lora_for_sampling
-        with self.gathered(), (ops.lora_merged(self._model) if merged else contextlib.nullcontext()):
+        with self.gathered(), ops.lora_merged(self._model) if merged else contextlib.nullcontext():
             return self._generate(prompts, n, params)
 
     @contextlib.contextmanager
@@ -325,7 +325,11 @@ class TorchBackend:
             The step's loss, its parts, the pre-clip gradient norm and the rate
             used (over the whole batch, under torchrun too).
         """
-        lr = learning_rate if learning_rate is not None else scheduled_learning_rate(self._step, self._training, total_steps=self._total_steps)
+        lr = (
+            learning_rate
+            if learning_rate is not None
+            else scheduled_learning_rate(self._step, self._training, total_steps=self._total_steps)
+        )
         torch.manual_seed(portable.draw_seed(self._rng))  # dropout masks
         stats = self._accumulate_gradients(batch, loss)
         if self._fsdp is not None:  # the global norm over every process's shards, the same in each
@@ -391,13 +395,22 @@ class TorchBackend:
         if self._fsdp is None:
             ops.all_reduce_gradients(self._trainable)
         means = MicroBatchStats.MEANS
-        scalars = torch.tensor([combined.loss, combined.pg_loss, combined.weight, float(combined.micro_batches),
-                                *(combined.weighted[k] for k in means)], dtype=torch.float64, device=self.device)
+        scalars = torch.tensor(
+            [
+                combined.loss,
+                combined.pg_loss,
+                combined.weight,
+                float(combined.micro_batches),
+                *(combined.weighted[k] for k in means),
+            ],
+            dtype=torch.float64,
+            device=self.device,
+        )
         torch.distributed.all_reduce(scalars)
         values = scalars.tolist()
         combined.loss, combined.pg_loss, combined.weight, micro_batches = values[:4]
         combined.micro_batches = int(micro_batches)
-        combined.weighted = dict(zip(means, values[4:]))
+        combined.weighted = dict(zip(means, values[4:], strict=True))
 
     def _slice(self, array: np.ndarray | None, index: slice, width: int | None):
         if array is None:
@@ -450,12 +463,25 @@ class TorchBackend:
         if path is not None:
             path = Path(path)
             path.mkdir(parents=True, exist_ok=True)
-        optimizer_step = torch_checkpoint.save(path, model=self._model, optimizer=self._optimizer,
-                                               reference=self._reference, rebased=self._rebased, fsdp=self._fsdp)
+        optimizer_step = torch_checkpoint.save(
+            path,
+            model=self._model,
+            optimizer=self._optimizer,
+            reference=self._reference,
+            rebased=self._rebased,
+            fsdp=self._fsdp,
+        )
         if path is not None:
-            portable.write_state(path, backend=self.name, model=self._model_config, step=self._step,
-                                 total_steps=self._total_steps, optimizer_step=optimizer_step,
-                                 rebased=self._rebased, rng=self._rng)
+            portable.write_state(
+                path,
+                backend=self.name,
+                model=self._model_config,
+                step=self._step,
+                total_steps=self._total_steps,
+                optimizer_step=optimizer_step,
+                rebased=self._rebased,
+                rng=self._rng,
+            )
 
     def load(self, path: Path) -> None:
         """Restores a checkpoint written by either backend, so training continues where it stopped.
@@ -469,9 +495,16 @@ class TorchBackend:
         path = Path(path)
         state = portable.read_state(path, self._model_config, rebased=self._rebased)
         self._optimizer = self._new_optimizer()
-        torch_checkpoint.load(path, model=self._model, optimizer=self._optimizer, reference=self._reference,
-                              rebased=state["rebased"], optimizer_step=int(state["optimizer_step"]),
-                              lora=self._use_lora, fsdp=self._fsdp)
+        torch_checkpoint.load(
+            path,
+            model=self._model,
+            optimizer=self._optimizer,
+            reference=self._reference,
+            rebased=state["rebased"],
+            optimizer_step=int(state["optimizer_step"]),
+            lora=self._use_lora,
+            fsdp=self._fsdp,
+        )
         self._rebased = self._rebased or state["rebased"]
         self._rng.bit_generator.state = state["rng"]
         self._step = int(state["step"])
@@ -485,8 +518,9 @@ class TorchBackend:
         keeps its adapters and no extra accelerator memory is used.
         """
         if self._fsdp is not None:
-            raise RuntimeError("export needs the whole weights in one process: export a checkpoint of this run "
-                               "with `rlaif-mlx export`")
+            raise RuntimeError(
+                "export needs the whole weights in one process: export a checkpoint of this run with `rlaif-mlx export`"
+            )
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if not self._use_lora:

@@ -19,9 +19,9 @@ model, ``lora_A.weight`` in the file) and, for a rebased LoRA reference, by the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -44,8 +44,10 @@ def reference_part(model, reference) -> tuple[torch.nn.Module, dict[str, str]]:
     """
     if reference is not None:
         return reference, {name: name for name, _ in reference.named_parameters()}
-    return model, {f"{name.removeprefix(portable.PEFT_PREFIX)}.weight": f"{name}.base_layer.weight"
-                   for name in ops.lora_layers(model)}
+    return model, {
+        f"{name.removeprefix(portable.PEFT_PREFIX)}.weight": f"{name}.base_layer.weight"
+        for name in ops.lora_layers(model)
+    }
 
 
 # ---------------------------------------------------------------------------- save
@@ -119,8 +121,9 @@ def _gather(module, names: dict[str, str], fsdp: ModuleType | None) -> dict[str,
 
 
 @torch.no_grad()
-def load(path: Path, *, model, optimizer, reference, rebased: bool, optimizer_step: int, lora: bool,
-         fsdp: ModuleType | None) -> None:
+def load(
+    path: Path, *, model, optimizer, reference, rebased: bool, optimizer_step: int, lora: bool, fsdp: ModuleType | None
+) -> None:
     """Restores what ``save`` (or the MLX backend) wrote into the models and a fresh ``optimizer``.
 
     Args:
@@ -135,14 +138,16 @@ def load(path: Path, *, model, optimizer, reference, rebased: bool, optimizer_st
             model (under FSDP: on every process, rank 0 having read the files).
     """
     if rebased:
-        _load_tensors(path, [path / portable.REFERENCE_FILE], *reference_part(model, reference),
-                      "reference weights", fsdp)
+        _load_tensors(
+            path, [path / portable.REFERENCE_FILE], *reference_part(model, reference), "reference weights", fsdp
+        )
     _load_tensors(path, portable.weight_files(path, lora=lora), model, trainable_names(model), "weights", fsdp)
     _load_moments(path, model, optimizer, optimizer_step, fsdp)
 
 
-def _load_tensors(path: Path, files: list[Path], module, names: dict[str, str], what: str,
-                  fsdp: ModuleType | None) -> None:
+def _load_tensors(
+    path: Path, files: list[Path], module, names: dict[str, str], what: str, fsdp: ModuleType | None
+) -> None:
     expected = {key: module.get_parameter(name).shape for key, name in names.items()}
 
     def read() -> dict[str, torch.Tensor]:
@@ -164,8 +169,11 @@ def _load_tensors(path: Path, files: list[Path], module, names: dict[str, str], 
 
 def _load_moments(path: Path, model, optimizer, step: int, fsdp: ModuleType | None) -> None:
     names = trainable_names(model)
-    expected = {portable.moment_key(key, m): model.get_parameter(name).shape
-                for key, name in names.items() for m in portable.MOMENTS}
+    expected = {
+        portable.moment_key(key, m): model.get_parameter(name).shape
+        for key, name in names.items()
+        for m in portable.MOMENTS
+    }
 
     def read() -> dict[str, torch.Tensor]:
         moments = load_file(str(path / portable.OPTIMIZER_FILE))
@@ -175,9 +183,17 @@ def _load_moments(path: Path, model, optimizer, step: int, fsdp: ModuleType | No
 
     if fsdp is not None:
         moments = _read_on_rank0(read)
-        state = {name: {"step": torch.tensor(float(step)), **{m: moments[portable.moment_key(key, m)]
-                                                             for m in portable.MOMENTS}}
-                 for key, name in names.items()} if moments else {}
+        state = (
+            {
+                name: {
+                    "step": torch.tensor(float(step)),
+                    **{m: moments[portable.moment_key(key, m)] for m in portable.MOMENTS},
+                }
+                for key, name in names.items()
+            }
+            if moments
+            else {}
+        )
         fsdp.load_full_optimizer_state(model, optimizer, state)
         return
     moments = read()

@@ -66,14 +66,20 @@ def repeated_cache(cache, repeats: int, *, room: int):
     runs to the length limit (it also holds a second copy of one layer while it grows).
     """
     layers = getattr(cache, "layers", None)
-    plain = (PREALLOCATE and DynamicLayer is not None and layers and not getattr(cache, "offloading", False)
-             and all(type(layer) is DynamicLayer and layer.keys is not None for layer in layers))
+    plain = (
+        PREALLOCATE
+        and DynamicLayer is not None
+        and layers
+        and not getattr(cache, "offloading", False)
+        and all(type(layer) is DynamicLayer and layer.keys is not None for layer in layers)
+    )
     if not plain:
         cache.batch_repeat_interleave(repeats)
         return cache
     for i, layer in enumerate(layers):
-        layers[i] = BufferLayer(*(_repeated_buffer(t, repeats, room) for t in (layer.keys, layer.values)),
-                                layer.keys.shape[2])
+        layers[i] = BufferLayer(
+            *(_repeated_buffer(t, repeats, room) for t in (layer.keys, layer.values)), layer.keys.shape[2]
+        )
     return cache
 
 

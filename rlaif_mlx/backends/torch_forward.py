@@ -33,8 +33,9 @@ HEAD_CHUNK_ELEMENTS = 1 << 25
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
-def sequence_logp(model, ids: torch.Tensor, attn: torch.Tensor, loss_mask: np.ndarray, *,
-                  prompt_targets: bool = True) -> torch.Tensor:
+def sequence_logp(
+    model, ids: torch.Tensor, attn: torch.Tensor, loss_mask: np.ndarray, *, prompt_targets: bool = True
+) -> torch.Tensor:
     """Per-token log-probs ``[N, T-1]`` (float32) of right-padded prompt + completion rows.
 
     Each row's prompt is its tokens up to the first completion target (the first 1
@@ -77,8 +78,12 @@ def _shared_prompt_logp(decoder, head, ids, lengths, prompt_len, group, *, promp
     frame = torch.arange(pad_width, device=device)[None, :]
     prompt_mask = (frame >= pads).long()  # the prompts left-padded: token j of a prompt at pads + j
     prompt_ids = ids[torch.as_tensor(firsts, device=device)].gather(1, (frame - pads).clamp(min=0)) * prompt_mask
-    out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
-                  position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0))
+    out = decoder(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        use_cache=True,
+        position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
+    )
     prompt_hidden = out.last_hidden_state
     cache = ops.returned_cache(out)
     rows = torch.as_tensor(group, device=device)
@@ -86,8 +91,9 @@ def _shared_prompt_logp(decoder, head, ids, lengths, prompt_len, group, *, promp
     logp = torch.zeros((n, width - 1), dtype=torch.float32, device=device)
     if prompt_targets and pad_width > 1:
         # Scored once per prompt, in its left-padded frame (prompt token j + 1 at column pad_width - len + j) ...
-        scores = _scatter_logp(head, prompt_hidden, prompt_ids, first=pad_width - prompt_len[firsts],
-                               last=pad_width - 1, offset=0)
+        scores = _scatter_logp(
+            head, prompt_hidden, prompt_ids, first=pad_width - prompt_len[firsts], last=pad_width - 1, offset=0
+        )
         # ... then copied to the prompt's rows, at columns 0 .. len - 2.
         column = torch.arange(width - 1, device=device)[None, :]
         take = (column + torch.as_tensor(pad_width - prompt_len, device=device)[:, None]).clamp(0, pad_width - 2)
@@ -103,9 +109,13 @@ def _shared_prompt_logp(decoder, head, ids, lengths, prompt_len, group, *, promp
         start = torch.as_tensor(prompt_len, device=device)[:, None]
         k = torch.arange(steps, device=device)[None, :]
         real = (k < torch.as_tensor(lengths - 1, device=device)[:, None] - start).long()
-        completion = decoder(input_ids=ids.gather(1, (start + k).clamp(max=width - 1)), position_ids=start + k,
-                             attention_mask=torch.cat([prompt_mask[rows], real], dim=1), use_cache=True,
-                             **{_cache_kwarg(type(decoder)): cache}).last_hidden_state
+        completion = decoder(
+            input_ids=ids.gather(1, (start + k).clamp(max=width - 1)),
+            position_ids=start + k,
+            attention_mask=torch.cat([prompt_mask[rows], real], dim=1),
+            use_cache=True,
+            **{_cache_kwarg(type(decoder)): cache},
+        ).last_hidden_state
         hidden = torch.cat([hidden, completion], dim=1)
     # hidden[:, j] predicts ids[prompt_len + j], the target in column prompt_len - 1 + j
     return logp + _scatter_logp(head, hidden, ids, first=0, last=lengths - prompt_len, offset=prompt_len - 1)
@@ -152,7 +162,7 @@ def _chunk_logp(head, hidden, targets):
     return ops.target_logp(head(hidden).float(), targets)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_kwarg(decoder_type: type) -> str:
     """``ops.cache_kwarg``, once per decoder class."""
     return ops.cache_kwarg(decoder_type.forward)

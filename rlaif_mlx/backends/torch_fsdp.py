@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
-from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -77,8 +77,9 @@ def layers(model: nn.Module) -> list[nn.Module]:
         return found
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     if not lists:
-        raise ValueError(f"{type(model).__name__}: no decoder layers found to shard (no _no_split_modules, "
-                         "no nn.ModuleList)")
+        raise ValueError(
+            f"{type(model).__name__}: no decoder layers found to shard (no _no_split_modules, no nn.ModuleList)"
+        )
     return list(max(lists, key=len))
 
 
@@ -207,8 +208,11 @@ def load_full_state(model: nn.Module, state: dict[str, torch.Tensor], *, strict:
         RuntimeError: with ``strict``, a missing or unexpected name.
     """
     # A copy: PyTorch puts the sharded tensors into the dict it is given.
-    set_model_state_dict(model, dict(state) if dist.get_rank() == 0 else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=strict))
+    set_model_state_dict(
+        model,
+        dict(state) if dist.get_rank() == 0 else {},
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=strict),
+    )
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
@@ -227,8 +231,9 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     return _own_scalars(get_optimizer_state_dict(model, optimizer, options=_GATHER).get("state", {}))
 
 
-def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
-                              state: dict[str, dict[str, torch.Tensor]]) -> None:
+def load_full_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, dict[str, torch.Tensor]]
+) -> None:
     """Loads ``full_optimizer_state``'s layout from rank 0 into every process's shard of the optimizer.
 
     Rank 0's ``state`` is broadcast (the other ranks' is ignored). Every
@@ -241,8 +246,10 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
     if not flag[0]:
         return
     names = {param: name for name, param in model.named_parameters()}
-    groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": [names[p] for p in group["params"]]}
-              for group in optimizer.param_groups]
+    groups = [
+        {**{k: v for k, v in group.items() if k != "params"}, "params": [names[p] for p in group["params"]]}
+        for group in optimizer.param_groups
+    ]
     loaded = {"state": _own_scalars(state), "param_groups": groups} if dist.get_rank() == 0 else {}
     set_optimizer_state_dict(model, optimizer, loaded, options=_SCATTER)
 
@@ -254,8 +261,10 @@ def _own_scalars(state: dict[str, dict]) -> dict[str, dict]:
     so without the copy a saved and a loaded optimizer would share one step
     counter and each ``step()`` would advance both.
     """
-    return {name: {k: v.detach().clone() if torch.is_tensor(v) and v.dim() == 0 else v for k, v in entry.items()}
-            for name, entry in state.items()}
+    return {
+        name: {k: v.detach().clone() if torch.is_tensor(v) and v.dim() == 0 else v for k, v in entry.items()}
+        for name, entry in state.items()
+    }
 
 
 @torch.no_grad()

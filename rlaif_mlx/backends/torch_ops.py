@@ -71,8 +71,10 @@ def sharding(wanted: bool):
     if not wanted:
         return None
     if not several_processes():
-        log.warning("model.torch.fsdp shards the weights over the processes torchrun starts; this run has one "
-                    "process, which holds the whole model.")
+        log.warning(
+            "model.torch.fsdp shards the weights over the processes torchrun starts; this run has one "
+            "process, which holds the whole model."
+        )
         return None
     from rlaif_mlx.backends import torch_fsdp
 
@@ -83,8 +85,10 @@ def refuse_mlx_quantized(base: str) -> None:
     """transformers cannot read mlx-lm's quantised weights; say so before it fails obscurely."""
     config = Path(base) / "config.json"
     if config.is_file() and "quantization" in json.loads(config.read_text()):
-        raise ValueError(f"model.base_model {base!r} is quantised for MLX (config.json has 'quantization'); "
-                         "the PyTorch backend needs the unquantised model, e.g. the original Hugging Face repo")
+        raise ValueError(
+            f"model.base_model {base!r} is quantised for MLX (config.json has 'quantization'); "
+            "the PyTorch backend needs the unquantised model, e.g. the original Hugging Face repo"
+        )
 
 
 def lora_layers(model) -> dict[str, Any]:
@@ -253,7 +257,7 @@ def all_reduce_gradients(params: list) -> None:
     for bucket in _buckets([p.grad for p in params]):
         flat = torch.cat([g.reshape(-1) for g in bucket])
         torch.distributed.all_reduce(flat)
-        for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+        for g, part in zip(bucket, flat.split([g.numel() for g in bucket]), strict=True):
             g.copy_(part.view_as(g))
 
 

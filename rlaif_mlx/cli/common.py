@@ -9,7 +9,7 @@ test or a benchmark builds a run exactly as ``train`` does.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from ..errors import SetupError, first_line
 

@@ -59,8 +59,11 @@ def run_checks(config_path: str | None = None) -> list[Check]:
 def environment_checks() -> list[Check]:
     """Python, each backend with its versions and devices, the teacher SDKs, rich and the sandbox."""
     version = ".".join(map(str, sys.version_info[:3]))
-    checks = [Check("python", OK, f"{version} ({sys.executable})") if sys.version_info >= MIN_PYTHON else
-              Check("python", FAIL, f"{version} is too old", f"use Python {'.'.join(map(str, MIN_PYTHON))} or newer")]
+    checks = [
+        Check("python", OK, f"{version} ({sys.executable})")
+        if sys.version_info >= MIN_PYTHON
+        else Check("python", FAIL, f"{version} is too old", f"use Python {'.'.join(map(str, MIN_PYTHON))} or newer")
+    ]
     checks.append(Check("system", OK, f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs"))
     installed = {name: backends.frameworks_installed(name) for name in _PACKAGES}
     for name, present in installed.items():
@@ -71,12 +74,17 @@ def environment_checks() -> list[Check]:
             continue
         checks.append(Check(f"backend {name}", OK, _versions(_PACKAGES[name])))
         checks += _torch_devices() if name == "torch" else _mlx_devices()
-    for package, needed_for in (("anthropic", "teacher.provider anthropic"),
-                                ("openai", "teacher.provider openai / openai_compatible"),
-                                ("rich", "the live dashboard and this table")):
+    for package, needed_for in (
+        ("anthropic", "teacher.provider anthropic"),
+        ("openai", "teacher.provider openai / openai_compatible"),
+        ("rich", "the live dashboard and this table"),
+    ):
         found = _version(package)
-        checks.append(Check(package, OK, found) if found else
-                      Check(package, WARN, f"not installed (needed for {needed_for})", f"pip install {package}"))
+        checks.append(
+            Check(package, OK, found)
+            if found
+            else Check(package, WARN, f"not installed (needed for {needed_for})", f"pip install {package}")
+        )
     checks.append(_sandbox())
     return checks
 
@@ -163,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- the machine
 
+
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
@@ -178,8 +187,14 @@ def _torch_devices() -> list[Check]:
     try:
         import torch
     except Exception as exc:  # a broken wheel raises anything from ImportError to OSError
-        return [Check("devices torch", FAIL, f"torch does not import: {first_line(exc)}",
-                      f"reinstall it: {INSTALL_COMMANDS['torch']}")]
+        return [
+            Check(
+                "devices torch",
+                FAIL,
+                f"torch does not import: {first_line(exc)}",
+                f"reinstall it: {INSTALL_COMMANDS['torch']}",
+            )
+        ]
     found = []
     if torch.cuda.is_available():
         found += [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
@@ -193,15 +208,27 @@ def _mlx_devices() -> list[Check]:
     try:
         import mlx.core as mx
     except Exception as exc:  # e.g. a missing shared library
-        return [Check("devices mlx", FAIL, f"mlx does not import: {first_line(exc)}",
-                      f"reinstall it: {INSTALL_COMMANDS['mlx']}")]
+        return [
+            Check(
+                "devices mlx",
+                FAIL,
+                f"mlx does not import: {first_line(exc)}",
+                f"reinstall it: {INSTALL_COMMANDS['mlx']}",
+            )
+        ]
     metal = bool(getattr(getattr(mx, "metal", None), "is_available", lambda: False)())
     device = mx.default_device()
     metal_state = "available" if metal else "not available"
     checks = [Check("devices mlx", OK, f"default {device.type.name}; Metal {metal_state}")]
     if sys.platform.startswith("linux") and not metal and not _openblas_loaded():
-        checks.append(Check("mlx blas", WARN, "MLX on a Linux CPU with the wheel's bundled BLAS is several "
-                            "times slower", f"sudo apt-get install libopenblas0-pthread, then run with LD_PRELOAD={_OPENBLAS}"))
+        checks.append(
+            Check(
+                "mlx blas",
+                WARN,
+                "MLX on a Linux CPU with the wheel's bundled BLAS is several times slower",
+                f"sudo apt-get install libopenblas0-pthread, then run with LD_PRELOAD={_OPENBLAS}",
+            )
+        )
     return checks
 
 
@@ -221,10 +248,16 @@ def _sandbox() -> Check:
     try:
         caps = sandbox_capabilities()
     except Exception as exc:  # probing starts subprocesses; report, never crash
-        return Check("sandbox", FAIL, f"cannot start the sandbox: {first_line(exc)}",
-                     "check that this Python can start subprocesses")
-    detail = (f"{caps['mode']} (network isolated: {caps['network_isolated']}, "
-              f"read-only outside its folder: {caps['fs_readonly']})")
+        return Check(
+            "sandbox",
+            FAIL,
+            f"cannot start the sandbox: {first_line(exc)}",
+            "check that this Python can start subprocesses",
+        )
+    detail = (
+        f"{caps['mode']} (network isolated: {caps['network_isolated']}, "
+        f"read-only outside its folder: {caps['fs_readonly']})"
+    )
     if caps["network_isolated"] and caps["fs_readonly"]:
         return Check("sandbox", OK, detail)
     if sys.platform.startswith("linux"):
@@ -236,28 +269,44 @@ def _sandbox() -> Check:
 
 # ---------------------------------------------------------------- the config
 
+
 def _model(model) -> Check:
     path = Path(model.base_model).expanduser()
     if (path / "config.json").is_file():
         readable = os.access(path / "config.json", os.R_OK)
-        return Check("model", OK if readable else FAIL, f"{path} (local folder)",
-                     "" if readable else f"make {path} readable by this user")
+        return Check(
+            "model",
+            OK if readable else FAIL,
+            f"{path} (local folder)",
+            "" if readable else f"make {path} readable by this user",
+        )
     if path.exists():
-        return Check("model", FAIL, f"{path} has no config.json",
-                     "point model.base_model at a Hugging Face model folder, or a hub id")
+        return Check(
+            "model",
+            FAIL,
+            f"{path} has no config.json",
+            "point model.base_model at a Hugging Face model folder, or a hub id",
+        )
     if model.build_tiny_if_missing:
         return Check("model", OK, f"{path} will be built as the tiny random model (model.build_tiny_if_missing)")
     if not _HUB_ID.match(model.base_model):
-        return Check("model", FAIL, f"{path} does not exist",
-                     "point model.base_model at a model folder, or a hub id like Qwen/Qwen2.5-Coder-0.5B-Instruct")
+        return Check(
+            "model",
+            FAIL,
+            f"{path} does not exist",
+            "point model.base_model at a model folder, or a hub id like Qwen/Qwen2.5-Coder-0.5B-Instruct",
+        )
     cached = _in_hub_cache(model.base_model)
     if cached:
         return Check("model", OK, f"{model.base_model} (hub id, in the local Hugging Face cache)")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     where = "not in the local Hugging Face cache" if cached is False else "hub cache not checked (no huggingface_hub)"
-    return Check("model", FAIL if offline and cached is False else WARN,
-                 f"{model.base_model}: no such local folder; as a hub id, {where}",
-                 f"download it while online (hf download {model.base_model}), or fix the path")
+    return Check(
+        "model",
+        FAIL if offline and cached is False else WARN,
+        f"{model.base_model}: no such local folder; as a hub id, {where}",
+        f"download it while online (hf download {model.base_model}), or fix the path",
+    )
 
 
 def _in_hub_cache(repo_id: str) -> bool | None:
@@ -297,13 +346,20 @@ def _teacher(teacher) -> list[Check]:
     elif os.environ.get(env):
         checks.append(Check("teacher key", OK, f"{env} is set"))
     elif teacher.provider == "openai_compatible":
-        checks.append(Check("teacher key", WARN, f"{env} is not set; the server gets a placeholder key",
-                            f"export {env}=... if the server needs a key"))
+        checks.append(
+            Check(
+                "teacher key",
+                WARN,
+                f"{env} is not set; the server gets a placeholder key",
+                f"export {env}=... if the server needs a key",
+            )
+        )
     else:
         checks.append(Check("teacher key", FAIL, f"{env} is not set", f"export {env}=... (your API key)"))
     if teacher.cache_path:
-        checks.append(_writable("teacher cache", Path(teacher.cache_path).expanduser(), "teacher.cache_path",
-                                file=True))
+        checks.append(
+            _writable("teacher cache", Path(teacher.cache_path).expanduser(), "teacher.cache_path", file=True)
+        )
     return checks
 
 
@@ -322,4 +378,3 @@ def _writable(name: str, path: Path, key: str, *, file: bool = False) -> Check:
         state = "exists, writable" if path.exists() else f"will be created (in {existing.resolve()})"
         return Check(name, OK, f"{path} {state}")
     return Check(name, FAIL, f"{target} is not writable", f"point {key} at a writable place, or fix permissions")
-

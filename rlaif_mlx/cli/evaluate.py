@@ -7,8 +7,8 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .common import UserError, first_line
 
@@ -50,8 +50,10 @@ def run(args: argparse.Namespace) -> int:
         checkpoint = find_checkpoint(args.checkpoint) if args.checkpoint else None
         eval_set = args.eval_set or config.data.eval_file
         if not eval_set:
-            raise UserError(f"{args.config}: no eval set; name one with --eval-set (humaneval, or a JSONL task "
-                             "file) or set data.eval_file in the config")
+            raise UserError(
+                f"{args.config}: no eval set; name one with --eval-set (humaneval, or a JSONL task "
+                "file) or set data.eval_file in the config"
+            )
         tasks = load_task_set(eval_set, on_bad_line=config.data.on_bad_line)
     except (ConfigError, DataError, ValueError) as exc:  # CheckpointError is a ValueError phrased as one line
         raise UserError(str(exc)) from None
@@ -59,8 +61,11 @@ def run(args: argparse.Namespace) -> int:
     backend = create_backend(config, total_steps=1, source=args.config)  # no optimizer steps: any count does
     pipeline = RewardPipeline(config.rewards, teacher=create_teacher(config, source=args.config))
     count = min(len(tasks.tasks), config.eval.max_tasks or len(tasks.tasks))
-    print(f"evaluating {count} tasks from {tasks.source}, {config.eval.num_samples} sample(s) each "
-          f"(backend {backend.name} on {backend.device})", file=sys.stderr)
+    print(
+        f"evaluating {count} tasks from {tasks.source}, {config.eval.num_samples} sample(s) each "
+        f"(backend {backend.name} on {backend.device})",
+        file=sys.stderr,
+    )
 
     def progress(label: str) -> Callable[[str], None]:
         return lambda line: print(f"{label} {line}", file=sys.stderr)
@@ -73,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
             try:
                 backend.load(checkpoint)
             except (ValueError, OSError) as exc:  # another model or LoRA shape than the config's
-                raise UserError(f"{checkpoint}: cannot be loaded with {args.config}'s model settings: "
-                                 f"{first_line(exc)}") from None
+                raise UserError(
+                    f"{checkpoint}: cannot be loaded with {args.config}'s model settings: {first_line(exc)}"
+                ) from None
             trained = evaluate(backend, tasks.tasks, pipeline, config, log=progress("checkpoint"))
     except DataError as exc:
         raise UserError(str(exc)) from None
@@ -87,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     print_comparison(base, trained, rich=sys.stdout.isatty())
     if args.out:
         report = {
-            "eval_set": tasks.source, "config": str(args.config),
+            "eval_set": tasks.source,
+            "config": str(args.config),
             "checkpoint_path": str(checkpoint) if checkpoint is not None else None,
             "base": _json_floats(base),
             "checkpoint": _json_floats(trained) if trained is not None else None,
@@ -123,7 +130,11 @@ def print_comparison(base: dict[str, float], trained: dict[str, float] | None, *
         return
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+        print(
+            "  ".join(
+                cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
 
 
 def _delta(base: dict[str, float], trained: dict[str, float] | None) -> dict[str, float]:

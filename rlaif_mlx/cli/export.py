@@ -33,20 +33,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "export", help="write a checkpoint as a merged model (LoRA folded in) that transformers or mlx-lm load as is"
     )
     export.add_argument(
-        "--checkpoint", required=True,
+        "--checkpoint",
+        required=True,
         help="a checkpoint folder (run/checkpoints/step-NNNNNN), or a run folder for its newest",
     )
     export.add_argument("--out", required=True, help="folder to write the model and tokenizer into")
     export.add_argument(
-        "--format", choices=["hf", "mlx"], default="hf",
+        "--format",
+        choices=["hf", "mlx"],
+        default="hf",
         help="hf: Hugging Face safetensors for transformers (default); mlx: a folder for mlx_lm.load",
     )
     export.add_argument(
-        "--quantize", type=int, choices=[4, 8], metavar="{4,8}",
+        "--quantize",
+        type=int,
+        choices=[4, 8],
+        metavar="{4,8}",
         help="with --format mlx: quantise the weights to 4 or 8 bits (group size 64)",
     )
     export.add_argument(
-        "--backend", choices=["auto", "torch", "mlx"],
+        "--backend",
+        choices=["auto", "torch", "mlx"],
         help="backend to load the checkpoint with (default: the checkpoint config's)",
     )
     export.add_argument("--model", help="override model.base_model, e.g. where the base model lives on this machine")
@@ -59,8 +66,10 @@ def run(args: argparse.Namespace) -> int:
 
     fmt, bits = args.format, args.quantize
     if bits is not None and fmt != "mlx":
-        raise UserError(f"--quantize {bits} needs --format mlx: transformers cannot read MLX's quantised "
-                         "weights, so a Hugging Face export stays unquantised")
+        raise UserError(
+            f"--quantize {bits} needs --format mlx: transformers cannot read MLX's quantised "
+            "weights, so a Hugging Face export stays unquantised"
+        )
     if fmt == "mlx":
         from ..backends import INSTALL_COMMANDS, frameworks_installed
 
@@ -106,8 +115,13 @@ def export_mlx(backend: Any, out: Path, *, bits: int | None = None) -> None:
         # mlx-lm prints its progress ("[INFO] Loading" ...); the command prints one line of its own.
         with contextlib.redirect_stdout(io.StringIO()):
             try:
-                convert(str(hf), str(converted), quantize=bits is not None, q_bits=bits,
-                        q_group_size=GROUP_SIZE if bits is not None else None)
+                convert(
+                    str(hf),
+                    str(converted),
+                    quantize=bits is not None,
+                    q_bits=bits,
+                    q_group_size=GROUP_SIZE if bits is not None else None,
+                )
             except ValueError as exc:
                 raise UserError(f"mlx-lm cannot convert this model: {first_line(exc)}") from None
         out.mkdir(parents=True, exist_ok=True)

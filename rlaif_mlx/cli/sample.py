@@ -15,11 +15,13 @@ from .common import UserError, one_line_errors
 def add_parser(sub: argparse._SubParsersAction) -> None:
     sample = sub.add_parser("sample", help="print completions of a checkpoint for one prompt")
     sample.add_argument(
-        "--checkpoint", required=True,
+        "--checkpoint",
+        required=True,
         help="a checkpoint folder (run/checkpoints/step-NNNNNN), or a run folder for its newest",
     )
     sample.add_argument(
-        "--prompt", required=True,
+        "--prompt",
+        required=True,
         help="the task, as a user would write it (the chat template and system prompt of training are added)",
     )
     sample.add_argument("-n", type=int, default=1, help="how many completions (default 1)")
@@ -28,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--temperature", type=float, help="0 is greedy; default: the config's rlaif.generation_temperature"
     )
     sample.add_argument(
-        "--backend", choices=["auto", "torch", "mlx"],
+        "--backend",
+        choices=["auto", "torch", "mlx"],
         help="backend to load the checkpoint with (default: the checkpoint config's)",
     )
     sample.add_argument("--model", help="override model.base_model, e.g. where the base model lives on this machine")
@@ -61,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
     for i, completion in enumerate(completions, start=1):
         if i > 1:
             print()
-        print(f"--- sample {i} of {len(completions)}: {len(completion.completion_ids)} tokens, "
-              f"finish: {completion.finish_reason} ---")
+        print(
+            f"--- sample {i} of {len(completions)}: {len(completion.completion_ids)} tokens, "
+            f"finish: {completion.finish_reason} ---"
+        )
         print(completion.text)
     return 0

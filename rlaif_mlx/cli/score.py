@@ -109,8 +109,9 @@ def read_completions(path: Path, tasks: dict[str, Task]) -> list[CompletionLine]
     return out
 
 
-def score_completions(lines: list[CompletionLine], tasks: dict[str, Task], pipeline: RewardPipeline,
-                      out: IO[str], *, progress=None) -> dict[str, float]:
+def score_completions(
+    lines: list[CompletionLine], tasks: dict[str, Task], pipeline: RewardPipeline, out: IO[str], *, progress=None
+) -> dict[str, float]:
     """Scores every line and writes one JSON line each to ``out``.
 
     Returns:

@@ -22,11 +22,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--max-steps", type=int, help="override training.max_steps")
     train.add_argument("--seed", type=int, help="override seed")
     train.add_argument(
-        "--save-every", type=int, metavar="N",
+        "--save-every",
+        type=int,
+        metavar="N",
         help="override training.save_steps: checkpoint every N optimizer steps",
     )
     train.add_argument(
-        "--resume", nargs="?", const="", metavar="CHECKPOINT",
+        "--resume",
+        nargs="?",
+        const="",
+        metavar="CHECKPOINT",
         help="continue a run from a checkpoint folder, or from the newest checkpoint of a run folder; "
         "alone, from the newest checkpoint in the config's output_dir",
     )
@@ -77,7 +82,10 @@ def _train(args: argparse.Namespace, config, dist) -> int:
 
     resume = False if args.resume is None else (args.resume or True)
     trainer = build_run(
-        config, source=args.config, resume=resume, dist=dist,
+        config,
+        source=args.config,
+        resume=resume,
+        dist=dist,
         dashboard=config.logging.dashboard and not args.no_dashboard,
     )
     output_dir = trainer.output_dir
@@ -94,7 +102,8 @@ def _train(args: argparse.Namespace, config, dist) -> int:
     except (ScoringFailed, BudgetExceeded, TeacherUnavailable) as exc:
         saved = (
             f"; the last checkpoint is in {output_dir / 'checkpoints'} (continue with --resume)"
-            if trainer.step > 0 else ""
+            if trainer.step > 0
+            else ""
         )
         raise UserError(f"stopped at step {trainer.step}: {exc}{saved}") from None
     except StopRequested as exc:

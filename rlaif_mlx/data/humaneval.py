@@ -89,6 +89,9 @@ def prompt_setup(prompt: str, *, entry_point: str) -> str:
         Source code, empty when the prompt holds only the entry point.
     """
     module = ast.parse(prompt)
-    keep = [node for node in module.body
-            if not (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == entry_point)]
+    keep = [
+        node
+        for node in module.body
+        if not (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == entry_point)
+    ]
     return "\n\n".join(ast.unparse(node) for node in keep)

@@ -157,9 +157,7 @@ def prompt_token_ids(
         text = f"{system_prompt}\n\n{task.prompt}" if system_prompt else task.prompt
         ids = tokenizer.encode(text)
     if len(ids) > max_prompt_tokens:
-        raise DataError(
-            f"task {task.id}: prompt is {len(ids)} tokens, over data.max_prompt_tokens={max_prompt_tokens}"
-        )
+        raise DataError(f"task {task.id}: prompt is {len(ids)} tokens, over data.max_prompt_tokens={max_prompt_tokens}")
     return list(ids)
 
 

@@ -17,7 +17,8 @@ import logging
 import math
 import time
 from collections import deque
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from pygments.lexer import Lexer
 from pygments.lexers import get_lexer_by_name
@@ -83,8 +84,14 @@ def make_reporter(*, dashboard: bool, log_every: int, console: Console | None = 
     return PlainReporter(print, log_every=log_every)
 
 
-def render_frame(header: RunHeader, records: list[dict[str, Any]], best: SampleView | None,
-                 worst: SampleView | None, messages: list[str], width: int = 100) -> str:
+def render_frame(
+    header: RunHeader,
+    records: list[dict[str, Any]],
+    best: SampleView | None,
+    worst: SampleView | None,
+    messages: list[str],
+    width: int = 100,
+) -> str:
     """One dashboard frame as plain text (for the README and tests).
 
     The clock advances by each record's ``step_seconds``, so elapsed time and
@@ -128,9 +135,15 @@ class Dashboard:
         clock: seconds, for elapsed time and ETA.
     """
 
-    def __init__(self, console: Console | None = None, *, refresh_per_second: float = 4.0,
-                 max_code_lines: int = 24, log_lines: int = 6,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        console: Console | None = None,
+        *,
+        refresh_per_second: float = 4.0,
+        max_code_lines: int = 24,
+        log_lines: int = 6,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.console = console if console is not None else Console()
         self.refresh_per_second = refresh_per_second
         self.max_code_lines = max_code_lines
@@ -153,8 +166,13 @@ class Dashboard:
 
     def start(self, header: RunHeader) -> None:
         self.begin(header)
-        self.live = Live(self.frame(), console=self.console, auto_refresh=self.refresh_per_second > 0,
-                         refresh_per_second=max(self.refresh_per_second, 0.1), transient=False)
+        self.live = Live(
+            self.frame(),
+            console=self.console,
+            auto_refresh=self.refresh_per_second > 0,
+            refresh_per_second=max(self.refresh_per_second, 0.1),
+            transient=False,
+        )
         self.live.start(refresh=True)
         # Warnings logged during the run go through the live console (above the frame), not
         # straight to stderr, where they would tear the frame.
@@ -238,53 +256,85 @@ class Dashboard:
             span = f" {min(finite):.2f}–{max(finite):.2f}"
             label = max(len(name) for name, _ in [("trend", ""), *components])
             room = width // 2 - 4 - label - 1 - len(span)  # the reward panel's half, less borders and labels
-            trend = Text.assemble((sparkline(self.rewards, width=max(room, 1)), "cyan"), (span, "dim"),
-                                  no_wrap=True)
-        reward = _kv_table([
-            ("mean", Text(f"{_fmt(r.get('reward_mean'), '.3f')} ± {_fmt(r.get('reward_std'), '.3f')}",
-                          style="bold", no_wrap=True)),
-            ("trend", trend), *components,
-        ])
-        policy = _kv_table([
-            ("KL", _fmt(r.get("kl"), ".4f")), ("β (KL coef)", _fmt(r.get("kl_coef"), ".3g")),
-            ("loss", _fmt(r.get("loss"), "+.4f")), ("grad norm", _fmt(r.get("grad_norm"), ".3f")),
-            ("LR", _fmt(r.get("lr"), ".2e")), ("clip frac", _fmt(r.get("clip_fraction"), ".3f")),
-        ])
+            trend = Text.assemble((sparkline(self.rewards, width=max(room, 1)), "cyan"), (span, "dim"), no_wrap=True)
+        reward = _kv_table(
+            [
+                (
+                    "mean",
+                    Text(
+                        f"{_fmt(r.get('reward_mean'), '.3f')} ± {_fmt(r.get('reward_std'), '.3f')}",
+                        style="bold",
+                        no_wrap=True,
+                    ),
+                ),
+                ("trend", trend),
+                *components,
+            ]
+        )
+        policy = _kv_table(
+            [
+                ("KL", _fmt(r.get("kl"), ".4f")),
+                ("β (KL coef)", _fmt(r.get("kl_coef"), ".3g")),
+                ("loss", _fmt(r.get("loss"), "+.4f")),
+                ("grad norm", _fmt(r.get("grad_norm"), ".3f")),
+                ("LR", _fmt(r.get("lr"), ".2e")),
+                ("clip frac", _fmt(r.get("clip_fraction"), ".3f")),
+            ]
+        )
         total = _float(r.get("step_seconds"))
         split = []
         for name in ("sample", "score", "train"):
             secs = _float(r.get(f"{name}_seconds"))
             share = f" {secs / total:4.0%}" if math.isfinite(secs) and total > 0 else ""
             split.append((name, f"{_fmt(secs, '.1f')} s{share}"))
-        times = _kv_table([
-            *split, ("step", f"{_fmt(total, '.1f')} s"), ("tokens/s", _fmt(r.get("tokens_per_second"), ",.0f")),
-            ("mean len", f"{_fmt(r.get('completion_len_mean'), '.0f')} tokens"),
-        ])
-        return _side_by_side(width, [2, 1, 1], [  # the reward's trend gets the room
-            Panel(reward, title="reward", title_align="left"),
-            Panel(policy, title="policy", title_align="left"),
-            Panel(times, title="last step", title_align="left"),
-        ])
+        times = _kv_table(
+            [
+                *split,
+                ("step", f"{_fmt(total, '.1f')} s"),
+                ("tokens/s", _fmt(r.get("tokens_per_second"), ",.0f")),
+                ("mean len", f"{_fmt(r.get('completion_len_mean'), '.0f')} tokens"),
+            ]
+        )
+        return _side_by_side(
+            width,
+            [2, 1, 1],
+            [  # the reward's trend gets the room
+                Panel(reward, title="reward", title_align="left"),
+                Panel(policy, title="policy", title_align="left"),
+                Panel(times, title="last step", title_align="left"),
+            ],
+        )
 
     def _build_teacher(self) -> RenderableType:
         r, h = self.record, self.header
         hit, failures = _float(r.get("teacher/cache_hit_rate")), _float(r.get("teacher/failures"))
         line = Text.assemble(
-            "this step: calls ", (_fmt(r.get("teacher/calls"), ".0f"), "bold"),
-            "  cache hits ", _fmt(hit, ".0%"),
-            "  latency p50 ", _fmt(r.get("teacher/latency_p50_s"), ".2f"), " s",
-            "  p95 ", _fmt(r.get("teacher/latency_p95_s"), ".2f"), " s",
-            "  failures ", (_fmt(failures, ".0f"), "bold red" if failures > 0 else ""),
-            "  cost $", _fmt(r.get("teacher/cost_usd"), ".4f"),
+            "this step: calls ",
+            (_fmt(r.get("teacher/calls"), ".0f"), "bold"),
+            "  cache hits ",
+            _fmt(hit, ".0%"),
+            "  latency p50 ",
+            _fmt(r.get("teacher/latency_p50_s"), ".2f"),
+            " s",
+            "  p95 ",
+            _fmt(r.get("teacher/latency_p95_s"), ".2f"),
+            " s",
+            "  failures ",
+            (_fmt(failures, ".0f"), "bold red" if failures > 0 else ""),
+            "  cost $",
+            _fmt(r.get("teacher/cost_usd"), ".4f"),
         )
         spent = _float(r.get("teacher/spent_usd"))
         spend = Table.grid(padding=(0, 1))
         if h.budget_usd:
             share = spent / h.budget_usd if math.isfinite(spent) else 0.0
-            spend.add_row(f"run: spent ${_fmt(spent, '.2f')} of ${h.budget_usd:.2f} budget",
-                          ProgressBar(total=1.0, completed=min(share, 1.0), width=24,
-                                      complete_style="red" if share > 0.9 else "green"),
-                          f"{share:.0%}")
+            spend.add_row(
+                f"run: spent ${_fmt(spent, '.2f')} of ${h.budget_usd:.2f} budget",
+                ProgressBar(
+                    total=1.0, completed=min(share, 1.0), width=24, complete_style="red" if share > 0.9 else "green"
+                ),
+                f"{share:.0%}",
+            )
         else:
             spend.add_row(f"run: spent ${_fmt(spent, '.2f')} (no budget set)")
         return Panel(Group(line, spend), title=f"teacher {h.teacher}", title_align="left")
@@ -293,8 +343,14 @@ class Dashboard:
         if self.best is None and self.worst is None:
             return Panel(Text("no scored completion yet", style="dim"), title="completions", title_align="left")
         lines, step = self._code_lines(), int(_float(self.record.get("step"), 0, finite=True))
-        return _side_by_side(width, [1, 1], [_sample_panel("best", self.best, step, lines, "green"),
-                                             _sample_panel("worst", self.worst, step, lines, "red")])
+        return _side_by_side(
+            width,
+            [1, 1],
+            [
+                _sample_panel("best", self.best, step, lines, "green"),
+                _sample_panel("worst", self.worst, step, lines, "red"),
+            ],
+        )
 
     def _code_lines(self) -> int:
         """Code lines per completion that keep the frame within the terminal's height."""
@@ -305,8 +361,12 @@ class Dashboard:
         return max(4, min(self.max_code_lines, self.console.size.height - fixed))
 
     def _build_log(self, width: int) -> RenderableType:
-        text = Text("\n".join(self.messages) or "nothing yet", style="" if self.messages else "dim",
-                    no_wrap=True, overflow="ellipsis")
+        text = Text(
+            "\n".join(self.messages) or "nothing yet",
+            style="" if self.messages else "dim",
+            no_wrap=True,
+            overflow="ellipsis",
+        )
         return Panel(text, title="log", title_align="left")
 
 
@@ -323,28 +383,49 @@ class _ClockedHeader:
         step = int(_float(r.get("step"), h.start_step, finite=True))
         elapsed = d.clock() - d.started_at if d.started_at is not None else 0.0
         eta = d.eta_seconds()
-        top = Text.assemble(("model ", "dim"), (h.model, "bold"), ("   backend ", "dim"), h.backend,
-                            ("   device ", "dim"), h.device, ("   output ", "dim"), h.output_dir,
-                            no_wrap=True, overflow="ellipsis")
+        top = Text.assemble(
+            ("model ", "dim"),
+            (h.model, "bold"),
+            ("   backend ", "dim"),
+            h.backend,
+            ("   device ", "dim"),
+            h.device,
+            ("   output ", "dim"),
+            h.output_dir,
+            no_wrap=True,
+            overflow="ellipsis",
+        )
         progress = Table.grid(padding=(0, 1))
         progress.add_row(
             Text.assemble(("step ", "dim"), (f"{step}/{h.total_steps}", "bold")),
             ProgressBar(total=max(h.total_steps, 1), completed=step, width=30),
             Text.assemble(
-                f"{step / max(h.total_steps, 1):.0%}", ("   epoch ", "dim"), _fmt(r.get("epoch"), ".0f"),
-                ("   elapsed ", "dim"), _duration(elapsed),
-                ("   ETA ", "dim"), (_duration(eta) if eta is not None else MISSING, "bold"),
+                f"{step / max(h.total_steps, 1):.0%}",
+                ("   epoch ", "dim"),
+                _fmt(r.get("epoch"), ".0f"),
+                ("   elapsed ", "dim"),
+                _duration(elapsed),
+                ("   ETA ", "dim"),
+                (_duration(eta) if eta is not None else MISSING, "bold"),
                 (f"   (resumed at step {h.start_step})" if h.start_step else "", "dim"),
-                no_wrap=True, overflow="ellipsis"),
+                no_wrap=True,
+                overflow="ellipsis",
+            ),
         )
         errors = _float(r.get("scoring_errors"), 0)
         batch = Text.assemble(
-            ("curriculum bucket ", "dim"), _fmt(r.get("curriculum_bucket"), ".0f"), ("  (0 = easiest)", "dim"),
-            ("   scoring errors ", "dim"), (_fmt(r.get("scoring_errors"), ".0f"), "bold red" if errors > 0 else ""),
-            ("   unscored ", "dim"), _fmt(r.get("unscored"), ".0f"),
-            ("   zero-variance groups ", "dim"), _fmt(r.get("zero_variance_groups"), ".0f"),
+            ("curriculum bucket ", "dim"),
+            _fmt(r.get("curriculum_bucket"), ".0f"),
+            ("  (0 = easiest)", "dim"),
+            ("   scoring errors ", "dim"),
+            (_fmt(r.get("scoring_errors"), ".0f"), "bold red" if errors > 0 else ""),
+            ("   unscored ", "dim"),
+            _fmt(r.get("unscored"), ".0f"),
+            ("   zero-variance groups ", "dim"),
+            _fmt(r.get("zero_variance_groups"), ".0f"),
             ("   update skipped: nothing scored", "bold red") if _float(r.get("update_skipped"), 0) > 0 else "",
-            no_wrap=True, overflow="ellipsis",
+            no_wrap=True,
+            overflow="ellipsis",
         )
         return Panel(Group(top, progress, batch), title="rlaif-mlx train", title_align="left")
 
@@ -374,8 +455,9 @@ class _Rendered:
             yield Segment.line()
 
 
-def _sample_panel(kind: str, entry: tuple[int, SampleView] | None, current: int, max_lines: int,
-                  colour: str) -> RenderableType:
+def _sample_panel(
+    kind: str, entry: tuple[int, SampleView] | None, current: int, max_lines: int, colour: str
+) -> RenderableType:
     if entry is None:
         return Panel(Text("none", style="dim"), title=kind, title_align="left")
     step, s = entry

@@ -12,8 +12,9 @@ import json
 import math
 import numbers
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..backends.base import Completion
@@ -65,7 +66,8 @@ class TensorBoardSink:
 
         self.log_dir = Path(log_dir)
         self._writer = SummaryWriter(
-            str(self.log_dir), purge_step=purge_step,
+            str(self.log_dir),
+            purge_step=purge_step,
             # Steps are seconds apart: flush often so a live TensorBoard and a crash lose little.
             flush_secs=5,
             # The default name has whole seconds only; a resume within the same
@@ -135,11 +137,19 @@ def sample_rows(
     rows = []
     for c in completions:
         task, result = tasks[c.prompt_index], results[c.uid]
-        rows.append({
-            "task_id": task.id, "uid": c.uid, "prompt": task.prompt, "completion": c.text,
-            "finish_reason": c.finish_reason, "num_tokens": len(c.completion_ids),
-            "reward": result.reward, **result.components, "error": result.error,
-        })
+        rows.append(
+            {
+                "task_id": task.id,
+                "uid": c.uid,
+                "prompt": task.prompt,
+                "completion": c.text,
+                "finish_reason": c.finish_reason,
+                "num_tokens": len(c.completion_ids),
+                "reward": result.reward,
+                **result.components,
+                "error": result.error,
+            }
+        )
     return rows
 
 
@@ -152,8 +162,9 @@ class MetricsSinks:
         samples: the ``samples.jsonl`` sink, or None when disabled.
     """
 
-    def __init__(self, jsonl: JsonlSink, *, tensorboard: TensorBoardSink | None = None,
-                 samples: SampleSink | None = None) -> None:
+    def __init__(
+        self, jsonl: JsonlSink, *, tensorboard: TensorBoardSink | None = None, samples: SampleSink | None = None
+    ) -> None:
         self.jsonl = jsonl
         self.tensorboard = tensorboard
         self.samples = samples
@@ -164,8 +175,9 @@ class MetricsSinks:
         if self.tensorboard is not None:
             self.tensorboard.write(record)
 
-    def write_samples(self, step: int, tasks: list[Task], completions: list[Completion],
-                      results: Mapping[str, RewardResult]) -> None:
+    def write_samples(
+        self, step: int, tasks: list[Task], completions: list[Completion], results: Mapping[str, RewardResult]
+    ) -> None:
         """Writes the step's completions when samples are saved (see ``sample_rows``); else nothing."""
         if self.samples is not None:
             self.samples.write_step(step, sample_rows(tasks, completions, results))

@@ -9,8 +9,9 @@ more than ``metrics.jsonl`` does, plus the two sample texts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -59,8 +60,7 @@ class RunHeader:
 class Reporter(Protocol):
     """Receives a run's progress. Implementations: ``PlainReporter``, ``dashboard.Dashboard``."""
 
-    def start(self, header: RunHeader) -> None:
-        ...
+    def start(self, header: RunHeader) -> None: ...
 
     def step(self, record: dict[str, Any], *, best: SampleView | None, worst: SampleView | None) -> None:
         """One optimizer step's metrics record (the ``metrics.jsonl`` line) and its extreme samples."""
@@ -70,8 +70,7 @@ class Reporter(Protocol):
         """A line worth showing (warm-up progress, evaluation results, a checkpoint)."""
         ...
 
-    def close(self) -> None:
-        ...
+    def close(self) -> None: ...
 
 
 class PlainReporter:
@@ -109,9 +108,20 @@ def format_step_line(record: dict[str, Any], total_steps: int) -> str:
     return line
 
 
-def step_record(rollout: "Rollout", stats: "StepStats", adv_stats: dict[str, float], *, step: int, epoch: int,
-                bucket: int, kl_token: float, kl_coef: float, times: tuple[float, ...],
-                ahead: dict[str, Any] | None = None, teacher: dict[str, float] | None = None) -> dict[str, Any]:
+def step_record(
+    rollout: Rollout,
+    stats: StepStats,
+    adv_stats: dict[str, float],
+    *,
+    step: int,
+    epoch: int,
+    bucket: int,
+    kl_token: float,
+    kl_coef: float,
+    times: tuple[float, ...],
+    ahead: dict[str, Any] | None = None,
+    teacher: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """One RL step's metrics record (a ``metrics.jsonl`` line; the README lists every key).
 
     Args:
@@ -160,7 +170,7 @@ def step_record(rollout: "Rollout", stats: "StepStats", adv_stats: dict[str, flo
     }
 
 
-def extreme_samples(rollout: "Rollout") -> tuple[SampleView | None, SampleView | None]:
+def extreme_samples(rollout: Rollout) -> tuple[SampleView | None, SampleView | None]:
     """The step's best and worst scored completions (None when nothing was scored)."""
     scored = [(r, i) for i, r in enumerate(rollout.rewards.reshape(-1)) if np.isfinite(r)]
     if not scored:
@@ -169,7 +179,8 @@ def extreme_samples(rollout: "Rollout") -> tuple[SampleView | None, SampleView |
     def view(index: int) -> SampleView:
         c = rollout.completions[index]
         task, result = rollout.tasks[c.prompt_index], rollout.results[c.uid]
-        return SampleView(task.id, task.prompt, c.text, task.language, result.reward,
-                          dict(result.components), result.error)
+        return SampleView(
+            task.id, task.prompt, c.text, task.language, result.reward, dict(result.components), result.error
+        )
 
     return view(max(scored)[1]), view(min(scored)[1])

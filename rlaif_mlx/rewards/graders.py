@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import ast
 import json
-from pathlib import Path
 import logging
 import re
 import secrets
 import sys
 import textwrap
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable
+from pathlib import Path
 
 from rlaif_mlx.rewards.sandbox import SandboxLimits, SandboxResult, run_sandboxed
 
@@ -39,11 +39,27 @@ COMPONENTS = ("has_code", "parses", "tests")
 """Names of the reward components every grade carries."""
 
 _LANGUAGE_ALIASES = {
-    "py": "python", "python3": "python", "py3": "python", "python2": "python",
-    "js": "javascript", "node": "javascript", "jsx": "javascript", "ts": "typescript",
-    "tsx": "typescript", "c++": "cpp", "cxx": "cpp", "cc": "cpp", "rs": "rust",
-    "golang": "go", "sh": "bash", "shell": "bash", "zsh": "bash", "c#": "csharp",
-    "cs": "csharp", "kt": "kotlin", "rb": "ruby",
+    "py": "python",
+    "python3": "python",
+    "py3": "python",
+    "python2": "python",
+    "js": "javascript",
+    "node": "javascript",
+    "jsx": "javascript",
+    "ts": "typescript",
+    "tsx": "typescript",
+    "c++": "cpp",
+    "cxx": "cpp",
+    "cc": "cpp",
+    "rs": "rust",
+    "golang": "go",
+    "sh": "bash",
+    "shell": "bash",
+    "zsh": "bash",
+    "c#": "csharp",
+    "cs": "csharp",
+    "kt": "kotlin",
+    "rb": "ruby",
 }
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
 _MAX_FAILURES = 5
@@ -90,16 +106,16 @@ def extract_code(completion: str, *, language: str = "python") -> str | None:
             continue
         match = _FENCE.match(line)
         char, size = open_fence
-        if match and match.group(1)[0] == char and len(match.group(1)) >= size \
-                and not match.group(2).strip():
+        if match and match.group(1)[0] == char and len(match.group(1)) >= size and not match.group(2).strip():
             open_fence = None
             continue
         blocks[-1][1].append(line)
     if not blocks:
         text = completion or ""
     else:
-        chosen = next((b for b in blocks if b[0] == want), None) \
-            or next((b for b in blocks if not b[0]), None) or blocks[0]
+        chosen = (
+            next((b for b in blocks if b[0] == want), None) or next((b for b in blocks if not b[0]), None) or blocks[0]
+        )
         text = "\n".join(chosen[1])
     code = textwrap.dedent(text).strip()
     return code or None
@@ -137,11 +153,9 @@ def static_check(code: str | None, *, language: str) -> StaticCheck:
         compile(code, "<solution>", "exec", dont_inherit=True)
     except SyntaxError as exc:
         where = f" (line {exc.lineno})" if exc.lineno else ""
-        return StaticCheck(ok=False, reason=f"syntax error: {exc.msg}{where}", has_code=1.0,
-                           parses=0.0)
+        return StaticCheck(ok=False, reason=f"syntax error: {exc.msg}{where}", has_code=1.0, parses=0.0)
     except (ValueError, RecursionError, MemoryError, OverflowError) as exc:
-        return StaticCheck(ok=False, reason=f"syntax error: {type(exc).__name__}: {exc}",
-                           has_code=1.0, parses=0.0)
+        return StaticCheck(ok=False, reason=f"syntax error: {type(exc).__name__}: {exc}", has_code=1.0, parses=0.0)
     return StaticCheck(ok=True, reason=None, has_code=1.0, parses=1.0)
 
 
@@ -183,8 +197,12 @@ def _body_asserts(fn: ast.AST) -> bool:
 
 
 def _called_names(body: list[ast.stmt]) -> set[str]:
-    return {node.func.id for stmt in body for node in ast.walk(stmt)
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+    return {
+        node.func.id
+        for stmt in body
+        for node in ast.walk(stmt)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+    }
 
 
 def _unrollable(fn: ast.FunctionDef) -> bool:
@@ -222,8 +240,11 @@ def build_test_plan(tests: str, *, entry_point: str | None) -> _TestPlan:
     pieces: list[tuple[str, str]] = []
     for stmt in module.body:
         is_test = _asserts(stmt) or (
-            isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call)
-            and isinstance(stmt.value.func, ast.Name) and stmt.value.func.id in asserting)
+            isinstance(stmt, ast.Expr)
+            and isinstance(stmt.value, ast.Call)
+            and isinstance(stmt.value.func, ast.Name)
+            and stmt.value.func.id in asserting
+        )
         pieces.append(("test" if is_test else "setup", ast.unparse(stmt)))
     for stmt in module.body:
         if not isinstance(stmt, ast.FunctionDef) or stmt.name in called:
@@ -282,10 +303,19 @@ def run_unit_tests(
     if plan.total == 0:
         return TestOutcome(0, 0, 0.0, "the task's tests contain no assert", False)
     nonce = secrets.token_hex(16)
-    payload = {"solution": code, "pieces": plan.pieces,
-               "per_test_timeout_s": per_test_timeout_s or max(timeout_s / 2, 0.1)}
-    result = run_sandboxed(_HARNESS, stdin=nonce + "\n", timeout_s=timeout_s, limits=limits,
-                           python=python, extra_files={"payload.json": json.dumps(payload)})
+    payload = {
+        "solution": code,
+        "pieces": plan.pieces,
+        "per_test_timeout_s": per_test_timeout_s or max(timeout_s / 2, 0.1),
+    }
+    result = run_sandboxed(
+        _HARNESS,
+        stdin=nonce + "\n",
+        timeout_s=timeout_s,
+        limits=limits,
+        python=python,
+        extra_files={"payload.json": json.dumps(payload)},
+    )
     return _outcome(result, nonce=nonce, total=plan.total)
 
 
@@ -326,8 +356,14 @@ def _outcome(result: SandboxResult, *, nonce: str, total: int) -> TestOutcome:
         error = f"{total - passed} of {total} tests failed"
         if setup:
             error += f" (test setup failed: {setup[0]})"
-    return TestOutcome(passed=passed, total=total, fraction=passed / total, error=error,
-                       timed_out=bool(timed_out), failures=failures[:_MAX_FAILURES])
+    return TestOutcome(
+        passed=passed,
+        total=total,
+        fraction=passed / total,
+        error=error,
+        timed_out=bool(timed_out),
+        failures=failures[:_MAX_FAILURES],
+    )
 
 
 @dataclass(frozen=True)
@@ -386,15 +422,14 @@ def grade_completion(
     check = static_check(code, language=language)
     components = {"has_code": check.has_code, "parses": check.parses, "tests": 0.0}
     if not check.ok:
-        return GradeResult(components, error=check.reason, uid=uid,
-                           tests_skipped=f"static check failed: {check.reason}")
+        return GradeResult(
+            components, error=check.reason, uid=uid, tests_skipped=f"static check failed: {check.reason}"
+        )
     if not task_tests or not task_tests.strip():
         return GradeResult(components, tests_skipped="task has no tests", uid=uid)
     if normalize_language(language) != "python":
-        return GradeResult(components, uid=uid,
-                           tests_skipped=f"tests are only run for Python, not {language!r}")
-    outcome = run_unit_tests(code, task_tests, entry_point=entry_point, timeout_s=timeout_s,
-                             limits=limits)
+        return GradeResult(components, uid=uid, tests_skipped=f"tests are only run for Python, not {language!r}")
+    outcome = run_unit_tests(code, task_tests, entry_point=entry_point, timeout_s=timeout_s, limits=limits)
     components["tests"] = outcome.fraction
     return GradeResult(components, error=outcome.error, outcome=outcome, uid=uid)
 
@@ -429,14 +464,22 @@ def grade_many(
     def grade(request: GradeRequest) -> GradeResult:
         try:
             return grade_completion(
-                completion=request.completion, task_tests=request.task_tests,
-                entry_point=request.entry_point, language=request.language,
-                timeout_s=timeout_s, limits=limits, uid=request.uid)
+                completion=request.completion,
+                task_tests=request.task_tests,
+                entry_point=request.entry_point,
+                language=request.language,
+                timeout_s=timeout_s,
+                limits=limits,
+                uid=request.uid,
+            )
         except Exception as exc:  # an event with a message, not a lost batch
             _log.exception("grader failed for %s", request.uid)
-            return GradeResult(dict.fromkeys(COMPONENTS, 0.0), uid=request.uid,
-                               error=f"grader failed: {type(exc).__name__}: {exc}",
-                               tests_skipped="grader failed")
+            return GradeResult(
+                dict.fromkeys(COMPONENTS, 0.0),
+                uid=request.uid,
+                error=f"grader failed: {type(exc).__name__}: {exc}",
+                tests_skipped="grader failed",
+            )
 
     with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
         futures = {r.uid: pool.submit(grade, r) for r in requests}

@@ -3,10 +3,17 @@
 Not imported: ``graders.py`` reads this file and runs its text in the sandbox,
 so it must stay standard-library only and self-contained.
 """
-import json, os, signal, sys, types
+
+import json
+import os
+import signal
+import sys
+import types
+
 
 class _TestTimeout(BaseException):
     pass
+
 
 def _main():
     fd = int(os.environ.pop("SANDBOX_RESULT_FD"))
@@ -50,8 +57,7 @@ def _main():
     try:
         run(payload["solution"], "solution.py", ns)
     except BaseException as exc:
-        emit(event="solution_error", error=describe(exc, ""),
-             timeout=isinstance(exc, _TestTimeout))
+        emit(event="solution_error", error=describe(exc, ""), timeout=isinstance(exc, _TestTimeout))
         return
     emit(event="loaded")
     index = 0
@@ -68,6 +74,7 @@ def _main():
         elif error is not None:
             emit(event="setup_error", error=error)
     emit(event="done")
+
 
 try:
     _main()

@@ -16,7 +16,6 @@ made-up score. A completion that fails its checks or tests is a real 0.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
 from typing import TYPE_CHECKING
 
 from ..config import RewardConfig
@@ -57,7 +56,7 @@ class RewardPipeline:
         teacher: the AI judge, or None for the offline graders alone.
     """
 
-    def __init__(self, config: RewardConfig, *, teacher: "Teacher | None" = None) -> None:
+    def __init__(self, config: RewardConfig, *, teacher: Teacher | None = None) -> None:
         self.config = config
         self.teacher = teacher
         self.limits = SandboxLimits(memory_bytes=config.memory_limit_mb * 2**20)
@@ -70,12 +69,14 @@ class RewardPipeline:
             uid -> result. Order of completion never matters: results are keyed.
         """
         requests = [
-            GradeRequest(uid=uid, completion=text, task_tests=task.tests, entry_point=task.entry_point,
-                         language=task.language)
+            GradeRequest(
+                uid=uid, completion=text, task_tests=task.tests, entry_point=task.entry_point, language=task.language
+            )
             for uid, task, text in items
         ]
-        graded = grade_many(requests, max_workers=self.config.max_workers, timeout_s=self.config.test_timeout_s,
-                            limits=self.limits)
+        graded = grade_many(
+            requests, max_workers=self.config.max_workers, timeout_s=self.config.test_timeout_s, limits=self.limits
+        )
         judgements = self._judge(items, graded) if self.teacher is not None else {}
         return {uid: self.combine(graded[uid], judgements.get(uid)) for uid, _, _ in items}
 
@@ -85,7 +86,7 @@ class RewardPipeline:
             return {}
         return self.teacher.last_batch.metrics(self.teacher.ledger)
 
-    def _judge(self, items: list[tuple[str, Task, str]], graded: dict[str, GradeResult]) -> dict[str, "Judgement"]:
+    def _judge(self, items: list[tuple[str, Task, str]], graded: dict[str, GradeResult]) -> dict[str, Judgement]:
         """Asks the teacher about the completions that pass its gate."""
         from ..teachers.base import JudgeRequest
 
@@ -94,8 +95,13 @@ class RewardPipeline:
         if config.write_reference:
             self._write_references([task for _, task, _ in gated])
         requests = [
-            JudgeRequest(uid=uid, prompt=task.prompt, completion=text, language=task.language,
-                         reference=self._reference(task) if config.use_reference else None)
+            JudgeRequest(
+                uid=uid,
+                prompt=task.prompt,
+                completion=text,
+                language=task.language,
+                reference=self._reference(task) if config.use_reference else None,
+            )
             for uid, task, text in gated
         ]
         return self.teacher.judge(requests)
@@ -128,7 +134,7 @@ class RewardPipeline:
             return grade.components.get("parses", 0.0) >= 1.0 and (no_tests or grade.components["tests"] >= 1.0)
         raise ValueError(f"unknown teacher.gate {gate!r}")
 
-    def combine(self, grade: GradeResult, judgement: "Judgement | None" = None) -> RewardResult:
+    def combine(self, grade: GradeResult, judgement: Judgement | None = None) -> RewardResult:
         """Weighted mean of the components that apply to the task.
 
         With a teacher: ``judgement`` None means the completion did not pass the

@@ -46,9 +46,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 _log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ _SUPERVISOR = (Path(__file__).parent / "sandbox_supervisor.py").read_text()
 
 # Checks what a launch mode really gives: stdin names a listening port and a
 # writable path outside the working dir.
-_PROBE = r'''
+_PROBE = r"""
 import json, socket, sys
 cfg, out = json.loads(sys.stdin.read()), {}
 try:
@@ -133,7 +133,7 @@ for key, path in (("write_outside", cfg["outside"]), ("write_inside", "inside.tx
     except OSError:
         out[key] = False
 print(json.dumps(out))
-'''
+"""
 
 
 def _minimal_env(workdir: str, result_fd: int) -> dict[str, str]:
@@ -169,10 +169,14 @@ def _candidate_modes(python: str) -> list[_Mode]:
     if sys.platform == "darwin":
         modes = []
         if shutil.which("sandbox-exec"):
-            modes.append(_Mode(
-                "sandbox-exec",
-                prefix=lambda w: ["sandbox-exec", "-p", _darwin_profile(w)],
-                network_isolated=True, fs_readonly=True))
+            modes.append(
+                _Mode(
+                    "sandbox-exec",
+                    prefix=lambda w: ["sandbox-exec", "-p", _darwin_profile(w)],
+                    network_isolated=True,
+                    fs_readonly=True,
+                )
+            )
         return modes + [_Mode("none")]
     if not sys.platform.startswith("linux"):
         return [_Mode("none")]
@@ -207,13 +211,19 @@ def _probe_mode(mode: _Mode, python: str) -> bool:
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
         stdin = json.dumps({"port": listener.getsockname()[1], "outside": outside})
-        result = _run(_PROBE, mode=mode, stdin=stdin, timeout_s=15.0, limits=SandboxLimits(),
-                      python=python, extra_files=None)
+        result = _run(
+            _PROBE, mode=mode, stdin=stdin, timeout_s=15.0, limits=SandboxLimits(), python=python, extra_files=None
+        )
         try:
             seen = json.loads(result.stdout.strip().splitlines()[-1])
         except (ValueError, IndexError):
-            _log.debug("sandbox mode %s failed: rc=%s %s %s", mode.name, result.returncode,
-                       result.killed_reason, result.stderr[-500:])
+            _log.debug(
+                "sandbox mode %s failed: rc=%s %s %s",
+                mode.name,
+                result.returncode,
+                result.killed_reason,
+                result.stderr[-500:],
+            )
             return False
         if not seen.get("write_inside"):
             return False
@@ -241,12 +251,21 @@ def _select_mode(python: str) -> _Mode:
             return _MODES[python]
         candidates = _candidate_modes(python)
         chosen = next((m for m in candidates[:-1] if _probe_mode(m, python)), candidates[-1])
-        missing = [name for name, ok in (("network isolation", chosen.network_isolated),
-                                         ("read-only filesystem", chosen.fs_readonly)) if not ok]
+        missing = [
+            name
+            for name, ok in (
+                ("network isolation", chosen.network_isolated),
+                ("read-only filesystem", chosen.fs_readonly),
+            )
+            if not ok
+        ]
         if missing:
-            _log.warning("sandbox: %s unavailable here (mode %r); generated code runs with "
-                         "rlimits, a scrubbed environment and a temp dir only",
-                         " and ".join(missing), chosen.name)
+            _log.warning(
+                "sandbox: %s unavailable here (mode %r); generated code runs with "
+                "rlimits, a scrubbed environment and a temp dir only",
+                " and ".join(missing),
+                chosen.name,
+            )
         _MODES[python] = chosen
         return chosen
 
@@ -307,8 +326,15 @@ def run_sandboxed(
         the code does.
     """
     mode = _select_mode(python) if isolate else _candidate_modes(python)[-1]
-    return _run(code, mode=mode, stdin=stdin, timeout_s=timeout_s,
-                limits=limits or SandboxLimits(), python=python, extra_files=extra_files)
+    return _run(
+        code,
+        mode=mode,
+        stdin=stdin,
+        timeout_s=timeout_s,
+        limits=limits or SandboxLimits(),
+        python=python,
+        extra_files=extra_files,
+    )
 
 
 def _write_files(workdir: str, files: dict[str, str]) -> None:
@@ -351,8 +377,16 @@ def _rlimits(limits: SandboxLimits, timeout_s: float) -> dict[str, tuple[int, in
     }
 
 
-def _run(code: str, *, mode: _Mode, stdin: str, timeout_s: float, limits: SandboxLimits,
-         python: str, extra_files: dict[str, str] | None) -> SandboxResult:
+def _run(
+    code: str,
+    *,
+    mode: _Mode,
+    stdin: str,
+    timeout_s: float,
+    limits: SandboxLimits,
+    python: str,
+    extra_files: dict[str, str] | None,
+) -> SandboxResult:
     workdir = os.path.realpath(tempfile.mkdtemp(prefix="rlaif-sbx-"))
     fds: list[int] = []
     try:
@@ -363,27 +397,42 @@ def _run(code: str, *, mode: _Mode, stdin: str, timeout_s: float, limits: Sandbo
         status_r, status_w = os.pipe()
         fds += [result_r, result_w, status_r, status_w]
         config = {
-            "workdir": workdir, "readonly": mode.readonly, "drop": mode.drop,
-            "nobody": NOBODY_UID, "status_fd": status_w, "result_fd": result_w,
+            "workdir": workdir,
+            "readonly": mode.readonly,
+            "drop": mode.drop,
+            "nobody": NOBODY_UID,
+            "status_fd": status_w,
+            "result_fd": result_w,
             "limits": _rlimits(limits, timeout_s),
             "argv": [python, "-I", "-B", os.path.join(workdir, "main.py")],
         }
-        argv = mode.prefix(workdir) + [python, "-I", "-S", "-B", "-c", _SUPERVISOR,
-                                       json.dumps(config)]
+        argv = mode.prefix(workdir) + [python, "-I", "-S", "-B", "-c", _SUPERVISOR, json.dumps(config)]
         start = time.monotonic()
         proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=workdir, env=_minimal_env(workdir, result_w), pass_fds=(result_w, status_w),
-            start_new_session=True, close_fds=True)
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=workdir,
+            env=_minimal_env(workdir, result_w),
+            pass_fds=(result_w, status_w),
+            start_new_session=True,
+            close_fds=True,
+        )
         for fd in (result_w, status_w):  # only the child keeps the write ends
             os.close(fd)
             fds.remove(fd)
         streams, timed_out = _communicate(
-            proc, stdin.encode(), {"stdout": (proc.stdout.fileno(), limits.output_bytes),
-                                   "stderr": (proc.stderr.fileno(), limits.output_bytes),
-                                   "channel": (result_r, limits.channel_bytes),
-                                   "status": (status_r, _STATUS_CAP)},
-            deadline=start + timeout_s)
+            proc,
+            stdin.encode(),
+            {
+                "stdout": (proc.stdout.fileno(), limits.output_bytes),
+                "stderr": (proc.stderr.fileno(), limits.output_bytes),
+                "channel": (result_r, limits.channel_bytes),
+                "status": (status_r, _STATUS_CAP),
+            },
+            deadline=start + timeout_s,
+        )
         duration = time.monotonic() - start
         proc.stdout.close()
         proc.stderr.close()
@@ -395,15 +444,21 @@ def _run(code: str, *, mode: _Mode, stdin: str, timeout_s: float, limits: Sandbo
     returncode, problem = _decode_status(text["status"], proc.returncode)
     reason = "timeout" if timed_out else problem or _killed_reason(returncode, text["stderr"])
     return SandboxResult(
-        returncode=returncode, stdout=text["stdout"], stderr=text["stderr"],
+        returncode=returncode,
+        stdout=text["stdout"],
+        stderr=text["stderr"],
         timed_out=timed_out,
         killed_reason=reason,
-        duration_s=duration, channel=text["channel"],
-        truncated=any(v[1] for v in streams.values()), isolation=mode.name)
+        duration_s=duration,
+        channel=text["channel"],
+        truncated=any(v[1] for v in streams.values()),
+        isolation=mode.name,
+    )
 
 
-def _communicate(proc: subprocess.Popen, stdin: bytes, streams: dict[str, tuple[int, int]],
-                 *, deadline: float) -> tuple[dict[str, tuple[bytes, bool]], bool]:
+def _communicate(
+    proc: subprocess.Popen, stdin: bytes, streams: dict[str, tuple[int, int]], *, deadline: float
+) -> tuple[dict[str, tuple[bytes, bool]], bool]:
     """Feed stdin and read every stream with a cap until the tree is gone.
 
     Reading never blocks on one stream and drops bytes past each cap, so a
@@ -459,7 +514,7 @@ def _communicate(proc: subprocess.Popen, stdin: bytes, streams: dict[str, tuple[
                 room = streams[name][1] - len(bufs[name])
                 if len(data) > room:
                     truncated[name] = True
-                bufs[name] += data[:max(room, 0)]
+                bufs[name] += data[: max(room, 0)]
     finally:
         sel.close()
         if not proc.stdin.closed:

@@ -3,10 +3,16 @@
 Not imported: ``sandbox.py`` reads this file and hands its text to the child
 interpreter, so it must stay standard-library only and self-contained.
 """
-import json, os, re, sys
+
+import json
+import os
+import re
+import sys
+
 cfg = json.loads(sys.argv[1])
 work, status_fd = cfg["workdir"], cfg["status_fd"]
 os.set_inheritable(status_fd, False)  # the code never gets this pipe
+
 
 def report(line):
     try:
@@ -14,22 +20,35 @@ def report(line):
     except OSError:
         pass
 
+
 if sys.platform.startswith("linux"):
     import ctypes
+
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+
 
 def check(ret, what):
     if ret != 0:
         raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), what)
 
+
 def mount(source, target, fstype, flags, data=None):
     enc = lambda s: None if s is None else s.encode()
     check(libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)), target)
 
+
 RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
-KEEP = {"nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 1024, "nodiratime": 2048,
-        "relatime": 1 << 21, "strictatime": 1 << 24}
+KEEP = {
+    "nosuid": 2,
+    "nodev": 4,
+    "noexec": 8,
+    "noatime": 1024,
+    "nodiratime": 2048,
+    "relatime": 1 << 21,
+    "strictatime": 1 << 24,
+}
+
 
 def private_dev():
     # Device nodes stay writable on a read-only mount and uid 0, even without
@@ -50,6 +69,7 @@ def private_dev():
     check(libc.umount2(stage.encode(), 2), stage)  # MNT_DETACH
     os.rmdir(stage)
 
+
 def make_readonly():
     mount(None, "/", None, REC | PRIVATE)
     mount(work, work, None, BIND)
@@ -68,6 +88,7 @@ def make_readonly():
         except FileNotFoundError:
             pass  # hidden under the private /dev: unreachable anyway
 
+
 def drop_privileges(kind):
     for cap in range(int(open("/proc/sys/kernel/cap_last_cap").read()) + 1):
         libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP: no exec can regain it
@@ -79,8 +100,10 @@ def drop_privileges(kind):
         check(libc.capset((ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()), "capset")
     check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS
 
+
 def set_limits():
     import resource
+
     for name, (soft, hard) in cfg["limits"].items():
         try:
             res = getattr(resource, name)
@@ -90,6 +113,7 @@ def set_limits():
             resource.setrlimit(res, (soft, hard))
         except (AttributeError, ValueError, OSError):
             pass  # best effort, e.g. RLIMIT_AS on macOS
+
 
 try:
     if cfg["readonly"]:

@@ -33,8 +33,16 @@ def _digest(fields: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def judgement_key(*, provider: str, model: str, rubric_version: str, prompt: str, completion: str,
-                  reference: str | None, weights: dict[str, float]) -> str:
+def judgement_key(
+    *,
+    provider: str,
+    model: str,
+    rubric_version: str,
+    prompt: str,
+    completion: str,
+    reference: str | None,
+    weights: dict[str, float],
+) -> str:
     """The cache key of one judgement.
 
     Args:
@@ -49,20 +57,33 @@ def judgement_key(*, provider: str, model: str, rubric_version: str, prompt: str
     Returns:
         A sha256 hex digest.
     """
-    return _digest({
-        "kind": "judgement", "provider": provider, "model": model, "rubric_version": rubric_version,
-        "prompt": prompt, "completion": completion, "reference": reference,
-        # floats, so {"quality": 1} and {"quality": 1.0} share a key
-        "weights": {name: float(w) for name, w in weights.items()},
-    })
+    return _digest(
+        {
+            "kind": "judgement",
+            "provider": provider,
+            "model": model,
+            "rubric_version": rubric_version,
+            "prompt": prompt,
+            "completion": completion,
+            "reference": reference,
+            # floats, so {"quality": 1} and {"quality": 1.0} share a key
+            "weights": {name: float(w) for name, w in weights.items()},
+        }
+    )
 
 
 def reference_key(*, provider: str, model: str, rubric_version: str, prompt: str, language: str) -> str:
     """The cache key of a teacher-written reference solution (see ``judgement_key``)."""
-    return _digest({
-        "kind": "reference", "provider": provider, "model": model, "rubric_version": rubric_version,
-        "prompt": prompt, "language": language,
-    })
+    return _digest(
+        {
+            "kind": "reference",
+            "provider": provider,
+            "model": model,
+            "rubric_version": rubric_version,
+            "prompt": prompt,
+            "language": language,
+        }
+    )
 
 
 class ScoreCache:
@@ -95,27 +116,29 @@ class ScoreCache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # Autocommit (isolation_level=None): every statement is its own short
             # transaction, so no lock is held between calls.
-            conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None,
-                                   check_same_thread=False)
+            conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
             try:
                 conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_S * 1000)}")
                 conn.execute("PRAGMA journal_mode = WAL")
                 # NORMAL is durable across process crashes in WAL mode; a power cut may
                 # lose the last entries, which only costs a repeated API call.
                 conn.execute("PRAGMA synchronous = NORMAL")
-                conn.execute("CREATE TABLE IF NOT EXISTS entries ("
-                             "key TEXT PRIMARY KEY, kind TEXT NOT NULL, value TEXT NOT NULL, created REAL NOT NULL)")
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS entries ("
+                    "key TEXT PRIMARY KEY, kind TEXT NOT NULL, value TEXT NOT NULL, created REAL NOT NULL)"
+                )
             except BaseException:
                 conn.close()
                 raise
         except (sqlite3.Error, OSError) as err:
             raise ScoreCacheError(
                 f"teacher score cache {self.path} cannot be used ({err}); delete the file or set "
-                "teacher.cache_path to another file (or null for no cache)") from None
+                "teacher.cache_path to another file (or null for no cache)"
+            ) from None
         self._conn = conn
 
     @classmethod
-    def disabled(cls) -> "ScoreCache":
+    def disabled(cls) -> ScoreCache:
         """A cache that stores nothing."""
         return cls(None, ttl_s=None)
 
@@ -129,8 +152,7 @@ class ScoreCache:
         if self.path is None:
             return None
         with self._lock:
-            row = self._connection().execute(
-                "SELECT value, created FROM entries WHERE key = ?", (key,)).fetchone()
+            row = self._connection().execute("SELECT value, created FROM entries WHERE key = ?", (key,)).fetchone()
         if row is None:
             return None
         value, created = row
@@ -158,7 +180,8 @@ class ScoreCache:
         with self._lock:
             self._connection().execute(
                 "INSERT OR REPLACE INTO entries (key, kind, value, created) VALUES (?, ?, ?, ?)",
-                (key, kind, encoded, stamp))
+                (key, kind, encoded, stamp),
+            )
 
     def stats(self) -> int:
         """How many entries the file holds (expired ones included)."""
@@ -179,7 +202,7 @@ class ScoreCache:
             raise ScoreCacheError(f"teacher score cache {self.path} is closed")
         return self._conn
 
-    def __enter__(self) -> "ScoreCache":
+    def __enter__(self) -> ScoreCache:
         return self
 
     def __exit__(self, *exc: object) -> None:

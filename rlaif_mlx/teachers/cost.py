@@ -84,11 +84,11 @@ def table_price(model: str) -> tuple[float, float] | None:
     name = model.strip().lower()
     if name in PRICES:
         return PRICES[name]
-    known = [k for k in PRICES if name.startswith(k) and _SNAPSHOT.match(name[len(k):])]
+    known = [k for k in PRICES if name.startswith(k) and _SNAPSHOT.match(name[len(k) :])]
     return PRICES[max(known, key=len)] if known else None
 
 
-def price_for(provider: str, model: str, override: "PriceConfig | None") -> tuple[float, float] | None:
+def price_for(provider: str, model: str, override: PriceConfig | None) -> tuple[float, float] | None:
     """The price the ledger uses for a teacher.
 
     Args:
@@ -126,8 +126,10 @@ class CostLedger:
 
     def __init__(self, *, price: tuple[float, float] | None, budget_usd: float | None) -> None:
         if budget_usd is not None and price is None:
-            raise ValueError("teacher.budget_usd is set but this teacher model has no known price; "
-                             "set teacher.prices: {input: ..., output: ...} (USD per million tokens)")
+            raise ValueError(
+                "teacher.budget_usd is set but this teacher model has no known price; "
+                "set teacher.prices: {input: ..., output: ...} (USD per million tokens)"
+            )
         self.price = price
         self.budget_usd = budget_usd
         self._lock = threading.Lock()
@@ -193,14 +195,19 @@ class CostLedger:
         spent = self._spent_usd
         if spent + reserve_usd > self.budget_usd:
             upcoming = f", the next calls need about ${reserve_usd:.2f} more" if reserve_usd > 0 else ""
-            raise BudgetExceeded(f"teacher budget reached: ${spent:.2f} spent of ${self.budget_usd:.2f}"
-                                 f"{upcoming} (teacher.budget_usd)")
+            raise BudgetExceeded(
+                f"teacher budget reached: ${spent:.2f} spent of ${self.budget_usd:.2f}{upcoming} (teacher.budget_usd)"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """The counters, for a checkpoint (price and budget come from the config)."""
         with self._lock:
-            return {"spent_usd": self._spent_usd, "input_tokens": self._input_tokens,
-                    "output_tokens": self._output_tokens, "calls": self._calls}
+            return {
+                "spent_usd": self._spent_usd,
+                "input_tokens": self._input_tokens,
+                "output_tokens": self._output_tokens,
+                "calls": self._calls,
+            }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores the counters saved by ``state_dict`` so a resumed run keeps counting."""

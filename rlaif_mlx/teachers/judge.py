@@ -80,8 +80,9 @@ class Teacher:
         self._describe = providers.describe_error
         self._fatal = providers.is_fatal
         self.cache = ScoreCache(config.cache_path, ttl_s=config.cache_ttl_s) if config.cache_path else None
-        self.ledger = cost.CostLedger(price=cost.price_for(config.provider, config.model, config.prices),
-                                      budget_usd=config.budget_usd)
+        self.ledger = cost.CostLedger(
+            price=cost.price_for(config.provider, config.model, config.prices), budget_usd=config.budget_usd
+        )
         self.last_batch = BatchStats()
         self._failed_batches = 0
         self._requests_judged = 0  # for the expected cost of the next batch
@@ -145,8 +146,9 @@ class Teacher:
             hit = self.cache.get(key)
             if hit is not None:
                 stats.cache_hits += 1
-                return Judgement(request.uid, hit["score"], hit["criteria"], cached=True,
-                                 rationale=hit.get("rationale", ""))
+                return Judgement(
+                    request.uid, hit["score"], hit["criteria"], cached=True, rationale=hit.get("rationale", "")
+                )
         system, user = rubric.judge_messages(request, weights=self.config.rubric_weights)
         answer, error, latency = await self._call(system, user, rubric.SCORE_SCHEMA, stats)
         if answer is None:
@@ -159,13 +161,20 @@ class Teacher:
             stats.failures += 1
             stats.unparseable += 1
             stats.errors.append(f"unparseable answer: {exc}")
-            return Judgement(request.uid, None, error=f"unparseable answer: {exc}", usage=answer.usage,
-                             cost_usd=spent, latency_s=latency)
+            return Judgement(
+                request.uid,
+                None,
+                error=f"unparseable answer: {exc}",
+                usage=answer.usage,
+                cost_usd=spent,
+                latency_s=latency,
+            )
         score = rubric.weighted_score(criteria, self.config.rubric_weights)
         if self.cache is not None:
             self.cache.put(key, "judgement", {"score": score, "criteria": criteria, "rationale": rationale})
-        return Judgement(request.uid, score, criteria, usage=answer.usage, cost_usd=spent, latency_s=latency,
-                         rationale=rationale)
+        return Judgement(
+            request.uid, score, criteria, usage=answer.usage, cost_usd=spent, latency_s=latency, rationale=rationale
+        )
 
     async def _call(self, system: str, user: str, schema: dict[str, Any], stats: BatchStats):
         """One API call under the concurrency limit: (answer or None, error, latency)."""
@@ -177,8 +186,9 @@ class Teacher:
             started = time.perf_counter()
             stats.calls += 1
             try:
-                answer = await self.client.complete(system=system, user=user, schema=schema,
-                                                    max_tokens=self.config.max_tokens)
+                answer = await self.client.complete(
+                    system=system, user=user, schema=schema, max_tokens=self.config.max_tokens
+                )
             except Exception as exc:  # the SDK already retried what is worth retrying
                 latency = time.perf_counter() - started
                 stats.latencies_s.append(latency)
@@ -208,15 +218,21 @@ class Teacher:
             if self._failed_batches >= STOP_AFTER_FAILED_BATCHES:
                 raise TeacherUnavailable(
                     f"teacher {self.name} failed on every call for {self._failed_batches} batches in a row "
-                    f"(last error: {stats.errors[-1]}); check teacher.base_url, the model name and the key")
+                    f"(last error: {stats.errors[-1]}); check teacher.base_url, the model name and the key"
+                )
         elif stats.calls:
             self._failed_batches = 0
 
     def _key(self, request: JudgeRequest) -> str:
-        return judgement_key(provider=self.config.provider, model=self.config.model,
-                             rubric_version=rubric.RUBRIC_VERSION, prompt=request.prompt,
-                             completion=request.completion, reference=request.reference,
-                             weights=self.config.rubric_weights)
+        return judgement_key(
+            provider=self.config.provider,
+            model=self.config.model,
+            rubric_version=rubric.RUBRIC_VERSION,
+            prompt=request.prompt,
+            completion=request.completion,
+            reference=request.reference,
+            weights=self.config.rubric_weights,
+        )
 
     # ---------------------------------------------------------- references
 
@@ -237,8 +253,13 @@ class Teacher:
         self._semaphore = asyncio.Semaphore(self.config.max_concurrency)
 
         async def one(prompt: str, language: str) -> str | None:
-            key = reference_key(provider=self.config.provider, model=self.config.model,
-                                rubric_version=rubric.RUBRIC_VERSION, prompt=prompt, language=language)
+            key = reference_key(
+                provider=self.config.provider,
+                model=self.config.model,
+                rubric_version=rubric.RUBRIC_VERSION,
+                prompt=prompt,
+                language=language,
+            )
             hit = self.cache.get(key) if self.cache is not None else None
             if hit is not None:
                 stats.cache_hits += 1
@@ -250,8 +271,9 @@ class Teacher:
             stats.cost_usd += self.ledger.record(answer.usage)
             try:
                 given = (answer.data or {}).get("code")
-                code = rubric.parse_reference(given if isinstance(given, str) and given.strip() else answer.text,
-                                              language)  # strips a fence the model put inside the field
+                code = rubric.parse_reference(
+                    given if isinstance(given, str) and given.strip() else answer.text, language
+                )  # strips a fence the model put inside the field
             except rubric.UnparseableAnswer:
                 stats.failures += 1
                 stats.unparseable += 1
@@ -261,14 +283,17 @@ class Teacher:
             return code
 
         codes = await asyncio.gather(*(one(p, lang) for p, lang in tasks))
-        return {prompt: code for (prompt, _), code in zip(tasks, codes)}
+        return {prompt: code for (prompt, _), code in zip(tasks, codes, strict=True)}
 
     # ---------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
         """The ledger (a resumed run keeps counting its spend) and the failure streak."""
-        return {"ledger": self.ledger.state_dict(), "failed_batches": self._failed_batches,
-                "requests_judged": self._requests_judged}
+        return {
+            "ledger": self.ledger.state_dict(),
+            "failed_batches": self._failed_batches,
+            "requests_judged": self._requests_judged,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ledger.load_state_dict(state["ledger"])
@@ -289,5 +314,14 @@ def _with_uid(judgement: Judgement, uid: str) -> Judgement:
     """A shared judgement handed to each uid that asked for it (cost counted once, on the first)."""
     if judgement.uid == uid:
         return judgement
-    return Judgement(uid, judgement.score, judgement.criteria, judgement.error, cached=judgement.cached,
-                     usage=Usage(), cost_usd=0.0, latency_s=judgement.latency_s, rationale=judgement.rationale)
+    return Judgement(
+        uid,
+        judgement.score,
+        judgement.criteria,
+        judgement.error,
+        cached=judgement.cached,
+        usage=Usage(),
+        cost_usd=0.0,
+        latency_s=judgement.latency_s,
+        rationale=judgement.rationale,
+    )

@@ -54,15 +54,24 @@ class AnthropicClient:
 
     provider = "anthropic"
 
-    def __init__(self, model: str, *, api_key: str, base_url: str | None = None, timeout_s: float = 60.0,
-                 max_retries: int = 3, temperature: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: str,
+        *,
+        api_key: str,
+        base_url: str | None = None,
+        timeout_s: float = 60.0,
+        max_retries: int = 3,
+        temperature: float = 0.0,
+    ) -> None:
         import anthropic
 
         self.model = model
         self.base_url = base_url
         self.temperature = temperature
-        self._sdk = anthropic.AsyncAnthropic(api_key=api_key, base_url=base_url, timeout=timeout_s,
-                                             max_retries=max_retries)
+        self._sdk = anthropic.AsyncAnthropic(
+            api_key=api_key, base_url=base_url, timeout=timeout_s, max_retries=max_retries
+        )
 
     def __repr__(self) -> str:
         return f"AnthropicClient(model={self.model!r}, base_url={self.base_url!r})"
@@ -84,13 +93,20 @@ class AnthropicClient:
             anthropic.APIError: the call failed after the SDK's retries.
             MalformedResponse: a 200 whose body is not a Messages answer.
         """
-        tool = {"name": TOOL_NAME, "description": "Submit the rubric scores for the completion.",
-                "input_schema": schema}
+        tool = {
+            "name": TOOL_NAME,
+            "description": "Submit the rubric scores for the completion.",
+            "input_schema": schema,
+        }
         try:
             message = await self._sdk.messages.create(
-                model=self.model, max_tokens=max_tokens, system=system,
+                model=self.model,
+                max_tokens=max_tokens,
+                system=system,
                 messages=[{"role": "user", "content": user}],
-                tools=[tool], tool_choice={"type": "tool", "name": TOOL_NAME})
+                tools=[tool],
+                tool_choice={"type": "tool", "name": TOOL_NAME},
+            )
         except json.JSONDecodeError as exc:
             raise MalformedResponse(f"response body is not JSON ({exc.msg})") from None
         if not hasattr(message, "content"):  # the SDK returns a non-JSON body as a str
@@ -103,10 +119,15 @@ class AnthropicClient:
                 texts.append(block.text)
         usage = message.usage
         # Prompt-cache reads and writes are input tokens too; count them all so cost is never underestimated.
-        input_tokens = sum(getattr(usage, name, 0) or 0
-                           for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"))
-        return RawAnswer(data=data, text="".join(texts),
-                         usage=Usage(input_tokens=input_tokens, output_tokens=usage.output_tokens or 0))
+        input_tokens = sum(
+            getattr(usage, name, 0) or 0
+            for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+        )
+        return RawAnswer(
+            data=data,
+            text="".join(texts),
+            usage=Usage(input_tokens=input_tokens, output_tokens=usage.output_tokens or 0),
+        )
 
     async def close(self) -> None:
         """Closes the SDK's connection pool."""
@@ -133,9 +154,18 @@ class OpenAIClient:
         supports_response_format: False once the server has refused ``response_format``.
     """
 
-    def __init__(self, model: str, *, api_key: str, base_url: str | None = None, timeout_s: float = 60.0,
-                 max_retries: int = 3, temperature: float = 0.0, structured: bool = True,
-                 provider: str = "openai") -> None:
+    def __init__(
+        self,
+        model: str,
+        *,
+        api_key: str,
+        base_url: str | None = None,
+        timeout_s: float = 60.0,
+        max_retries: int = 3,
+        temperature: float = 0.0,
+        structured: bool = True,
+        provider: str = "openai",
+    ) -> None:
         import openai
 
         self.provider = provider
@@ -144,12 +174,13 @@ class OpenAIClient:
         self.temperature = temperature
         self.structured = structured
         self.supports_response_format = True
-        self._sdk = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout_s,
-                                       max_retries=max_retries)
+        self._sdk = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout_s, max_retries=max_retries)
 
     def __repr__(self) -> str:
-        return (f"OpenAIClient(model={self.model!r}, provider={self.provider!r}, base_url={self.base_url!r}, "
-                f"structured={self.structured})")
+        return (
+            f"OpenAIClient(model={self.model!r}, provider={self.provider!r}, base_url={self.base_url!r}, "
+            f"structured={self.structured})"
+        )
 
     async def complete(self, *, system: str, user: str, schema: dict[str, Any], max_tokens: int) -> RawAnswer:
         """One Chat Completions call asking for JSON that fills ``schema``.
@@ -168,24 +199,30 @@ class OpenAIClient:
             openai.APIError: the call failed after the SDK's retries.
             MalformedResponse: a 200 whose body is not a Chat Completions answer.
         """
-        kwargs: dict[str, Any] = {"model": self.model,
-                                  "messages": [{"role": "system", "content": system},
-                                               {"role": "user", "content": user}]}
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+        }
         # OpenAI's reasoning models reject `max_tokens`; local servers may not know `max_completion_tokens`.
         kwargs["max_tokens" if self.provider == "openai_compatible" else "max_completion_tokens"] = max_tokens
         if self.provider == "openai_compatible" or not self.model.startswith(_NO_TEMPERATURE_PREFIXES):
             kwargs["temperature"] = self.temperature
         if self.structured and self.supports_response_format:
-            response_format = {"type": "json_schema",
-                               "json_schema": {"name": SCHEMA_NAME, "schema": schema, "strict": True}}
+            response_format = {
+                "type": "json_schema",
+                "json_schema": {"name": SCHEMA_NAME, "schema": schema, "strict": True},
+            }
             try:
                 completion = await self._create(response_format=response_format, **kwargs)
             except Exception as exc:
                 if not (self.provider == "openai_compatible" and _refuses_response_format(exc)):
                     raise
                 self.supports_response_format = False
-                log.warning("teacher server %s does not support response_format json_schema; "
-                            "asking for plain JSON text from now on", self.base_url)
+                log.warning(
+                    "teacher server %s does not support response_format json_schema; "
+                    "asking for plain JSON text from now on",
+                    self.base_url,
+                )
                 completion = await self._create(**kwargs)
         else:
             completion = await self._create(**kwargs)
@@ -196,9 +233,14 @@ class OpenAIClient:
         except ValueError:
             parsed = None
         usage = completion.usage
-        return RawAnswer(data=parsed if isinstance(parsed, dict) else None, text=text,
-                         usage=Usage(input_tokens=(usage.prompt_tokens or 0) if usage else 0,
-                                     output_tokens=(usage.completion_tokens or 0) if usage else 0))
+        return RawAnswer(
+            data=parsed if isinstance(parsed, dict) else None,
+            text=text,
+            usage=Usage(
+                input_tokens=(usage.prompt_tokens or 0) if usage else 0,
+                output_tokens=(usage.completion_tokens or 0) if usage else 0,
+            ),
+        )
 
     async def _create(self, **kwargs: Any) -> Any:
         try:
@@ -243,8 +285,13 @@ def create_client(config: TeacherConfig) -> TeacherClient:
         if config.provider != "openai_compatible":
             raise MissingApiKey(f"teacher.api_key_env: environment variable {env} is not set")
         api_key = LOCAL_PLACEHOLDER_KEY
-    common = dict(api_key=api_key, base_url=config.base_url, timeout_s=config.timeout_s,
-                  max_retries=config.max_retries, temperature=config.temperature)
+    common = dict(
+        api_key=api_key,
+        base_url=config.base_url,
+        timeout_s=config.timeout_s,
+        max_retries=config.max_retries,
+        temperature=config.temperature,
+    )
     if config.provider == "anthropic":
         return AnthropicClient(config.model, **common)
     return OpenAIClient(config.model, provider=config.provider, **common)
@@ -297,8 +344,9 @@ def describe_error(exc: BaseException) -> str:
             return "rate limited (429)" + _after(retries)
         if status >= 500:
             return f"server error {status}" + _after(retries)
-        what = {400: "bad request", 401: "authentication failed", 403: "permission denied",
-                404: "not found"}.get(status, "HTTP error")
+        what = {400: "bad request", 401: "authentication failed", 403: "permission denied", 404: "not found"}.get(
+            status, "HTTP error"
+        )
         line = f"{what} ({status})"
         api_message = _api_message(exc)
         if api_message:

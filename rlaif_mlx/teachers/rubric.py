@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from .base import CRITERIA, JudgeRequest, RawAnswer
 
@@ -123,8 +124,9 @@ def judge_messages(request: JudgeRequest, *, weights: dict[str, float]) -> tuple
 _NUMBER = r"[-+]?\d+(?:\.\d+)?"
 _FRACTION = re.compile(rf"^\s*({_NUMBER})\s*(?:(?:/|out of)\s*({_NUMBER}))?\s*$", re.IGNORECASE)
 _JSON_FENCE = re.compile(r"```[ \t]*(?:json)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
-_RATIONALE_LINE = re.compile(r"^[\s>*#\-•]*(?:rationale|reason|reasoning|explanation)\**\s*[:\-–—]\s*(.+)$",
-                             re.IGNORECASE | re.MULTILINE)
+_RATIONALE_LINE = re.compile(
+    r"^[\s>*#\-•]*(?:rationale|reason|reasoning|explanation)\**\s*[:\-–—]\s*(.+)$", re.IGNORECASE | re.MULTILINE
+)
 
 
 def _line_pattern(name: str) -> re.Pattern[str]:
@@ -133,7 +135,8 @@ def _line_pattern(name: str) -> re.Pattern[str]:
     return re.compile(
         rf"\b{name}\b[\"']?\**(?:\s*\([^)\n]*\))?\**\s*[:=\-–—]\s*\**\s*"
         rf"(?P<value>{_NUMBER}(?:\s*(?:/|out of)\s*{_NUMBER})?)",
-        re.IGNORECASE)
+        re.IGNORECASE,
+    )
 
 
 _LINES = {name: _line_pattern(name) for name in CRITERIA}

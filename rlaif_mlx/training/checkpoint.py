@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..config import RunConfig, load_config, save_config
 
@@ -26,35 +27,37 @@ CONFIG_FILE = "config.yaml"
 # saves. Every other key changes what the run means (model shape, data,
 # objective, seed), so resuming with a different value is refused. A key here
 # covers the keys under it (``logging`` covers ``logging.log_every``).
-RESUMABLE_CHANGES = frozenset({
-    "output_dir",
-    "backend",
-    "model.base_model",  # the same base may live at another path on another machine
-    "model.build_tiny_if_missing",
-    "model.dtype",  # e.g. float32 on a laptop, bfloat16 on a GPU server
-    "model.torch",
-    "model.mlx",
-    "data.train_file",  # may live elsewhere on another machine; the curriculum checks the task ids match
-    "data.eval_file",
-    "training.max_steps",
-    "training.num_epochs",
-    "training.micro_batch_size",  # memory only: losses are summed over the whole batch
-    "training.save_steps",
-    "training.save_total_limit",
-    "rewards.max_workers",
-    "rlaif.sample_ahead",  # a saved sampled-ahead batch is trained on either way
-    # how the teacher is reached and paid for, not what it judges
-    "teacher.base_url",
-    "teacher.api_key_env",
-    "teacher.max_concurrency",
-    "teacher.timeout_s",
-    "teacher.max_retries",
-    "teacher.cache_path",
-    "teacher.cache_ttl_s",
-    "teacher.budget_usd",  # the usual reason to resume after a budget stop
-    "teacher.prices",
-    "logging",
-})
+RESUMABLE_CHANGES = frozenset(
+    {
+        "output_dir",
+        "backend",
+        "model.base_model",  # the same base may live at another path on another machine
+        "model.build_tiny_if_missing",
+        "model.dtype",  # e.g. float32 on a laptop, bfloat16 on a GPU server
+        "model.torch",
+        "model.mlx",
+        "data.train_file",  # may live elsewhere on another machine; the curriculum checks the task ids match
+        "data.eval_file",
+        "training.max_steps",
+        "training.num_epochs",
+        "training.micro_batch_size",  # memory only: losses are summed over the whole batch
+        "training.save_steps",
+        "training.save_total_limit",
+        "rewards.max_workers",
+        "rlaif.sample_ahead",  # a saved sampled-ahead batch is trained on either way
+        # how the teacher is reached and paid for, not what it judges
+        "teacher.base_url",
+        "teacher.api_key_env",
+        "teacher.max_concurrency",
+        "teacher.timeout_s",
+        "teacher.max_retries",
+        "teacher.cache_path",
+        "teacher.cache_ttl_s",
+        "teacher.budget_usd",  # the usual reason to resume after a budget stop
+        "teacher.prices",
+        "logging",
+    }
+)
 
 
 class CheckpointError(ValueError):
@@ -138,8 +141,9 @@ def find_checkpoint(path: str | Path) -> Path:
     run = path.parent if path.name == "checkpoints" else path
     found = list_checkpoints(run)
     if not found:
-        raise CheckpointError(f"{path}: no checkpoint found (expected {checkpoint_dir(run)}/step-NNNNNN "
-                              f"holding {STATE_FILE})")
+        raise CheckpointError(
+            f"{path}: no checkpoint found (expected {checkpoint_dir(run)}/step-NNNNNN holding {STATE_FILE})"
+        )
     return found[-1]
 
 
@@ -171,8 +175,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     """
     a, b = _flatten(saved), _flatten(current)
     return sorted(
-        key for key in a.keys() | b.keys()
-        if a.get(key, _MISSING) != b.get(key, _MISSING) and not _may_differ(key)
+        key for key in a.keys() | b.keys() if a.get(key, _MISSING) != b.get(key, _MISSING) and not _may_differ(key)
     )
 
 

@@ -41,9 +41,10 @@ torch is never imported (``import rlaif_mlx`` stays free of frameworks).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from datetime import timedelta
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -89,7 +90,8 @@ class DistContext:
         if batch_size % self.world_size:
             raise DistributedSetupError(
                 f"training.batch_size {batch_size} does not split over {self.world_size} processes: "
-                f"use a multiple of {self.world_size} (each process takes the same number of prompts)")
+                f"use a multiple of {self.world_size} (each process takes the same number of prompts)"
+            )
 
     def shard(self, items: list[T]) -> list[T]:
         """This process's contiguous share of the step's prompts (the whole list in one process)."""
@@ -116,7 +118,7 @@ class DistContext:
         """Element-wise sums over the processes."""
         if not self.enabled:
             return [float(v) for v in values]
-        return [float(sum(column)) for column in zip(*self.all_gather([float(v) for v in values]))]
+        return [float(sum(column)) for column in zip(*self.all_gather([float(v) for v in values]), strict=True)]
 
     def any(self, flag: bool) -> bool:
         """True on every process when it is true on at least one."""
@@ -224,10 +226,13 @@ class DistContext:
         if not self.enabled:
             return teacher.last_batch.metrics(teacher.ledger)
         batches = self.all_gather(teacher.last_batch)
-        merged = replace(batches[0], **{
-            f.name: sum((getattr(b, f.name) for b in batches), type(getattr(batches[0], f.name))())
-            for f in fields(batches[0])
-        })
+        merged = replace(
+            batches[0],
+            **{
+                f.name: sum((getattr(b, f.name) for b in batches), type(getattr(batches[0], f.name))())
+                for f in fields(batches[0])
+            },
+        )
         return merged.metrics(_ledger_like(teacher.ledger, self._summed_teacher_state(teacher)["ledger"]))
 
     def _summed_teacher_state(self, teacher: Any) -> dict[str, Any]:
@@ -272,8 +277,9 @@ def context_from_env(environ: Mapping[str, str] = os.environ) -> DistContext:
     return DistContext(rank=rank, world_size=world, local_rank=local)
 
 
-def init_from_env(*, device: str = "auto", backend: str = "torch",
-                  environ: Mapping[str, str] = os.environ) -> DistContext:
+def init_from_env(
+    *, device: str = "auto", backend: str = "torch", environ: Mapping[str, str] = os.environ
+) -> DistContext:
     """This process's place, with the process group started when torchrun launched several.
 
     Each process drives GPU ``LOCAL_RANK`` over NCCL; on a machine without CUDA
@@ -293,7 +299,8 @@ def init_from_env(*, device: str = "auto", backend: str = "torch",
     if backend != "torch":
         raise DistributedSetupError(
             f"WORLD_SIZE is {ctx.world_size} but the {backend} backend runs in one process; "
-            "torchrun needs backend: torch")
+            "torchrun needs backend: torch"
+        )
     import torch
     import torch.distributed as dist
 
@@ -305,7 +312,8 @@ def init_from_env(*, device: str = "auto", backend: str = "torch",
     else:
         raise DistributedSetupError(
             f"model.torch.device {device!r} cannot be shared by {ctx.world_size} processes: use auto "
-            "(each process takes GPU LOCAL_RANK) or cpu")
+            "(each process takes GPU LOCAL_RANK) or cpu"
+        )
     if dist.is_initialized():  # the caller's own group
         return ctx
     dist.init_process_group(group, timeout=COLLECTIVE_TIMEOUT)

@@ -16,8 +16,9 @@ that have tests.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from ..config import RunConfig
 from ..data.tasks import Task
@@ -64,9 +65,9 @@ def has_tests(task: Task) -> bool:
 
 
 def evaluate(
-    backend: "Backend",
+    backend: Backend,
     tasks: Sequence[Task],
-    pipeline: "RewardPipeline",
+    pipeline: RewardPipeline,
     config: RunConfig,
     *,
     log: Callable[[str], None] | None = None,
@@ -109,10 +110,10 @@ def evaluate(
     for number, start in enumerate(range(0, len(tasks), per_batch)):
         batch = tasks[start : start + per_batch]
         seed = _SEED_OFFSET + config.seed * 1_000_003 + number
-        completions = backend.sample([prompts[t.id] for t in batch], n=ev.num_samples,
-                                     params=replace(params, seed=seed))
-        items = [(f"{batch[c.prompt_index].id}#{c.sample_index}", batch[c.prompt_index], c.text)
-                 for c in completions]
+        completions = backend.sample(
+            [prompts[t.id] for t in batch], n=ev.num_samples, params=replace(params, seed=seed)
+        )
+        items = [(f"{batch[c.prompt_index].id}#{c.sample_index}", batch[c.prompt_index], c.text) for c in completions]
         scored = pipeline.score(items)
         for uid, task, _ in items:
             results[task.id].append(scored[uid])
@@ -121,8 +122,9 @@ def evaluate(
     return summarise(tasks, results, pass_k=ev.pass_k)
 
 
-def summarise(tasks: Sequence[Task], results: dict[str, list[RewardResult]], *, pass_k: Sequence[int]
-              ) -> dict[str, float]:
+def summarise(
+    tasks: Sequence[Task], results: dict[str, list[RewardResult]], *, pass_k: Sequence[int]
+) -> dict[str, float]:
     """The ``evaluate`` metrics from each task's graded samples (see ``evaluate`` for the keys)."""
     scored = {t.id: [r for r in results[t.id] if r.reward is not None] for t in tasks}
     flat = [r for rs in scored.values() for r in rs]
@@ -139,8 +141,11 @@ def summarise(tasks: Sequence[Task], results: dict[str, list[RewardResult]], *, 
         out["eval/tasks_with_tests"] = len(tested)
         out["eval/tests_mean"] = _mean([r.components.get("tests", 0.0) for t in tested for r in scored[t.id]])
         for k in pass_k:
-            estimates = [pass_at_k(len(rs), sum(r.components.get("tests", 0.0) >= 1.0 for r in rs), k)
-                         for rs in (scored[t.id] for t in tested) if len(rs) >= k]
+            estimates = [
+                pass_at_k(len(rs), sum(r.components.get("tests", 0.0) >= 1.0 for r in rs), k)
+                for rs in (scored[t.id] for t in tested)
+                if len(rs) >= k
+            ]
             out[f"eval/pass@{k}"] = _mean(estimates)
     teacher = [r.components["teacher"] for r in flat if "teacher" in r.components]
     if teacher:
@@ -152,10 +157,15 @@ def format_eval_line(metrics: dict[str, float], *, step: int | None = None) -> s
     """One line for a person: mean reward, pass@k, tests and teacher means, and what could not be scored."""
     where = f" at step {step}" if step is not None else ""
     parts = [f"reward {format_metric(metrics['eval/reward_mean'])}"]
-    parts += [f"{key.removeprefix('eval/')} {format_metric(value)}" for key, value in metrics.items()
-              if key.startswith("eval/pass@") or key in ("eval/tests_mean", "eval/teacher_mean")]
-    return (f"eval{where}: {'  '.join(parts)}  ({metrics['eval/tasks']} tasks, "
-            f"{metrics['eval/unscored']} of {metrics['eval/samples']} samples unscored)")
+    parts += [
+        f"{key.removeprefix('eval/')} {format_metric(value)}"
+        for key, value in metrics.items()
+        if key.startswith("eval/pass@") or key in ("eval/tests_mean", "eval/teacher_mean")
+    ]
+    return (
+        f"eval{where}: {'  '.join(parts)}  ({metrics['eval/tasks']} tasks, "
+        f"{metrics['eval/unscored']} of {metrics['eval/samples']} samples unscored)"
+    )
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -56,7 +56,7 @@ class PendingBatch:
         }
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any], dist: DistContext) -> "PendingBatch":
+    def from_state_dict(cls, state: dict[str, Any], dist: DistContext) -> PendingBatch:
         """This process's share of a saved batch (the share a fresh ``dist.shard`` gives it)."""
         everything = [_completion(c) for c in state["completions"]]
         ids = list(state["task_ids"])

@@ -7,7 +7,8 @@ trainer draws it.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..backends.base import SamplingParams
 from ..config import DataConfig, RlaifConfig

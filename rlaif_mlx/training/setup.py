@@ -8,9 +8,10 @@ can fix are ``SetupError``s of one line that name the file or key.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..config import RunConfig
 from ..errors import SetupError, first_line
@@ -152,8 +153,14 @@ def build_run(
     else:
         reporter = PlainReporter(log, log_every=config.logging.log_every)
     trainer = Trainer(
-        config, backend=backend, train=train, rewards=rewards, output_dir=output_dir, reporter=reporter,
-        eval_tasks=eval_set, dist=dist,
+        config,
+        backend=backend,
+        train=train,
+        rewards=rewards,
+        output_dir=output_dir,
+        reporter=reporter,
+        eval_tasks=eval_set,
+        dist=dist,
     )
     if checkpoint is not None:
         try:

@@ -13,35 +13,40 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from ..rl import advantages as adv
-from ..rl import kl as klmod
 from ..backends.base import (
-    Backend, Completion, LossSettings, SequenceBatch, StepStats, TrainBatch,
+    Backend,
+    Completion,
+    LossSettings,
+    SequenceBatch,
+    StepStats,
+    TrainBatch,
 )
-from .checkpoint import check_resumable, load_trainer_state, save_checkpoint
 from ..config import RunConfig
-from .curriculum import Curriculum, estimate_difficulty
 from ..data.tasks import Task, TaskSet
-from .distributed import DistContext
-from .evaluation import evaluate, format_eval_line
 from ..monitor.metrics import JsonlSink, MetricsSinks, SampleSink, TensorBoardSink
-from ..rl.objective import aggregation_weights
 from ..monitor.reporting import PlainReporter, Reporter, RunHeader, extreme_samples, step_record
 from ..rewards.pipeline import RewardPipeline, RewardResult
-from .sample_ahead import PendingBatch
+from ..rl import advantages as adv
+from ..rl import kl as klmod
+from ..rl.objective import aggregation_weights
 from ..rl.schedule import scheduled_learning_rate
 from ..teachers.cost import BudgetExceeded
 from ..teachers.judge import TeacherUnavailable
+from .checkpoint import check_resumable, load_trainer_state, save_checkpoint
+from .curriculum import Curriculum, estimate_difficulty
+from .distributed import DistContext
+from .evaluation import evaluate, format_eval_line
+from .sample_ahead import PendingBatch
 from .settings import sampling_params, task_prompt_ids
 from .warmup import supervised_warmup
-
 
 MAX_UNSCORED_STEPS = 3
 
@@ -139,8 +144,12 @@ class Trainer:
             [t.id for t in train.tasks],
             [t.difficulty for t in train.tasks],
             estimates=[estimate_difficulty(t.prompt, t.reference, t.tests) for t in train.tasks],
-            enabled=cur.enabled, num_buckets=cur.num_buckets, advance_threshold=cur.advance_threshold,
-            advance_after_steps=cur.advance_after_steps, window=cur.window, mix_previous=cur.mix_previous,
+            enabled=cur.enabled,
+            num_buckets=cur.num_buckets,
+            advance_threshold=cur.advance_threshold,
+            advance_after_steps=cur.advance_after_steps,
+            window=cur.window,
+            mix_previous=cur.mix_previous,
             seed=config.seed,
         )
         rl = config.rlaif
@@ -161,13 +170,18 @@ class Trainer:
         A restored trainer skips the warm-up: its checkpoint already holds the
         warmed-up weights and the rebased reference.
         """
-        self.reporter.start(RunHeader(
-            model=self.config.model.base_model, backend=self.backend.name, device=self.backend.device,
-            total_steps=self.total_steps, output_dir=str(self.output_dir),
-            teacher=self.teacher.name if self.teacher is not None else None,
-            budget_usd=self.config.teacher.budget_usd if self.teacher is not None else None,
-            start_step=self.step,
-        ))
+        self.reporter.start(
+            RunHeader(
+                model=self.config.model.base_model,
+                backend=self.backend.name,
+                device=self.backend.device,
+                total_steps=self.total_steps,
+                output_dir=str(self.output_dir),
+                teacher=self.teacher.name if self.teacher is not None else None,
+                budget_usd=self.config.teacher.budget_usd if self.teacher is not None else None,
+                start_step=self.step,
+            )
+        )
         records = []
         previous_handlers = self._catch_stop_signals()
         try:
@@ -180,8 +194,11 @@ class Trainer:
                     self.save()
                 if stopping:
                     signum = self._stop_signal or signal.SIGTERM
-                    raise StopRequested(f"{signal.Signals(signum).name} after step {self.step}: "
-                                        f"checkpoint saved in {self.output_dir / 'checkpoints'}", signum)
+                    raise StopRequested(
+                        f"{signal.Signals(signum).name} after step {self.step}: "
+                        f"checkpoint saved in {self.output_dir / 'checkpoints'}",
+                        signum,
+                    )
         except (ScoringFailed, BudgetExceeded, TeacherUnavailable):
             if self.step > 0:
                 self.save()  # keep what was learned before the grader, teacher or budget gave out
@@ -214,8 +231,10 @@ class Trainer:
             if self._stop_signal is not None:
                 raise KeyboardInterrupt  # asked twice: stop now, without a checkpoint
             self._stop_signal = signum
-            self.log(f"{signal.Signals(signum).name}: finishing step {self.step + 1}, then saving a checkpoint "
-                     "(send it again to stop at once)")
+            self.log(
+                f"{signal.Signals(signum).name}: finishing step {self.step + 1}, then saving a checkpoint "
+                "(send it again to stop at once)"
+            )
 
         return {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
 
@@ -224,8 +243,9 @@ class Trainer:
         t0 = time.perf_counter()
         self._open_metrics()
         if self.teacher is not None:  # before anything of this step is drawn: a budget stop resumes exactly here
-            self.dist.check_budget(self.teacher,
-                                   self.config.training.batch_size * self.config.rlaif.num_samples_per_prompt)
+            self.dist.check_budget(
+                self.teacher, self.config.training.batch_size * self.config.rlaif.num_samples_per_prompt
+            )
         pending, self._pending = self._pending, None
         if pending is None or pending.step != self.step:
             pending = self.sample_batch()
@@ -238,8 +258,9 @@ class Trainer:
         # reference log-probs and, with ``sample_ahead``, the next batch. With a slow teacher the step
         # takes sample + max(score, reference) + train, or max(score, reference + sample) + train.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring") as pool:
-            scoring = pool.submit(_timed, self.rewards.score,
-                                  [(c.uid, tasks[c.prompt_index], c.text) for c in completions])
+            scoring = pool.submit(
+                _timed, self.rewards.score, [(c.uid, tasks[c.prompt_index], c.text) for c in completions]
+            )
             logps = self.logprob_batch(completions)
             t_reference = time.perf_counter()
             if self.config.rlaif.sample_ahead and self.step + 1 < self.total_steps:
@@ -252,9 +273,13 @@ class Trainer:
         self._check_scoring(full)
         advantages, weights, adv_stats = self.advantages(full)
         stats = self.update(rollout, advantages, weights, stale=stale)
-        kl_token = klmod.masked_mean_kl(
-            full.policy_logp, full.ref_logp, full.sequences.loss_mask, estimator=self.config.rlaif.kl_estimator
-        ).token_mean if full.ref_logp is not None else float("nan")
+        kl_token = (
+            klmod.masked_mean_kl(
+                full.policy_logp, full.ref_logp, full.sequences.loss_mask, estimator=self.config.rlaif.kl_estimator
+            ).token_mean
+            if full.ref_logp is not None
+            else float("nan")
+        )
         kl_coef = self.kl_controller.value
         self.kl_controller.update(kl_token, len(full.completions))
         for i, task in enumerate(batch):
@@ -263,11 +288,15 @@ class Trainer:
                 self.curriculum.record(task.id, float(np.nanmean(group)))
         self.step += 1
         t_end = time.perf_counter()
-        record = self.record(full, stats, adv_stats, kl_token, kl_coef,
-                             times=(pending.sample_seconds, score_s, t_reference - t_sample, t_end - t_score,
-                                    t_end - t0),
-                             ahead={"sampled_ahead": int(stale),
-                                    "sample_ahead_seconds": t_ahead - t_reference})  # the next batch, beside scoring
+        record = self.record(
+            full,
+            stats,
+            adv_stats,
+            kl_token,
+            kl_coef,
+            times=(pending.sample_seconds, score_s, t_reference - t_sample, t_end - t_score, t_end - t0),
+            ahead={"sampled_ahead": int(stale), "sample_ahead_seconds": t_ahead - t_reference},
+        )  # the next batch, beside scoring
         return record
 
     # ---- the parts of a step ---------------------------------------------
@@ -290,11 +319,15 @@ class Trainer:
         started = time.perf_counter()
         ids = self.curriculum.next_batch(self.config.training.batch_size)
         completions = self.sample(self.dist.shard([self.tasks[i] for i in ids]), step=step)
-        return PendingBatch(step=self.step if step is None else step, task_ids=list(ids), completions=completions,
-                            sample_seconds=time.perf_counter() - started, sampled_at=self.step)
+        return PendingBatch(
+            step=self.step if step is None else step,
+            task_ids=list(ids),
+            completions=completions,
+            sample_seconds=time.perf_counter() - started,
+            sampled_at=self.step,
+        )
 
-    def sample(self, tasks: list[Task], *, first_index: int | None = None,
-               step: int | None = None) -> list[Completion]:
+    def sample(self, tasks: list[Task], *, first_index: int | None = None, step: int | None = None) -> list[Completion]:
         """G completions per task; ``first_index``: the first task's place in the step's whole batch
         (default: where this process's share starts).
 
@@ -303,8 +336,10 @@ class Trainer:
         """
         first_index = self.dist.rank * len(tasks) if first_index is None else first_index
         rl = self.config.rlaif
-        seeds = tuple(prompt_seed(self.config.seed, self.step if step is None else step, first_index + i)
-                      for i in range(len(tasks)))
+        seeds = tuple(
+            prompt_seed(self.config.seed, self.step if step is None else step, first_index + i)
+            for i in range(len(tasks))
+        )
         params = sampling_params(rl, seed=seeds)
         return self.backend.sample([self.prompt_ids[t.id] for t in tasks], n=rl.num_samples_per_prompt, params=params)
 
@@ -316,8 +351,9 @@ class Trainer:
         ref_logp = self.backend.logprobs(sequences, reference=True) if need_ref else None
         return sequences, policy_logp, ref_logp
 
-    def assemble(self, tasks: list[Task], completions: list[Completion], results: dict[str, RewardResult],
-                 *, logps=None) -> Rollout:
+    def assemble(
+        self, tasks: list[Task], completions: list[Completion], results: dict[str, RewardResult], *, logps=None
+    ) -> Rollout:
         """Attaches rewards (by uid) and log-probs (``logprob_batch``'s, computed here when not given)."""
         G = self.config.rlaif.num_samples_per_prompt
         rewards = np.full((len(tasks), G), np.nan, dtype=np.float64)
@@ -335,12 +371,14 @@ class Trainer:
         """
         if not self.dist.enabled:
             return rollout
-        completions, results = self.dist.gather_samples(rollout.completions, rollout.results,
-                                                        prompts=len(rollout.tasks))
+        completions, results = self.dist.gather_samples(
+            rollout.completions, rollout.results, prompts=len(rollout.tasks)
+        )
         ref_logp = self.dist.gather_rows(rollout.ref_logp) if rollout.ref_logp is not None else None
         sequences = SequenceBatch.from_completions(completions, pad_id=self.backend.pad_id)
-        return self.assemble(tasks, completions, results,
-                             logps=(sequences, sampled_logprobs(completions, sequences), ref_logp))
+        return self.assemble(
+            tasks, completions, results, logps=(sequences, sampled_logprobs(completions, sequences), ref_logp)
+        )
 
     def advantages(self, rollout: Rollout) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
         """Per-sample advantages ``[B*G]`` and the token weights ``[B*G, T-1]`` of the loss."""
@@ -348,12 +386,18 @@ class Trainer:
         rewards = rollout.rewards
         if rl.kl_placement == "reward" and rollout.ref_logp is not None:
             flat = klmod.kl_penalised_rewards(
-                rewards.reshape(-1), logp=rollout.policy_logp, ref_logp=rollout.ref_logp,
-                mask=rollout.sequences.loss_mask, coef=self.kl_controller.value,
+                rewards.reshape(-1),
+                logp=rollout.policy_logp,
+                ref_logp=rollout.ref_logp,
+                mask=rollout.sequences.loss_mask,
+                coef=self.kl_controller.value,
             )
             rewards = flat.reshape(rewards.shape)
         result = adv.compute_advantages(
-            rewards, baseline=rl.baseline, scale_by_std=rl.scale_by_std, whiten=rl.whiten_advantages,
+            rewards,
+            baseline=rl.baseline,
+            scale_by_std=rl.scale_by_std,
+            whiten=rl.whiten_advantages,
             ema_state=self.ema,
         )
         if self.ema is not None:
@@ -369,7 +413,8 @@ class Trainer:
             "zero_variance_groups": int(result.zero_variance_groups),
             "unscored": int((~result.valid_mask).sum()),
             "advantage_abs_mean": float(np.abs(result.advantages[result.valid_mask]).mean())
-            if result.valid_mask.any() else 0.0,
+            if result.valid_mask.any()
+            else 0.0,
         }
         return np.nan_to_num(result.advantages).reshape(-1).astype(np.float32), weights.astype(np.float32), stats
 
@@ -382,18 +427,29 @@ class Trainer:
         rl = self.config.rlaif
         kl_in_loss = rl.kl_placement == "loss" and rollout.ref_logp is not None
         settings = LossSettings(
-            clip_eps_low=self.config.training.clip_eps_low, clip_eps_high=self.config.training.clip_eps_high,
-            kl_coef=self.kl_controller.value if kl_in_loss else 0.0, kl_estimator=rl.kl_estimator,
+            clip_eps_low=self.config.training.clip_eps_low,
+            clip_eps_high=self.config.training.clip_eps_high,
+            kl_coef=self.kl_controller.value if kl_in_loss else 0.0,
+            kl_estimator=rl.kl_estimator,
         )
         if not weights.any():  # over the whole batch: every process skips alike
             # Nothing scored (or every group skipped): an optimizer step on a zero
             # gradient would still move the weights through Adam's momentum.
-            return StepStats(loss=0.0, pg_loss=0.0, kl=0.0, clip_fraction=0.0, ratio_mean=1.0, grad_norm=0.0,
-                             lr=0.0, extra={"update_skipped": 1.0})
+            return StepStats(
+                loss=0.0,
+                pg_loss=0.0,
+                kl=0.0,
+                clip_fraction=0.0,
+                ratio_mean=1.0,
+                grad_norm=0.0,
+                lr=0.0,
+                extra={"update_skipped": 1.0},
+            )
         rows, width = rollout.sequences.loss_mask.shape
         behaviour = self.config.training.updates_per_batch > 1 or stale
         batch = TrainBatch(
-            sequences=rollout.sequences, advantages=self.dist.local_rows(advantages, rows),
+            sequences=rollout.sequences,
+            advantages=self.dist.local_rows(advantages, rows),
             token_weights=self.dist.local_rows(weights, rows)[:, :width],
             # one update on fresh samples: the ratio is against the current policy exactly (stop-gradient);
             # several, or samples from before the last update: against the behaviour policy that sampled them
@@ -408,13 +464,31 @@ class Trainer:
             stats = self.backend.train_step(batch, loss=settings, learning_rate=lr)
         return stats
 
-    def record(self, rollout: Rollout, stats, adv_stats: dict, kl_token: float, kl_coef: float, *, times,
-               ahead: dict | None = None) -> dict:
+    def record(
+        self,
+        rollout: Rollout,
+        stats,
+        adv_stats: dict,
+        kl_token: float,
+        kl_coef: float,
+        *,
+        times,
+        ahead: dict | None = None,
+    ) -> dict:
         """The step's metrics record (``reporting.step_record``), plus a periodic evaluation; written and shown."""
-        record = step_record(rollout, stats, adv_stats, step=self.step, epoch=self.curriculum.epoch,
-                             bucket=self.curriculum.bucket, kl_token=kl_token, kl_coef=kl_coef, times=times,
-                             ahead=ahead,
-                             teacher=self.dist.teacher_metrics(self.teacher) if self.teacher is not None else None)
+        record = step_record(
+            rollout,
+            stats,
+            adv_stats,
+            step=self.step,
+            epoch=self.curriculum.epoch,
+            bucket=self.curriculum.bucket,
+            kl_token=kl_token,
+            kl_coef=kl_coef,
+            times=times,
+            ahead=ahead,
+            teacher=self.dist.teacher_metrics(self.teacher) if self.teacher is not None else None,
+        )
         every = self.config.eval.every_steps
         if self.eval_tasks is not None and every and (self.step % every == 0 or self.step == self.total_steps):
             # Rank 0 evaluates, the others wait. Every process gathers the weights first (under FSDP a collective):
@@ -437,13 +511,21 @@ class Trainer:
 
     def supervised_warmup(self) -> None:
         """Teaches the reference solutions first (``warmup.supervised_warmup``); a stop signal ends it."""
+
         def check_stop() -> None:  # after each warm-up step; every process stops at the same one
             if self.dist.any(self._stop_signal is not None):  # nothing to checkpoint yet: the warm-up reruns next time
                 signum = self._stop_signal or signal.SIGTERM
                 raise StopRequested(f"{signal.Signals(signum).name} during the warm-up: nothing saved", signum)
 
-        supervised_warmup(self.backend, list(self.tasks.values()), self.prompt_ids, self.config,
-                          world_size=self.dist.world_size, log=self.log, after_step=check_stop)
+        supervised_warmup(
+            self.backend,
+            list(self.tasks.values()),
+            self.prompt_ids,
+            self.config,
+            world_size=self.dist.world_size,
+            log=self.log,
+            after_step=check_stop,
+        )
 
     def save(self) -> Path:
         """Writes a checkpoint of the current step (see ``checkpoint.save_checkpoint``).
@@ -464,8 +546,14 @@ class Trainer:
         }
         path = None
         if self.dist.is_main:
-            path = save_checkpoint(self.output_dir, step=self.step, state=state, config=self.config,
-                                   save_backend=self.backend.save, keep=self.config.training.save_total_limit)
+            path = save_checkpoint(
+                self.output_dir,
+                step=self.step,
+                state=state,
+                config=self.config,
+                save_backend=self.backend.save,
+                keep=self.config.training.save_total_limit,
+            )
         else:
             self.backend.save(None)  # this process's share of the backend's save, alongside rank 0's
         return self.dist.from_main(path)

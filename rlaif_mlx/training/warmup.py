@@ -8,7 +8,7 @@ pulling back to the raw base.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -18,8 +18,16 @@ from ..data.tasks import Task, reference_completion_text
 from ..rl.objective import aggregation_weights
 
 
-def supervised_warmup(backend: Backend, tasks: list[Task], prompt_ids: dict[str, list[int]], config: RunConfig, *,
-                      world_size: int, log: Callable[[str], None], after_step: Callable[[], None]) -> None:
+def supervised_warmup(
+    backend: Backend,
+    tasks: list[Task],
+    prompt_ids: dict[str, list[int]],
+    config: RunConfig,
+    *,
+    world_size: int,
+    log: Callable[[str], None],
+    after_step: Callable[[], None],
+) -> None:
     """Runs ``training.sft_warmup_steps`` steps on the reference solutions, then rebases the reference.
 
     Args:
@@ -46,7 +54,8 @@ def supervised_warmup(backend: Backend, tasks: list[Task], prompt_ids: dict[str,
         # torchrun every process takes the whole batch at 1/world_size: the summed gradient is one's.
         backend.train_step(
             TrainBatch(seqs, np.ones(len(seqs), np.float32), (weights / world_size).astype(np.float32)),
-            loss=LossSettings(kl_coef=0.0), learning_rate=lr,
+            loss=LossSettings(kl_coef=0.0),
+            learning_rate=lr,
         )
         after_step()
         if (i + 1) % 10 == 0 or i + 1 == cfg.sft_warmup_steps:
@@ -61,6 +70,9 @@ def reference_sequences(backend: Backend, tasks: list[Task], prompt_ids: dict[st
     completions = []
     for j, task in enumerate(tasks):
         target = backend.tokenizer.encode(reference_completion_text(task), add_special_tokens=False) + [eos]
-        completions.append(Completion(f"sft-{j}", j, 0, tuple(prompt_ids[task.id]), tuple(target),
-                                      tuple([0.0] * len(target)), "", "eos"))
+        completions.append(
+            Completion(
+                f"sft-{j}", j, 0, tuple(prompt_ids[task.id]), tuple(target), tuple([0.0] * len(target)), "", "eos"
+            )
+        )
     return SequenceBatch.from_completions(completions, pad_id=backend.pad_id)
