@@ -13,7 +13,7 @@ python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 
 
 echo "== 1. backend tests on cuda"
 RLAIF_TEST_TORCH_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider \
-    tests/test_torch_backend.py tests/test_torch_speedups.py 2>&1 | tee "$out/tests_cuda.log" | tail -25
+    tests/backends/test_torch_backend.py tests/backends/test_torch_speedups.py 2>&1 | tee "$out/tests_cuda.log" | tail -25
 
 echo "== 2. quickstart on cuda"
 timeout 240 python3 -m rlaif_mlx.cli train --config configs/quickstart.yaml --backend torch --no-dashboard \

@@ -3,7 +3,7 @@
 Run by ``bench_step.py`` in a fresh subprocess, so ``ru_maxrss`` is this side's
 own peak. Usage: ``python benchmarks/step_ours.py SETTINGS_JSON RESULT_PATH``.
 
-The trainer is built in-process as ``tests/test_resume.py`` does, with a reward
+The trainer is built in-process as ``tests/training/test_resume.py`` does, with a reward
 object scoring the completion text (``step_common.digit_fraction``) instead of
 the sandbox. One untimed warm-up step, then ``steps`` timed ones; each step's
 time is split into sample / score / reference log-probs / update / other by

@@ -184,9 +184,11 @@ def _versions(packages: tuple[str, ...]) -> str:
 
 
 def _torch_devices() -> list[Check]:
+    from ..backends.formats import torch_devices
+
     try:
-        import torch
-    except Exception as exc:  # a broken wheel raises anything from ImportError to OSError
+        found = torch_devices()
+    except (ImportError, OSError, RuntimeError) as exc:  # a broken wheel: a missing library, a bad build
         return [
             Check(
                 "devices torch",
@@ -195,19 +197,15 @@ def _torch_devices() -> list[Check]:
                 f"reinstall it: {INSTALL_COMMANDS['torch']}",
             )
         ]
-    found = []
-    if torch.cuda.is_available():
-        found += [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        found.append("mps")
     return [Check("devices torch", OK, ", ".join(found) or "cpu only (no CUDA, no MPS)")]
 
 
 def _mlx_devices() -> list[Check]:
+    from ..backends.formats import mlx_device
+
     try:
-        import mlx.core as mx
-    except Exception as exc:  # e.g. a missing shared library
+        device, metal = mlx_device()
+    except (ImportError, OSError, RuntimeError) as exc:  # e.g. a missing shared library
         return [
             Check(
                 "devices mlx",
@@ -216,10 +214,8 @@ def _mlx_devices() -> list[Check]:
                 f"reinstall it: {INSTALL_COMMANDS['mlx']}",
             )
         ]
-    metal = bool(getattr(getattr(mx, "metal", None), "is_available", lambda: False)())
-    device = mx.default_device()
     metal_state = "available" if metal else "not available"
-    checks = [Check("devices mlx", OK, f"default {device.type.name}; Metal {metal_state}")]
+    checks = [Check("devices mlx", OK, f"default {device}; Metal {metal_state}")]
     if sys.platform.startswith("linux") and not metal and not _openblas_loaded():
         checks.append(
             Check(

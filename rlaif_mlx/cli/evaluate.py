@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
         The exit status (0). Problems a user can fix raise ``UserError``.
     """
     from ..config import ConfigError, load_config
-    from ..data.tasks import DataError, load_task_set
+    from ..data import load_task_set
+    from ..data.tasks import DataError
     from ..rewards.pipeline import RewardPipeline
     from ..teachers.cost import BudgetExceeded
     from ..teachers.judge import TeacherUnavailable

@@ -16,16 +16,12 @@ as ``rlaif-mlx sample`` loads it.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from .common import UserError, first_line
-
-GROUP_SIZE = 64  # mlx-lm's default; a layer whose input width does not divide by it stays unquantised
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -102,28 +98,19 @@ def export_mlx(backend: Any, out: Path, *, bits: int | None = None) -> None:
     Raises:
         UserError: mlx-lm refuses the model (one line).
     """
-    try:
-        from mlx_lm import convert  # only here: the hf format needs no MLX
-    except ImportError as exc:  # installed but broken, e.g. a missing shared library
-        raise UserError(f"--format mlx: mlx-lm does not import: {first_line(exc)}") from None
+    from ..backends.formats import convert_to_mlx
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.parent) as tmp:
         hf, converted = Path(tmp) / "hf", Path(tmp) / "mlx"
         backend.export(hf)
-        # mlx-lm prints its progress ("[INFO] Loading" ...); the command prints one line of its own.
-        with contextlib.redirect_stdout(io.StringIO()):
-            try:
-                convert(
-                    str(hf),
-                    str(converted),
-                    quantize=bits is not None,
-                    q_bits=bits,
-                    q_group_size=GROUP_SIZE if bits is not None else None,
-                )
-            except ValueError as exc:
-                raise UserError(f"mlx-lm cannot convert this model: {first_line(exc)}") from None
+        try:
+            convert_to_mlx(hf, converted, bits=bits)
+        except ImportError as exc:  # installed but broken, e.g. a missing shared library
+            raise UserError(f"--format mlx: mlx-lm does not import: {first_line(exc)}") from None
+        except ValueError as exc:
+            raise UserError(f"mlx-lm cannot convert this model: {first_line(exc)}") from None
         out.mkdir(parents=True, exist_ok=True)
         for file in converted.iterdir():
             os.replace(file, out / file.name)

@@ -40,7 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import ConfigError, load_config
-    from ..data.tasks import DataError, load_task_set
+    from ..data import load_task_set
+    from ..data.tasks import DataError
     from ..rewards.pipeline import RewardPipeline
     from ..teachers.cost import BudgetExceeded
     from ..teachers.judge import TeacherUnavailable

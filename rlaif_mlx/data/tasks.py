@@ -90,23 +90,6 @@ def load_tasks(name: str, *, on_bad_line: str = "error") -> TaskSet:
     return TaskSet(tasks=tasks, skipped_lines=skipped, source=str(path))
 
 
-def load_task_set(name: str, *, on_bad_line: str = "error") -> TaskSet:
-    """A task set by name: ``humaneval`` (any case) is HumanEval's 164 problems, anything else a task file.
-
-    Args:
-        name: ``humaneval``, a path, or ``builtin:NAME``.
-        on_bad_line: as for ``load_tasks``.
-
-    Raises:
-        DataError: as for ``load_tasks``.
-    """
-    if name.strip().lower() == "humaneval":
-        from .humaneval import load_humaneval
-
-        return load_humaneval()
-    return load_tasks(name, on_bad_line=on_bad_line)
-
-
 def _parse_line(line: str, *, default_id: str) -> Task:
     try:
         obj: Any = json.loads(line)

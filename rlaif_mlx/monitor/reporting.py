@@ -11,13 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
-
-import numpy as np
-
-if TYPE_CHECKING:  # the trainer imports this module
-    from ..backends.base import StepStats
-    from ..training.trainer import Rollout
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -106,81 +100,3 @@ def format_step_line(record: dict[str, Any], total_steps: int) -> str:
     if "teacher/calls" in record:
         line += f"  teacher {record['teacher/calls']:.0f} calls ${record['teacher/spent_usd']:.2f}"
     return line
-
-
-def step_record(
-    rollout: Rollout,
-    stats: StepStats,
-    adv_stats: dict[str, float],
-    *,
-    step: int,
-    epoch: int,
-    bucket: int,
-    kl_token: float,
-    kl_coef: float,
-    times: tuple[float, ...],
-    ahead: dict[str, Any] | None = None,
-    teacher: dict[str, float] | None = None,
-) -> dict[str, Any]:
-    """One RL step's metrics record (a ``metrics.jsonl`` line; the README lists every key).
-
-    Args:
-        rollout: the step's whole batch: completions, their results and rewards (NaN = unscored).
-        stats: the optimizer step's loss, its parts and the gradient norm.
-        adv_stats: what the advantage computation reports (mean |advantage|, zero-variance groups, ...).
-        times: seconds spent sampling, scoring, on reference log-probs, training, and the whole step.
-        ahead: the sampling-ahead keys (``sample_ahead_seconds``, ``sampled_ahead``), if on.
-        teacher: the ``teacher/*`` keys, when a teacher scores.
-    """
-    rewards = rollout.rewards[np.isfinite(rollout.rewards)]
-    lengths = [len(c.completion_ids) for c in rollout.completions]
-    components: dict[str, list[float]] = {}
-    errors = 0
-    for res in rollout.results.values():
-        errors += res.error is not None and res.reward is None
-        for name, value in res.components.items():
-            components.setdefault(name, []).append(value)
-    sample_s, score_s, reference_s, train_s, total_s = times
-    return {
-        "step": step,
-        "epoch": epoch,
-        "reward_mean": float(rewards.mean()) if rewards.size else float("nan"),
-        "reward_std": float(rewards.std()) if rewards.size else float("nan"),
-        **{f"reward/{k}": float(np.mean(v)) for k, v in sorted(components.items())},
-        "kl": float(kl_token),
-        "kl_coef": float(kl_coef),
-        "loss": stats.loss,
-        "pg_loss": stats.pg_loss,
-        "grad_norm": stats.grad_norm,
-        "lr": stats.lr,
-        "clip_fraction": stats.clip_fraction,
-        "completion_len_mean": float(np.mean(lengths)),
-        "scoring_errors": int(errors),
-        **adv_stats,
-        "update_skipped": int(stats.extra.get("update_skipped", 0)),
-        "curriculum_bucket": bucket,
-        "sample_seconds": sample_s,
-        "score_seconds": score_s,
-        "reference_seconds": reference_s,  # overlapped with scoring
-        "train_seconds": train_s,
-        "step_seconds": total_s,
-        **(ahead or {}),
-        "tokens_per_second": float(sum(lengths) / max(sample_s, 1e-9)),
-        **(teacher or {}),
-    }
-
-
-def extreme_samples(rollout: Rollout) -> tuple[SampleView | None, SampleView | None]:
-    """The step's best and worst scored completions (None when nothing was scored)."""
-    scored = [(r, i) for i, r in enumerate(rollout.rewards.reshape(-1)) if np.isfinite(r)]
-    if not scored:
-        return None, None
-
-    def view(index: int) -> SampleView:
-        c = rollout.completions[index]
-        task, result = rollout.tasks[c.prompt_index], rollout.results[c.uid]
-        return SampleView(
-            task.id, task.prompt, c.text, task.language, result.reward, dict(result.components), result.error
-        )
-
-    return view(max(scored)[1]), view(min(scored)[1])

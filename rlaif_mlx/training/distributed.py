@@ -108,11 +108,9 @@ class DistContext:
         """Every process's ``value`` (any picklable object), in rank order."""
         if not self.enabled:
             return [value]
-        import torch.distributed as dist
+        from ..backends import torch_collectives
 
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, value)
-        return out
+        return torch_collectives.all_gather_object(value, self.world_size)
 
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sums over the processes."""
@@ -188,9 +186,9 @@ class DistContext:
 
     def barrier(self) -> None:
         if self.enabled:
-            import torch.distributed as dist
+            from ..backends import torch_collectives
 
-            dist.barrier()
+            torch_collectives.barrier()
 
     # ---- the teacher: one budget, one ledger ------------------------------------
 
@@ -248,10 +246,9 @@ class DistContext:
     def close(self) -> None:
         """Ends the process group ``init_from_env`` started (one the caller started stays)."""
         if self.owns_group:
-            import torch.distributed as dist
+            from ..backends import torch_collectives
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            torch_collectives.stop()
 
 
 def renumbered(completion: Any, offset: int) -> Any:
@@ -301,23 +298,16 @@ def init_from_env(
             f"WORLD_SIZE is {ctx.world_size} but the {backend} backend runs in one process; "
             "torchrun needs backend: torch"
         )
-    import torch
-    import torch.distributed as dist
+    from ..backends import torch_collectives
 
-    if device in ("auto", "cuda") and torch.cuda.is_available():
-        torch.cuda.set_device(ctx.local_rank)  # "cuda" now means this process's GPU
-        group = "nccl"
-    elif device in ("auto", "cpu", "cuda"):  # "cuda" without a GPU: the backend says so when it loads
-        group = "gloo"
-    else:
+    try:
+        started = torch_collectives.start(device=device, local_rank=ctx.local_rank, timeout=COLLECTIVE_TIMEOUT)
+    except ValueError:
         raise DistributedSetupError(
             f"model.torch.device {device!r} cannot be shared by {ctx.world_size} processes: use auto "
             "(each process takes GPU LOCAL_RANK) or cpu"
-        )
-    if dist.is_initialized():  # the caller's own group
-        return ctx
-    dist.init_process_group(group, timeout=COLLECTIVE_TIMEOUT)
-    return replace(ctx, owns_group=True)
+        ) from None
+    return replace(ctx, owns_group=started)
 
 
 def _ledger_like(ledger: Any, state: dict[str, Any]) -> Any:

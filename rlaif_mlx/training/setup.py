@@ -90,7 +90,8 @@ def build_run(
         SetupError: no checkpoint to resume, tasks that do not load, a missing model,
             framework or teacher key; one line each.
     """
-    from ..data.tasks import DataError, load_task_set
+    from ..data import load_task_set
+    from ..data.tasks import DataError
     from ..monitor.reporting import PlainReporter
     from ..rewards.pipeline import RewardPipeline
     from ..rewards.sandbox import sandbox_capabilities

@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from ..backends.base import (
 from ..config import RunConfig
 from ..data.tasks import Task, TaskSet
 from ..monitor.metrics import JsonlSink, MetricsSinks, SampleSink, TensorBoardSink
-from ..monitor.reporting import PlainReporter, Reporter, RunHeader, extreme_samples, step_record
+from ..monitor.reporting import PlainReporter, Reporter, RunHeader
 from ..rewards.pipeline import RewardPipeline, RewardResult
 from ..rl import advantages as adv
 from ..rl import kl as klmod
@@ -44,6 +43,7 @@ from .checkpoint import check_resumable, load_trainer_state, save_checkpoint
 from .curriculum import Curriculum, estimate_difficulty
 from .distributed import DistContext
 from .evaluation import evaluate, format_eval_line
+from .records import Rollout, extreme_samples, step_record
 from .sample_ahead import PendingBatch
 from .settings import sampling_params, task_prompt_ids
 from .warmup import supervised_warmup
@@ -61,28 +61,6 @@ class StopRequested(RuntimeError):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.signum = signum
-
-
-@dataclass
-class Rollout:
-    """One step's samples with everything attached to them, in prompt-major order.
-
-    Attributes:
-        tasks: ``[B]`` the prompts' tasks.
-        completions: ``[B*G]`` sampled completions.
-        results: uid -> reward result (looked up by uid, never by position).
-        rewards: ``[B, G]`` scalar reward, NaN where a sample could not be scored.
-        sequences: the ``[B*G, T]`` token batch.
-        policy_logp / ref_logp: ``[B*G, T-1]``.
-    """
-
-    tasks: list[Task]
-    completions: list[Completion]
-    results: dict[str, RewardResult]
-    rewards: np.ndarray
-    sequences: SequenceBatch
-    policy_logp: np.ndarray
-    ref_logp: np.ndarray | None
 
 
 def total_optimizer_steps(config: RunConfig, num_tasks: int) -> int:

@@ -16,7 +16,7 @@ import pytest
 
 from rlaif_mlx.teachers.cache import ScoreCache, ScoreCacheError, judgement_key, reference_key
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BASE = dict(
     provider="anthropic",
     model="claude-haiku-4-5",

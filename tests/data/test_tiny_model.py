@@ -23,7 +23,7 @@ from rlaif_mlx.data.tiny_model import (  # noqa: E402
     ensure_tiny_model,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # 2 layers x (attention 16512+8256+8256+16384, MLP 3*128*256, norms 2*128)
 # + embeddings 1024*128 (tied with lm_head) + final norm 128.
 EXPECTED_PARAMS = 2 * (16512 + 8256 + 8256 + 16384 + 98304 + 256) + 1024 * 128 + 128

@@ -12,8 +12,9 @@ import yaml
 from rlaif_mlx.backends.base import Completion
 from rlaif_mlx.cli import main
 from rlaif_mlx.config import RewardConfig, RunConfig
+from rlaif_mlx.data import load_task_set
 from rlaif_mlx.data.humaneval import load_humaneval
-from rlaif_mlx.data.tasks import Task, load_task_set
+from rlaif_mlx.data.tasks import Task
 from rlaif_mlx.rewards.pipeline import RewardPipeline
 from rlaif_mlx.training.evaluation import evaluate, format_eval_line, pass_at_k
 
