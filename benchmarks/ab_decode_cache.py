@@ -2,8 +2,8 @@
 
 One process per case, both variants on the same loaded backend, alternating call by call
 (the order flips each pair), so machine noise hits both alike; the figure is the median of
-the per-pair ratios (preallocated / dynamic) with its quartiles. The switch is
-``rlaif_mlx.backends.torch_decode.PREALLOCATE``; off, sampling runs the dynamic-cache code.
+the per-pair ratios (preallocated / dynamic) with its quartiles. The switch is the
+backend's ``preallocate_decode_cache``; off, sampling runs the dynamic-cache code.
 Before timing, both variants' ids must be equal and their log-probs equal within 1e-6.
 
 Shapes as in ``bench_sampling.py``: 8 prompts of 128 tokens, 64 new tokens, temperature 1,
@@ -32,7 +32,6 @@ def ab_case(model: str, *, group: int, pairs: int, prompts: int, length: int, ne
     import numpy as np
     import torch
 
-    from rlaif_mlx.backends import torch_decode
     from rlaif_mlx.backends.base import SamplingParams
 
     torch.set_num_threads(2)
@@ -41,25 +40,22 @@ def ab_case(model: str, *, group: int, pairs: int, prompts: int, length: int, ne
     params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=0)
 
     def call(preallocate: bool):
-        torch_decode.PREALLOCATE = preallocate
+        backend.preallocate_decode_cache = preallocate
         start = time.perf_counter()
         out = backend.sample(ids, n=group, params=params)
         return time.perf_counter() - start, out
 
-    try:
-        (_, fast), (_, dynamic) = call(True), call(False)  # also the warm-up
-        assert [c.completion_ids for c in fast] == [c.completion_ids for c in dynamic], "sampled ids differ"
-        assert all(len(c.completion_ids) == new_tokens for c in fast)
-        gap = max(float(np.abs(np.subtract(a.logprobs, b.logprobs)).max()) for a, b in zip(fast, dynamic, strict=True))
-        assert gap <= 1e-6, f"log-probs differ by {gap}"
-        new, old = [], []
-        for i in range(pairs):
-            order = (True, False) if i % 2 else (False, True)
-            seconds = {flag: call(flag)[0] for flag in order}
-            new.append(seconds[True])
-            old.append(seconds[False])
-    finally:
-        torch_decode.PREALLOCATE = True
+    (_, fast), (_, dynamic) = call(True), call(False)  # also the warm-up
+    assert [c.completion_ids for c in fast] == [c.completion_ids for c in dynamic], "sampled ids differ"
+    assert all(len(c.completion_ids) == new_tokens for c in fast)
+    gap = max(float(np.abs(np.subtract(a.logprobs, b.logprobs)).max()) for a, b in zip(fast, dynamic, strict=True))
+    assert gap <= 1e-6, f"log-probs differ by {gap}"
+    new, old = [], []
+    for i in range(pairs):
+        order = (True, False) if i % 2 else (False, True)
+        seconds = {flag: call(flag)[0] for flag in order}
+        new.append(seconds[True])
+        old.append(seconds[False])
     ratios = sorted(n / o for n, o in zip(new, old, strict=True))
     quartiles = statistics.quantiles(ratios, n=4)
     return {

@@ -1,7 +1,7 @@
 """Where our sampling spends its time: per-phase timers and a cProfile of one call.
 
 The phases are timed by wrapping the functions `Backend.sample` calls
-(`_forward_step`, the ops module's `choose` / `target_logp`, the KV-cache
+(the decode module's `forward_step`, the ops module's `choose` / `target_logp`, the KV-cache
 repeat, `DecodeBook.add` / `completions`); the rest of the call is "loop
 overhead". MLX evaluates lazily, so each wrapper forces `mx.eval` on what it
 returns: compute is charged to the phase that asked for it. Forced evaluation
@@ -111,7 +111,7 @@ def _stop_check_cost(backend, prompts: list[list[int]], group: int, lengths=(64,
     """
     import numpy as np
 
-    from rlaif_mlx.backends.base import DecodeBook
+    from rlaif_mlx.backends.common import DecodeBook
 
     rows = len(prompts) * group
     rng = np.random.default_rng(0)
@@ -163,20 +163,20 @@ class _Timers:
 @contextmanager
 def _instrumented(backend, timers: _Timers):
     """Wraps the phases of one backend's `sample` with timers, and puts everything back afterwards."""
-    from rlaif_mlx.backends import base
+    from rlaif_mlx.backends import common
 
     if backend.name == "torch":
-        from transformers.cache_utils import DynamicCache
-
+        from rlaif_mlx.backends import torch_decode as decode
         from rlaif_mlx.backends import torch_ops as ops
 
         def force(value, args):  # eager: the work is done when the call returns
             return value
 
-        repeat = (DynamicCache, "batch_repeat_interleave")
+        repeat = (decode, "repeated_cache")
     else:
         import mlx.core as mx
 
+        from rlaif_mlx.backends import mlx_decode as decode
         from rlaif_mlx.backends import mlx_ops as ops
 
         def force(value, args):
@@ -212,12 +212,12 @@ def _instrumented(backend, timers: _Timers):
                 stack.callback(delattr, owner, attr)
             setattr(owner, attr, wrapper)
 
-        timed(backend, "_forward_step", forward_label)
+        timed(decode, "forward_step", forward_label)
         timed(*repeat, "repeat KV cache x G")
         timed(ops, "choose", "sample next token (choose)")
         timed(ops, "target_logp", "log-prob of chosen token")
-        timed(base.DecodeBook, "add", "DecodeBook.add (Python bookkeeping)", as_is)
-        timed(base.DecodeBook, "completions", "DecodeBook.completions (detokenise + records)", as_is)
+        timed(common.DecodeBook, "add", "DecodeBook.add (Python bookkeeping)", as_is)
+        timed(common.DecodeBook, "completions", "DecodeBook.completions (detokenise + records)", as_is)
         yield
 
 
@@ -232,18 +232,19 @@ def _prefill_compare(backend, prompts: list[list[int]], group: int, timers: _Tim
             if backend.name == "torch":
                 import torch
 
-                from rlaif_mlx.backends import torch_ops as ops
+                from rlaif_mlx.backends import torch_decode, torch_ops
 
                 with torch.inference_mode():
-                    ids, mask = ops.left_pad(rows, pad_id=backend.pad_id, device=backend.device)
-                    backend._forward_step(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), None)
+                    ids, mask = torch_ops.left_pad(rows, pad_id=backend.pad_id, device=backend.device)
+                    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                    torch_decode.forward_step(backend._model, ids, mask, positions, None, cache_arg=backend._cache_arg)
             else:
                 import mlx.core as mx
 
-                from rlaif_mlx.backends import mlx_ops as ops
+                from rlaif_mlx.backends import mlx_decode, mlx_ops
 
-                ids, padding = ops.left_pad(rows, pad_id=backend.pad_id)
-                mx.eval(backend._forward_step(ids, ops.batch_cache(backend._model, padding)))
+                ids, padding = mlx_ops.left_pad(rows, pad_id=backend.pad_id)
+                mx.eval(mlx_decode.forward_step(backend._model, ids, mlx_ops.batch_cache(backend._model, padding)))
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 

@@ -17,8 +17,6 @@ FRAMEWORKS = {"torch", "mlx", "mlx_lm", "transformers", "peft", "safetensors", "
 MAX_LINES = 420  # "about 400"
 # Being split (layout issue); this set only ever shrinks.
 STILL_LONG = {
-    "rlaif_mlx.backends.mlx",
-    "rlaif_mlx.backends.torch",
     "rlaif_mlx.monitor.dashboard",
     "rlaif_mlx.rewards.graders",
     "rlaif_mlx.rewards.sandbox",

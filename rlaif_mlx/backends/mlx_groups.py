@@ -21,7 +21,8 @@ import mlx.core as mx
 import numpy as np
 
 from rlaif_mlx.backends import mlx_ops as ops
-from rlaif_mlx.backends.base import SequenceBatch, prompt_owners
+from rlaif_mlx.backends.base import SequenceBatch
+from rlaif_mlx.backends.common import prompt_owners
 
 
 @dataclass

@@ -1,36 +1,34 @@
 """Array-level pieces of the MLX backend: the objective's array namespace, padding and
 KV-cache handling for batched sampling, the last-position LM head, token
 log-probs, the one-pass sampling draw and its filters, LoRA layer access and
-merging, portable-checkpoint tensor copies and gradient clipping.
+merging, gradient clipping, the backend's own random draws and arrays to numpy.
 
 ``exp`` over the vocabulary goes through ``power`` (``exp_floored``): MLX's CPU
 ``exp`` is ~4x slower, and the vocabulary-wide passes (sampling, log-softmax
 normalisers) are a large part of the CPU's time on small models.
 
-``backends/mlx.py`` (the ``MlxBackend`` class) is the only user; its PyTorch
-twin is ``backends/torch_ops.py``.
+``backends/mlx.py`` (the ``MlxBackend`` class) and its ``mlx_*`` helpers are
+the only users; its PyTorch twin is ``backends/torch_ops.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 from mlx_lm.tuner.lora import LoRALinear
 
-from rlaif_mlx.backends import portable
-from rlaif_mlx.backends.base import SamplingParams, merge_eos_ids
+from rlaif_mlx.backends.base import SamplingParams
+from rlaif_mlx.backends.common import merge_eos_ids
 
 LINEAR = (nn.Linear, nn.QuantizedLinear)  # what LoRA can adapt
 BLOCK = 256  # summation block for the gradient norm
-MOMENT_NAMES = (("m", "exp_avg"), ("v", "exp_avg_sq"))  # mlx AdamW state -> portable names
 LOG2E = 1.4426950408889634
 EXP_FLOOR = -126.0 / LOG2E  # ln(2 ** -126)
 
@@ -63,58 +61,33 @@ def lora_keys(model: nn.Module, targets: list[str]) -> list[str]:
     return keys
 
 
+@contextlib.contextmanager
+def seeded_rng(seed: int):
+    """MLX's global random state seeded with ``seed`` for the block, the caller's state restored after.
+
+    For the draws that take no key: mlx-lm building a model (its layers' random
+    initialisation), LoRA adapters, dropout. MLX splits the key when an op is
+    created, not when it is evaluated, so the block's ops keep the block's keys.
+    """
+    high, low = (int(half) for half in np.array(mx.random.state[0]))
+    mx.random.seed(seed)
+    try:
+        yield
+    finally:
+        mx.random.seed((high << 32) | low)  # a key is its seed's two 32-bit halves: this sets it back exactly
+
+
+def to_numpy(array) -> np.ndarray:
+    """A numpy copy; floating point as float32 (numpy has no bfloat16), packed quantised weights as they are."""
+    return np.array(array.astype(mx.float32) if mx.issubdtype(array.dtype, mx.floating) else array)
+
+
 def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def renamed(tree, names: dict[str, tuple[str, bool]]) -> dict[str, mx.array]:
-    """The tensors of a parameter tree named in ``names`` under their portable names and layouts."""
-    flat = dict(tree_flatten(tree))
-    return {key: flat[name].T if transposed else flat[name] for name, (key, transposed) in names.items()}
-
-
-def copy_into(module: nn.Module, names: dict[str, tuple[str, bool]], weights: dict, path: Path, what: str) -> None:
-    """Sets a checkpoint's tensors (portable names and layouts) into ``module``, after checking them."""
-    current = dict(tree_flatten(module.parameters()))
-    expected = {key: tuple(current[name].shape[::-1] if t else current[name].shape) for name, (key, t) in names.items()}
-    portable.check_tensors(path, what, {k: v.shape for k, v in weights.items()}, expected)
-    update = [
-        (name, (weights[key].T if t else weights[key]).astype(current[name].dtype)) for name, (key, t) in names.items()
-    ]
-    module.update(tree_unflatten(update))
-    mx.eval(module.parameters())
-
-
-def optimizer_moments(state, names: dict[str, tuple[str, bool]]) -> tuple[dict[str, mx.array], int]:
-    """AdamW's moments under portable names (mlx ``m``/``v`` are ``exp_avg``/``exp_avg_sq``), and its step."""
-    state = dict(tree_flatten(state))
-    moments = {}
-    for name, (key, transposed) in names.items():
-        for ours, theirs in MOMENT_NAMES:
-            if f"{name}.{ours}" in state:
-                value = state[f"{name}.{ours}"]
-                moments[portable.moment_key(key, theirs)] = value.T if transposed else value
-    return moments, int(state["step"].item())
-
-
-def moments_state(path: Path, moments: dict, params: dict, names: dict[str, tuple[str, bool]]) -> dict:
-    """A checkpoint's portable AdamW moments as mlx optimizer state, after checking their shapes."""
-    expected = {
-        portable.moment_key(key, theirs): tuple(params[name].shape[::-1] if t else params[name].shape)
-        for name, (key, t) in names.items()
-        for _, theirs in MOMENT_NAMES
-    }
-    portable.check_tensors(path, "optimizer moments", {k: v.shape for k, v in moments.items()}, expected)
-    state = []
-    for name, (key, transposed) in names.items():
-        for ours, theirs in MOMENT_NAMES:
-            value = moments[portable.moment_key(key, theirs)]
-            state.append((f"{name}.{ours}", (value.T if transposed else value).astype(params[name].dtype)))
-    return tree_unflatten(state)
 
 
 def lora_delta(module: LoRALinear):
@@ -135,12 +108,13 @@ def lora_merged(model: nn.Module):
     if any(type(m.linear) is not nn.Linear for m in layers.values()):
         layers = {}
     merged = {}
-    for name, module in layers.items():
-        linear = nn.Linear(1, 1, bias=False)  # a shell: its weights are set next
-        linear.weight = module.linear.weight + lora_delta(module).astype(module.linear.weight.dtype)
-        if "bias" in module.linear:
-            linear.bias = module.linear.bias
-        merged[name] = linear
+    with seeded_rng(0):  # the shells' random 1x1 starts (replaced next) leave the caller's random state alone
+        for name, module in layers.items():
+            linear = nn.Linear(1, 1, bias=False)  # a shell: its weights are set next
+            linear.weight = module.linear.weight + lora_delta(module).astype(module.linear.weight.dtype)
+            if "bias" in module.linear:
+                linear.bias = module.linear.bias
+            merged[name] = linear
     mx.eval(merged)
     try:
         for name, linear in merged.items():
@@ -363,26 +337,6 @@ def clip_grad_norm(grads, max_norm: float):
     norm = mx.sqrt(mx.sum(mx.stack(leaves))) if leaves else mx.array(0.0)
     scale = mx.minimum(max_norm / (norm + 1e-6), 1.0)
     return tree_map(lambda g: (g * scale).astype(g.dtype), grads), norm
-
-
-def copy_hf_config(source: Path, path: Path, *, dtype: str) -> None:
-    """The base folder's config and generation config, describing the plain float weights we write.
-
-    The dtype becomes the weights' and any quantisation entry is dropped
-    (checkpoints and exports hold dequantised weights).
-    """
-    for name in portable.HF_CONFIG_FILES:
-        if (source / name).exists():
-            shutil.copy(source / name, path / name)
-    config = path / "config.json"
-    if config.exists():
-        data = json.loads(config.read_text())
-        for key in ("quantization", "quantization_config"):
-            data.pop(key, None)
-        for key in ("torch_dtype", "dtype"):
-            if key in data or key == "dtype":
-                data[key] = dtype
-        config.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def merged_weights(model: nn.Module) -> dict[str, mx.array]:

@@ -36,6 +36,26 @@ def trainable_names(model) -> dict[str, str]:
     return {name.replace(f".{ops.ADAPTER}.", "."): name for name, p in model.named_parameters() if p.requires_grad}
 
 
+def named_part(model, reference, which: str) -> tuple[torch.nn.Module, dict[str, str]]:
+    """The module and ``{portable name: parameter name}`` of one part of the weights (``Backend.parameters``).
+
+    ``"trainable"``: the checkpoint's weight-file names. ``"frozen"``: the policy's
+    other weights under Hugging Face names (PEFT's prefix and ``base_layer`` dropped).
+    ``"reference"``: the full fine-tune's frozen copy (Hugging Face names); nothing under LoRA.
+
+    Raises:
+        ValueError: another ``which``.
+    """
+    if which == "trainable":
+        return model, trainable_names(model)
+    if which == "frozen":
+        frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+        return model, {name.removeprefix(portable.PEFT_PREFIX).replace(".base_layer.", "."): name for name in frozen}
+    if which == "reference":
+        return (reference, {n: n for n, _ in reference.named_parameters()}) if reference is not None else (model, {})
+    raise ValueError(f"which must be 'trainable', 'frozen' or 'reference', not {which!r}")
+
+
 def reference_part(model, reference) -> tuple[torch.nn.Module, dict[str, str]]:
     """The frozen tensors a rebase changes: their module and ``{HF name: state_dict name}``.
 
@@ -220,7 +240,7 @@ def _read_on_rank0(read: Callable[[], dict[str, torch.Tensor]]) -> dict[str, tor
     if dist.get_rank() == 0:
         try:
             tensors = read()
-        except Exception as exc:  # noqa: BLE001 - raised below, on every process
+        except Exception as exc:  # noqa: BLE001 - any error: unsent, the others would wait out the collective timeout
             error = f"{exc}" if isinstance(exc, portable.IncompatibleCheckpoint) else f"{type(exc).__name__}: {exc}"
     box = [error]
     dist.broadcast_object_list(box, src=0)

@@ -1,4 +1,9 @@
-"""The PyTorch backend's decode-loop KV cache: preallocated once per sampling call, written in place.
+"""The PyTorch backend's decode loop, and its KV cache preallocated once per sampling call, written in place.
+
+``generate`` prefills each prompt once (a left-padded batch with explicit
+position ids), repeats its cache for the prompt's ``n`` samples and decodes all
+rows together, one token per row per step, handing each step's tokens and
+log-probs to a ``DecodeBook``. Its MLX twin is ``backends/mlx_decode.py``.
 
 transformers' ``DynamicCache`` grows every layer's keys and values with ``torch.cat`` at
 every step, copying the whole cache each time: quadratic in the completion length, and
@@ -9,19 +14,95 @@ the way (in place of ``batch_repeat_interleave``); a decode step writes its one 
 position in place and attention reads a view of the filled part: the same values in the
 same shapes as the dynamic cache, so the same logits.
 
-``backends/torch.py`` (``TorchBackend._generate``) is the only user.
+``backends/torch.py`` (``TorchBackend.sample``) is the only user; its
+``preallocate_decode_cache`` says which cache to decode with.
 """
 
 from __future__ import annotations
 
 import torch
 
+from rlaif_mlx.backends import torch_ops as ops
+from rlaif_mlx.backends.base import Completion, SamplingParams
+from rlaif_mlx.backends.common import DecodeBook
+
 try:  # the per-layer cache classes (transformers >= 4.54; the pyproject asks for >= 4.56)
     from transformers.cache_utils import DynamicLayer
 except ImportError:  # pragma: no cover - depends on the installed transformers
     DynamicLayer = None
 
-PREALLOCATE = True  # False: decode with transformers' growing DynamicCache (the tests compare the two)
+
+def generate(
+    model,
+    prompts: list[list[int]],
+    n: int,
+    params: SamplingParams,
+    *,
+    cache_arg: str,
+    generators: list,
+    book: DecodeBook,
+    pad_id: int,
+    device: str,
+    preallocate: bool,
+) -> list[Completion]:
+    """Samples ``n`` completions per prompt from ``model``, prompt-major.
+
+    Args:
+        model: a transformers causal LM (or a PEFT model around one), in eval mode.
+        prompts: token ids per prompt (each at least one token).
+        n: samples per prompt.
+        params: temperature, filters, length (the stops and EOS are ``book``'s).
+        cache_arg: the keyword under which ``model`` takes its KV cache (``ops.cache_kwarg``).
+        generators: one for the call, or one per prompt (``ops.choose``).
+        book: the call's bookkeeping, for ``len(prompts) * n`` rows.
+        pad_id: what finished rows keep decoding.
+        device: where the ids and masks live.
+        preallocate: decode into buffers sized for the call (``repeated_cache``);
+            False keeps transformers' growing cache (the tests compare the two).
+
+    Returns:
+        ``book.completions()``: ``len(prompts) * n`` records, row ``p * n + s``.
+    """
+    ids, mask = ops.left_pad(prompts, pad_id=pad_id, device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits, cache = forward_step(model, ids, mask, positions, None, cache_arg=cache_arg)
+    room = params.max_new_tokens - 1  # decode steps: the last token is chosen, never fed back
+    cache = repeated_cache(cache, n, room=room, preallocate=preallocate)  # no per-step copy
+    logits = logits.repeat_interleave(n, dim=0)
+    mask = mask.repeat_interleave(n, dim=0)
+    next_pos = positions[:, -1].repeat_interleave(n, dim=0) + 1
+
+    rows = len(prompts) * n
+    pad = torch.full((rows,), pad_id, dtype=torch.long, device=device)
+    alive = torch.ones(rows, dtype=torch.bool, device=device)
+    for t in range(params.max_new_tokens):
+        logits = logits.float()
+        chosen = torch.where(alive, ops.choose(logits, params, generators), pad)
+        chosen_logp = ops.target_logp(logits, chosen)
+        alive = torch.tensor(book.add(chosen.tolist(), chosen_logp.tolist()), device=device)
+        if book.done or t == params.max_new_tokens - 1:
+            break
+        # Finished rows keep decoding pad tokens that nothing attends to.
+        mask = torch.cat([mask, alive.long()[:, None]], dim=1)
+        logits, cache = forward_step(model, chosen[:, None], mask, next_pos[:, None], cache, cache_arg=cache_arg)
+        next_pos = next_pos + 1
+    return book.completions()
+
+
+def forward_step(model, ids, mask, positions, cache, *, cache_arg: str):
+    """One cached forward of ``ids`` (``[R, L]``); returns the last position's logits ``[R, V]`` and the cache.
+
+    ``mask`` covers the cached positions and ``ids``; ``positions`` are ``ids``' position ids.
+    """
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+        **{cache_arg: cache},
+    )
+    return out.logits[:, -1, :], ops.returned_cache(out)
 
 
 class BufferLayer(DynamicLayer or object):
@@ -54,12 +135,12 @@ class BufferLayer(DynamicLayer or object):
     batch_repeat_interleave = batch_select_indices = crop = reorder_cache = _refuse
 
 
-def repeated_cache(cache, repeats: int, *, room: int):
+def repeated_cache(cache, repeats: int, *, room: int, preallocate: bool):
     """The prefill's cache with each row repeated ``repeats`` times, with room for ``room`` more positions.
 
     Rows stay prompt-major (row ``p * repeats + s``), as ``batch_repeat_interleave`` orders them.
     Preallocated where the cache is a plain ``DynamicCache`` of ``DynamicLayer`` (full attention,
-    no offloading) and ``PREALLOCATE`` is on; otherwise (sliding-window or other layer kinds, an
+    no offloading) and ``preallocate`` is on; otherwise (sliding-window or other layer kinds, an
     older transformers) transformers' own cache repeated in place. Returns the cache to decode with.
 
     The buffers take their full size at once: what the dynamic cache reaches when every row
@@ -67,7 +148,7 @@ def repeated_cache(cache, repeats: int, *, room: int):
     """
     layers = getattr(cache, "layers", None)
     plain = (
-        PREALLOCATE
+        preallocate
         and DynamicLayer is not None
         and layers
         and not getattr(cache, "offloading", False)

@@ -25,7 +25,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from rlaif_mlx.backends import torch_ops as ops
-from rlaif_mlx.backends.base import prompt_owners
+from rlaif_mlx.backends.common import prompt_owners
 
 # Logit elements per LM-head chunk: 32M float32 values are 128 MB (a Qwen vocabulary: ~220 positions).
 HEAD_CHUNK_ELEMENTS = 1 << 25

@@ -13,8 +13,8 @@ What this module adds on top of FSDP2, for our trainer:
 
 - ``shard``: one FSDP unit per decoder layer plus the root, and gradients
   *summed* across processes (FSDP2 averages by default; our token weights are
-  already normalised over the whole global batch, like ``TorchBackend``'s
-  ``_sum_across_processes``).
+  already normalised over the whole global batch, as in
+  ``torch_train.sum_across_processes``).
 - ``gathered``: the whole model unsharded once for a decode loop, so a decode
   step costs no communication (and processes may take different step counts).
 - ``full_state`` / ``load_full_state`` and ``full_optimizer_state`` /
@@ -169,8 +169,8 @@ def gathered(model: nn.Module) -> Iterator[nn.Module]:
                 module.set_reshard_after_forward(False, recurse=False)  # forwards in the block keep them gathered
                 module.unshard()
         yield model
-    except BaseException:
-        model.reset_iter_state()  # a forward that raised midway leaves FSDP mid-iteration
+    except BaseException:  # any exit by exception, an interrupt too: a forward stopped midway leaves FSDP mid-iteration
+        model.reset_iter_state()
         raise
     finally:
         for module in modules:

@@ -1,7 +1,8 @@
 """Array-level pieces of the PyTorch backend: the objective's array namespace, device
-choice (and FSDP's), padding for batched sampling, token log-probs, sampling
-filters and the batched draw, LoRA layer access (folding for decoding, a fresh
-adapter after a rebase) and the gradient all-reduce under torchrun.
+choice (and FSDP's), the backend's own random draws, padding for batched sampling,
+token log-probs, sampling filters and the batched draw, LoRA layer access (folding
+for decoding, a fresh adapter after a rebase), tensors to numpy and the gradient
+all-reduce under torchrun.
 
 ``backends/torch.py`` (the ``TorchBackend`` class) and its ``torch_*`` helpers
 are the only users; its MLX twin is ``backends/mlx_ops.py``.
@@ -23,7 +24,8 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from rlaif_mlx.backends.base import SamplingParams, merge_eos_ids
+from rlaif_mlx.backends.base import SamplingParams
+from rlaif_mlx.backends.common import merge_eos_ids
 
 ADAPTER = "default"  # PEFT's name for the one adapter we train
 
@@ -79,6 +81,31 @@ def sharding(wanted: bool):
     from rlaif_mlx.backends import torch_fsdp
 
     return torch_fsdp
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, *, device: str):
+    """torch's global generators (the CPU's and ``device``'s) seeded with ``seed`` for the block, restored after.
+
+    For the draws that take no generator argument: PEFT's LoRA initialisation and
+    dropout. The caller's random state is the same after the block as before it.
+    """
+    where = torch.device(device)
+    accelerators = [where] if where.type != "cpu" else []
+    with torch.random.fork_rng(devices=accelerators, device_type=where.type if accelerators else None):
+        torch.random.default_generator.manual_seed(seed)
+        if where.type == "cuda":
+            with torch.cuda.device(where):
+                torch.cuda.manual_seed(seed)
+        elif accelerators:
+            getattr(torch, where.type).manual_seed(seed)
+        yield
+
+
+def to_numpy(tensor: torch.Tensor):
+    """A CPU numpy copy; floating point as float32 (numpy has no bfloat16)."""
+    tensor = tensor.detach()
+    return (tensor.float() if tensor.is_floating_point() else tensor).cpu().numpy().copy()
 
 
 def refuse_mlx_quantized(base: str) -> None:
@@ -173,8 +200,18 @@ def returned_cache(out):
     return out.get("cache") if out.get("cache") is not None else out.past_key_values
 
 
-def generators(seeds, *, device: str) -> list:
-    """One seeded generator per seed, on ``device`` where it has its own (else on the CPU)."""
+def generators(seed: int | tuple[int, ...], *, prompts: int, device: str) -> list:
+    """The generators of one sampling call, on ``device`` where it has its own (else on the CPU).
+
+    An int seeds one generator for the call; a tuple holds one seed per prompt,
+    each seeding its prompt's generator (``choose`` splits the rows among them).
+
+    Raises:
+        ValueError: a tuple whose length is not the number of prompts.
+    """
+    if isinstance(seed, tuple) and len(seed) != prompts:
+        raise ValueError(f"params.seed holds {len(seed)} seeds for {prompts} prompts; give one per prompt.")
+    seeds = seed if isinstance(seed, tuple) else (seed,)
     try:
         return [torch.Generator(device=device).manual_seed(s) for s in seeds]
     except RuntimeError:  # devices without their own generator sample on the CPU

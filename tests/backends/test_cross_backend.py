@@ -16,7 +16,6 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-import mlx.nn as nn  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 from rlaif_mlx.backends import mlx as mlx_backend  # noqa: E402
@@ -140,6 +139,11 @@ def test_a_checkpoint_continues_on_the_other_backend(tiny_model_path, tmp_path, 
     second = make(target, tiny_model_path, seed=7, model=model, learning_rate=1e-2)
     assert np.abs(second.logprobs(batch.sequences) - first.logprobs(batch.sequences)).max() > 1e-3
     second.load(tmp_path / "ckpt")
+    for which in ("trainable", "frozen", "reference"):  # the same names, and the same weights
+        mine, theirs = second.parameters(which=which), first.parameters(which=which)
+        assert mine.keys() == theirs.keys()
+        for key, value in mine.items():
+            np.testing.assert_array_equal(value, theirs[key], err_msg=f"{which}: {key}")
     for reference in (False, True):
         np.testing.assert_allclose(
             second.logprobs(batch.sequences, reference=reference),
@@ -208,7 +212,9 @@ def quantized_path(tiny_model_path, tmp_path_factory):
 
 def test_lora_on_a_quantized_base_trains_exports_and_moves_to_torch(tiny_model_path, quantized_path, tmp_path):
     backend = make("mlx", quantized_path, learning_rate=1e-2)
-    assert isinstance(backend._model.model.layers[0].self_attn.q_proj.linear, nn.QuantizedLinear)
+    frozen = backend.parameters(which="frozen")  # the adapted layers' bases stay quantised: packed weights, scales
+    assert frozen["model.layers.0.self_attn.q_proj.weight"].dtype == np.uint32
+    assert "model.layers.0.self_attn.q_proj.scales" in frozen
     batch = train_batch(backend)
     before = backend.logprobs(batch.sequences)
     for _ in range(2):

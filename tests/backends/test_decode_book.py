@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from rlaif_mlx.backends.base import DecodeBook
+from rlaif_mlx.backends.common import DecodeBook
 
 STOPS = ("\n\n", "é!", "def ", "ü", "```")
 

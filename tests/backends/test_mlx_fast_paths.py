@@ -19,30 +19,26 @@ mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
 import mlx.nn as nn  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
+from backend_helpers import encode, plain_logp, plain_model, with_random_adapters  # noqa: E402
+from backend_helpers import make as make_backend  # noqa: E402
 
-from rlaif_mlx.backends import mlx_groups, mlx_ops  # noqa: E402
+from rlaif_mlx.backends import mlx_decode, mlx_groups, mlx_load, mlx_ops  # noqa: E402
 from rlaif_mlx.backends.base import Completion, LossSettings, SamplingParams, SequenceBatch, TrainBatch  # noqa: E402
-from rlaif_mlx.backends.mlx import create  # noqa: E402
-from rlaif_mlx.config import ModelConfig, TrainingConfig  # noqa: E402
+from rlaif_mlx.config import ModelConfig  # noqa: E402
 from rlaif_mlx.rl.objective import aggregation_weights  # noqa: E402
-
-PROMPTS = ["def add(a, b):", "import os\nprint(", "x"]
 
 
 def make(path, *, model: dict | None = None, **training):
-    training = {"learning_rate": 1e-3, "micro_batch_size": 4, "lr_scheduler_type": "constant"} | training
-    config = ModelConfig(base_model=str(path), lora_r=4, **(model or {}))
-    return create(config, TrainingConfig(**training), seed=0, total_steps=10)
-
-
-def encode(backend, texts=PROMPTS) -> list[list[int]]:
-    return [backend.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    return make_backend("mlx", path, total_steps=10, model=model, **training)
 
 
 def whole_row_logp(model, seqs: SequenceBatch) -> np.ndarray:
     ids, attn = (mx.array(a.astype(np.int32)) for a in (seqs.input_ids, seqs.attention_mask))
     return np.array(mlx_ops.token_logp(model, ids, attn))
+
+
+def all_weights(backend) -> dict[str, np.ndarray]:
+    return backend.parameters() | backend.parameters(which="frozen")
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +135,7 @@ def test_logsumexp_and_its_gradient_equal_mlx_own():
 def test_prefill_head_on_the_last_position_equals_the_full_forward(tiny_model_path, untied_path, quantized_path, kind):
     path = {"tied": tiny_model_path, "untied": untied_path, "quantized": quantized_path}[kind]
     backend = make(path)
-    model = backend._model
+    model = plain_model("mlx", path)  # the backend's policy too: its adapters add nothing yet (B = 0)
     head = mlx_ops.lm_head(model)
     assert head is not None  # the fast path, not the fallback
     if kind == "untied":
@@ -162,7 +158,7 @@ def test_prefill_head_on_the_last_position_equals_the_full_forward(tiny_model_pa
         np.testing.assert_allclose(c.logprobs, forced[i, start : start + len(c.logprobs)], atol=1e-4)
 
 
-def test_an_unknown_layout_keeps_the_full_forward(lora):
+def test_an_unknown_layout_keeps_the_full_forward(lora, tiny_model_path):
     class Wrapped(nn.Module):  # not an mlx-lm model file: its logits might be anything
         def __init__(self, inner):
             super().__init__()
@@ -177,11 +173,12 @@ def test_an_unknown_layout_keeps_the_full_forward(lora):
         def __call__(self, ids, cache=None):
             return 2.0 * self.inner(ids, cache=cache)
 
-    wrapped = Wrapped(lora._model)
+    model = plain_model("mlx", tiny_model_path)
+    wrapped = Wrapped(model)
     assert mlx_ops.lm_head(wrapped) is None
     ids, padding = mlx_ops.left_pad(encode(lora), pad_id=lora.pad_id)
     got = mlx_ops.last_logits(wrapped, ids, mlx_ops.batch_cache(wrapped, padding))
-    full = lora._model(ids, cache=mlx_ops.batch_cache(lora._model, padding))[:, -1, :]
+    full = model(ids, cache=mlx_ops.batch_cache(model, padding))[:, -1, :]
     np.testing.assert_allclose(np.array(got), 2.0 * np.array(full), atol=1e-5)
 
 
@@ -207,9 +204,10 @@ def test_shared_prompt_log_probs_equal_the_whole_row_forward(tiny_model_path, mi
     groups = mlx_groups.find_groups(seqs.rows(slice(0, micro_batch_size)))
     assert groups is not None and len(groups.prompts) < len(groups.owner)
     assert groups.prompt_len.tolist()[:3] == [7, 7, 7]
+    whole = plain_logp("mlx", tiny_model_path, seqs)  # B = 0: policy and reference are the base model
     for reference in (False, True):
         got = backend.logprobs(seqs, reference=reference)
-        np.testing.assert_allclose(got, whole_row_logp(backend._model, seqs), atol=1e-5)
+        np.testing.assert_allclose(got, whole, atol=1e-5)
         assert (got[seqs.attention_mask[:, 1:] == 0] == 0).all()
 
 
@@ -219,11 +217,11 @@ def test_rows_with_distinct_prompts_take_the_whole_row_forward(lora):
 
 
 @pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
-def test_shared_prompt_gradients_equal_the_whole_row_gradients(tiny_model_path, monkeypatch, use_lora):
+def test_shared_prompt_gradients_equal_the_whole_row_gradients(tiny_model_path, tmp_path, monkeypatch, use_lora):
     backend = make(tiny_model_path, micro_batch_size=6, model={"use_lora": use_lora})
     seqs = shared_prompt_batch()
     rng = np.random.default_rng(1)
-    logp = whole_row_logp(backend._model, seqs)
+    logp = backend.logprobs(seqs)
     batch = TrainBatch(
         sequences=seqs,
         advantages=rng.standard_normal(len(seqs)).astype(np.float32),
@@ -232,23 +230,22 @@ def test_shared_prompt_gradients_equal_the_whole_row_gradients(tiny_model_path, 
         ref_logp=logp - 0.05,
     )
     if use_lora:  # B != 0, so the adapters' A gradients are not trivially zero
-        for _, layer in mlx_ops.lora_layers(backend._model).items():
-            layer.lora_b = mx.random.normal(layer.lora_b.shape, key=mx.random.key(5)) * 0.05
+        with_random_adapters(backend, tmp_path / "adapters", scale=0.05, seed=5)
     loss = LossSettings(kl_coef=0.1)
     calls = []
     original = mlx_groups.grouped_logp
     monkeypatch.setattr(mlx_groups, "grouped_logp", lambda *a, **k: calls.append(1) or original(*a, **k))
-    shared, shared_stats = backend._accumulate_gradients(batch, loss)
+    shared, shared_stats = backend.gradients(batch, loss=loss)
     assert calls  # the shared-prompt forward ran
     monkeypatch.setattr(mlx_groups, "find_groups", lambda rows: None)
-    whole, whole_stats = backend._accumulate_gradients(batch, loss)
-    for key in ("loss", "pg_loss", "kl", "clip_fraction", "ratio_mean"):
-        assert shared_stats[key] == pytest.approx(whole_stats[key], abs=1e-6)
-    whole = dict(tree_flatten(whole))
-    for name, g in tree_flatten(shared):
-        expected = np.array(whole[name])
+    whole, whole_stats = backend.gradients(batch, loss=loss)
+    for key in ("loss", "pg_loss", "kl", "clip_fraction", "ratio_mean", "grad_norm"):
+        assert getattr(shared_stats, key) == pytest.approx(getattr(whole_stats, key), abs=1e-6, rel=1e-5)
+    assert shared.keys() == whole.keys()
+    for name, g in shared.items():
+        expected = whole[name]
         assert np.abs(expected).max() > 0, name
-        np.testing.assert_allclose(np.array(g), expected, atol=1e-6 * max(1.0, np.abs(expected).max()), rtol=1e-4)
+        np.testing.assert_allclose(g, expected, atol=1e-6 * max(1.0, np.abs(expected).max()), rtol=1e-4)
 
 
 def test_training_with_lora_dropout_keeps_whole_rows(tiny_model_path, monkeypatch):
@@ -260,40 +257,33 @@ def test_training_with_lora_dropout_keeps_whole_rows(tiny_model_path, monkeypatc
         token_weights=aggregation_weights(seqs.loss_mask).astype(np.float32),
     )
     monkeypatch.setattr(mlx_groups, "grouped_logp", lambda *a, **k: pytest.fail("a shared prompt under dropout"))
-    backend._accumulate_gradients(batch, LossSettings())
+    backend.gradients(batch, loss=LossSettings())
+    backend.train_step(batch, loss=LossSettings())
 
 
 # ----------------------------------------------------------- merged LoRA
 
 
-def with_random_adapters(backend):
-    for layer in mlx_ops.lora_layers(backend._model).values():
-        layer.lora_b = mx.random.normal(layer.lora_b.shape, key=mx.random.key(7)) * 0.2
-    return backend
-
-
-def test_sampling_with_lora_merged_restores_the_weights_bit_identical(tiny_model_path):
-    backend = with_random_adapters(make(tiny_model_path))
-    layers = mlx_ops.lora_layers(backend._model)
-    before = {n: np.array(v) for n, v in tree_flatten(backend._model.parameters())}
+def test_sampling_with_lora_merged_restores_the_weights_bit_identical(tiny_model_path, tmp_path, monkeypatch):
+    backend = with_random_adapters(make(tiny_model_path), tmp_path / "adapters", scale=0.2, seed=7)
+    before = all_weights(backend)
     seen = []
-    forward = backend._forward_step
+    step = mlx_decode.forward_step
 
-    def spy(ids, cache):  # inside the decode: plain Linear layers holding the merged weights
-        seen.append(type(backend._model.model.layers[0].self_attn.q_proj).__name__)
-        return forward(ids, cache)
+    def spy(model, ids, cache):  # inside the decode: plain Linear layers holding the merged weights
+        seen.append(type(model.model.layers[0].self_attn.q_proj).__name__)
+        return step(model, ids, cache)
 
-    backend._forward_step = spy
+    monkeypatch.setattr(mlx_decode, "forward_step", spy)
     completions = backend.sample(encode(backend), n=2, params=SamplingParams(max_new_tokens=8, seed=2))
     assert set(seen) == {"Linear"}
-    assert mlx_ops.lora_layers(backend._model) == layers  # the same LoRALinear objects are back
-    after = dict(tree_flatten(backend._model.parameters()))
+    after = all_weights(backend)  # the LoRALinear layers are back: their adapters, their base weights
     assert after.keys() == before.keys()
     for name, value in after.items():
-        np.testing.assert_array_equal(np.array(value), before[name], err_msg=name)
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
     # the merged model samples what the adapters define: log-probs match the unmerged teacher-forced forward
     seqs = SequenceBatch.from_completions(completions, pad_id=backend.pad_id)
-    forced = whole_row_logp(backend._model, seqs)
+    forced = backend.logprobs(seqs)
     unadapted = backend.logprobs(seqs, reference=True)
     for i, c in enumerate(completions):
         start = len(c.prompt_ids) - 1
@@ -301,14 +291,23 @@ def test_sampling_with_lora_merged_restores_the_weights_bit_identical(tiny_model
     assert np.abs(forced - unadapted).max() > 1e-2  # the adapters matter here
 
 
+def lora_model(path, *, random_b: bool = True):
+    """The policy model as the backend loads it, held by the test; with random B (it starts at 0)."""
+    model = mlx_load.load_policy(ModelConfig(base_model=str(path), lora_r=4), seed=0).model
+    if random_b:
+        for layer in mlx_ops.lora_layers(model).values():
+            layer.lora_b = mx.random.normal(layer.lora_b.shape, key=mx.random.key(7)) * 0.2
+    return model
+
+
 def test_merged_lora_is_restored_after_an_exception_and_skipped_on_quantised_bases(tiny_model_path, quantized_path):
-    backend = with_random_adapters(make(tiny_model_path))
-    layers = mlx_ops.lora_layers(backend._model)
-    with pytest.raises(RuntimeError, match="boom"), mlx_ops.lora_merged(backend._model):
-        assert not mlx_ops.lora_layers(backend._model)
+    model = lora_model(tiny_model_path)
+    layers = mlx_ops.lora_layers(model)
+    with pytest.raises(RuntimeError, match="boom"), mlx_ops.lora_merged(model):
+        assert not mlx_ops.lora_layers(model)
         raise RuntimeError("boom")
-    assert mlx_ops.lora_layers(backend._model) == layers
-    quantized = make(quantized_path)
-    layers = mlx_ops.lora_layers(quantized._model)
-    with mlx_ops.lora_merged(quantized._model):
-        assert mlx_ops.lora_layers(quantized._model) == layers
+    assert mlx_ops.lora_layers(model) == layers
+    quantized = lora_model(quantized_path, random_b=False)
+    layers = mlx_ops.lora_layers(quantized)
+    with mlx_ops.lora_merged(quantized):
+        assert mlx_ops.lora_layers(quantized) == layers

@@ -1,11 +1,14 @@
 """The PyTorch backend's preallocated decode cache (``backends/torch_decode.py``) against transformers' own.
 
 Real tiny model (``tiny_model_path``), no mocks: sampling through the preallocated
-buffers gives the ids and log-probs of sampling through the growing ``DynamicCache``,
-and the preallocated path is the one sampling actually takes.
+buffers gives the ids and log-probs of sampling through the growing ``DynamicCache``
+(``TorchBackend.preallocate_decode_cache`` off), and the preallocated path is the one
+sampling takes by default.
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -35,9 +38,10 @@ def backend(request, tiny_model_path) -> TorchBackend:
 
 def sample_both(backend, monkeypatch, params: SamplingParams, *, n: int):
     prompts = [backend.tokenizer.encode(t) for t in PROMPTS]
+    assert backend.preallocate_decode_cache  # the default
     fast = backend.sample(prompts, n=n, params=params)
     with monkeypatch.context() as m:
-        m.setattr(decode, "PREALLOCATE", False)
+        m.setattr(backend, "preallocate_decode_cache", False)
         dynamic = backend.sample(prompts, n=n, params=params)
     return fast, dynamic
 
@@ -75,8 +79,11 @@ def test_rows_finishing_early_decode_as_with_the_dynamic_cache(backend, monkeypa
     assert_same(fast, dynamic)
 
 
-def test_sampling_decodes_through_the_preallocated_buffers(backend, monkeypatch):
-    """Each layer grows by ``torch.cat`` only in the prefill; every decode step writes into the buffers."""
+def test_sampling_decodes_through_the_preallocated_buffers(backend, tiny_model_path, monkeypatch):
+    """Each layer grows by ``torch.cat`` only in the prefill; every decode step writes into the buffers.
+
+    ``preallocate_decode_cache`` is an option of each backend, not a module-wide switch.
+    """
     calls = {"dynamic": 0, "buffer": 0}
     grow, write = DynamicLayer.update, decode.BufferLayer.update
 
@@ -90,11 +97,15 @@ def test_sampling_decodes_through_the_preallocated_buffers(backend, monkeypatch)
     monkeypatch.setattr(DynamicLayer, "update", counted("dynamic", grow))
     monkeypatch.setattr(decode.BufferLayer, "update", counted("buffer", write))
     monkeypatch.setattr(backend, "eos_ids", ())  # every row runs all 6 tokens: 5 decode steps
-    layers = backend._model.config.num_hidden_layers
-    backend.sample(
-        [backend.tokenizer.encode(t) for t in PROMPTS], n=2, params=SamplingParams(max_new_tokens=6, top_k=1)
-    )
+    layers = json.loads((tiny_model_path / "config.json").read_text())["num_hidden_layers"]
+    prompts, params = [backend.tokenizer.encode(t) for t in PROMPTS], SamplingParams(max_new_tokens=6, top_k=1)
+    backend.sample(prompts, n=2, params=params)
     assert calls == {"dynamic": layers, "buffer": 5 * layers}
+    # switched off on this backend, every step grows transformers' cache
+    calls.update(dynamic=0, buffer=0)
+    monkeypatch.setattr(backend, "preallocate_decode_cache", False)
+    backend.sample(prompts, n=2, params=params)
+    assert calls == {"dynamic": 6 * layers, "buffer": 0}
 
 
 def test_the_buffers_hold_what_the_dynamic_cache_holds():
@@ -111,7 +122,7 @@ def test_the_buffers_hold_what_the_dynamic_cache_holds():
         dynamic.update(k, v, i)
         fast.update(k, v, i)
     dynamic.batch_repeat_interleave(2)
-    fast = decode.repeated_cache(fast, 2, room=3)
+    fast = decode.repeated_cache(fast, 2, room=3, preallocate=True)
     assert all(isinstance(layer, decode.BufferLayer) for layer in fast.layers)
     for step in range(3):
         new = [states(6, 1) for _ in range(2)]
@@ -132,5 +143,5 @@ def test_other_cache_layers_fall_back_to_the_dynamic_cache():
     cache.layers = [layer]
     k = torch.randn(2, 1, 3, 4)
     layer.update(k, k.clone())
-    out = decode.repeated_cache(cache, 3, room=2)
+    out = decode.repeated_cache(cache, 3, room=2, preallocate=True)
     assert out.layers == [layer] and layer.keys.shape == (6, 1, 3, 4)

@@ -7,6 +7,8 @@ shared-prompt, completion-only log-prob forward.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -14,44 +16,32 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from backend_helpers import LOSS, encode, make, train_batch, with_random_adapters  # noqa: E402
 from conftest import TORCH_DEVICE  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
 
+from rlaif_mlx.backends import torch_decode, torch_load  # noqa: E402
+from rlaif_mlx.backends import torch_forward as fwd  # noqa: E402
 from rlaif_mlx.backends import torch_ops as ops  # noqa: E402
-from rlaif_mlx.backends.base import Completion, LossSettings, SamplingParams, SequenceBatch, TrainBatch  # noqa: E402
-from rlaif_mlx.backends.torch import TorchBackend, create  # noqa: E402
-from rlaif_mlx.config import ModelConfig, TrainingConfig  # noqa: E402
-from rlaif_mlx.rl.objective import aggregation_weights  # noqa: E402
-
-PROMPTS = ["def add(a, b):", "import os\nprint(", "x"]
-
-
-def make(path, *, model: dict | None = None, **training) -> TorchBackend:
-    training = {"learning_rate": 1e-3, "micro_batch_size": 4, "lr_scheduler_type": "constant"} | training
-    config = ModelConfig(base_model=str(path), lora_r=4, torch={"device": TORCH_DEVICE}, **(model or {}))
-    return create(config, TrainingConfig(**training), seed=0, total_steps=20)
-
-
-def encode(backend, texts=PROMPTS) -> list[list[int]]:
-    return [backend.tokenizer.encode(t) for t in texts]
-
-
-def train_batch(backend, *, n: int = 3, max_new_tokens: int = 6) -> TrainBatch:
-    completions = backend.sample(encode(backend), n=n, params=SamplingParams(max_new_tokens=max_new_tokens, seed=0))
-    seqs = SequenceBatch.from_completions(completions, pad_id=backend.pad_id)
-    return TrainBatch(
-        sequences=seqs,
-        advantages=np.random.default_rng(0).standard_normal(len(seqs)).astype(np.float32),
-        token_weights=aggregation_weights(seqs.loss_mask).astype(np.float32),
-        ref_logp=backend.logprobs(seqs, reference=True),
-    )
-
-
-LOSS = LossSettings(kl_coef=0.1)
+from rlaif_mlx.backends.base import Completion, SamplingParams, SequenceBatch  # noqa: E402
+from rlaif_mlx.config import ModelConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def lora(tiny_model_path) -> TorchBackend:
-    return make(tiny_model_path)
+def lora(tiny_model_path):
+    return make("torch", tiny_model_path)
+
+
+def policy_model(path, *, use_lora: bool = True):
+    """The policy model as the backend loads it, held by the test; under LoRA with random B (it starts at 0)."""
+    config = ModelConfig(base_model=str(path), lora_r=4, use_lora=use_lora)
+    model = torch_load.load_policy(config, device=TORCH_DEVICE, seed=0).model
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model
 
 
 # ------------------------------------------------------------ batched draw
@@ -97,75 +87,92 @@ def test_each_prompt_samples_from_its_own_seed(lora):
 
 
 @pytest.fixture
-def trained_lora(tiny_model_path) -> TorchBackend:
+def trained_lora(tiny_model_path, tmp_path):
     """LoRA with non-zero adapters (B starts at 0, which would make merging a no-op)."""
-    backend = make(tiny_model_path)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in backend._model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return backend
+    return with_random_adapters(make("torch", tiny_model_path), tmp_path / "adapters")
 
 
-def all_weights(backend) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in backend._model.named_parameters()}
+def all_weights(backend) -> dict[str, np.ndarray]:
+    return backend.parameters() | backend.parameters(which="frozen")
 
 
-def test_merged_lora_sampling_equals_the_adapters_and_restores_the_weights_bit_for_bit(trained_lora, monkeypatch):
+def assert_adapters_train(backend) -> None:
+    """Every adapter matrix is still trainable and gets a gradient (B != 0, so A's is non-zero too)."""
+    grads, _ = backend.gradients(train_batch(backend), loss=LOSS)
+    assert grads.keys() == backend.parameters().keys() and grads
+    assert all(np.abs(g).sum() > 0 for g in grads.values())
+
+
+def test_merged_lora_sampling_equals_the_adapters_and_restores_the_weights_bit_for_bit(
+    trained_lora, tiny_model_path, monkeypatch
+):
     backend = trained_lora
     before = all_weights(backend)
     params = SamplingParams(max_new_tokens=12, seed=(5, 6, 7))
     merged = backend.sample(encode(backend), n=3, params=params)
-    for name, w in all_weights(backend).items():
-        assert torch.equal(w, before[name]), name
-    assert all(p.requires_grad for p in backend._trainable)
+    after = all_weights(backend)
+    assert after.keys() == before.keys()
+    for name, w in after.items():
+        np.testing.assert_array_equal(w, before[name], err_msg=name)
+    assert_adapters_train(backend)  # the adapters are switched back on
     monkeypatch.setattr(backend, "merge_lora_for_sampling", False)
     plain = backend.sample(encode(backend), n=3, params=params)
     assert [c.completion_ids for c in merged] == [c.completion_ids for c in plain]
     np.testing.assert_allclose([c.logprobs for c in merged], [c.logprobs for c in plain], atol=1e-5)
-    # the adapters matter here, so the equality above says the merge applied them
-    with backend._model.disable_adapter():
-        base = backend.sample(encode(backend), n=3, params=params)
+    # the adapters matter here (the base model, B = 0, samples otherwise), so the equality says the merge applied them
+    base = make("torch", tiny_model_path).sample(encode(backend), n=3, params=params)
     assert [c.completion_ids for c in base] != [c.completion_ids for c in plain]
 
 
-def test_merged_weights_are_used_while_decoding(trained_lora):
-    backend = trained_lora
-    layer = next(iter(ops.lora_layers(backend._model).values()))
+def test_sampling_decodes_with_the_adapters_merged(trained_lora, monkeypatch):
+    entered = []
+    merge = ops.lora_merged
+    monkeypatch.setattr(ops, "lora_merged", lambda model: entered.append(1) or merge(model))
+    trained_lora.sample(encode(trained_lora, ["x"]), n=1, params=SamplingParams(max_new_tokens=2, seed=0))
+    assert entered == [1]
+    monkeypatch.setattr(trained_lora, "merge_lora_for_sampling", False)
+    trained_lora.sample(encode(trained_lora, ["x"]), n=1, params=SamplingParams(max_new_tokens=2, seed=0))
+    assert entered == [1]
+
+
+def test_merged_weights_are_used_while_decoding(tiny_model_path):
+    model = policy_model(tiny_model_path).eval()
+    layer = next(iter(ops.lora_layers(model).values()))
     base = layer.get_base_layer()
+    original = base.weight.detach().clone()
     seen = []
     hook = base.register_forward_hook(lambda m, args, out: seen.append(m.weight.detach().clone()))
     try:
-        backend.sample(encode(backend, ["x"]), n=1, params=SamplingParams(max_new_tokens=2, seed=0))
+        with torch.inference_mode(), ops.lora_merged(model):
+            model(input_ids=torch.tensor([[5, 6, 7]], device=TORCH_DEVICE))
     finally:
         hook.remove()
     expected = base.weight.detach() + layer.get_delta_weight(ops.ADAPTER).detach()
     assert seen and all(torch.equal(w, expected) for w in seen)
-    assert not torch.equal(base.weight, expected)
+    assert not torch.equal(base.weight, expected) and torch.equal(base.weight, original)
 
 
-def test_an_error_while_decoding_still_restores_the_weights(trained_lora):
+def test_an_error_while_decoding_still_restores_the_weights(trained_lora, monkeypatch):
     backend = trained_lora
     before = all_weights(backend)
     params = SamplingParams(max_new_tokens=6, seed=(1, 2, 3))
     expected = backend.sample(encode(backend), n=2, params=params)
     calls = []
+    step = torch_decode.forward_step
 
-    def fail_on_third_call(module, args):
+    def fail_on_third_call(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("boom")
+        return step(*args, **kwargs)
 
-    hook = backend._model.get_input_embeddings().register_forward_pre_hook(fail_on_third_call)
-    try:
+    with monkeypatch.context() as m:
+        m.setattr(torch_decode, "forward_step", fail_on_third_call)
         with pytest.raises(RuntimeError, match="boom"):
             backend.sample(encode(backend), n=2, params=params)
-    finally:
-        hook.remove()
     for name, w in all_weights(backend).items():
-        assert torch.equal(w, before[name]), name
-    assert all(p.requires_grad for p in backend._trainable)  # adapters switched back on
+        np.testing.assert_array_equal(w, before[name], err_msg=name)
+    assert_adapters_train(backend)  # adapters switched back on
     again = backend.sample(encode(backend), n=2, params=params)
     assert [c.completion_ids for c in again] == [c.completion_ids for c in expected]
     assert [c.logprobs for c in again] == [c.logprobs for c in expected]
@@ -175,31 +182,46 @@ def test_an_error_while_decoding_still_restores_the_weights(trained_lora):
 
 
 @pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
-def test_fused_adamw_takes_the_plain_adamw_step(tiny_model_path, use_lora):
-    fused = make(tiny_model_path, model={"use_lora": use_lora}, weight_decay=1.0)
-    assert fused._optimizer.defaults["fused"] is True  # CPU float32 has the fused kernel
-    plain = make(tiny_model_path, model={"use_lora": use_lora}, weight_decay=1.0)
-    settings = {k: plain._optimizer.defaults[k] for k in ("lr", "betas", "weight_decay")}
-    plain._optimizer = torch.optim.AdamW(plain._trainable, **settings)  # the single-tensor loop
+def test_fused_adamw_takes_the_plain_adamw_step(tiny_model_path, tmp_path, monkeypatch, use_lora):
+    adamw, built = torch.optim.AdamW, []
+
+    def recorded(params, **settings):
+        built.append(settings.get("fused"))
+        return adamw(params, **settings)
+
+    def without_fused_kernel(params, *, fused=None, **settings):  # as where torch has no fused kernel
+        if fused:
+            raise RuntimeError("no fused AdamW for this device and dtype")
+        return adamw(params, **settings)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.optim, "AdamW", recorded)
+        fused = make("torch", tiny_model_path, model={"use_lora": use_lora}, weight_decay=1.0)
+        assert built == [True]  # CPU float32 has the fused kernel
+        m.setattr(torch.optim, "AdamW", without_fused_kernel)
+        plain = make("torch", tiny_model_path, model={"use_lora": use_lora}, weight_decay=1.0)  # the single-tensor loop
     batch = train_batch(fused)
-    start = [p.detach().clone() for p in fused._trainable]
+    start = fused.parameters()
     for _ in range(3):
         a, b = fused.train_step(batch, loss=LOSS), plain.train_step(batch, loss=LOSS)
         assert a.loss == pytest.approx(b.loss, abs=1e-6)
-    for p, q, p0 in zip(fused._trainable, plain._trainable, start, strict=True):
-        assert not torch.equal(p, p0)
-        torch.testing.assert_close(p, q, atol=1e-5, rtol=0)  # float rounding (6e-6 on CUDA); the steps are ~3e-3
-        for moment in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(
-                fused._optimizer.state[p][moment], plain._optimizer.state[q][moment], atol=1e-7, rtol=1e-4
-            )
-    assert fused._optimizer.state[fused._trainable[0]]["step"].item() == 3
+    p, q = fused.parameters(), plain.parameters()
+    for name in p:
+        assert not np.array_equal(p[name], start[name]), name
+        np.testing.assert_allclose(p[name], q[name], atol=1e-5, rtol=0)  # float rounding (6e-6 on CUDA); steps ~3e-3
+    fused.save(tmp_path / "fused")
+    plain.save(tmp_path / "plain")
+    moments, plain_moments = (load_file(str(tmp_path / k / "optimizer.safetensors")) for k in ("fused", "plain"))
+    assert moments.keys() == plain_moments.keys() == {f"{n}.{m}" for n in p for m in ("exp_avg", "exp_avg_sq")}
+    for key, value in moments.items():
+        np.testing.assert_allclose(value, plain_moments[key], atol=1e-7, rtol=1e-4, err_msg=key)
+    assert json.loads((tmp_path / "fused" / "backend_state.json").read_text())["optimizer_step"] == 3
 
 
 # ------------------------------------- shared-prompt, completion-only log-probs
 
 
-def grouped_batch(backend) -> SequenceBatch:
+def grouped_batch(pad_id: int = 0) -> SequenceBatch:
     """3 prompts of different lengths x 3 completions of unequal lengths (one of a single token)."""
     rng = np.random.default_rng(0)
     prompts = [rng.integers(5, 1000, size=length).tolist() for length in (7, 3, 11)]
@@ -208,7 +230,7 @@ def grouped_batch(backend) -> SequenceBatch:
         for s, length in enumerate((1 + 4 * p, 8, 3)):
             ids = tuple(rng.integers(5, 1000, size=length).tolist())
             completions.append(Completion(f"{p}-{s}", p, s, tuple(prompt), ids, (), "", "length"))
-    return SequenceBatch.from_completions(completions, pad_id=backend.pad_id)
+    return SequenceBatch.from_completions(completions, pad_id=pad_id)
 
 
 def forwards(model, fn) -> list[tuple]:
@@ -258,19 +280,16 @@ def exact_attention():
 @pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
 @pytest.mark.parametrize("chunked", [False, True], ids=["one-head-call", "head-in-chunks"])
 def test_shared_prompt_forward_equals_the_whole_row_forward(
-    trained_lora, tiny_model_path, monkeypatch, exact_attention, use_lora, chunked
+    tiny_model_path, monkeypatch, exact_attention, use_lora, chunked
 ):
-    from rlaif_mlx.backends import torch_forward as fwd
-
+    model, seqs = policy_model(tiny_model_path, use_lora=use_lora), grouped_batch()
     if chunked:  # 5 positions per LM-head chunk: several chunks, recomputed in the backward pass
-        monkeypatch.setattr(fwd, "HEAD_CHUNK_ELEMENTS", 5 * trained_lora.tokenizer.vocab_size)
-    backend = trained_lora if use_lora else make(tiny_model_path, model={"use_lora": False})
-    model, seqs = backend._model, grouped_batch(backend)
+        monkeypatch.setattr(fwd, "HEAD_CHUNK_ELEMENTS", 5 * model.config.vocab_size)
     rng = np.random.default_rng(1)
     for index in SLICES:
         rows = seqs.rows(index)
         ids, attn = tensors(rows)
-        completion = torch.as_tensor(rows.loss_mask, device=backend.device)
+        completion = torch.as_tensor(rows.loss_mask, device=TORCH_DEVICE)
         model.eval()
         with torch.inference_mode():
             whole = ops.token_logp(model, ids, attn)
@@ -279,7 +298,7 @@ def test_shared_prompt_forward_equals_the_whole_row_forward(
         torch.testing.assert_close(shared, whole, atol=1e-5, rtol=0)
         torch.testing.assert_close(completion_only, whole * completion, atol=1e-5, rtol=0)
         model.train()
-        weights = torch.as_tensor(rng.standard_normal(completion.shape).astype(np.float32), device=backend.device)
+        weights = torch.as_tensor(rng.standard_normal(completion.shape).astype(np.float32), device=TORCH_DEVICE)
         weights = weights * completion
         expected = loss_grads(model, lambda: ops.token_logp(model, ids, attn), weights)
         got = loss_grads(
@@ -292,10 +311,8 @@ def test_shared_prompt_forward_equals_the_whole_row_forward(
     model.eval()
 
 
-def test_each_distinct_prompt_is_forwarded_once(trained_lora):
-    from rlaif_mlx.backends import torch_forward as fwd
-
-    model, seqs = trained_lora._model, grouped_batch(trained_lora)
+def test_each_distinct_prompt_is_forwarded_once(tiny_model_path):
+    model, seqs = policy_model(tiny_model_path), grouped_batch()
 
     def run(index):
         rows = seqs.rows(index)
@@ -311,44 +328,33 @@ def test_each_distinct_prompt_is_forwarded_once(trained_lora):
 
 
 def test_the_backend_scores_and_trains_as_the_whole_row_forward(trained_lora, monkeypatch):
-    """``logprobs`` and the gradients of a step, with micro-batches that split groups, against the plain forward."""
-    from rlaif_mlx.backends import torch_forward as fwd
-
+    """``logprobs`` and a step's gradients, with micro-batches (of 4) that split groups, against the plain forward."""
     backend = trained_lora
-    monkeypatch.setattr(backend._training, "micro_batch_size", 4)
     batch = train_batch(backend, n=3, max_new_tokens=6)
     policy, reference = backend.logprobs(batch.sequences), backend.logprobs(batch.sequences, reference=True)
-    backend._accumulate_gradients(batch, LOSS)
-    fast = {n: p.grad.clone() for n, p in backend._model.named_parameters() if p.grad is not None}
-    backend._optimizer.zero_grad(set_to_none=True)
+    fast, _ = backend.gradients(batch, loss=LOSS)
 
     monkeypatch.setattr(fwd, "sequence_logp", lambda model, ids, attn, mask, **kw: ops.token_logp(model, ids, attn))
     np.testing.assert_allclose(policy, backend.logprobs(batch.sequences), atol=1e-5)
     np.testing.assert_allclose(reference, backend.logprobs(batch.sequences, reference=True), atol=1e-5)
     assert np.abs(policy - reference).max() > 1e-2  # the adapters are on for the policy
-    backend._accumulate_gradients(batch, LOSS)
-    plain = {n: p.grad.clone() for n, p in backend._model.named_parameters() if p.grad is not None}
-    backend._optimizer.zero_grad(set_to_none=True)
+    plain, _ = backend.gradients(batch, loss=LOSS)
     assert fast.keys() == plain.keys() and plain
     for name in plain:
-        torch.testing.assert_close(fast[name], plain[name], atol=2e-5, rtol=1e-4)
+        np.testing.assert_allclose(fast[name], plain[name], atol=2e-5, rtol=1e-4, err_msg=name)
 
 
-def test_one_token_prompts_and_rows_without_completion(trained_lora):
+def test_one_token_prompts_and_rows_without_completion(tiny_model_path):
     """Every target scored (the mask ``test_cli`` uses): 1-token prompts, shared; and all-prompt rows, shared."""
-    from rlaif_mlx.backends import torch_forward as fwd
-
     rows = [[7, 20, 21, 22], [7, 30, 31], [8, 40], [9, 50, 51, 52], [9, 50, 51, 52]]
     width = max(map(len, rows))
     ids = np.array([r + [0] * (width - len(r)) for r in rows], dtype=np.int64)
     attention = np.array([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=np.int64)
     loss_mask = attention[:, 1:].astype(np.float32)
     loss_mask[3:] = 0  # the last two rows are all prompt, and the same prompt
-    model = trained_lora._model
+    model = policy_model(tiny_model_path).eval()
     for n in (3, 5):  # only 1-token prompts (a 1-wide prompt frame), then with the all-prompt rows too
-        ids_n, attention_n, mask_n = (
-            torch.as_tensor(a[:n], device=trained_lora.device) for a in (ids, attention, loss_mask)
-        )
+        ids_n, attention_n, mask_n = (torch.as_tensor(a[:n], device=TORCH_DEVICE) for a in (ids, attention, loss_mask))
         with torch.inference_mode():
             whole = ops.token_logp(model, ids_n, attention_n)
             for prompt_targets in (True, False):

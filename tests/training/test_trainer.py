@@ -179,7 +179,7 @@ def test_unscorable_steps_skip_the_update_then_stop_the_run(tmp_path, tiny_model
 
     cfg = load_config(write_config(tmp_path, tiny_model_path, max_steps=5))
     backend = create(cfg.model, cfg.training, seed=0, total_steps=5)
-    before = {k: v.clone() for k, v in backend._model.named_parameters() if v.requires_grad}
+    before = backend.parameters()
     trainer = Trainer(
         cfg, backend=backend, train=TaskSet(TASKS, 0, "test"), rewards=_BrokenRewards(), output_dir=tmp_path
     )
@@ -188,8 +188,8 @@ def test_unscorable_steps_skip_the_update_then_stop_the_run(tmp_path, tiny_model
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["update_skipped"] for r in records] == [1, 1]
     assert all(r["unscored"] == 6 and r["reward_mean"] is None for r in records)
-    after = dict(backend._model.named_parameters())
-    assert all((after[k] == v).all() for k, v in before.items())
+    after = backend.parameters()
+    assert after.keys() == before.keys() and all((after[k] == v).all() for k, v in before.items())
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000002"]  # saved before stopping
 
 
