@@ -320,13 +320,24 @@ def _in_hub_cache(repo_id: str) -> bool | None:
 def _tasks(name: str, file: str, on_bad_line: str) -> Check:
     from ..data.tasks import DataError, load_tasks, resolve_data_path
 
+    key = f"data.{name.replace(' ', '_')}"
     try:
         tasks = load_tasks(file, on_bad_line=on_bad_line)
     except DataError as exc:
-        return Check(name, FAIL, str(exc), f"point data.{name.replace(' ', '_')} at a readable JSONL task file")
-    skipped = f", {tasks.skipped_lines} bad line(s) skipped" if tasks.skipped_lines else ""
+        if ": tests: " in str(exc) or ": entry_point" in str(exc):
+            return Check(name, FAIL, str(exc), "fix that task's tests, or set data.on_bad_line: skip to leave it out")
+        return Check(name, FAIL, str(exc), f"point {key} at a readable JSONL task file")
     count = len(tasks.tasks)
-    return Check(name, OK, f"{resolve_data_path(file)}: {count} task{'' if count == 1 else 's'}{skipped}")
+    found = f"{resolve_data_path(file)}: {count} task{'' if count == 1 else 's'}"
+    if tasks.problems:
+        more = f" (+{len(tasks.problems) - 1} more)" if len(tasks.problems) > 1 else ""
+        return Check(
+            name,
+            WARN,
+            f"{found}, {tasks.skipped_lines} bad line(s) skipped: {tasks.problems[0]}{more}",
+            "fix those lines to train on them (data.on_bad_line: skip leaves them out)",
+        )
+    return Check(name, OK, found)
 
 
 def _teacher(teacher) -> list[Check]:

@@ -130,7 +130,14 @@ def score_completions(
                 unscored += 1
             else:
                 rewards.append(result.reward)
-            record = {"task_id": c.task_id, "reward": result.reward, **result.components, "error": result.error}
+            record = {
+                "task_id": c.task_id,
+                "reward": result.reward,
+                **result.components,
+                "error": result.error,
+                "grade": result.kind,
+                "suspect": list(result.suspect),
+            }
             out.write(json.dumps(record) + "\n")
         out.flush()
         if progress is not None:

@@ -10,23 +10,21 @@ How a problem becomes a task:
 - ``prompt`` asks a chat model to complete the function, showing HumanEval's
   prompt (imports, signature, docstring) in a fenced block and asking for the
   whole function back, imports included.
-- ``tests`` is the problem's ``check(candidate)`` code. ``graders`` unrolls it
+- ``tests`` is the problem's ``check(candidate)`` code. The graders unroll it
   with ``candidate`` bound to ``entry_point``, so every assert counts on its own
   (a dense reward; pass@k needs all of them). The prompt's imports and helper
-  functions (e.g. ``encode_cyclic`` next to ``decode_cyclic``) come first, as
-  setup that runs after the solution has loaded.
+  functions (e.g. ``encode_cyclic`` next to ``decode_cyclic``) come first, so
+  the tests (in the trusted driver) use the prompt's own helpers, never the
+  completion's.
+- ``setup`` holds those same imports and helpers, run before the solution in
+  its own process, so a completion may call them without repeating them.
 - ``reference`` is ``prompt + canonical_solution``, which passes every test.
 
 What grades well (checked in ``tests/test_evaluation.py``):
 
 - The whole function in a fenced block, as chat models answer: graded as is.
   A helper the prompt defines or a module it imports may be left out: the
-  tests' setup supplies them before any test runs.
-- Not graded as meant: a completion that leaves out an import its *signature*
-  needs (``List[float]`` without ``from typing import List``): the annotation
-  is evaluated while the solution loads, before the setup runs, so the
-  solution fails to load and scores 0 on tests. The prompt asks for the
-  imports for this reason.
+  task's ``setup`` supplies them before the solution loads.
 - Not graded as meant: only the function's body, as a base model continues
   HumanEval's raw prompt. The graders take a completion as a program, and a
   body alone does not parse (``return`` outside a function), so it scores 0.
@@ -75,6 +73,7 @@ def problem_task(problem: dict) -> Task:
         tests=tests,
         entry_point=entry_point,
         reference=prompt + problem["canonical_solution"],
+        setup=setup or None,
     )
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 BUILTIN_PREFIX = "builtin:"
-_FIELDS = {"prompt", "language", "tests", "entry_point", "reference", "difficulty", "id"}
+_FIELDS = {"prompt", "language", "tests", "entry_point", "reference", "difficulty", "id", "setup"}
 
 
 class DataError(ValueError):
@@ -31,6 +31,7 @@ class Task:
     entry_point: str | None = None
     reference: str | None = None
     difficulty: float | None = None
+    setup: str | None = None  # code the prompt gives the solution (imports, helpers): run before it
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class TaskSet:
     tasks: list[Task]
     skipped_lines: int
     source: str
+    problems: tuple[str, ...] = ()  # ``file:line: why`` of each skipped line
 
     def by_id(self) -> dict[str, Task]:
         return {t.id: t for t in self.tasks}
@@ -70,7 +72,7 @@ def load_tasks(name: str, *, on_bad_line: str = "error") -> TaskSet:
         raise DataError(f"{path}: cannot read task file ({exc.strerror})") from None
     tasks: list[Task] = []
     seen: set[str] = set()
-    skipped = 0
+    problems: list[str] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -80,14 +82,14 @@ def load_tasks(name: str, *, on_bad_line: str = "error") -> TaskSet:
                 raise ValueError(f"duplicate id {task.id!r}")
         except ValueError as exc:
             if on_bad_line == "skip":
-                skipped += 1
+                problems.append(f"{path}:{number}: {exc}")
                 continue
             raise DataError(f"{path}:{number}: {exc}") from None
         seen.add(task.id)
         tasks.append(task)
     if not tasks:
         raise DataError(f"{path}: no tasks found")
-    return TaskSet(tasks=tasks, skipped_lines=skipped, source=str(path))
+    return TaskSet(tasks=tasks, skipped_lines=len(problems), source=str(path), problems=tuple(problems))
 
 
 def _parse_line(line: str, *, default_id: str) -> Task:
@@ -103,13 +105,13 @@ def _parse_line(line: str, *, default_id: str) -> Task:
     prompt = obj.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("'prompt' is required and must be a non-empty string")
-    for key in ("language", "tests", "entry_point", "reference", "id"):
+    for key in ("language", "tests", "entry_point", "reference", "id", "setup"):
         if key in obj and obj[key] is not None and not isinstance(obj[key], str):
             raise ValueError(f"'{key}' must be a string, got {type(obj[key]).__name__}")
     difficulty = obj.get("difficulty")
     if difficulty is not None and (isinstance(difficulty, bool) or not isinstance(difficulty, (int, float))):
         raise ValueError(f"'difficulty' must be a number, got {difficulty!r}")
-    return Task(
+    task = Task(
         id=obj.get("id") or default_id,
         prompt=prompt,
         language=(obj.get("language") or "python").lower(),
@@ -117,7 +119,22 @@ def _parse_line(line: str, *, default_id: str) -> Task:
         entry_point=obj.get("entry_point") or None,
         reference=obj.get("reference") or None,
         difficulty=float(difficulty) if difficulty is not None else None,
+        setup=obj.get("setup") or None,
     )
+    problem = check_task(task)
+    if problem:
+        raise ValueError(problem)
+    return task
+
+
+def check_task(task: Task) -> str | None:
+    """Why a task's tests cannot grade anything (they do not parse, hold no assert ...), or None."""
+    from ..rewards.test_plan import check_tests
+
+    if task.language not in ("python", "py", "python3") or not task.tests:
+        return None
+    reason = check_tests(task.tests, entry_point=task.entry_point)
+    return f"tests: {reason}" if reason else None
 
 
 def prompt_token_ids(

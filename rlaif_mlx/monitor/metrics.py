@@ -132,7 +132,9 @@ def sample_rows(
     Returns:
         ``task_id``, ``uid``, ``prompt``, ``completion``, ``finish_reason``,
         ``num_tokens``, ``reward`` (None when unscored), one key per reward
-        component (as ``rlaif-mlx score`` writes them) and ``error``.
+        component (as ``rlaif-mlx score`` writes them), ``error``, ``grade`` (the
+        grade's kind: passed, failed, timed_out ...) and ``suspect`` (how the code
+        reaches for the grading surface; empty for plain code).
     """
     rows = []
     for c in completions:
@@ -148,6 +150,8 @@ def sample_rows(
                 "reward": result.reward,
                 **result.components,
                 "error": result.error,
+                "grade": result.kind,
+                "suspect": list(result.suspect),
             }
         )
     return rows

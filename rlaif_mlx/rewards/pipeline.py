@@ -7,10 +7,12 @@ nobody pays to hear that code which does not parse is bad: a completion that
 fails the gate gets ``teacher = 0`` without a call. This module turns the
 components into one scalar reward per sample, keyed by the sample's uid.
 
-A sample the pipeline could not grade (the sandbox could not start, the grader
-crashed, the teacher call failed or its answer could not be parsed) gets
-``reward=None``: it is counted, shown and left out of the update, never given a
-made-up score. A completion that fails its checks or tests is a real 0.
+A sample the pipeline could not grade (the grade's kind is ``infrastructure``:
+the sandbox or the test driver could not run; or the teacher call failed or its
+answer could not be parsed) gets ``reward=None``: it is counted, shown and left
+out of the update, never given a made-up score. The kind is set by the trusted
+side, so nothing a completion prints or does can make it unscored. A completion
+that fails its checks or tests, crashes or times out is a real 0.
 """
 
 from __future__ import annotations
@@ -20,17 +22,12 @@ from typing import TYPE_CHECKING
 
 from ..config import RewardConfig
 from ..data.tasks import Task
-from .graders import GradeRequest, GradeResult, grade_many
+from .graders import NO_TESTS, UNSCORED_KINDS, GradeRequest, GradeResult, grade_many
 from .sandbox import SandboxLimits
 
 if TYPE_CHECKING:  # the teacher imports the SDKs; only runs with a teacher load it
     from ..teachers.base import Judgement
     from ..teachers.judge import Teacher
-
-# Grader errors that mean "we could not judge", not "the completion failed".
-_INFRASTRUCTURE_ERRORS = ("grader failed", "sandbox setup error", "sandbox supervisor killed")
-# Reasons a component does not apply to a task (so it leaves the weighted mean).
-_NOT_APPLICABLE = ("task has no tests", "tests are only run for")
 
 
 @dataclass(frozen=True)
@@ -41,11 +38,15 @@ class RewardResult:
         reward: the weighted combination in [0, 1], or None when it could not be scored.
         components: each component's value (``has_code``, ``parses``, ``tests``).
         error: what went wrong, for the logs (a failed test is reported here too).
+        kind: the grade's kind (``passed``, ``failed``, ``syntax_error`` ... see ``graders``).
+        suspect: how the code reaches for the grading surface (shown, never scored).
     """
 
     reward: float | None
     components: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    kind: str | None = None
+    suspect: tuple[str, ...] = ()
 
 
 class RewardPipeline:
@@ -70,7 +71,12 @@ class RewardPipeline:
         """
         requests = [
             GradeRequest(
-                uid=uid, completion=text, task_tests=task.tests, entry_point=task.entry_point, language=task.language
+                uid=uid,
+                completion=text,
+                task_tests=task.tests,
+                entry_point=task.entry_point,
+                language=task.language,
+                prelude=task.setup or "",
             )
             for uid, task, text in items
         ]
@@ -121,9 +127,9 @@ class RewardPipeline:
         Tasks without tests pass the test gates (there is nothing to fail), and
         a completion the graders could not grade is never sent.
         """
-        if grade.error and any(marker in grade.error for marker in _INFRASTRUCTURE_ERRORS):
+        if grade.kind in UNSCORED_KINDS:
             return False
-        no_tests = bool(grade.tests_skipped) and grade.tests_skipped.startswith(_NOT_APPLICABLE)
+        no_tests = grade.kind == NO_TESTS
         if gate == "always":
             return True
         if gate == "parses":
@@ -141,8 +147,9 @@ class RewardPipeline:
         gate (``teacher = 0``); a judgement without a score makes the whole
         reward None.
         """
-        if grade.error and any(marker in grade.error for marker in _INFRASTRUCTURE_ERRORS):
-            return RewardResult(None, dict(grade.components), grade.error)
+        seen = {"kind": grade.kind, "suspect": grade.suspect}
+        if grade.kind in UNSCORED_KINDS:
+            return RewardResult(None, dict(grade.components), grade.error, **seen)
         components = dict(grade.components)
         weights = dict(self.config.weights)
         if self.teacher is None:
@@ -150,13 +157,13 @@ class RewardPipeline:
         elif judgement is None:
             components["teacher"] = 0.0
         elif judgement.score is None:
-            return RewardResult(None, components, f"teacher: {judgement.error}")
+            return RewardResult(None, components, f"teacher: {judgement.error}", **seen)
         else:
             components["teacher"] = judgement.score
-        if grade.tests_skipped and grade.tests_skipped.startswith(_NOT_APPLICABLE):
+        if grade.kind == NO_TESTS:
             weights.pop("tests", None)
         total_weight = sum(w for name, w in weights.items() if name in components)
         if total_weight <= 0:
-            return RewardResult(None, components, "no reward component applies to this task")
+            return RewardResult(None, components, "no reward component applies to this task", **seen)
         reward = sum(w * components[name] for name, w in weights.items() if name in components)
-        return RewardResult(reward / total_weight, components, grade.error)
+        return RewardResult(reward / total_weight, components, grade.error, **seen)

@@ -50,31 +50,73 @@ KEEP = {
 }
 
 
-def private_dev():
+def private_dev(dev="/dev"):
     # Device nodes stay writable on a read-only mount and uid 0, even without
     # capabilities, may open e.g. block devices: keep only harmless nodes.
     stage = os.path.join(work, ".dev")
     os.mkdir(stage)
     mount("/dev", stage, None, BIND | REC)
-    mount("tmpfs", "/dev", "tmpfs", NOSUID | NOEXEC, "mode=755,size=64k")
+    mount("tmpfs", dev, "tmpfs", NOSUID | NOEXEC, "mode=755,size=64k")
     for name in ("null", "zero", "full", "random", "urandom"):
         if os.path.exists(os.path.join(stage, name)):
-            open("/dev/" + name, "w").close()
-            mount(os.path.join(stage, name), "/dev/" + name, None, BIND)
+            open(dev + "/" + name, "w").close()
+            mount(os.path.join(stage, name), dev + "/" + name, None, BIND)
     for i, name in enumerate(("stdin", "stdout", "stderr")):
-        os.symlink("/proc/self/fd/%d" % i, "/dev/" + name)
-    os.symlink("/proc/self/fd", "/dev/fd")
-    os.mkdir("/dev/shm")
-    mount("tmpfs", "/dev/shm", "tmpfs", NOSUID | NODEV | NOEXEC, "mode=1777,size=16m")
+        os.symlink("/proc/self/fd/%d" % i, dev + "/" + name)
+    os.symlink("/proc/self/fd", dev + "/fd")
+    os.mkdir(dev + "/shm")
+    mount("tmpfs", dev + "/shm", "tmpfs", NOSUID | NODEV | NOEXEC, "mode=1777,size=16m")
     check(libc.umount2(stage.encode(), 2), stage)  # MNT_DETACH
     os.rmdir(stage)
+
+
+def show(path, stage):
+    """Makes ``path`` appear at the same place under ``stage`` (a bind mount, or the same symlink)."""
+    target = stage + path
+    if os.path.islink(path):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if not os.path.lexists(target):
+            os.symlink(os.readlink(path), target)
+    elif os.path.isdir(path) and not os.path.ismount(target):
+        os.makedirs(target, exist_ok=True)
+        mount(path, target, None, BIND | REC)
+
+
+def pivot_into_view(view):
+    """A new root holding only the interpreter, system libraries, /etc, /proc, a private /dev and
+    the working folder; the rest of the machine (the user's files, task files) is not there."""
+    stage = view["stage"]
+    os.makedirs(stage, exist_ok=True)
+    mount("tmpfs", stage, "tmpfs", NOSUID | NODEV, "mode=755,size=1m")
+    for path in sorted(view["shown"], key=len):
+        if os.path.lexists(path):
+            show(path, stage)
+    os.makedirs(stage + work)
+    mount(work, stage + work, None, BIND)
+    os.makedirs(stage + "/proc")
+    mount("/proc", stage + "/proc", None, BIND | REC)
+    os.makedirs(stage + "/dev")
+    private_dev(stage + "/dev")
+    os.makedirs(stage + "/.old")
+    os.chdir(stage)
+    number = {"x86_64": 155, "aarch64": 41}[os.uname().machine]  # SYS_pivot_root
+    check(libc.syscall(number, b".", b".old"), "pivot_root")
+    os.chdir("/")
+    check(libc.umount2(b"/.old", 2), "/.old")  # MNT_DETACH
+    os.rmdir("/.old")
+    for path in view["hidden"]:
+        if os.path.isdir(path):
+            mount("tmpfs", path, "tmpfs", NOSUID | NODEV | RDONLY, "mode=755,size=4k")
 
 
 def make_readonly():
     mount(None, "/", None, REC | PRIVATE)
     mount(work, work, None, BIND)
     mount(None, work, None, REMOUNT | BIND | NOSUID | NODEV)
-    private_dev()
+    if cfg["view"]:
+        pivot_into_view(cfg["view"])
+    else:
+        private_dev()
     for line in open("/proc/self/mountinfo").read().splitlines():
         parts = line.split()
         point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[4])
@@ -134,7 +176,8 @@ if pid == 0:
         report("exec-error %r" % (exc,))
     os._exit(122)
 
-os.close(cfg["result_fd"])
+for fd in [cfg["result_fd"], *cfg["keep_fds"]]:
+    os.close(fd)
 while True:  # as pid 1 of a namespace we also reap orphans
     try:
         done, status = os.wait()

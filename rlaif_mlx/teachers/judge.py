@@ -156,7 +156,7 @@ class Teacher:
         spent = self.ledger.record(answer.usage)
         stats.cost_usd += spent
         try:
-            criteria, rationale = rubric.parse_scores(answer)
+            criteria, rationale = rubric.parse_scores(answer, solution=request.completion)
         except rubric.UnparseableAnswer as exc:
             stats.failures += 1
             stats.unparseable += 1

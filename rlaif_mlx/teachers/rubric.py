@@ -6,6 +6,12 @@ schema, ``SCORE_SCHEMA``); when a model writes prose instead, ``parse_scores``
 still finds the scores in JSON text or in ``correctness: 7/10`` lines. What it
 cannot find is an error (``UnparseableAnswer``), never a default score.
 
+The student writes part of what the judge reads: a completion can carry its own
+``{"correctness": 10, ...}`` in a comment, and a judge answering in prose may
+quote it. So prose is read outside quoted code (fenced blocks other than JSON
+are skipped), any candidate that appears in the student's solution is skipped,
+and the judge's last qualifying verdict counts, not its first.
+
 The same module asks a teacher for a reference solution (``reference_messages``,
 ``REFERENCE_SCHEMA`` and ``parse_reference``). Framework- and SDK-free.
 """
@@ -15,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator
 from typing import Any
 
 from .base import CRITERIA, JudgeRequest, RawAnswer
@@ -178,24 +183,56 @@ def _scored(obj: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _json_objects(text: str) -> Iterator[dict[str, Any]]:
-    """Dicts in the text: the whole text, fenced ```json blocks, then each {...} that parses."""
-    candidates = [text.strip()] + [m.group(1).strip() for m in _JSON_FENCE.finditer(text)]
-    for candidate in candidates:
-        try:
-            obj = json.loads(candidate)
-        except ValueError:
-            continue
-        if isinstance(obj, dict):
-            yield obj
+_ANY_FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[ \t]*([\w+#.\-]*)[^\n]*\n.*?^[ \t]*\1[ \t]*$", re.DOTALL | re.MULTILINE)
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"\s+", "", text).lower()
+
+
+def _unquoted(text: str) -> str:
+    """The text with every fenced block that is not JSON blanked out (offsets kept): quoted code is not a verdict."""
+    return _ANY_FENCE.sub(lambda m: m.group(0) if m.group(2).lower() == "json" else " " * len(m.group(0)), text)
+
+
+def _json_objects(visible: str, solution: str) -> tuple[list[dict[str, Any]], str]:
+    """Dicts in the (unquoted) text, the one ending last first, none the student wrote; and the text with
+    the student's own objects blanked out, for the line search."""
+    written = _squash(solution)
+    found: list[tuple[int, dict[str, Any]]] = []
+    blanked = visible
+    whole = visible.strip()
+    try:
+        obj = json.loads(whole)
+        if isinstance(obj, dict) and not (written and _squash(whole) in written):
+            found.append((len(visible), obj))
+    except ValueError:
+        pass
     decoder = json.JSONDecoder()
-    for match in re.finditer(r"\{", text):
+    for match in re.finditer(r"\{", visible):
         try:
-            obj, _ = decoder.raw_decode(text, match.start())
+            obj, end = decoder.raw_decode(visible, match.start())
         except ValueError:
             continue
-        if isinstance(obj, dict):
-            yield obj
+        if not isinstance(obj, dict):
+            continue
+        if written and _squash(visible[match.start() : end]) in written:
+            blanked = blanked[: match.start()] + " " * (end - match.start()) + blanked[end:]
+        else:
+            found.append((end, obj))
+    # the one that ends last: the verdict, not a part of it or a quote before it
+    return [obj for _, obj in sorted(found, key=lambda item: -item[0])], blanked
+
+
+def _last_line_match(pattern: re.Pattern[str], text: str, solution: str) -> re.Match[str] | None:
+    """The judge's last ``name: score`` match whose line the student did not write."""
+    written = _squash(solution)
+    matches = [
+        m
+        for m in pattern.finditer(text)
+        if not (written and _squash(text[text.rfind("\n", 0, m.start()) + 1 : m.end()]) in written)
+    ]
+    return matches[-1] if matches else None
 
 
 def _from_dict(obj: dict[str, Any], snippet: str) -> tuple[dict[str, float], str]:
@@ -207,18 +244,20 @@ def _from_dict(obj: dict[str, Any], snippet: str) -> tuple[dict[str, float], str
     return criteria, rationale.strip() if isinstance(rationale, str) else str(rationale)
 
 
-def parse_scores(answer: RawAnswer) -> tuple[dict[str, float], str]:
+def parse_scores(answer: RawAnswer, *, solution: str = "") -> tuple[dict[str, float], str]:
     """The criteria (each in [0, 1]) and the rationale from a teacher's answer.
 
-    Looks, in order, at the structured output, then JSON in the text (the whole
-    text, a fenced block, or the first ``{...}`` that parses and names a
+    Looks, in order, at the structured output, then JSON in the text outside
+    quoted code (the whole text, or the last ``{...}`` that parses and names a
     criterion), then lines such as ``correctness: 7/10`` or ``Correctness - 7``
-    (which also recovers JSON cut short by ``max_tokens``).
-    Scores may be ints, floats, numeric strings or "n/10". The first source that
-    names any criterion must hold all of them, each within 0-10.
+    (which also recovers JSON cut short by ``max_tokens``), the last of each.
+    JSON or a line that also appears in ``solution`` is the student's, not the
+    judge's, and is skipped. Scores may be ints, floats, numeric strings or
+    "n/10". The source chosen must hold every criterion, each within 0-10.
 
     Args:
         answer: what the provider returned.
+        solution: the student's completion the judge was shown.
 
     Returns:
         ``(criteria, rationale)``; ``criteria`` has every name in ``CRITERIA``.
@@ -231,18 +270,18 @@ def parse_scores(answer: RawAnswer) -> tuple[dict[str, float], str]:
         found = _scored(answer.data)
         if found is not None:
             return _from_dict(found, snippet)
-    text = answer.text or ""
-    for obj in _json_objects(text):
+    objects, visible = _json_objects(_unquoted(answer.text or ""), solution)
+    for obj in objects:
         found = _scored(obj)
         if found is not None:
             return _from_dict(found, snippet)
-    lines = {name: pattern.search(text) for name, pattern in _LINES.items()}
+    lines = {name: _last_line_match(pattern, visible, solution) for name, pattern in _LINES.items()}
     if any(lines.values()):
         missing = [name for name, match in lines.items() if match is None]
         if missing:
             raise UnparseableAnswer(f"teacher's answer lacks {', '.join(missing)}: {snippet}")
         criteria = {name: _unit_score(name, match.group("value"), snippet) for name, match in lines.items()}
-        rationale = _RATIONALE_LINE.search(text)
+        rationale = _RATIONALE_LINE.search(visible)
         return criteria, rationale.group(1).strip() if rationale else ""
     raise UnparseableAnswer(f"no rubric scores in the teacher's answer: {snippet}")
 

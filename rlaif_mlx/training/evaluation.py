@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from ..config import RunConfig
 from ..data.tasks import Task
-from ..rewards.graders import normalize_language
+from ..rewards.code import normalize_language
 from ..rewards.pipeline import RewardResult
 from .settings import sampling_params, task_prompt_ids
 

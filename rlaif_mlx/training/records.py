@@ -68,9 +68,10 @@ def step_record(
     rewards = rollout.rewards[np.isfinite(rollout.rewards)]
     lengths = [len(c.completion_ids) for c in rollout.completions]
     components: dict[str, list[float]] = {}
-    errors = 0
+    errors = suspect = 0
     for res in rollout.results.values():
         errors += res.error is not None and res.reward is None
+        suspect += bool(res.suspect)
         for name, value in res.components.items():
             components.setdefault(name, []).append(value)
     sample_s, score_s, reference_s, train_s, total_s = times
@@ -80,6 +81,8 @@ def step_record(
         "reward_mean": float(rewards.mean()) if rewards.size else float("nan"),
         "reward_std": float(rewards.std()) if rewards.size else float("nan"),
         **{f"reward/{k}": float(np.mean(v)) for k, v in sorted(components.items())},
+        # the share of samples whose code reaches for the grading surface (shown, never scored)
+        "reward/suspect": suspect / max(len(rollout.results), 1),
         "kl": float(kl_token),
         "kl_coef": float(kl_coef),
         "loss": stats.loss,

@@ -142,7 +142,7 @@ def build_run(
     caps = sandbox_capabilities()
     log(
         f"sandbox: {caps['mode']} (network isolated: {caps['network_isolated']}, "
-        f"read-only outside its folder: {caps['fs_readonly']})"
+        f"read-only outside its folder: {caps['fs_readonly']}, other files hidden: {caps['fs_hidden']})"
     )
     rewards = RewardPipeline(config.rewards, teacher=create_teacher(config, source=source))
     if not dist.is_main:

@@ -153,3 +153,21 @@ def test_rich_table_on_a_terminal():
     out = stream.getvalue()
     assert "rlaif-mlx doctor" in out and "teacher key" in out and "fail" in out
     assert out.rstrip().endswith("0 ok, 0 warning(s), 1 failed")
+
+
+def test_tasks_whose_tests_cannot_grade_are_reported(config_only, tmp_path, tiny_model_path, monkeypatch, capsys):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    config = write_config(tmp_path, str(tiny_model_path))
+    tasks = tmp_path / "tasks.jsonl"
+    good = {"id": "ok", "prompt": "Write f(x).", "entry_point": "f", "tests": "assert f(1) == 1"}
+    tasks.write_text(json.dumps(good) + "\n" + json.dumps({"id": "bad", "prompt": "p", "tests": "x = 1"}) + "\n")
+    assert main(["doctor", "--config", str(config)]) == 1
+    line = lines_of(capsys.readouterr().out)["train file"]
+    assert line.startswith("fail") and f"{tasks}:2: tests: tests contain no assert" in line
+
+    data = yaml.safe_load(config.read_text())
+    data["data"]["on_bad_line"] = "skip"
+    config.write_text(yaml.safe_dump(data))
+    assert main(["doctor", "--config", str(config)]) == 0
+    line = lines_of(capsys.readouterr().out)["train file"]
+    assert line.startswith("warn") and "1 bad line(s) skipped" in line and f"{tasks}:2:" in line

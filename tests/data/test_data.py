@@ -84,3 +84,31 @@ def test_chat_template_applied_when_present(tiny_model_path):
 def test_reference_completion_is_fenced():
     task = Task(id="t", prompt="p", reference="def f():\n    return 1\n\n")
     assert reference_completion_text(task) == "```python\ndef f():\n    return 1\n```"
+
+
+# ---- tests that cannot grade anything are refused when the tasks load ------------------------
+
+
+@pytest.mark.parametrize(
+    ("task", "problem"),
+    [
+        ({"prompt": "p", "entry_point": "f", "tests": "assert f(1 =="}, "tests: tests do not parse"),
+        ({"prompt": "p", "entry_point": "f", "tests": "x = f(1)\nprint(x)"}, "tests: tests contain no assert"),
+        ({"prompt": "p", "tests": "def check(candidate):\n    assert candidate(1) == 1\n"}, "no entry_point"),
+        ({"prompt": "p", "entry_point": "f; g", "tests": "assert f(1) == 1"}, "is not a Python name"),
+    ],
+    ids=["does-not-parse", "no-assert", "check-without-entry-point", "entry-point-not-a-name"],
+)
+def test_tests_that_cannot_grade_are_a_file_line_error(tmp_path, task, problem):
+    path = write_lines(tmp_path, [json.dumps({"prompt": "ok", "tests": "assert 1 == 1"}), json.dumps(task)])
+    with pytest.raises(DataError) as exc:
+        load_tasks(str(path))
+    assert str(exc.value).startswith(f"{path}:2: ") and problem in str(exc.value)
+    skipped = load_tasks(str(path), on_bad_line="skip")
+    assert len(skipped.tasks) == 1 and skipped.skipped_lines == 1
+    assert skipped.problems[0].startswith(f"{path}:2: ") and problem in skipped.problems[0]
+
+
+def test_tests_in_other_languages_are_not_parsed_as_python(tmp_path):
+    path = write_lines(tmp_path, [json.dumps({"prompt": "p", "language": "rust", "tests": "assert_eq!(f(1), 1);"})])
+    assert load_tasks(str(path)).tasks[0].tests == "assert_eq!(f(1), 1);"

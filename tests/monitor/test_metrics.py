@@ -122,9 +122,9 @@ def test_sample_rows_take_each_result_by_uid(tmp_path):
     ]
     # In another order than the completions: a lookup by position would mix them up.
     results = {
-        "u2": RewardResult(0.5, {"tests": 0.5, "judge": float("nan")}),
-        "u1": RewardResult(None, {}, "sandbox timed out"),
-        "u0": RewardResult(1.0, {"tests": 1.0, "judge": 0.9}),
+        "u2": RewardResult(0.5, {"tests": 0.5, "judge": float("nan")}, kind="failed", suspect=("walks frames",)),
+        "u1": RewardResult(None, {}, "sandbox timed out", kind="infrastructure"),
+        "u0": RewardResult(1.0, {"tests": 1.0, "judge": 0.9}, kind="passed"),
     }
     sink = SampleSink(tmp_path / "samples.jsonl", truncate_after_step=0)
     sink.write_step(1, sample_rows(tasks, completions, results))
@@ -144,6 +144,8 @@ def test_sample_rows_take_each_result_by_uid(tmp_path):
             "tests": 1.0,
             "judge": 0.9,
             "error": None,
+            "grade": "passed",
+            "suspect": [],
         },
         {
             "step": 1,
@@ -155,6 +157,8 @@ def test_sample_rows_take_each_result_by_uid(tmp_path):
             "num_tokens": 1,
             "reward": None,
             "error": "sandbox timed out",
+            "grade": "infrastructure",
+            "suspect": [],
         },
         {
             "step": 1,
@@ -168,6 +172,8 @@ def test_sample_rows_take_each_result_by_uid(tmp_path):
             "tests": 0.5,
             "judge": None,
             "error": None,
+            "grade": "failed",
+            "suspect": ["walks frames"],
         },
     ]
 
@@ -258,7 +264,8 @@ def test_a_run_writes_tensorboard_events_and_every_sample_with_its_reward(tmp_pa
     assert [r["step"] for r in records] == [1, 2, 3]
     assert [s["step"] for s in samples] == [1] * 4 + [2] * 4 + [3] * 4  # batch 2 x G 2, step 3 once
     keys = ["step", "task_id", "uid", "prompt", "completion", "finish_reason", "num_tokens", "reward", "tests", "error"]
-    assert all(list(s) == keys and s["error"] is None for s in samples)
+    keys += ["grade", "suspect"]
+    assert all(list(s) == keys and s["error"] is None and s["suspect"] == [] for s in samples)
     for s in samples:
         assert s["reward"] == s["tests"] == text_reward(s["completion"])  # this text's reward, not a neighbour's
         assert s["prompt"] == f"Write {s['task_id']}(x)." and 1 <= s["num_tokens"] <= 8
@@ -271,6 +278,6 @@ def test_a_run_writes_tensorboard_events_and_every_sample_with_its_reward(tmp_pa
     events = read_events(run / "tensorboard")
     assert [e.step for e in events if e.HasField("session_log")] == [1, 3]  # each leg purges from its first step
     shown = scalars(events)
-    assert {"reward_mean", "reward/tests", "loss", "kl", "lr"} <= set(shown)
+    assert {"reward_mean", "reward/tests", "reward/suspect", "loss", "kl", "lr"} <= set(shown)
     assert shown["reward_mean"] == pytest.approx({r["step"]: r["reward_mean"] for r in records})
     assert shown["loss"] == pytest.approx({r["step"]: r["loss"] for r in records})

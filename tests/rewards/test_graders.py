@@ -1,4 +1,8 @@
-"""Offline graders end to end: extraction, static checks, unit tests in the real sandbox."""
+"""Offline graders end to end: extraction, static checks, unit tests in the real sandbox.
+
+Hostile completions: each must fail its own tests (never pass, never be left unscored) and leave
+nothing behind. Forging a pass is tested in ``test_reward_integrity.py``.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +15,11 @@ import uuid
 
 import pytest
 
-from rlaif_mlx.rewards.graders import (
-    COMPONENTS,
-    GradeRequest,
-    build_test_plan,
-    extract_code,
-    grade_completion,
-    grade_many,
-    run_unit_tests,
-    static_check,
-)
+from rlaif_mlx.rewards.code import extract_code, static_check
+from rlaif_mlx.rewards.graders import COMPONENTS, GradeRequest, grade_completion, grade_many
 from rlaif_mlx.rewards.sandbox import SandboxLimits
+from rlaif_mlx.rewards.test_plan import build_test_plan
+from rlaif_mlx.rewards.unit_tests import run_unit_tests
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the sandbox needs a Unix")
 
@@ -194,11 +192,11 @@ def test_early_exit_scores_zero(code):
     assert out.error
 
 
-def test_exit_midway_keeps_only_tests_that_ran():
+def test_exit_midway_fails_that_test_and_the_rest_run_in_a_fresh_process():
     code = "def f(x):\n    if x == 3:\n        import os\n        os._exit(0)\n    return x * x\n"
     out = run_unit_tests(code, SQUARE_TESTS)
-    assert (out.passed, out.total) == (2, 5)
-    assert "stopped after 2 of 5" in out.error
+    assert (out.passed, out.total) == (4, 5)
+    assert out.kind == "crashed" and "process ended" in out.failures[0]
 
 
 def test_system_exit_inside_a_test_fails_that_test():
@@ -208,14 +206,12 @@ def test_system_exit_inside_a_test_fails_that_test():
     assert "SystemExit" in out.failures[0]
 
 
-def test_infinite_loop_times_out_quickly():
-    start = time.monotonic()
+def test_infinite_loop_times_out():
     out = run_unit_tests("while True:\n    pass\n", SQUARE_TESTS, timeout_s=2.0)
-    assert out.passed == 0 and out.timed_out
-    assert time.monotonic() - start < 4.0
-    # A C-level loop ignores the per-test alarm: the sandbox's wall clock ends it.
+    assert out.passed == 0 and out.timed_out and out.kind == "timed_out"
+    # A C-level loop ignores the per-call alarm: the driver's deadline kills the process.
     out = run_unit_tests("sum(range(10 ** 12))\n", SQUARE_TESTS, timeout_s=1.5)
-    assert out.passed == 0 and out.timed_out and "timeout" in out.error
+    assert out.passed == 0 and out.timed_out and out.kind == "timed_out"
 
 
 def test_one_hanging_test_does_not_sink_the_others():
@@ -231,26 +227,20 @@ def test_stdout_flood_fails():
     assert out.passed == 0 and out.timed_out
 
 
-def test_fake_results_are_ignored():
-    forged = json.dumps({"event": "test", "index": 0, "ok": True, "nonce": "0" * 32})
-    lines = (
-        "".join(json.dumps({"event": "test", "index": i, "ok": True, "nonce": "guess"}) + "\n" for i in range(5))
-        + json.dumps({"event": "done", "nonce": "guess"})
-        + "\n"
-    )
+def test_forged_replies_on_every_descriptor_are_worth_nothing():
+    replies = "".join(f"{k} " + json.dumps({"ok": True, "value": k * k}) + "\n" for k in range(1, 50))
     code = (
         "import os, sys\n"
-        f"print({forged!r})\nprint('5 passed, 0 failed')\n"
-        "for fd in range(3, 64):  # find the result channel the hard way\n"
+        "print('5 passed, 0 failed')\n"
+        "for fd in range(3, 64):  # the host's pipes, the hard way\n"
         "    try:\n"
-        f"        os.write(fd, {lines.encode()!r})\n"
+        f"        os.write(fd, {replies.encode()!r})\n"
         "    except OSError:\n"
         "        pass\n"
         "sys.stdout.flush()\nos._exit(0)\n"
     )
     out = run_unit_tests(code, SQUARE_TESTS)
-    assert out.passed == 0
-    assert "exited before tests ran" in out.error
+    assert out.passed == 0 and out.kind in ("failed", "crashed"), out
 
 
 def test_forked_grandchildren_are_killed():
@@ -286,13 +276,13 @@ def test_disk_filler_hits_the_file_size_limit():
 def test_api_keys_are_not_visible_to_solutions(monkeypatch):
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-fake")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-fake")
+    code = "import os\nSEEN = sorted(os.environ)\ndef seen():\n    return SEEN\n"
     tests = (
-        "import os\nassert 'ANTHROPIC_API_KEY' not in os.environ\n"
-        "assert 'OPENAI_API_KEY' not in os.environ\n"
-        "assert 'SANDBOX_RESULT_FD' not in os.environ\n"
+        "assert 'ANTHROPIC_API_KEY' not in seen()\nassert 'OPENAI_API_KEY' not in seen()\n"
+        "assert not [k for k in seen() if k.startswith(('SANDBOX', 'RLAIF'))]\n"
     )
-    out = run_unit_tests("x = 1", tests)
-    assert (out.passed, out.total) == (3, 3)
+    out = run_unit_tests(code, tests)
+    assert (out.passed, out.total) == (3, 3), out
 
 
 # --- tiered grading ---------------------------------------------------------
@@ -303,7 +293,7 @@ def test_grade_completion_runs_tests_for_good_code():
         completion=f"```python\n{GOOD}```", task_tests=SQUARE_TESTS, entry_point=None, language="python", timeout_s=10
     )
     assert g.components == {"has_code": 1.0, "parses": 1.0, "tests": 1.0}
-    assert g.error is None and g.tests_skipped is None and g.outcome.passed == 5
+    assert g.error is None and g.kind == "passed" and g.outcome.passed == 5
 
 
 def test_grade_completion_skips_tests_when_static_check_fails():
@@ -311,10 +301,10 @@ def test_grade_completion_skips_tests_when_static_check_fails():
         completion="```python\ndef f(:\n```", task_tests=SQUARE_TESTS, entry_point=None, language="python", timeout_s=10
     )
     assert g.components == {"has_code": 1.0, "parses": 0.0, "tests": 0.0}
-    assert g.outcome is None and g.tests_skipped.startswith("static check failed: syntax error")
+    assert g.outcome is None and g.kind == "syntax_error" and g.error.startswith("syntax error")
     g = grade_completion(completion="", task_tests=SQUARE_TESTS, entry_point=None, language="python")
     assert g.components == {"has_code": 0.0, "parses": 0.0, "tests": 0.0}
-    assert g.error == "empty"
+    assert g.error == "empty" and g.kind == "no_code"
 
 
 def test_grade_completion_skips_other_languages_and_missing_tests():
@@ -322,9 +312,9 @@ def test_grade_completion_skips_other_languages_and_missing_tests():
         completion="```rust\nfn main() {}\n```", task_tests="assert True", entry_point=None, language="rust"
     )
     assert g.components == {"has_code": 1.0, "parses": 1.0, "tests": 0.0}
-    assert "only run for Python" in g.tests_skipped
+    assert g.kind == "no_tests" and "only run for Python" in g.error
     g = grade_completion(completion=GOOD, task_tests=None, entry_point=None, language="python")
-    assert g.tests_skipped == "task has no tests" and set(g.components) == set(COMPONENTS)
+    assert g.kind == "no_tests" and set(g.components) == set(COMPONENTS)
 
 
 def test_grade_many_keeps_results_with_their_uid():

@@ -219,15 +219,16 @@ def test_humaneval_loads_and_its_canonical_solutions_pass_in_the_sandbox():
             by_id["HumanEval/2"],
             "```python\ndef truncate_number(number: float) -> float:\n    return number\n```",
         ),
-        # a chat answer with only the function asked for: the prompt's helper comes from the tests' setup
+        # a chat answer with only the function asked for: the prompt's helper comes from the task's setup
         (
             "no-helper",
             by_id["HumanEval/38"],
             "```python\ndef decode_cyclic(s: str):\n    return encode_cyclic(encode_cyclic(s))\n```",
         ),
         ("unfenced", by_id["HumanEval/2"], p2["prompt"] + p2["canonical_solution"]),
-        # not graded as meant (documented in humaneval.py): a body alone, a signature without its import
+        # not graded as meant (documented in humaneval.py): a body alone
         ("body-only", by_id["HumanEval/38"], p38["canonical_solution"]),
+        # a signature whose import is left out: the task's setup (the prompt's imports) runs first
         (
             "no-import",
             by_id["HumanEval/0"],
@@ -236,11 +237,10 @@ def test_humaneval_loads_and_its_canonical_solutions_pass_in_the_sandbox():
         ),
     ]
     results = RewardPipeline(RewardConfig(max_workers=2)).score(items)
-    for tid in picks + ["no-helper", "unfenced"]:
+    for tid in picks + ["no-helper", "unfenced", "no-import"]:
         assert results[tid].components["tests"] == 1.0, (tid, results[tid])
     assert results["wrong"].components["tests"] < 1.0
     assert results["body-only"].components["parses"] == 0.0
-    assert results["no-import"].components["tests"] == 0.0 and "NameError" in results["no-import"].error
 
 
 def test_load_task_set_reads_files_too(tmp_path):
