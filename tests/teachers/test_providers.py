@@ -14,7 +14,7 @@ import pytest
 from llm_server import DEFAULT_SCORES, LLMServer
 
 from rlaif_mlx.config import TeacherConfig
-from rlaif_mlx.teachers.base import RawAnswer, Usage
+from rlaif_mlx.teachers.base import CallFailed, RawAnswer, Usage
 from rlaif_mlx.teachers.providers import (
     TOOL_NAME,
     AnthropicClient,
@@ -71,10 +71,13 @@ def complete(client: AnthropicClient | OpenAIClient, calls: int = 1) -> RawAnswe
 
 
 def fail(client: AnthropicClient | OpenAIClient) -> BaseException:
-    """Runs one completion that must raise; returns the exception."""
-    with pytest.raises(Exception) as info:
+    """Runs one completion that must fail; returns what the SDK (or the client) raised: ``CallFailed``'s cause."""
+    with pytest.raises(CallFailed) as info:
         complete(client)
-    return info.value
+    failed, cause = info.value, info.value.__cause__
+    assert failed.description == describe_error(cause) and failed.fatal == is_fatal(cause)
+    assert KEY not in str(failed)
+    return cause
 
 
 # ----------------------------------------------------------------------------- answers
@@ -265,8 +268,8 @@ def test_server_stop_ends_hung_handlers() -> None:
     def call() -> None:
         try:
             complete(client)
-        except Exception as exc:  # noqa: BLE001 - the test checks what it was
-            raised.append(exc)
+        except CallFailed as exc:
+            raised.append(exc.__cause__)
 
     caller = threading.Thread(target=call)
     caller.start()

@@ -117,6 +117,27 @@ def test_a_call_that_keeps_failing_is_left_out_and_the_run_stops_after_three_bat
         teacher.judge(requests(2, prefix="last-"))
 
 
+@pytest.mark.parametrize("provider", ["anthropic", "openai_compatible"])
+def test_a_bug_in_the_client_propagates_instead_of_counting_as_an_api_failure(
+    llm_server, tmp_path, monkeypatch, provider
+):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "k-anthropic")
+    teacher = make(llm_server, tmp_path, provider=provider, cache_path=None)
+    sdk = teacher.client._sdk
+    endpoint = sdk.messages if provider == "anthropic" else sdk.chat.completions
+    create = endpoint.create
+
+    async def misspelled(**kwargs):  # a client that hands the real SDK an argument it does not take
+        return await create(**kwargs, max_token=5)
+
+    monkeypatch.setattr(endpoint, "create", misspelled)
+    with pytest.raises(TypeError, match="max_token"):
+        teacher.judge(requests(1))
+    assert teacher.last_batch.failures == 0 and teacher.last_batch.errors == []  # not an API failure
+    assert llm_server.count() == 0
+    teacher.close()
+
+
 def test_retries_recover_and_a_refused_key_stops_at_once(llm_server, tmp_path, monkeypatch):
     llm_server.add_fault("429", times=1, retry_after=0.2)
     teacher = make(llm_server, tmp_path, max_retries=2)
