@@ -22,7 +22,6 @@ STILL_LONG = {
     "rlaif_mlx.monitor.dashboard",
     "rlaif_mlx.rewards.graders",
     "rlaif_mlx.rewards.sandbox",
-    "rlaif_mlx.training.trainer",
 }
 
 

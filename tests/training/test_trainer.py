@@ -16,7 +16,8 @@ from rlaif_mlx.config import load_config
 from rlaif_mlx.data.tasks import Task, TaskSet
 from rlaif_mlx.monitor.metrics import read_metrics
 from rlaif_mlx.rewards.pipeline import RewardResult
-from rlaif_mlx.training.trainer import Trainer, sampled_logprobs
+from rlaif_mlx.training.records import sampled_logprobs
+from rlaif_mlx.training.trainer import Trainer
 
 REQUIRED_KEYS = {
     "step",
@@ -137,7 +138,7 @@ def test_rewards_attach_by_uid_not_by_position(tmp_path, tiny_model_path):
     table = {c.uid: float(c.prompt_index * 10 + c.sample_index) for c in completions}
     results = _FixedRewards(table).score([(c.uid, None, c.text) for c in completions])
     shuffled = dict(random.Random(0).sample(list(results.items()), len(results)))  # completion order
-    rollout = trainer.assemble(TASKS, completions, shuffled)
+    rollout = trainer.rollouts.assemble(TASKS, completions, shuffled)
     assert rollout.rewards.tolist() == [[0.0, 1.0, 2.0], [10.0, 11.0, 12.0]]
     # The token batch rows are the sampled tokens, in the same prompt-major order.
     for row, c in zip(rollout.sequences.input_ids, completions, strict=True):
@@ -153,9 +154,9 @@ def test_unscored_samples_are_left_out_of_the_update(tmp_path, tiny_model_path):
     trainer = Trainer(cfg, backend=backend, train=TaskSet(TASKS, 0, "test"), rewards=None, output_dir=tmp_path)
     completions = trainer.sample(TASKS)
     results = {c.uid: RewardResult(None if c.uid == "0-1" else float(c.sample_index), {}, "boom") for c in completions}
-    rollout = trainer.assemble(TASKS, completions, results)
+    rollout = trainer.rollouts.assemble(TASKS, completions, results)
     assert np.isnan(rollout.rewards[0, 1])
-    advantages, weights, stats = trainer.advantages(rollout)
+    advantages, weights, stats = trainer.estimator.advantages(rollout)
     assert stats["unscored"] == 1
     assert advantages[1] == 0.0 and weights[1].sum() == 0.0  # no gradient from the unscored sample
     assert weights.sum() == pytest.approx(1.0)  # token_mean over the scored samples only
