@@ -19,7 +19,6 @@ MAX_LINES = 420  # "about 400"
 STILL_LONG = {
     "rlaif_mlx.backends.mlx",
     "rlaif_mlx.backends.torch",
-    "rlaif_mlx.monitor.dashboard",
     "rlaif_mlx.rewards.graders",
     "rlaif_mlx.rewards.sandbox",
 }
