@@ -4,8 +4,9 @@ The real ``anthropic`` and ``openai`` SDKs are pointed at it (no network, no
 mocks). It answers with a settable function, can be told to fail
 (429 with Retry-After, 5xx, a body that is not JSON, no answer at all, a dropped
 connection), and records what arrived so tests can check retries, headers and
-concurrency. Concurrency is checked by a rendezvous, never by wall time:
-``hold_in_rounds(n)`` answers no request until n of its round are in flight.
+concurrency. Concurrency is checked by a rendezvous and counts, never by wall
+time: ``hold_in_rounds(n)`` answers no request until n of its round are in
+flight, and ``connections()`` counts the connections a client's pool opened.
 
 Usage::
 
@@ -73,6 +74,7 @@ class RecordedRequest:
         body: the JSON body (None when it was not JSON).
         arrived: ``time.monotonic()`` at arrival.
         fault: the fault applied to it, or None.
+        connection: the client's (host, port): one per TCP connection it opened.
     """
 
     endpoint: str
@@ -81,6 +83,7 @@ class RecordedRequest:
     body: Any
     arrived: float
     fault: Fault | None
+    connection: tuple[str, int] = ("", 0)
 
 
 class LLMServer:
@@ -241,16 +244,26 @@ class LLMServer:
         with self._lock:
             return [r.arrived for r in self.requests if endpoint in (None, r.endpoint, r.path)]
 
+    def connections(self) -> int:
+        """How many TCP connections the requests so far came on.
+
+        A client's connection pool opens a new connection only when none is idle, so
+        this is the most calls it ever had in flight at once (keep-alive reuses the rest).
+        """
+        with self._lock:
+            return len({r.connection for r in self.requests})
+
     def live_handler_threads(self) -> int:
         """Handler threads still running (0 after ``stop``)."""
         with self._lock:
             return sum(1 for t in self._handler_threads if t.is_alive())
 
     # ----- used by the handler
-    def _arrive(self, path: str, headers: dict[str, str], body: Any) -> RecordedRequest:
+    def _arrive(self, path: str, headers: dict[str, str], body: Any, connection: tuple[str, int]) -> RecordedRequest:
         with self._lock:
             fault = self._faults.popleft() if self._faults else self._sticky
-            record = RecordedRequest(ENDPOINTS.get(path, "unknown"), path, headers, body, time.monotonic(), fault)
+            endpoint = ENDPOINTS.get(path, "unknown")
+            record = RecordedRequest(endpoint, path, headers, body, time.monotonic(), fault, connection)
             self.requests.append(record)
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
@@ -311,7 +324,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             body = None
         headers = {k.lower(): v for k, v in self.headers.items()}
-        record = owner._arrive(self.path, headers, body)
+        record = owner._arrive(self.path, headers, body, tuple(self.client_address[:2]))
         try:
             owner._hold()
             self._respond(owner, record)

@@ -163,7 +163,7 @@ def test_requests_run_concurrently(llm_server: LLMServer) -> None:
             await client.close()
 
     assert all(a.data == DEFAULT_SCORES for a in asyncio.run(go()))
-    assert llm_server.rounds_timed_out == 0 and llm_server.max_in_flight == 4
+    assert llm_server.rounds_timed_out == 0 and llm_server.max_in_flight == llm_server.connections() == 4
 
 
 # ----------------------------------------------------------------------------- retries and failures

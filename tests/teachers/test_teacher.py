@@ -58,13 +58,14 @@ def test_each_provider_scores_through_the_rubric(llm_server, tmp_path, monkeypat
 
 @pytest.mark.parametrize("limit", [4, 8])
 def test_requests_run_concurrently_up_to_the_limit(llm_server, tmp_path, limit):
-    # No timing: the server answers in rounds of `limit` requests, each round answered only once all of
-    # it is in flight. One at a time would never fill a round; more than `limit` would raise max_in_flight.
+    # No timing: the server answers in rounds of `limit` requests, each round only once all of it is in
+    # flight, so fewer at a time would never fill a round. More at a time would open more connections: the
+    # SDK's pool opens one only when none is idle, and every call of the first round is sent before any answer.
     teacher = make(llm_server, tmp_path, max_concurrency=limit, cache_path=None, timeout_s=60)
     llm_server.hold_in_rounds(limit)
     got = teacher.judge(requests(16))
     assert llm_server.rounds_timed_out == 0
-    assert llm_server.max_in_flight == limit and llm_server.count() == 16
+    assert llm_server.max_in_flight == limit and llm_server.connections() == limit and llm_server.count() == 16
     assert all(j.score == pytest.approx(EXPECTED) for j in got.values())
     teacher.close()
 
