@@ -1,10 +1,12 @@
 """A local HTTP server that speaks the Anthropic Messages and OpenAI Chat Completions wire formats.
 
 The real ``anthropic`` and ``openai`` SDKs are pointed at it (no network, no
-mocks). It answers with a settable function, can be told to be slow or to fail
+mocks). It answers with a settable function, can be told to fail
 (429 with Retry-After, 5xx, a body that is not JSON, no answer at all, a dropped
 connection), and records what arrived so tests can check retries, headers and
-concurrency.
+concurrency. Concurrency is checked by a rendezvous and counts, never by wall
+time: ``hold_in_rounds(n)`` answers no request until n of its round are in
+flight, and ``connections()`` counts the connections a client's pool opened.
 
 Usage::
 
@@ -72,6 +74,7 @@ class RecordedRequest:
         body: the JSON body (None when it was not JSON).
         arrived: ``time.monotonic()`` at arrival.
         fault: the fault applied to it, or None.
+        connection: the client's (host, port): one per TCP connection it opened.
     """
 
     endpoint: str
@@ -80,6 +83,7 @@ class RecordedRequest:
     body: Any
     arrived: float
     fault: Fault | None
+    connection: tuple[str, int] = ("", 0)
 
 
 class LLMServer:
@@ -89,28 +93,33 @@ class LLMServer:
         answer: ``callable(request_json) -> dict | str``; a dict becomes the tool
             input (Anthropic, when the request has tools) or the JSON content
             (OpenAI); a str is sent as plain text.
-        latency_s: sleep before each answer.
         reject_response_format: answer 400 to OpenAI requests carrying
             ``response_format`` (a local server without JSON-schema support).
         input_tokens, output_tokens: the usage figures each answer reports.
         include_usage: leave ``usage`` out of OpenAI answers when False.
         requests: every request so far, in arrival order.
         max_in_flight: the most requests being handled at once.
+        rounds_timed_out: rounds of ``hold_in_rounds`` that never filled (a test asserts 0).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.answer: Callable[[dict[str, Any]], dict[str, Any] | str] = default_answer
-        self.latency_s = 0.0
         self.reject_response_format = False
         self.input_tokens = 120
         self.output_tokens = 30
         self.include_usage = True
         self.requests: list[RecordedRequest] = []
         self.max_in_flight = 0
+        self.rounds_timed_out = 0
         self._in_flight = 0
+        self._round_size: int | None = None
+        self._round_timeout_s = 0.0
+        self._held = 0  # requests that have joined a round since ``hold_in_rounds``
+        self._rounds: dict[int, threading.Event] = {}
         self._faults: deque[Fault] = deque()
         self._sticky: Fault | None = None
         self._lock = threading.Lock()
+        self._arrival = threading.Condition(self._lock)  # notified as each request arrives
         self._stopping = threading.Event()
         self._connections: set[socket.socket] = set()
         self._handler_threads: set[threading.Thread] = set()
@@ -142,8 +151,12 @@ class LLMServer:
         return self
 
     def stop(self) -> None:
-        """Stops serving; wakes hung and sleeping handlers and waits for every handler thread to end."""
+        """Stops serving; wakes hung and held handlers and waits for every handler thread to end."""
         self._stopping.set()
+        with self._lock:
+            for released in self._rounds.values():
+                released.set()
+            self._arrival.notify_all()
         self._httpd.shutdown()
         with self._lock:
             connections = list(self._connections)
@@ -197,6 +210,29 @@ class LLMServer:
             self._faults.clear()
             self._sticky = None
 
+    # ----- rendezvous
+    def hold_in_rounds(self, size: int, *, timeout_s: float = 30.0) -> None:
+        """From now on, requests are answered in rounds of ``size``: each waits until ``size`` have arrived.
+
+        The k-th request from now on belongs to round ``k // size``. A client that
+        keeps at most ``size`` calls in flight fills each round exactly; one that
+        keeps fewer never fills one, and the round gives up after ``timeout_s``
+        (counted in ``rounds_timed_out``, then answered) so the test fails
+        instead of hanging.
+
+        Args:
+            size: requests per round.
+            timeout_s: how long a round waits to fill.
+        """
+        with self._lock:
+            self._round_size, self._round_timeout_s = size, timeout_s
+            self._held, self._rounds = 0, {}
+
+    def wait_for_requests(self, count: int, *, timeout_s: float = 30.0) -> bool:
+        """Blocks until ``count`` requests have arrived (True), or ``timeout_s`` passed (False)."""
+        with self._arrival:
+            return self._arrival.wait_for(lambda: len(self.requests) >= count, timeout=timeout_s)
+
     # ----- counters
     def count(self, endpoint: str | None = None) -> int:
         """Requests so far: all, or those to one endpoint ("anthropic", "openai" or a path)."""
@@ -208,20 +244,47 @@ class LLMServer:
         with self._lock:
             return [r.arrived for r in self.requests if endpoint in (None, r.endpoint, r.path)]
 
+    def connections(self) -> int:
+        """How many TCP connections the requests so far came on.
+
+        A client's connection pool opens a new connection only when none is idle, so
+        this is the most calls it ever had in flight at once (keep-alive reuses the rest).
+        """
+        with self._lock:
+            return len({r.connection for r in self.requests})
+
     def live_handler_threads(self) -> int:
         """Handler threads still running (0 after ``stop``)."""
         with self._lock:
             return sum(1 for t in self._handler_threads if t.is_alive())
 
     # ----- used by the handler
-    def _arrive(self, path: str, headers: dict[str, str], body: Any) -> RecordedRequest:
+    def _arrive(self, path: str, headers: dict[str, str], body: Any, connection: tuple[str, int]) -> RecordedRequest:
         with self._lock:
             fault = self._faults.popleft() if self._faults else self._sticky
-            record = RecordedRequest(ENDPOINTS.get(path, "unknown"), path, headers, body, time.monotonic(), fault)
+            endpoint = ENDPOINTS.get(path, "unknown")
+            record = RecordedRequest(endpoint, path, headers, body, time.monotonic(), fault, connection)
             self.requests.append(record)
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
-            return record
+            self._arrival.notify_all()
+        return record
+
+    def _hold(self) -> None:
+        """Waits for this request's round to fill (``hold_in_rounds``); returns at once when not holding."""
+        with self._lock:
+            if self._round_size is None:
+                return
+            number, self._held = self._held, self._held + 1
+            released = self._rounds.setdefault(number // self._round_size, threading.Event())
+            if number % self._round_size == self._round_size - 1 or self._stopping.is_set():
+                released.set()  # the round is full: every request in it goes on
+            timeout_s = self._round_timeout_s
+        if not released.wait(timeout_s):
+            with self._lock:
+                if not released.is_set():
+                    self.rounds_timed_out += 1
+                    released.set()  # answer the rest of this round too: one failure is enough
 
     def _leave(self) -> None:
         with self._lock:
@@ -261,10 +324,9 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             body = None
         headers = {k.lower(): v for k, v in self.headers.items()}
-        record = owner._arrive(self.path, headers, body)
+        record = owner._arrive(self.path, headers, body, tuple(self.client_address[:2]))
         try:
-            if owner.latency_s > 0:
-                owner._stopping.wait(owner.latency_s)
+            owner._hold()
             self._respond(owner, record)
         finally:
             owner._leave()

@@ -27,8 +27,10 @@ def test_import_and_help_without_frameworks():
     result = run_blocked("""
         import rlaif_mlx, rlaif_mlx.config, rlaif_mlx.rewards.pipeline
         import rlaif_mlx.training.setup, rlaif_mlx.training.trainer
+        import rlaif_mlx.teachers.judge, rlaif_mlx.teachers.providers
         from rlaif_mlx.cli import main
         assert not any(m.split(".")[0] in {"torch", "mlx", "transformers"} for m in sys.modules)
+        assert not any(m.split(".")[0] in {"anthropic", "openai"} for m in sys.modules)  # SDKs: when a client is built
         try:
             main(["--help"])
         except SystemExit as e:

@@ -14,6 +14,7 @@ import importlib.metadata
 import os
 import platform
 import re
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,7 +244,7 @@ def _sandbox() -> Check:
 
     try:
         caps = sandbox_capabilities()
-    except Exception as exc:  # probing starts subprocesses; report, never crash
+    except (OSError, subprocess.SubprocessError) as exc:  # probing starts subprocesses in temp folders
         return Check(
             "sandbox",
             FAIL,
@@ -309,11 +310,11 @@ def _in_hub_cache(repo_id: str) -> bool | None:
     """Whether the hub model's config.json is in the local cache; None if that cannot be told."""
     try:
         from huggingface_hub import try_to_load_from_cache
-    except Exception:
+    except ImportError:
         return None
     try:
         return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:  # an id the hub would reject is not cached either
+    except (ValueError, OSError):  # an id the hub rejects (HFValidationError), an unreadable cache: not usable
         return False
 
 

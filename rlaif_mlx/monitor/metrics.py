@@ -173,6 +173,25 @@ class MetricsSinks:
         self.tensorboard = tensorboard
         self.samples = samples
 
+    @classmethod
+    def open(cls, output_dir: Path, *, after_step: int, tensorboard: bool, samples: bool) -> MetricsSinks:
+        """A run's sinks in ``output_dir``, dropping what they hold of steps after ``after_step``.
+
+        Args:
+            output_dir: the run's folder.
+            after_step: the step the run starts from (0 for a fresh run, the restored step for a resumed one).
+            tensorboard: also write TensorBoard event files (``logging.tensorboard``).
+            samples: also write ``samples.jsonl`` (``logging.save_samples``).
+        """
+        out = Path(output_dir)
+        return cls(
+            JsonlSink(out / "metrics.jsonl", truncate_after_step=after_step),
+            # Purge from the first step this run writes, as metrics.jsonl is truncated: TensorBoard
+            # then hides what an earlier run in this folder wrote from that step on.
+            tensorboard=TensorBoardSink(out / "tensorboard", purge_step=after_step + 1) if tensorboard else None,
+            samples=SampleSink(out / "samples.jsonl", truncate_after_step=after_step) if samples else None,
+        )
+
     def write(self, record: dict[str, Any]) -> None:
         """Writes one step's record to ``metrics.jsonl`` and, when enabled, TensorBoard."""
         self.jsonl.write(record)

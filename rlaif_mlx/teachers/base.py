@@ -90,12 +90,29 @@ class Judgement:
     rationale: str = ""
 
 
+class CallFailed(RuntimeError):
+    """One API call failed for good: the API refused or broke, the connection or the clock gave out,
+    or the answer was not what the API promises. The judge counts it; anything else is a bug and propagates.
+
+    The provider's own exception is the ``__cause__``.
+
+    Attributes:
+        description: what went wrong in a line, for logs and metrics (never the key).
+        fatal: retrying later cannot help (the key was refused, the model or endpoint does not exist).
+    """
+
+    def __init__(self, description: str, *, fatal: bool = False) -> None:
+        super().__init__(description)
+        self.description = description
+        self.fatal = fatal
+
+
 class TeacherClient(Protocol):
     """One provider's async client. Implementations: ``providers.py``.
 
     ``complete`` makes one API call (the SDK retries 429 / 5xx / timeouts /
     connection errors with its own backoff, up to ``max_retries``) and raises
-    the SDK's exception when the call finally fails.
+    ``CallFailed`` when the call finally fails; any other exception is a bug.
     """
 
     provider: str  # "anthropic" | "openai" | "openai_compatible"

@@ -18,6 +18,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,14 +101,16 @@ class ScoreCache:
     Args:
         path: the SQLite file (``~`` expanded, parent folders created), or None for no cache.
         ttl_s: entries older than this many seconds are ignored; None keeps them forever.
+        clock: seconds since the epoch, for entries' timestamps and their age (tests pass their own).
 
     Raises:
         ScoreCacheError: the file exists but is not a usable SQLite database.
     """
 
-    def __init__(self, path: str | Path | None, *, ttl_s: float | None) -> None:
+    def __init__(self, path: str | Path | None, *, ttl_s: float | None, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path).expanduser() if path is not None else None
         self.ttl_s = ttl_s
+        self.clock = clock
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         if self.path is None:
@@ -156,7 +159,7 @@ class ScoreCache:
         if row is None:
             return None
         value, created = row
-        if self.ttl_s is not None and time.time() - created > self.ttl_s:
+        if self.ttl_s is not None and self.clock() - created > self.ttl_s:
             return None
         try:
             decoded = json.loads(value)
@@ -176,7 +179,7 @@ class ScoreCache:
         if self.path is None:
             return
         encoded = json.dumps(value, sort_keys=True, ensure_ascii=False)
-        stamp = time.time() if created is None else float(created)
+        stamp = self.clock() if created is None else float(created)
         with self._lock:
             self._connection().execute(
                 "INSERT OR REPLACE INTO entries (key, kind, value, created) VALUES (?, ?, ?, ?)",

@@ -22,7 +22,7 @@ from typing import Any
 
 from rlaif_mlx.config import TeacherConfig
 from rlaif_mlx.teachers import cost, rubric
-from rlaif_mlx.teachers.base import Judgement, JudgeRequest, TeacherClient, Usage
+from rlaif_mlx.teachers.base import CallFailed, Judgement, JudgeRequest, TeacherClient, Usage
 from rlaif_mlx.teachers.cache import ScoreCache, judgement_key, reference_key
 
 STOP_AFTER_FAILED_BATCHES = 3  # batches in a row in which every API call failed
@@ -77,8 +77,6 @@ class Teacher:
 
         self.config = config
         self.client = client if client is not None else providers.create_client(config)
-        self._describe = providers.describe_error
-        self._fatal = providers.is_fatal
         self.cache = ScoreCache(config.cache_path, ttl_s=config.cache_ttl_s) if config.cache_path else None
         self.ledger = cost.CostLedger(
             price=cost.price_for(config.provider, config.model, config.prices), budget_usd=config.budget_usd
@@ -189,15 +187,14 @@ class Teacher:
                 answer = await self.client.complete(
                     system=system, user=user, schema=schema, max_tokens=self.config.max_tokens
                 )
-            except Exception as exc:  # the SDK already retried what is worth retrying
+            except CallFailed as exc:  # the SDK already retried what is worth retrying; anything else is a bug
                 latency = time.perf_counter() - started
                 stats.latencies_s.append(latency)
                 stats.failures += 1
-                error = self._describe(exc)
-                stats.errors.append(error)
-                if self._fatal(exc):
-                    raise TeacherUnavailable(f"teacher {self.name}: {error}") from None
-                return None, error, latency
+                stats.errors.append(exc.description)
+                if exc.fatal:
+                    raise TeacherUnavailable(f"teacher {self.name}: {exc.description}") from None
+                return None, exc.description, latency
             finally:
                 self._in_flight_usd -= reserve
             latency = time.perf_counter() - started

@@ -6,6 +6,10 @@ OpenAI-compatible local servers (``base_url``), which may not support the
 schema: then it falls back to plain JSON text once and remembers. Retries,
 backoff (``Retry-After`` honoured) and timeouts are the SDKs' own.
 
+A call that fails for good raises ``base.CallFailed`` (its cause: the SDK's
+``APIError``, a ``MalformedResponse`` or a timeout), which the judge counts;
+any other exception is a bug in our code or the SDK's and propagates.
+
 API keys are read from the environment by ``create_client`` and handed straight
 to the SDK: they are never kept on our objects, logged, or put in our errors.
 The SDKs are imported when a client is built, not when this module is.
@@ -13,13 +17,15 @@ The SDKs are imported when a client is built, not when this module is.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from rlaif_mlx.config import TeacherConfig
-from rlaif_mlx.teachers.base import RawAnswer, TeacherClient, Usage
+from rlaif_mlx.teachers.base import CallFailed, RawAnswer, TeacherClient, Usage
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,18 @@ class MissingApiKey(ValueError):
 
 class MalformedResponse(RuntimeError):
     """The API answered 200 with a body that is not the JSON the SDK expects."""
+
+
+_T = TypeVar("_T")
+_TIMEOUTS = (TimeoutError, asyncio.TimeoutError)  # one class from Python 3.11 on
+
+
+async def _failures_as_call_failed(call: Awaitable[_T], expected: tuple[type[BaseException], ...]) -> _T:
+    """Awaits ``call``; what a failed call raises (``expected``) becomes ``CallFailed``, the rest propagates."""
+    try:
+        return await call
+    except expected as exc:
+        raise CallFailed(describe_error(exc), fatal=is_fatal(exc)) from exc
 
 
 class AnthropicClient:
@@ -72,6 +90,8 @@ class AnthropicClient:
         self._sdk = anthropic.AsyncAnthropic(
             api_key=api_key, base_url=base_url, timeout=timeout_s, max_retries=max_retries
         )
+        # APIError covers the SDK's status, connection and timeout errors.
+        self._call_errors = (anthropic.APIError, MalformedResponse, *_TIMEOUTS)
 
     def __repr__(self) -> str:
         return f"AnthropicClient(model={self.model!r}, base_url={self.base_url!r})"
@@ -90,9 +110,12 @@ class AnthropicClient:
             text blocks joined, and the usage the API reported.
 
         Raises:
-            anthropic.APIError: the call failed after the SDK's retries.
-            MalformedResponse: a 200 whose body is not a Messages answer.
+            CallFailed: the call failed after the SDK's retries (``anthropic.APIError``),
+                or a 200 whose body is not a Messages answer (``MalformedResponse``).
         """
+        return await _failures_as_call_failed(self._complete(system, user, schema, max_tokens), self._call_errors)
+
+    async def _complete(self, system: str, user: str, schema: dict[str, Any], max_tokens: int) -> RawAnswer:
         tool = {
             "name": TOOL_NAME,
             "description": "Submit the rubric scores for the completion.",
@@ -175,6 +198,9 @@ class OpenAIClient:
         self.structured = structured
         self.supports_response_format = True
         self._sdk = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout_s, max_retries=max_retries)
+        # APIError covers the SDK's status, connection and timeout errors.
+        self._call_errors = (openai.APIError, MalformedResponse, *_TIMEOUTS)
+        self._refusals = (openai.BadRequestError, openai.UnprocessableEntityError)  # 400 / 422
 
     def __repr__(self) -> str:
         return (
@@ -196,9 +222,12 @@ class OpenAIClient:
             the content as ``text``, and the usage the API reported (0 where absent).
 
         Raises:
-            openai.APIError: the call failed after the SDK's retries.
-            MalformedResponse: a 200 whose body is not a Chat Completions answer.
+            CallFailed: the call failed after the SDK's retries (``openai.APIError``),
+                or a 200 whose body is not a Chat Completions answer (``MalformedResponse``).
         """
+        return await _failures_as_call_failed(self._complete(system, user, schema, max_tokens), self._call_errors)
+
+    async def _complete(self, system: str, user: str, schema: dict[str, Any], max_tokens: int) -> RawAnswer:
         kwargs: dict[str, Any] = {
             "model": self.model,
             "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
@@ -214,7 +243,7 @@ class OpenAIClient:
             }
             try:
                 completion = await self._create(response_format=response_format, **kwargs)
-            except Exception as exc:
+            except self._refusals as exc:
                 if not (self.provider == "openai_compatible" and _refuses_response_format(exc)):
                     raise
                 self.supports_response_format = False
@@ -318,7 +347,7 @@ def describe_error(exc: BaseException) -> str:
     """A short line saying what went wrong with a call, for logs and metrics (never the key).
 
     Args:
-        exc: what ``complete`` raised.
+        exc: what the SDK or the client raised for a failed call (``CallFailed``'s cause).
 
     Returns:
         e.g. ``rate limited (429) after 3 retries``, ``server error 500 after 1 retry``,
@@ -328,7 +357,7 @@ def describe_error(exc: BaseException) -> str:
     retries = _retries_taken(exc)
     if isinstance(exc, (MalformedResponse, json.JSONDecodeError)) or "APIResponseValidationError" in names:
         return "malformed response (not JSON)"
-    if "APITimeoutError" in names:
+    if "APITimeoutError" in names or isinstance(exc, _TIMEOUTS):
         timeout = None
         request = getattr(exc, "request", None)
         if request is not None:

@@ -1,6 +1,7 @@
 """A step's records: the rollout (samples with everything attached) and what is logged of it.
 
-``Rollout`` travels through the step; ``step_record`` turns it, the update's
+``Rollout`` travels through the step (its policy log-probs are those recorded
+while sampling, laid out by ``sampled_logprobs``); ``step_record`` turns it, the update's
 statistics and the timings into the flat metrics record that ``metrics.jsonl``,
 TensorBoard and the reporters show; ``extreme_samples`` picks the best and worst
 scored completions for display.
@@ -104,6 +105,15 @@ def step_record(
         "tokens_per_second": float(sum(lengths) / max(sample_s, 1e-9)),
         **(teacher or {}),
     }
+
+
+def sampled_logprobs(completions: list[Completion], sequences: SequenceBatch) -> np.ndarray:
+    """The log-probs recorded while sampling, laid out as ``[N, T-1]`` like ``Backend.logprobs``."""
+    out = np.zeros(sequences.loss_mask.shape, dtype=np.float32)
+    for i, c in enumerate(completions):
+        start = len(c.prompt_ids) - 1
+        out[i, start : start + len(c.logprobs)] = c.logprobs
+    return out
 
 
 def extreme_samples(rollout: Rollout) -> tuple[SampleView | None, SampleView | None]:

@@ -2,13 +2,15 @@
 
 One place turns the config into prompt token ids and into sampling parameters,
 so a sample printed by ``sample`` or scored by ``eval`` is drawn exactly as the
-trainer draws it.
+trainer draws it; ``prompt_seed`` gives each training prompt its own seed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from ..backends.base import SamplingParams
 from ..config import DataConfig, RlaifConfig
@@ -57,3 +59,12 @@ def sampling_params(
         stop=tuple(rlaif.stop),
         seed=seed,
     )
+
+
+def prompt_seed(seed: int, step: int, index: int) -> int:
+    """The sampling seed of the prompt at ``index`` of step ``step``'s batch (63 bits, well mixed).
+
+    Reproducible, different every step, and the same whichever process samples the prompt.
+    """
+    state = np.random.SeedSequence([seed % 2**63, step, index]).generate_state(1, np.uint64)[0]
+    return int(state >> np.uint64(1))

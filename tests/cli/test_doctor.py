@@ -117,12 +117,48 @@ def test_an_invalid_config_and_an_unwritable_output_dir_fail(config_only, tmp_pa
     assert found["teacher"].startswith("ok") and "teacher key" not in found
 
 
-def test_machine_checks_report_backends_versions_and_sandbox(capsys):
-    assert main(["doctor"]) in (0, 1)
+ISOLATED = {"mode": "namespaces", "network_isolated": True, "fs_readonly": True}
+
+
+@pytest.fixture
+def this_machine(monkeypatch):
+    """The machine's probes answer fixed values: torch with one GPU, no MLX, a fully isolated sandbox."""
+    from rlaif_mlx.backends import formats
+    from rlaif_mlx.rewards import sandbox
+
+    monkeypatch.setattr(doctor.backends, "frameworks_installed", lambda name: name == "torch")
+    monkeypatch.setattr(formats, "torch_devices", lambda: ["cuda:0 NVIDIA H100"])
+    monkeypatch.setattr(sandbox, "sandbox_capabilities", lambda: dict(ISOLATED))
+    return sandbox
+
+
+def test_machine_checks_report_backends_versions_and_sandbox(this_machine, capsys):
+    assert main(["doctor"]) == 0  # MLX missing is a warning while torch can train
     found = lines_of(capsys.readouterr().out)
-    assert {"python", "backend torch", "backend mlx", "anthropic", "openai", "rich", "sandbox"} <= set(found)
-    if found["backend torch"].startswith("ok"):
-        assert "transformers" in found["backend torch"] and "devices torch" in found
+    assert {"python", "system", "backend torch", "devices torch", "backend mlx", "anthropic", "openai", "rich"} | {
+        "sandbox"
+    } == set(found)
+    assert found["backend torch"].startswith("ok") and "transformers" in found["backend torch"]
+    assert found["devices torch"].split() == ["ok", "devices", "torch", "cuda:0", "NVIDIA", "H100"]
+    assert found["backend mlx"].startswith("warn") and "not installed" in found["backend mlx"]
+    assert found["sandbox"].split("  ")[-1] == "namespaces (network isolated: True, read-only outside its folder: True)"
+
+
+def test_a_sandbox_that_cannot_start_is_a_failed_check(this_machine, monkeypatch, capsys):
+    def cannot_start():
+        raise PermissionError("[Errno 13] Permission denied: 'unshare'")
+
+    monkeypatch.setattr(this_machine, "sandbox_capabilities", cannot_start)
+    assert main(["doctor"]) == 1
+    line = lines_of(capsys.readouterr().out)["sandbox"]
+    assert line.startswith("fail") and "cannot start the sandbox: [Errno 13] Permission denied" in line
+
+    def broken():  # a bug in the probe is not "cannot start": it propagates
+        raise TypeError("unexpected keyword")
+
+    monkeypatch.setattr(this_machine, "sandbox_capabilities", broken)
+    with pytest.raises(TypeError):
+        doctor.environment_checks()
 
 
 def test_a_missing_or_broken_framework_is_reported_not_raised(monkeypatch):

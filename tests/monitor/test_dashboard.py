@@ -11,7 +11,8 @@ import io
 import pytest
 from rich.console import Console
 
-from rlaif_mlx.monitor.dashboard import Dashboard, make_reporter, render_frame, sparkline
+from rlaif_mlx.monitor.dashboard import Dashboard, make_reporter, render_frame
+from rlaif_mlx.monitor.panels import sparkline
 from rlaif_mlx.monitor.reporting import PlainReporter, RunHeader, SampleView
 
 HEADER = RunHeader(

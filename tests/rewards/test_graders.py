@@ -36,8 +36,8 @@ assert f(5) == 25
 GOOD = "def f(x):\n    return x * x\n"
 
 
-def _wait_gone(marker: str, within_s: float = 2.0) -> list[int]:
-    """Host pids still alive whose command line contains ``marker``, after a short wait."""
+def _wait_gone(marker: str, within_s: float = 30.0) -> list[int]:
+    """Host pids still alive whose command line contains ``marker``, once they are gone or ``within_s`` passed."""
     deadline = time.monotonic() + within_s
     while True:
         if os.path.isdir("/proc"):
@@ -206,17 +206,20 @@ def test_system_exit_inside_a_test_fails_that_test():
     assert "SystemExit" in out.failures[0]
 
 
-def test_infinite_loop_times_out():
-    out = run_unit_tests("while True:\n    pass\n", SQUARE_TESTS, timeout_s=2.0)
+def test_an_infinite_loop_is_ended_by_the_per_test_alarm_or_the_drivers_deadline():
+    # A Python loop: the solution process's own alarm stops it within the per-test budget.
+    out = run_unit_tests("while True:\n    pass\n", SQUARE_TESTS, timeout_s=60, per_test_timeout_s=1)
     assert out.passed == 0 and out.timed_out and out.kind == "timed_out"
-    # A C-level loop ignores the per-call alarm: the driver's deadline kills the process.
-    out = run_unit_tests("sum(range(10 ** 12))\n", SQUARE_TESTS, timeout_s=1.5)
+    assert out.error == "solution failed to load: timed out"
+    # A C-level loop ignores that alarm: the driver's deadline kills the process.
+    out = run_unit_tests("sum(range(10 ** 12))\n", SQUARE_TESTS, timeout_s=60, per_test_timeout_s=1)
     assert out.passed == 0 and out.timed_out and out.kind == "timed_out"
+    assert out.error == "solution failed to load: timed out"
 
 
 def test_one_hanging_test_does_not_sink_the_others():
     code = "def f(x):\n    while x == 2:\n        pass\n    return x * x\n"
-    out = run_unit_tests(code, SQUARE_TESTS, timeout_s=4.0, per_test_timeout_s=0.5)
+    out = run_unit_tests(code, SQUARE_TESTS, timeout_s=60, per_test_timeout_s=0.5)  # the wall clock never bites
     assert (out.passed, out.total) == (4, 5) and out.timed_out
     assert "timed out" in out.failures[0]
 

@@ -88,19 +88,19 @@ def test_home_is_expanded(tmp_path, monkeypatch):
 
 
 def test_ttl(tmp_path):
-    with ScoreCache(tmp_path / "c.sqlite", ttl_s=3600) as cache:
-        cache.put("old", "judgement", {"score": 0.1}, created=time.time() - 7200)
+    now = [1_000_000.0]
+    with ScoreCache(tmp_path / "c.sqlite", ttl_s=3600, clock=lambda: now[0]) as cache:
+        cache.put("old", "judgement", {"score": 0.1}, created=now[0] - 7200)
         cache.put("new", "judgement", {"score": 0.2})
         assert cache.get("old") is None
         assert cache.get("new") == {"score": 0.2}
         assert cache.stats() == 2  # expired entries are ignored, not an error
+        now[0] += 3600  # exactly the TTL old: still fresh
+        assert cache.get("new") == {"score": 0.2}
+        now[0] += 0.001  # past it
+        assert cache.get("new") is None
     with ScoreCache(tmp_path / "c.sqlite", ttl_s=None) as forever:
-        assert forever.get("old") == {"score": 0.1}
-    with ScoreCache(tmp_path / "short.sqlite", ttl_s=0.1) as short:
-        short.put("k", "judgement", {"score": 1.0})
-        assert short.get("k") == {"score": 1.0}
-        time.sleep(0.2)
-        assert short.get("k") is None
+        assert forever.get("old") == {"score": 0.1} and forever.get("new") == {"score": 0.2}
 
 
 def test_disabled_cache_stores_nothing(tmp_path):

@@ -6,8 +6,6 @@ on 127.0.0.1; the cache is a real SQLite file; graders run in the real sandbox.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from llm_server import DEFAULT_SCORES
 
@@ -60,17 +58,15 @@ def test_each_provider_scores_through_the_rubric(llm_server, tmp_path, monkeypat
 
 @pytest.mark.parametrize("limit", [4, 8])
 def test_requests_run_concurrently_up_to_the_limit(llm_server, tmp_path, limit):
-    teacher = make(llm_server, tmp_path, max_concurrency=limit, cache_path=None)
-    teacher.judge(requests(1, prefix="warm-up"))  # the SDK's first call sets up its client: not what we time
-    llm_server.max_in_flight = 0
-    llm_server.latency_s = 0.4
-    started = time.perf_counter()
+    # No timing: the server answers in rounds of `limit` requests, each round only once all of it is in
+    # flight, so fewer at a time would never fill a round. More at a time would open more connections: the
+    # SDK's pool opens one only when none is idle, and every call of the first round is sent before any answer.
+    teacher = make(llm_server, tmp_path, max_concurrency=limit, cache_path=None, timeout_s=60)
+    llm_server.hold_in_rounds(limit)
     got = teacher.judge(requests(16))
-    wall = time.perf_counter() - started
-    rounds = 16 // limit  # ceil(N / max_concurrency) x latency, not N x latency (6.4 s)
-    assert llm_server.max_in_flight == limit
-    assert rounds * 0.4 <= wall < rounds * 0.4 + 0.8, wall
-    assert all(j.score is not None for j in got.values())
+    assert llm_server.rounds_timed_out == 0
+    assert llm_server.max_in_flight == limit and llm_server.connections() == limit and llm_server.count() == 16
+    assert all(j.score == pytest.approx(EXPECTED) for j in got.values())
     teacher.close()
 
 
@@ -122,6 +118,27 @@ def test_a_call_that_keeps_failing_is_left_out_and_the_run_stops_after_three_bat
         teacher.judge(requests(2, prefix="last-"))
 
 
+@pytest.mark.parametrize("provider", ["anthropic", "openai_compatible"])
+def test_a_bug_in_the_client_propagates_instead_of_counting_as_an_api_failure(
+    llm_server, tmp_path, monkeypatch, provider
+):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "k-anthropic")
+    teacher = make(llm_server, tmp_path, provider=provider, cache_path=None)
+    sdk = teacher.client._sdk
+    endpoint = sdk.messages if provider == "anthropic" else sdk.chat.completions
+    create = endpoint.create
+
+    async def misspelled(**kwargs):  # a client that hands the real SDK an argument it does not take
+        return await create(**kwargs, max_token=5)
+
+    monkeypatch.setattr(endpoint, "create", misspelled)
+    with pytest.raises(TypeError, match="max_token"):
+        teacher.judge(requests(1))
+    assert teacher.last_batch.failures == 0 and teacher.last_batch.errors == []  # not an API failure
+    assert llm_server.count() == 0
+    teacher.close()
+
+
 def test_retries_recover_and_a_refused_key_stops_at_once(llm_server, tmp_path, monkeypatch):
     llm_server.add_fault("429", times=1, retry_after=0.2)
     teacher = make(llm_server, tmp_path, max_retries=2)
@@ -139,7 +156,6 @@ def test_retries_recover_and_a_refused_key_stops_at_once(llm_server, tmp_path, m
 def test_the_budget_stops_before_overspending_and_keeps_what_was_paid(llm_server, tmp_path, concurrency):
     # 600 input + 100 output tokens at $1000 / Mtok each: $0.70 per call
     llm_server.input_tokens, llm_server.output_tokens = 600, 100
-    llm_server.latency_s = 0.1
     prices = {"input": 1000, "output": 1000}
     teacher = make(llm_server, tmp_path, prices=prices, budget_usd=2.5, max_concurrency=concurrency)
     with pytest.raises(BudgetExceeded, match=r"teacher budget reached: \$\d\.\d\d spent of \$2\.50") as stop:
@@ -147,9 +163,10 @@ def test_the_budget_stops_before_overspending_and_keeps_what_was_paid(llm_server
     paid = teacher.ledger.calls
     assert llm_server.count() == paid
     assert teacher.ledger.spent_usd == pytest.approx(0.7 * paid) and teacher.ledger.spent_usd <= 2.5
-    # One at a time, 3 calls fit ($2.10; a 4th would pass $2.50). Concurrent calls reserve
-    # their expected cost before they are paid, so the run stops earlier rather than overspend.
-    assert paid == 3 if concurrency == 1 else 2 <= paid <= 3
+    # One at a time, 3 calls fit ($2.10; a 4th would pass $2.50). Eight at a time, each call reserves
+    # its expected cost before any is paid: (1696 prompt chars / 3.5 + 256 answer tokens) x $1000 / Mtok
+    # = $0.74, and 3 reservations fit ($2.22) where a 4th would pass $2.50 (all before any answer comes).
+    assert paid == 3
     assert f"${0.7 * paid:.2f} spent" in str(stop.value)
     with pytest.raises(BudgetExceeded):
         teacher.judge(requests(1, prefix="more"))

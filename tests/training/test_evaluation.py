@@ -15,7 +15,7 @@ from rlaif_mlx.config import RewardConfig, RunConfig
 from rlaif_mlx.data import load_task_set
 from rlaif_mlx.data.humaneval import load_humaneval
 from rlaif_mlx.data.tasks import Task
-from rlaif_mlx.rewards.pipeline import RewardPipeline
+from rlaif_mlx.rewards.pipeline import RewardPipeline, RewardResult
 from rlaif_mlx.training.evaluation import evaluate, format_eval_line, pass_at_k
 
 TASKS = [
@@ -158,7 +158,19 @@ def test_evaluate_counts_passes_with_the_real_graders():
     assert backend.calls[3][1] == first_calls[0][1]  # the same seeds every time
 
 
-def test_evaluate_on_the_tiny_model_is_deterministic_and_sane(tiny_model_path):
+class ScoresByUid:
+    """Scores each eval sample by its uid (``task#sample``) from a table, and keeps the texts it was shown."""
+
+    def __init__(self, table: dict[str, RewardResult]) -> None:
+        self.table = table
+        self.texts: dict[str, str] = {}
+
+    def score(self, items):
+        self.texts.update({uid: text for uid, _, text in items})
+        return {uid: self.table[uid] for uid, _, _ in items}
+
+
+def test_evaluate_on_the_tiny_model_is_deterministic(tiny_model_path):
     import torch
 
     from rlaif_mlx.backends.torch import create
@@ -167,31 +179,40 @@ def test_evaluate_on_the_tiny_model_is_deterministic_and_sane(tiny_model_path):
         str(tiny_model_path), eval={"num_samples": 2, "pass_k": [1, 2], "temperature": 1.0, "max_new_tokens": 6}
     )
     backend = create(config.model, config.training, seed=config.seed, total_steps=1)
-    # The random model's text rarely parses; when it does, "assert True" passes and "assert False" never does.
     tasks = [
         Task(id="yes", prompt="Write any code.", tests="assert True"),
         Task(id="no", prompt="Write more code.", tests="assert False"),
-        Task(id="free", prompt="Say something."),
+        Task(id="free", prompt="Say something."),  # no tests: in the reward mean, not in pass@k
     ]
-    pipeline = RewardPipeline(config.rewards)
+    passed, failed = RewardResult(1.0, {"parses": 1.0, "tests": 1.0}), RewardResult(0.2, {"parses": 1.0, "tests": 0.0})
+    pipeline = ScoresByUid(
+        {
+            "yes#0": passed,
+            "yes#1": failed,
+            "no#0": failed,
+            "no#1": RewardResult(None, {}, "sandbox error"),  # unscored: counted, and left out of every mean
+            "free#0": RewardResult(0.5, {"parses": 0.0}),
+            "free#1": RewardResult(0.5, {"parses": 0.0}),
+        }
+    )
     rng = torch.get_rng_state()
     first = evaluate(backend, tasks, pipeline, config)
+    texts = dict(pipeline.texts)
     assert torch.equal(torch.get_rng_state(), rng)  # an eval mid-training leaves the training's RNG alone
-    assert evaluate(backend, tasks, pipeline, config) == first
-    assert {
-        "eval/reward_mean",
-        "eval/pass@1",
-        "eval/pass@2",
-        "eval/tests_mean",
-        "eval/parses_mean",
-        "eval/unscored",
-        "eval/tasks",
-        "eval/samples",
-        "eval/tasks_with_tests",
-    } == set(first)
-    assert first["eval/tasks"] == 3 and first["eval/samples"] == 6 and first["eval/unscored"] == 0
-    assert 0.0 <= first["eval/pass@1"] <= first["eval/pass@2"] <= 0.5  # the "no" task never passes
-    assert 0.0 <= first["eval/reward_mean"] <= 1.0
+    assert evaluate(backend, tasks, pipeline, config) == first and pipeline.texts == texts  # the same samples
+    assert set(texts) == {"yes#0", "yes#1", "no#0", "no#1", "free#0", "free#1"}
+    assert first == {
+        "eval/tasks": 3,
+        "eval/samples": 6,
+        "eval/unscored": 1,
+        "eval/reward_mean": pytest.approx((1.0 + 0.2 + 0.2 + 0.5 + 0.5) / 5),
+        "eval/parses_mean": pytest.approx(3 / 5),
+        "eval/tasks_with_tests": 2,
+        "eval/tests_mean": pytest.approx((1.0 + 0.0 + 0.0) / 3),
+        # "yes": 1 of 2 passes; "no" has one scored sample: pass@1 = 0 and too few for pass@2
+        "eval/pass@1": pytest.approx((1 / 2 + 0.0) / 2),
+        "eval/pass@2": pytest.approx(1.0),
+    }
 
 
 # ---- HumanEval -----------------------------------------------------------------

@@ -16,7 +16,8 @@ from rlaif_mlx.config import load_config
 from rlaif_mlx.data.tasks import Task, TaskSet
 from rlaif_mlx.monitor.metrics import read_metrics
 from rlaif_mlx.rewards.pipeline import RewardResult
-from rlaif_mlx.training.trainer import Trainer, sampled_logprobs
+from rlaif_mlx.training.records import sampled_logprobs
+from rlaif_mlx.training.trainer import Trainer
 
 REQUIRED_KEYS = {
     "step",
@@ -74,8 +75,19 @@ def write_config(tmp_path, model_path, **training):
     return path
 
 
+WEIGHTS = {"has_code": 0.2, "parses": 0.3, "tests": 0.5}
+
+
+def with_rewards(path, weights=WEIGHTS):
+    """The config at ``path`` with these reward weights (each component distinct, so a mix-up shows)."""
+    raw = yaml.safe_load(path.read_text())
+    raw["rewards"]["weights"] = weights
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
 def test_train_command_writes_config_metrics_and_checkpoint(tmp_path, tiny_model_path, capsys):
-    path = write_config(tmp_path, tiny_model_path, sft_warmup_steps=2, sft_batch_size=2)
+    path = with_rewards(write_config(tmp_path, tiny_model_path, sft_warmup_steps=2, sft_batch_size=2))
     assert main(["train", "--config", str(path), "--max-steps", "3"]) == 0
     run = tmp_path / "run"
     written = load_config(run / "config.yaml")
@@ -83,7 +95,15 @@ def test_train_command_writes_config_metrics_and_checkpoint(tmp_path, tiny_model
     records = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(REQUIRED_KEYS <= set(r) for r in records)
-    assert all(0.0 <= r["reward_mean"] <= 1.0 for r in records)
+    # Each step's reward figures are those of the samples it logged, each the weighted sum of its components.
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    for r in records:
+        rows = [s for s in samples if s["step"] == r["step"]]
+        assert len(rows) == 2 * 3  # prompts x samples per prompt
+        for row in rows:
+            assert row["reward"] == pytest.approx(sum(w * row[name] for name, w in WEIGHTS.items()))
+        assert r["reward_mean"] == pytest.approx(np.mean([s["reward"] for s in rows]))
+        assert r["reward_std"] == pytest.approx(np.std([s["reward"] for s in rows]))
     checkpoints = sorted((run / "checkpoints").iterdir())
     assert [c.name for c in checkpoints] == ["step-000003"]  # save_total_limit: 1 keeps the newest
     assert (checkpoints[0] / "trainer_state.json").exists()
@@ -118,7 +138,7 @@ def test_rewards_attach_by_uid_not_by_position(tmp_path, tiny_model_path):
     table = {c.uid: float(c.prompt_index * 10 + c.sample_index) for c in completions}
     results = _FixedRewards(table).score([(c.uid, None, c.text) for c in completions])
     shuffled = dict(random.Random(0).sample(list(results.items()), len(results)))  # completion order
-    rollout = trainer.assemble(TASKS, completions, shuffled)
+    rollout = trainer.rollouts.assemble(TASKS, completions, shuffled)
     assert rollout.rewards.tolist() == [[0.0, 1.0, 2.0], [10.0, 11.0, 12.0]]
     # The token batch rows are the sampled tokens, in the same prompt-major order.
     for row, c in zip(rollout.sequences.input_ids, completions, strict=True):
@@ -134,9 +154,9 @@ def test_unscored_samples_are_left_out_of_the_update(tmp_path, tiny_model_path):
     trainer = Trainer(cfg, backend=backend, train=TaskSet(TASKS, 0, "test"), rewards=None, output_dir=tmp_path)
     completions = trainer.sample(TASKS)
     results = {c.uid: RewardResult(None if c.uid == "0-1" else float(c.sample_index), {}, "boom") for c in completions}
-    rollout = trainer.assemble(TASKS, completions, results)
+    rollout = trainer.rollouts.assemble(TASKS, completions, results)
     assert np.isnan(rollout.rewards[0, 1])
-    advantages, weights, stats = trainer.advantages(rollout)
+    advantages, weights, stats = trainer.estimator.advantages(rollout)
     assert stats["unscored"] == 1
     assert advantages[1] == 0.0 and weights[1].sum() == 0.0  # no gradient from the unscored sample
     assert weights.sum() == pytest.approx(1.0)  # token_mean over the scored samples only
@@ -281,7 +301,7 @@ def test_model_named_on_the_command_line_is_never_built(tmp_path, tiny_model_pat
 
 
 def test_periodic_eval_adds_eval_metrics_to_the_step_records(tmp_path, tiny_model_path, capsys):
-    path = write_config(tmp_path, tiny_model_path, max_steps=3)
+    path = with_rewards(write_config(tmp_path, tiny_model_path, max_steps=3))
     raw = yaml.safe_load(path.read_text())
     raw["data"]["eval_file"] = raw["data"]["train_file"]
     raw["eval"] = {"every_steps": 2, "num_samples": 2, "pass_k": [1, 2], "temperature": 1.0}
@@ -290,11 +310,20 @@ def test_periodic_eval_adds_eval_metrics_to_the_step_records(tmp_path, tiny_mode
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     evaluated = [r["step"] for r in records if "eval/pass@1" in r]
     assert evaluated == [2, 3]  # every 2 steps, and at the end
-    assert all(
-        r["eval/tasks"] == 2 and r["eval/samples"] == 4 and 0 <= r["eval/pass@1"] <= r["eval/pass@2"] <= 1
-        for r in records
-        if r["step"] in evaluated
-    )
+    # Regression values (seed 3): the tiny random model's eval samples are text that never parses, so
+    # each scores has_code 1, parses 0, tests 0, a reward of 0.2, and no task passes.
+    expected = {
+        "eval/tasks": 2,
+        "eval/samples": 4,
+        "eval/unscored": 0,
+        "eval/reward_mean": pytest.approx(0.2),
+        "eval/parses_mean": 0.0,
+        "eval/tasks_with_tests": 2,
+        "eval/tests_mean": 0.0,
+        "eval/pass@1": 0.0,
+        "eval/pass@2": 0.0,
+    }
+    assert [{k: v for k, v in r.items() if k.startswith("eval/")} for r in records[1:]] == [expected, expected]
     assert "eval" in capsys.readouterr().out
 
 
