@@ -117,6 +117,10 @@ def metrics_row(record: dict[str, Any], rewards: Iterable[float], width: int) ->
     """The reward panel (mean, trend, components), the policy panel and the last step's time split."""
     r, rewards = record, list(rewards)
     components = [(k.removeprefix("reward/"), _fmt(r[k], ".3f")) for k in sorted(r) if k.startswith("reward/")]
+    if as_float(r.get("reward/suspect"), 0) > 0:  # a policy reaching for the grader: make it hard to miss
+        components = [
+            (name, Text(value, style="bold yellow") if name == "suspect" else value) for name, value in components
+        ]
     finite = [v for v in rewards if math.isfinite(v)]
     trend = Text(MISSING, style="dim")
     if finite:

@@ -284,3 +284,10 @@ def test_log_warnings_go_through_the_live_console_while_it_runs():
     board.close()
     assert "a warning during the run" in console.export_text()
     assert logging.getLogger().handlers == before
+
+
+def test_the_share_of_suspect_samples_is_shown_with_the_rewards():
+    plain = render_frame(HEADER, [record(1, **{"reward/suspect": 0.0})], BEST, WORST, [], width=100)
+    flagged = render_frame(HEADER, [record(1, **{"reward/suspect": 0.25})], BEST, WORST, [], width=100)
+    assert "suspect" in plain and "0.000" in plain.split("suspect", 1)[1].splitlines()[0]
+    assert "0.250" in flagged.split("suspect", 1)[1].splitlines()[0]
