@@ -337,3 +337,14 @@ def test_grade_many_keeps_results_with_their_uid():
     assert results["broken"].components["parses"] == 0.0
     with pytest.raises(ValueError):
         grade_many([requests[0], requests[0]])
+
+
+def test_a_process_that_cannot_be_started_is_the_graders_failure_not_the_solutions():
+    # Another session's processes can fill the sandbox user's process limit (RLIMIT_NPROC): the host
+    # then cannot fork the solution. That must leave it unscored, never score it as crashed.
+    from rlaif_mlx.rewards.sandbox import sandbox_capabilities
+
+    if sandbox_capabilities()["privileges"] != "nobody":
+        pytest.skip("the process limit is per user: only an isolated 'nobody' makes it bite here alone")
+    out = run_unit_tests(GOOD, SQUARE_TESTS, limits=SandboxLimits(max_processes=1))
+    assert out.kind == "infrastructure" and "cannot start a process" in out.error
