@@ -1,4 +1,4 @@
-"""Command line: ``rlaif-mlx train | eval | score | sample | export | doctor | init-model``.
+"""Command line: ``rlaif-mlx train | eval | score | sample | export | doctor | init-model | make-tasks``.
 
 A small dispatcher: each command is a module of this package with an
 ``add_parser`` and a ``run``. Importing it stays cheap: frameworks load only
@@ -13,10 +13,10 @@ import sys
 
 from .. import __version__
 from ..errors import SetupError
-from . import doctor, evaluate, export, init_model, sample, score, train
+from . import doctor, evaluate, export, init_model, make_tasks, sample, score, train
 from .common import UserError
 
-COMMANDS = (train, evaluate, score, sample, export, doctor, init_model)
+COMMANDS = (train, evaluate, score, sample, export, doctor, init_model, make_tasks)
 
 
 def main(argv: list[str] | None = None) -> int:
