@@ -64,26 +64,17 @@ def _word(rng: random.Random) -> tuple:
     return ("".join(rng.choice("abcdeklmnorstu") for _ in range(rng.randint(0, 8))),)
 
 
+def _pool(words: str) -> tuple[str, ...]:
+    return tuple(words.split())
+
+
 _DIGITS = tuple(range(2, 42))
 _LETTERS = tuple("abcdefghijklmnopqrstuvwxyz")
 
 TEMPLATES: tuple[Template, ...] = (
     Template(
         "add",
-        (
-            "add_const",
-            "plus_k",
-            "shift_up",
-            "increase",
-            "bump",
-            "offset_value",
-            "step_up",
-            "raise_by",
-            "add_on",
-            "lift",
-            "push_up",
-            "incr",
-        ),
+        _pool("add_const plus_k shift_up increase bump offset_value step_up raise_by add_on lift push_up incr"),
         _DIGITS,
         "Write a Python function `{name}(x)` that returns x plus {k}.",
         "def {name}(x):\n    return x + {k}\n",
@@ -92,20 +83,7 @@ TEMPLATES: tuple[Template, ...] = (
     ),
     Template(
         "sub",
-        (
-            "sub_const",
-            "minus_k",
-            "shift_down",
-            "decrease",
-            "lower",
-            "take_away",
-            "step_down",
-            "drop_by",
-            "reduce",
-            "cut_by",
-            "push_down",
-            "decr",
-        ),
+        _pool("sub_const minus_k shift_down decrease lower take_away step_down drop_by reduce cut_by push_down decr"),
         _DIGITS,
         "Write a Python function `{name}(x)` that returns x minus {k}.",
         "def {name}(x):\n    return x - {k}\n",
@@ -114,20 +92,7 @@ TEMPLATES: tuple[Template, ...] = (
     ),
     Template(
         "mul",
-        (
-            "times_k",
-            "scale",
-            "multiply",
-            "grow",
-            "amplify",
-            "stretch",
-            "magnify",
-            "boost",
-            "enlarge",
-            "widen",
-            "expand",
-            "inflate",
-        ),
+        _pool("times_k scale multiply grow amplify stretch magnify boost enlarge widen expand inflate"),
         _DIGITS,
         "Write a Python function `{name}(x)` that returns x multiplied by {k}.",
         "def {name}(x):\n    return x * {k}\n",
@@ -136,20 +101,7 @@ TEMPLATES: tuple[Template, ...] = (
     ),
     Template(
         "mod",
-        (
-            "remainder",
-            "mod_k",
-            "wrap",
-            "cycle",
-            "modulo",
-            "rest_of",
-            "leftover",
-            "residue",
-            "fold",
-            "clock",
-            "wrap_around",
-            "rem",
-        ),
+        _pool("remainder mod_k wrap cycle modulo rest_of leftover residue fold clock wrap_around rem"),
         _DIGITS,
         "Write a Python function `{name}(x)` that returns the remainder of x divided by {k}.",
         "def {name}(x):\n    return x % {k}\n",
@@ -158,19 +110,9 @@ TEMPLATES: tuple[Template, ...] = (
     ),
     Template(
         "divisible",
-        (
-            "divisible",
-            "is_multiple",
-            "divides",
-            "fits_k",
-            "even_split",
-            "is_factor",
-            "splits",
-            "multiple_of",
-            "clean_cut",
-            "no_rest",
-            "shares_k",
-            "is_divisible",
+        _pool(
+            "divisible is_multiple divides fits_k even_split is_factor splits multiple_of "
+            "clean_cut no_rest shares_k is_divisible"
         ),
         _DIGITS,
         "Write a Python function `{name}(x)` that returns True if x is divisible by {k}, else False.",
@@ -180,19 +122,9 @@ TEMPLATES: tuple[Template, ...] = (
     ),
     Template(
         "above",
-        (
-            "count_above",
-            "how_many_over",
-            "tally_high",
-            "count_big",
-            "over_k",
-            "num_greater",
-            "count_exceeding",
-            "bigger_count",
-            "count_high",
-            "tally_over",
-            "above_k",
-            "num_above",
+        _pool(
+            "count_above how_many_over tally_high count_big over_k num_greater "
+            "count_exceeding bigger_count count_high tally_over above_k num_above"
         ),
         tuple(range(-8, 12)),
         "Write a Python function `{name}(xs)` that returns how many numbers in the list xs are greater than {k}.",
@@ -202,19 +134,9 @@ TEMPLATES: tuple[Template, ...] = (
     ),
     Template(
         "addall",
-        (
-            "add_to_all",
-            "shift_all",
-            "map_plus",
-            "raise_all",
-            "offset_all",
-            "bump_each",
-            "plus_each",
-            "add_each",
-            "lift_all",
-            "push_all",
-            "add_every",
-            "shift_each",
+        _pool(
+            "add_to_all shift_all map_plus raise_all offset_all bump_each plus_each add_each "
+            "lift_all push_all add_every shift_each"
         ),
         _DIGITS,
         "Write a Python function `{name}(xs)` that returns a new list with {k} added to every number in the list xs.",
@@ -224,20 +146,7 @@ TEMPLATES: tuple[Template, ...] = (
     ),
     Template(
         "repeat",
-        (
-            "repeat",
-            "echo",
-            "copies",
-            "duplicate",
-            "multiply_text",
-            "times_text",
-            "stamp",
-            "chant",
-            "loop_text",
-            "replicate",
-            "again",
-            "reprint",
-        ),
+        _pool("repeat echo copies duplicate multiply_text times_text stamp chant loop_text replicate again reprint"),
         tuple(range(2, 12)),
         "Write a Python function `{name}(s)` that returns the string s repeated {k} times.",
         "def {name}(s):\n    return s * {k}\n",
@@ -246,19 +155,9 @@ TEMPLATES: tuple[Template, ...] = (
     ),
     Template(
         "count_char",
-        (
-            "count_char",
-            "tally_letter",
-            "letter_count",
-            "occurrences",
-            "how_many",
-            "count_of",
-            "frequency",
-            "num_times",
-            "char_total",
-            "hits",
-            "letter_hits",
-            "tally",
+        _pool(
+            "count_char tally_letter letter_count occurrences how_many count_of frequency "
+            "num_times char_total hits letter_hits tally"
         ),
         _LETTERS,
         "Write a Python function `{name}(s)` that returns how many times the letter '{k}' appears in the string s.",
@@ -268,19 +167,9 @@ TEMPLATES: tuple[Template, ...] = (
     ),
     Template(
         "suffix",
-        (
-            "add_suffix",
-            "append_letter",
-            "end_with",
-            "tail_tag",
-            "extend",
-            "close_with",
-            "pad_end",
-            "finish_with",
-            "tack_on",
-            "append_char",
-            "trail",
-            "seal",
+        _pool(
+            "add_suffix append_letter end_with tail_tag extend close_with pad_end finish_with "
+            "tack_on append_char trail seal"
         ),
         _LETTERS,
         "Write a Python function `{name}(s)` that returns the string s with the letter '{k}' added at the end.",
@@ -290,43 +179,20 @@ TEMPLATES: tuple[Template, ...] = (
     ),
     Template(
         "starts",
-        (
-            "starts_with",
-            "begins_with",
-            "has_prefix",
-            "opens_with",
-            "leads_with",
-            "first_is",
-            "starts_on",
-            "heads_with",
-            "front_is",
-            "leading",
-            "prefix_is",
-            "initial_is",
+        _pool(
+            "starts_with begins_with has_prefix opens_with leads_with first_is starts_on "
+            "heads_with front_is leading prefix_is initial_is"
         ),
         _LETTERS,
-        "Write a Python function `{name}(s)` that returns True if the string s starts with the "
-        "letter '{k}', else False.",
+        "Write a Python function `{name}(s)` that returns True if the string s starts with the letter '{k}', "
+        "else False.",
         "def {name}(s):\n    return s.startswith('{k}')\n",
         _word,
         2,
     ),
     Template(
         "clip",
-        (
-            "cap",
-            "clip_high",
-            "at_most",
-            "limit",
-            "ceiling",
-            "bound_above",
-            "saturate",
-            "top_out",
-            "no_more",
-            "max_out",
-            "clamp_top",
-            "upper_cap",
-        ),
+        _pool("cap clip_high at_most limit ceiling bound_above saturate top_out no_more max_out clamp_top upper_cap"),
         _DIGITS,
         "Write a Python function `{name}(x)` that returns x, but never more than {k}.",
         "def {name}(x):\n    return min(x, {k})\n",
