@@ -234,9 +234,10 @@ class CurriculumConfig(_Section):
     enabled: bool = False
     num_buckets: int = Field(default=3, ge=1)
     advance_threshold: float = Field(default=0.7, description="bucket mean reward that moves on")
+    # null: a bucket the threshold does not pass is left after 2 passes over its tasks
     advance_after_steps: int | None = Field(default=None, ge=1, description="step budget per bucket")
     window: int = Field(default=16, ge=1)
-    mix_previous: float = Field(default=0.0, ge=0, le=1)
+    mix_previous: float = Field(default=0.0, ge=0, lt=1)  # each batch keeps at least one current-bucket task
 
 
 class LoggingConfig(_Section):
