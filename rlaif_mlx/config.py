@@ -113,7 +113,11 @@ class RlaifConfig(_Section):
     kl_placement: Literal["loss", "reward"] = "loss"
     adaptive_kl: bool = True
     target_kl: float = Field(default=0.05, gt=0, description="per-token KL the controller aims for")
-    kl_horizon: int = Field(default=10000, ge=1)
+    # The adaptive controller's horizon in optimizer steps: with the KL held at twice the target beta
+    # doubles in about 139 steps at 40. ``kl_horizon`` is the old key, in samples, still honoured as
+    # ``kl_horizon / (batch_size * num_samples_per_prompt)`` steps when it is set instead.
+    kl_horizon_steps: float | None = Field(default=40.0, gt=0)
+    kl_horizon: int | None = Field(default=None, ge=1, description="old key, in samples: use kl_horizon_steps")
     baseline: Literal["group_mean", "leave_one_out", "ema", "none"] = "group_mean"
     scale_by_std: bool = True
     whiten_advantages: bool = False
@@ -122,6 +126,33 @@ class RlaifConfig(_Section):
     # Sample the next batch while the teacher scores this one; that batch is then one update stale
     # and the loss's ratio is taken against the policy that sampled it (``sample_ahead.py``).
     sample_ahead: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_horizon_key(cls, data: Any) -> Any:
+        # A config (or a checkpoint's saved config) from before kl_horizon_steps keeps its horizon in samples.
+        if isinstance(data, dict) and data.get("kl_horizon") is not None and "kl_horizon_steps" not in data:
+            data = {**data, "kl_horizon_steps": None}
+        return data
+
+    @model_validator(mode="after")
+    def _one_horizon(self) -> RlaifConfig:
+        if self.kl_horizon is not None and self.kl_horizon_steps is not None:
+            raise ValueError(
+                "kl_horizon (the old key, in samples) and kl_horizon_steps are both set; keep kl_horizon_steps only"
+            )
+        if self.kl_horizon is None and self.kl_horizon_steps is None:
+            raise ValueError("kl_horizon_steps is null; set the KL controller's horizon in steps, e.g. 40")
+        return self
+
+    @model_validator(mode="after")
+    def _k1_is_no_loss_penalty(self) -> RlaifConfig:
+        if self.kl_estimator == "k1" and self.kl_placement == "loss":
+            raise ValueError(
+                "kl_estimator: k1 with kl_placement: loss is a penalty with zero expected gradient "
+                "(beta * grad log p averages to 0 over samples); use kl_estimator: k3, or kl_placement: reward"
+            )
+        return self
 
     @model_validator(mode="after")
     def _std_scaling_needs_a_centred_baseline(self) -> RlaifConfig:
@@ -203,9 +234,10 @@ class CurriculumConfig(_Section):
     enabled: bool = False
     num_buckets: int = Field(default=3, ge=1)
     advance_threshold: float = Field(default=0.7, description="bucket mean reward that moves on")
+    # null: a bucket the threshold does not pass is left after 2 passes over its tasks
     advance_after_steps: int | None = Field(default=None, ge=1, description="step budget per bucket")
     window: int = Field(default=16, ge=1)
-    mix_previous: float = Field(default=0.0, ge=0, le=1)
+    mix_previous: float = Field(default=0.0, ge=0, lt=1)  # each batch keeps at least one current-bucket task
 
 
 class LoggingConfig(_Section):
