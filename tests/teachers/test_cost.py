@@ -136,7 +136,14 @@ def test_state_dict_round_trip_keeps_counting():
     ledger = CostLedger(price=(2.0, 8.0), budget_usd=1.0)
     ledger.record(Usage(100_000, 50_000))  # $0.60
     state = ledger.state_dict()
-    assert state == {"spent_usd": pytest.approx(0.6), "input_tokens": 100_000, "output_tokens": 50_000, "calls": 1}
+    assert state == {
+        "spent_usd": pytest.approx(0.6),
+        "input_tokens": 100_000,
+        "output_tokens": 50_000,
+        "cache_read_tokens": 0,
+        "cache_write_tokens": 0,
+        "calls": 1,
+    }
     resumed = CostLedger(price=(2.0, 8.0), budget_usd=1.0)
     resumed.load_state_dict(state)
     assert resumed.spent_usd == pytest.approx(0.6) and resumed.calls == 1
@@ -150,6 +157,8 @@ class _YieldingUsage:
     """Usage whose token counts hand the GIL to another thread when read, as I/O would."""
 
     output_tokens = 1
+    cache_read_tokens = 0
+    cache_write_tokens = 0
 
     @property
     def input_tokens(self) -> int:
