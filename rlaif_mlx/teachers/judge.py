@@ -33,6 +33,7 @@ from rlaif_mlx.teachers.cache import ScoreCache, judgement_key, reference_key
 STOP_AFTER_FAILED_BATCHES = 3  # batches in a row in which every API call failed
 _CHARS_PER_TOKEN = 3.5  # rough, for the budget's reserve before the first call
 _TYPICAL_ANSWER_TOKENS = 256  # a rubric answer is scores and a short rationale
+_TYPICAL_LABEL_TOKENS = 96  # a group answer's entry: a label, the scores and one sentence
 
 
 class TeacherUnavailable(RuntimeError):
@@ -286,7 +287,8 @@ class Teacher:
             return self._paid_usd / self._paid_chars * call.chars
         if self.ledger.calls:
             return self.ledger.spent_usd / self.ledger.calls
-        output = min(self.config.max_tokens, _TYPICAL_ANSWER_TOKENS) * max(1, len(call.keys))
+        typical = _TYPICAL_LABEL_TOKENS * len(call.labels) if call.labels else _TYPICAL_ANSWER_TOKENS
+        output = min(call.max_tokens, typical)
         return self.ledger.estimate(int(call.chars / _CHARS_PER_TOKEN), output)
 
     def _after_batch(self, stats: BatchStats) -> None:
