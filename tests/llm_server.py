@@ -142,7 +142,7 @@ class LLMServer:
         self._connections: set[socket.socket] = set()
         self._handler_threads: set[threading.Thread] = set()
         self._ids = itertools.count(1)
-        self._httpd = ThreadingHTTPServer((host, port), _Handler)
+        self._httpd = _Server((host, port), _Handler)
         self._httpd.daemon_threads = True
         self._httpd.owner = self  # type: ignore[attr-defined]
         self._thread: threading.Thread | None = None
@@ -342,6 +342,11 @@ class LLMServer:
 
     def _next_id(self) -> int:
         return next(self._ids)
+
+
+class _Server(ThreadingHTTPServer):
+    # The listen backlog: the default 5 refuses connections when a client opens a dozen at once.
+    request_queue_size = 128
 
 
 class _Handler(BaseHTTPRequestHandler):

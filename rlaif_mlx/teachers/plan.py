@@ -49,6 +49,7 @@ MINIMUM_TOKENS: tuple[tuple[str, int], ...] = (
     ("claude-", 1024),  # Sonnet 5, Opus 4.8, Sonnet 4.x, Opus 4 / 4.1, Claude 3.7
 )
 OPENAI_MINIMUM_TOKENS = 1024
+ANTHROPIC_TOOL_PROMPT_TOKENS = 313  # the system prompt Anthropic adds for a forced tool, before everything we send
 
 
 def minimum_tokens(provider: str, model: str) -> int | None:
@@ -167,12 +168,13 @@ def mark_for_cache(calls: list[Call], *, provider: str, model: str, enabled: boo
     sharing: dict[str, list[Call]] = defaultdict(list)
     for call in calls:
         sharing[_digest(call.system, json.dumps(call.schema), call.prefix)].append(call)
+    extra = ANTHROPIC_TOOL_PROMPT_TOKENS if provider == "anthropic" else 0
     ordered = []
     for digest, group in sharing.items():
-        head = len(group[0].system) + len(json.dumps(group[0].schema))
+        head = (len(group[0].system) + len(json.dumps(group[0].schema))) / CHARS_PER_TOKEN + extra
         marks = CacheMarks(
-            system=head / CHARS_PER_TOKEN >= minimum,
-            prefix=len(group) >= 2 and (head + len(group[0].prefix)) / CHARS_PER_TOKEN >= minimum,
+            system=head >= minimum,
+            prefix=len(group) >= 2 and head + len(group[0].prefix) / CHARS_PER_TOKEN >= minimum,
             key=digest[:32] if provider == "openai" else None,
         )
         for call in group:
