@@ -103,7 +103,8 @@ class Judgement:
         criteria: each criterion in [0, 1].
         error: why there is no score (or None).
         cached: served from the score cache (no API call, no cost).
-        usage: tokens this judgement cost (zero when cached).
+        usage: tokens this judgement's call cost; a call that judged several completions (a group,
+            or identical ones) counts them once, on its first (zero on the others and when cached).
         cost_usd: what those tokens cost.
         latency_s: wall time of the API call (0 when cached).
         rationale: the teacher's short explanation, when it gave one.
