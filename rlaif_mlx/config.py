@@ -169,6 +169,8 @@ class PriceConfig(_Section):
 
     input: float = Field(ge=0)
     output: float = Field(ge=0)
+    cache_read: float | None = Field(default=None, ge=0)  # prompt-cache reads; default: the table's rule
+    cache_write: float | None = Field(default=None, ge=0)  # prompt-cache writes; default: the table's rule
 
 
 class TeacherConfig(_Section):
@@ -181,7 +183,7 @@ class TeacherConfig(_Section):
     max_concurrency: int = Field(default=8, ge=1)
     timeout_s: float = Field(default=60.0, gt=0)
     max_retries: int = Field(default=3, ge=0)
-    max_tokens: int = Field(default=512, ge=16, description="longest answer the teacher may write")
+    max_tokens: int = Field(default=512, ge=16, description="longest answer per completion judged")
     temperature: float = Field(default=0.0, ge=0, le=2)
     cache_path: str | None = "~/.cache/rlaif-mlx/teacher-cache.sqlite"  # null: no cache
     cache_ttl_s: float | None = Field(default=30 * 24 * 3600.0, gt=0)  # null: cached judgements never expire
@@ -193,6 +195,10 @@ class TeacherConfig(_Section):
     use_reference: bool = True  # show the rubric the task's (or the teacher's) reference solution
     write_reference: bool = False  # ask the teacher for a reference solution where a task has none (cached)
     gate: Literal["always", "parses", "any_test_passes", "all_tests_pass"] = "parses"
+    # pointwise: one call per completion. group: one call per prompt judges its completions side by side.
+    mode: Literal["pointwise", "group"] = "pointwise"
+    max_group: int = Field(default=8, ge=1, le=26, description="completions per group call; larger groups split")
+    prompt_cache: bool = True  # mark the shared prompt prefix for the provider's prompt cache
 
     @field_validator("rubric_weights")
     @classmethod
