@@ -409,6 +409,9 @@ class _Handler(BaseHTTPRequestHandler):
                 extra["retry-after-ms"] = str(fault.retry_after_ms)
             return self._send_json(status, _error(endpoint, status, f"injected {status}"), extra)
         request = record.body if isinstance(record.body, dict) else {}
+        refused = _refused_by_the_model(endpoint, request)
+        if refused:
+            return self._send_json(400, _error(endpoint, 400, refused))
         if endpoint == "openai" and owner.reject_response_format and "response_format" in request:
             message = "response_format json_schema is not supported by this server"
             return self._send_json(400, _error(endpoint, 400, message, param="response_format"))
@@ -432,6 +435,20 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
+
+
+# Claude Sonnet 5.5 and Opus 5.5 answer 400 to a forced tool choice and to sampling parameters
+# (Anthropic's Sonnet 5.5 migration guide); the server refuses them as those models do.
+NO_FORCED_TOOL_MODELS = ("claude-sonnet-5-5", "claude-opus-5-5")
+
+
+def _refused_by_the_model(endpoint: str, request: dict[str, Any]) -> str | None:
+    if endpoint != "anthropic" or not str(request.get("model", "")).startswith(NO_FORCED_TOOL_MODELS):
+        return None
+    if (request.get("tool_choice") or {}).get("type") in ("tool", "any"):
+        return "tool_choice forcing a tool is not supported with this model"
+    sampling = sorted(k for k in ("temperature", "top_p", "top_k") if k in request)
+    return f"{', '.join(sampling)}: sampling parameters are not supported with this model" if sampling else None
 
 
 def _error(endpoint: str, status: int, message: str, param: str | None = None) -> dict[str, Any]:

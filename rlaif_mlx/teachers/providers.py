@@ -66,6 +66,11 @@ async def _failures_as_call_failed(call: Awaitable[_T], expected: tuple[type[Bas
         raise CallFailed(describe_error(exc), fatal=is_fatal(exc)) from exc
 
 
+# Claude models that answer 400 to a forced tool choice (Anthropic's Sonnet 5.5 migration guide); they
+# give the scores as JSON text constrained by the schema (structured outputs, ``output_config.format``).
+STRUCTURED_OUTPUT_MODELS = ("claude-sonnet-5-5", "claude-opus-5-5")
+
+
 class AnthropicClient:
     """Claude through the Messages API, scores via one forced tool.
 
@@ -146,14 +151,20 @@ class AnthropicClient:
         if prefix:
             shared = {"type": "text", "text": prefix} | ({"cache_control": _EPHEMERAL} if marks.prefix else {})
             content = [shared, {"type": "text", "text": user}]
+        if self.model.startswith(STRUCTURED_OUTPUT_MODELS):
+            # These models refuse a forced tool (400): the answer comes as JSON text under the schema instead.
+            answer_format: dict[str, Any] = {
+                "output_config": {"effort": "low", "format": {"type": "json_schema", "schema": schema}}
+            }
+        else:
+            answer_format = {"tools": [tool], "tool_choice": {"type": "tool", "name": TOOL_NAME}}
         try:
             message = await self._sdk.messages.create(
                 model=self.model,
                 max_tokens=max_tokens,
                 system=system_param,
                 messages=[{"role": "user", "content": content}],
-                tools=[tool],
-                tool_choice={"type": "tool", "name": TOOL_NAME},
+                **answer_format,
             )
         except json.JSONDecodeError as exc:
             raise MalformedResponse(f"response body is not JSON ({exc.msg})") from None
@@ -165,6 +176,8 @@ class AnthropicClient:
                 data = dict(block.input)
             elif block.type == "text":
                 texts.append(block.text)
+        if data is None and "output_config" in answer_format:
+            data = _json_object("".join(texts))
         usage = message.usage
         # Anthropic's input_tokens leaves out the prompt-cache reads and writes; ours counts every prompt token.
         read = getattr(usage, "cache_read_input_tokens", 0) or 0
@@ -183,6 +196,15 @@ class AnthropicClient:
     async def close(self) -> None:
         """Closes the SDK's connection pool."""
         await self._sdk.close()
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    """The structured output's JSON object, or None (the tolerant parser then reads the text)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 class OpenAIClient:
