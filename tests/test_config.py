@@ -102,3 +102,12 @@ def test_std_scaling_without_a_baseline_is_rejected(tmp_path):
     path = write(tmp_path, MINIMAL + "rlaif:\n  baseline: none\n  scale_by_std: true\n")
     with pytest.raises(ConfigError, match=r"run.yaml:5: rlaif: scale_by_std: true divides raw rewards"):
         load_config(path)
+
+
+@pytest.mark.parametrize("temperature", [0, 0.001, -1])
+def test_training_refuses_a_temperature_with_no_policy_to_train(tmp_path, temperature):
+    path = write(tmp_path, MINIMAL + f"rlaif:\n  generation_temperature: {temperature}\n")
+    with pytest.raises(ConfigError, match=r"run.yaml:6: rlaif.generation_temperature: must be at least 0.01"):
+        load_config(path)
+    cfg = load_config(write(tmp_path, MINIMAL + "rlaif:\n  generation_temperature: 0.7\neval:\n  temperature: 0\n"))
+    assert (cfg.rlaif.generation_temperature, cfg.eval.temperature) == (0.7, 0.0)  # greedy evaluation stays

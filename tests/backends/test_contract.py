@@ -23,6 +23,7 @@ from backend_helpers import (
     plain_logits,
     plain_logp,
     train_batch,
+    with_random_adapters,
 )
 from conftest import TORCH_DEVICE
 from safetensors.numpy import load_file
@@ -120,12 +121,70 @@ def test_sample_logprobs_equal_teacher_forced(lora, params):
     assert [c.uid for c in completions] == [f"{p}-{s}" for p in range(3) for s in range(3)]
     assert all(c.prompt_ids == tuple(prompts[c.prompt_index]) for c in completions)
     seqs = SequenceBatch.from_completions(completions, pad_id=lora.pad_id)
-    forced = lora.logprobs(seqs)
+    forced = lora.logprobs(seqs, temperature=params.logprob_temperature)  # greedy records temperature 1
     for i, c in enumerate(completions):
         start = len(c.prompt_ids) - 1
         got = forced[i, start : start + len(c.completion_ids)]
         np.testing.assert_allclose(np.array(c.logprobs), got, atol=1e-4)
         assert (forced[i, start + len(c.completion_ids) :] == 0).all()  # padding targets are 0
+
+
+def recorded_logp(completions, seqs: SequenceBatch) -> np.ndarray:
+    """The log-probs sampling recorded, laid out ``[N, T-1]`` like ``logprobs`` (0 off the completions)."""
+    out = np.zeros(seqs.loss_mask.shape, dtype=np.float32)
+    for i, c in enumerate(completions):
+        out[i, len(c.prompt_ids) - 1 : len(c.prompt_ids) - 1 + len(c.logprobs)] = c.logprobs
+    return out
+
+
+def test_the_first_pass_ratio_is_one_at_the_sampling_temperature(kind, tiny_model_path, tmp_path):
+    """One policy: sampling at T = 0.7 with top-p 0.9 records the log-probs that scoring and training at T give.
+
+    Top-p truncates the draw only; every log-prob is of the tempered, untruncated policy. So on the
+    first pass over fresh samples ``r = exp(logp - old_logp)`` is 1 at every token, the step's loss is
+    the plain policy gradient's, and the KL to the reference is taken between the two tempered policies.
+    """
+    t = 0.7
+    backend = with_random_adapters(make(kind, tiny_model_path), tmp_path / "adapters")  # B != 0: the merge matters
+    params = SamplingParams(max_new_tokens=8, seed=(1, 2, 3), temperature=t, top_p=0.9)
+    completions = backend.sample(encode(backend), n=3, params=params)
+    seqs = SequenceBatch.from_completions(completions, pad_id=backend.pad_id)
+    old = recorded_logp(completions, seqs)
+    mask = seqs.loss_mask > 0
+    policy = backend.logprobs(seqs, temperature=t)
+    ratio = np.exp(policy - old)[mask]
+    assert np.abs(ratio - 1).max() < 1e-4, np.abs(ratio - 1).max()
+    untempered = np.exp(backend.logprobs(seqs) - old)[mask]  # temperature 1 is another policy
+    assert np.abs(untempered - 1).max() > 0.05
+
+    reference = backend.logprobs(seqs, reference=True, temperature=t)
+    advantages = np.random.default_rng(0).standard_normal(len(seqs)).astype(np.float32)
+    weights = aggregation_weights(seqs.loss_mask).astype(np.float32)
+    batch = TrainBatch(seqs, advantages, weights, old_logp=old, ref_logp=reference)
+    loss = LossSettings(kl_coef=0.1, temperature=t)
+    grads, stats = backend.gradients(batch, loss=loss)
+    assert stats.ratio_mean == pytest.approx(1.0, abs=1e-5) and stats.clip_fraction == 0.0
+    # r == 1: the surrogate is -sum(A * w), and its gradient is the on-policy one (old = stop_gradient(logp))
+    assert stats.pg_loss == pytest.approx(-float((advantages[:, None] * weights).sum()), abs=1e-5)
+    d = np.where(mask, reference - policy, 0.0)  # k3 = exp(d) - d - 1 between the tempered policies
+    assert stats.kl == pytest.approx(float(((np.exp(d) - d - 1) * weights).sum() / weights.sum()), abs=1e-5)
+    assert stats.kl > 1e-3  # the random adapters move the policy off the reference
+    on_policy, _ = backend.gradients(TrainBatch(seqs, advantages, weights, ref_logp=reference), loss=loss)
+    for name, g in grads.items():
+        np.testing.assert_allclose(g, on_policy[name], atol=1e-5, rtol=1e-3, err_msg=name)
+    off_policy = backend.gradients(batch, loss=LossSettings(kl_coef=0.1))[1]  # trained at 1, sampled at 0.7
+    assert abs(off_policy.ratio_mean - 1) > 1e-2
+
+
+def test_log_probs_need_a_temperature_above_zero(lora):
+    seqs = SequenceBatch.from_completions(
+        lora.sample(encode(lora), n=1, params=SamplingParams(max_new_tokens=2, seed=0)), pad_id=lora.pad_id
+    )
+    for t in (0.0, -1.0):
+        with pytest.raises(ValueError, match="temperature > 0"):
+            lora.logprobs(seqs, temperature=t)
+        with pytest.raises(ValueError, match="temperature > 0"):
+            LossSettings(temperature=t)
 
 
 def test_seeded_sampling_is_reproducible(lora):

@@ -163,17 +163,22 @@ def test_unscored_samples_are_left_out_of_the_update(tmp_path, tiny_model_path):
 
 
 def test_sampled_logprobs_line_up_with_a_teacher_forced_forward(tmp_path, tiny_model_path):
+    """One policy in the step: recorded, reference and teacher-forced log-probs all at the sampling temperature."""
     from rlaif_mlx.backends.torch import create
 
-    cfg = load_config(write_config(tmp_path, tiny_model_path))
+    overrides = {"rlaif.generation_temperature": 0.7, "rlaif.top_p": 0.9}
+    cfg = load_config(write_config(tmp_path, tiny_model_path), overrides=overrides)
     backend = create(cfg.model, cfg.training, seed=0, total_steps=2)
     trainer = Trainer(cfg, backend=backend, train=TaskSet(TASKS, 0, "test"), rewards=None, output_dir=tmp_path)
     completions = trainer.sample(TASKS)
-    seqs = SequenceBatch.from_completions(completions, pad_id=backend.pad_id)
-    laid_out = sampled_logprobs(completions, seqs)
-    forward = backend.logprobs(seqs)
+    seqs, laid_out, ref_logp = trainer.rollouts.logprobs(completions)
+    np.testing.assert_array_equal(laid_out, sampled_logprobs(completions, seqs))
+    forward = backend.logprobs(seqs, temperature=0.7)
     np.testing.assert_allclose(laid_out * seqs.loss_mask, forward * seqs.loss_mask, atol=1e-4)
     assert (laid_out[seqs.loss_mask == 0] == 0).all()
+    # LoRA's B starts at 0: the policy is the reference, so the KL the controller first sees is 0 (at T, not 1)
+    np.testing.assert_allclose(ref_logp * seqs.loss_mask, laid_out * seqs.loss_mask, atol=1e-4)
+    assert np.abs((backend.logprobs(seqs) - laid_out) * seqs.loss_mask).max() > 0.05
 
 
 def test_sequence_batch_masks_only_completion_targets():
@@ -338,10 +343,10 @@ def test_scoring_overlaps_the_reference_log_probs(tmp_path, tiny_model_path):
     reference_started = threading.Event()
     logprobs = backend.logprobs
 
-    def watched(batch, *, reference=False):
+    def watched(batch, *, reference=False, temperature=1.0):
         if reference:
             reference_started.set()
-        return logprobs(batch, reference=reference)
+        return logprobs(batch, reference=reference, temperature=temperature)
 
     backend.logprobs = watched
 
