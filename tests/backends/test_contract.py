@@ -29,8 +29,7 @@ from conftest import TORCH_DEVICE
 from safetensors.numpy import load_file
 
 from rlaif_mlx.backends import installed
-from rlaif_mlx.backends.base import Backend, LossSettings, SamplingParams, SequenceBatch, TrainBatch
-from rlaif_mlx.rl.advantages import compute_advantages
+from rlaif_mlx.backends.base import Backend, Completion, LossSettings, SamplingParams, SequenceBatch, TrainBatch
 from rlaif_mlx.rl.objective import aggregation_weights
 
 KINDS = ["torch", "mlx"]
@@ -536,34 +535,46 @@ def test_lora_initialisation_follows_the_seed(kind, tiny_model_path):
 # ------------------------------------------------------------------ learning
 
 
-TARGET = range(100, 164)  # 64 of ~1024 token ids: chance is ~1/16
+# Two prompts x four hand-written completions (the same tokens on both backends), advantages +-1 in each group.
+FIXED_GROUPS = {
+    "def add(a, b):": ["\n    return a + b", "\n    pass", " # add two numbers", "\n    return None"],
+    "x = [3, 1, 2]\n": ["x.sort()", "print(x)", "y = x[0] + 1", "del x"],
+}
+FIXED_ADVANTAGES = [1.0, -1.0, 1.0, -1.0]
 
 
-@pytest.mark.parametrize(("use_lora", "lr"), [(True, 1e-2), (False, 3e-3)], ids=["lora", "full"])
-def test_rl_loop_learns_a_toy_reward(kind, tiny_model_path, use_lora, lr):
-    """Reward = fraction of completion tokens in TARGET; the mean reward must rise well above chance.
+def fixed_batch(backend) -> TrainBatch:
+    """``FIXED_GROUPS`` as a batch: completions written, not sampled, so it is one batch whatever the backend."""
+    completions = []
+    for p, (prompt, texts) in enumerate(FIXED_GROUPS.items()):
+        prompt_ids = tuple(backend.tokenizer.encode(prompt, add_special_tokens=False))
+        for s, text in enumerate(texts):
+            ids = tuple(backend.tokenizer.encode(text, add_special_tokens=False))
+            completions.append(Completion(f"{p}-{s}", p, s, prompt_ids, ids, (0.0,) * len(ids), text, "length"))
+    seqs = SequenceBatch.from_completions(completions, pad_id=backend.pad_id)
+    advantages = np.array(FIXED_ADVANTAGES * len(FIXED_GROUPS), dtype=np.float32)
+    return TrainBatch(seqs, advantages, aggregation_weights(seqs.loss_mask).astype(np.float32))
 
-    Sampling runs at a low temperature: the random tiny model's logits span only
-    about +-2.6 (tied embeddings of norm ~0.23, unit-gain final norm), which caps
-    what a LoRA on the attention projections can express at temperature 1.
+
+@pytest.mark.parametrize(("use_lora", "lr"), [(True, 1e-3), (False, 1e-4)], ids=["lora", "full"])
+def test_one_update_raises_positive_samples_and_lowers_negative_ones(kind, tiny_model_path, use_lora, lr):
+    """Deterministic "it learns": one step on a fixed batch moves each sample's log-prob the way its advantage says.
+
+    At the sampling temperature (0.7), as training runs. The steps are small, so each sample's change is
+    its gradient's first-order response to Adam's first step (about ``-lr * sign(g)`` per weight). Measured
+    over LoRA seeds 0-6 on both backends: every sample moved the right way by at least 0.045 nats (full
+    fine-tune: 0.15), against float noise of ~1e-5; a step at 10x these rates overshoots and may not.
     """
-    backend = make(kind, tiny_model_path, learning_rate=lr, micro_batch_size=16, model={"use_lora": use_lora})
-    prompts = encode(backend, ["def f(x):", "import os\n", "class A:", "# sum"])
-    means = []
-    for step in range(20):
-        completions = backend.sample(
-            prompts, n=8, params=SamplingParams(max_new_tokens=8, temperature=0.2, seed=1000 + step)
-        )
-        rewards = np.array([np.mean([t in TARGET for t in c.completion_ids]) for c in completions])
-        advantages = compute_advantages(rewards.reshape(len(prompts), 8), scale_by_std=True).advantages
-        seqs = SequenceBatch.from_completions(completions, pad_id=backend.pad_id)
-        batch = TrainBatch(
-            sequences=seqs,
-            advantages=advantages.reshape(-1).astype(np.float32),
-            token_weights=aggregation_weights(seqs.loss_mask).astype(np.float32),
-        )
-        backend.train_step(batch, loss=LossSettings())
-        means.append(float(rewards.mean()))
-    chance = len(TARGET) / len(backend.tokenizer)
-    assert means[0] < 2 * chance, means
-    assert np.mean(means[-5:]) > 3 * chance, means
+    t = 0.7
+    backend = make(kind, tiny_model_path, learning_rate=lr, model={"use_lora": use_lora})
+    batch = fixed_batch(backend)
+    mask = batch.sequences.loss_mask
+
+    def sequence_logp():
+        return (backend.logprobs(batch.sequences, temperature=t) * mask).sum(axis=1)
+
+    before = sequence_logp()
+    backend.train_step(batch, loss=LossSettings(temperature=t))
+    moved = sequence_logp() - before
+    assert (np.sign(moved) == np.sign(batch.advantages)).all(), moved
+    assert np.abs(moved).min() > 0.01, moved
