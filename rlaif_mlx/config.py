@@ -103,7 +103,8 @@ class TrainingConfig(_Section):
 class RlaifConfig(_Section):
     num_samples_per_prompt: int = Field(default=4, ge=1)
     max_new_tokens: int = Field(default=256, ge=1)
-    generation_temperature: float = Field(default=1.0, gt=0)
+    # the temperature samples are drawn at, and the one the trained policy (logits / T) is scored at
+    generation_temperature: float = 1.0
     top_k: int = Field(default=0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     min_p: float = Field(default=0.0, ge=0, lt=1)
@@ -153,6 +154,16 @@ class RlaifConfig(_Section):
                 "(beta * grad log p averages to 0 over samples); use kl_estimator: k3, or kl_placement: reward"
             )
         return self
+
+    @field_validator("generation_temperature")
+    @classmethod
+    def _a_policy_to_train(cls, t: float) -> float:
+        if t < 0.01:
+            raise ValueError(
+                "must be at least 0.01: the policy trained is softmax(logits / T) at the sampling temperature, "
+                "and greedy decoding (0) has none (use eval.temperature: 0 for greedy evaluation)"
+            )
+        return t
 
     @model_validator(mode="after")
     def _std_scaling_needs_a_centred_baseline(self) -> RlaifConfig:

@@ -117,3 +117,12 @@ def test_teacher_group_mode_keys(tmp_path):
         load_config(write(tmp_path, MINIMAL + weights + teacher + "  max_group: 40\n"))
     prices = "  prices: {input: 2, output: 10, cache_read: 0.1}\n"
     assert load_config(write(tmp_path, MINIMAL + weights + teacher + prices)).teacher.prices.cache_write is None
+
+
+@pytest.mark.parametrize("temperature", [0, 0.001, -1])
+def test_training_refuses_a_temperature_with_no_policy_to_train(tmp_path, temperature):
+    path = write(tmp_path, MINIMAL + f"rlaif:\n  generation_temperature: {temperature}\n")
+    with pytest.raises(ConfigError, match=r"run.yaml:6: rlaif.generation_temperature: must be at least 0.01"):
+        load_config(path)
+    cfg = load_config(write(tmp_path, MINIMAL + "rlaif:\n  generation_temperature: 0.7\neval:\n  temperature: 0\n"))
+    assert (cfg.rlaif.generation_temperature, cfg.eval.temperature) == (0.7, 0.0)  # greedy evaluation stays
