@@ -4,11 +4,11 @@ Each template is a small Python function with parameters (a constant, an operato
 a character, a list shape) and a pool of names. An instance fills them in and comes
 with its prompt, a reference solution and unit tests computed from that reference.
 
-The split is by parameter, not by instance: every template's constants and its
-function names are divided into a training part and a held-out part, so a
-held-out task asks for a constant and a name the training set never showed with
-that template. A policy that only memorises its training tasks scores nothing
-there; one that learned to read the constant and the name from the prompt does.
+The split is by parameter, not by instance: every template's constants are
+divided into a training part and a held-out part, so a held-out task asks for a
+constant the training set never showed with that template (under one of the
+template's function names). A policy that only memorises its training tasks
+scores nothing there; one that learned to read the constant from the prompt does.
 
 ``rlaif-mlx make-tasks`` writes the two files; the bundled ones
 (``builtin:families_train.jsonl``, ``builtin:families_heldout.jsonl``) are its
@@ -26,7 +26,7 @@ from pathlib import Path
 from .tasks import Task
 
 HELDOUT_SHARE = 0.25
-"""The share of each template's constants and names kept for the held-out set."""
+"""The share of each template's constants kept for the held-out set."""
 
 
 @dataclass(frozen=True)
@@ -235,11 +235,11 @@ def _task(template: Template, name: str, k: int | str, part: str, rng: random.Ra
 
 
 def generate_tasks(*, seed: int = 0) -> tuple[list[Task], list[Task]]:
-    """Every (name, constant) pair of every template, split by parameter into (train, held-out).
+    """Every (name, constant) pair of every template, split by constant into (train, held-out).
 
-    Training tasks use the training names and constants only; held-out tasks use the held-out
-    names and the held-out constants only, so no held-out pair, constant or name appears with
-    its template in training.
+    Training tasks use the training constants only; held-out tasks the held-out constants only,
+    so no held-out constant appears with its template in training. Each held-out task takes one
+    of the template's names, drawn at random.
 
     Args:
         seed: decides the splits and the test inputs.
@@ -251,15 +251,15 @@ def generate_tasks(*, seed: int = 0) -> tuple[list[Task], list[Task]]:
     train: list[Task] = []
     heldout: list[Task] = []
     for template in TEMPLATES:
-        names_train, names_held = _split(template.names, rng)
         constants_train, constants_held = _split(template.constants, rng)
-        for part, names, constants, out in (
-            ("train", names_train, constants_train, train),
-            ("heldout", names_held, constants_held, heldout),
-        ):
-            for name in names:
-                for k in constants:
-                    out.append(_task(template, name, k, part, random.Random(f"{seed}/{template.family}/{name}/{k}")))
+        for name in template.names:
+            for k in constants_train:
+                train.append(_task(template, name, k, "train", random.Random(f"{seed}/{template.family}/{name}/{k}")))
+        for k in constants_held:
+            for name in rng.sample(template.names, 3):
+                heldout.append(
+                    _task(template, name, k, "heldout", random.Random(f"{seed}/{template.family}/{name}/{k}"))
+                )
     return sorted(train, key=lambda t: t.id), sorted(heldout, key=lambda t: t.id)
 
 

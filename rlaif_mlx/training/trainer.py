@@ -110,8 +110,8 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------
 
-    def run(self) -> list[dict[str, Any]]:
-        """Warm-up (if configured), then RL steps until the budget; returns the step records.
+    def run(self, *, warmup: bool = True) -> list[dict[str, Any]]:
+        """Warm-up (if configured and ``warmup``), then RL steps until the budget; returns the step records.
 
         A restored trainer skips the warm-up: its checkpoint already holds the
         warmed-up weights and the rebased reference.
@@ -131,7 +131,7 @@ class Trainer:
         records = []
         try:
             with self.signals:  # SIGINT / SIGTERM: finish the step, save, stop (``stopping``)
-                if self.config.training.sft_warmup_steps and self.restored_from is None:
+                if warmup and self.config.training.sft_warmup_steps and self.restored_from is None:
                     self.supervised_warmup()
                 while self.step < self.total_steps:
                     records.append(self.train_step())
