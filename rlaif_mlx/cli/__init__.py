@@ -1,4 +1,4 @@
-"""Command line: ``rlaif-mlx train | eval | score | sample | export | doctor | init-model``.
+"""Command line: ``rlaif-mlx train | eval | score | sample | export | doctor | init-model | migrate-config``.
 
 A small dispatcher: each command is a module of this package with an
 ``add_parser`` and a ``run``. Importing it stays cheap: frameworks load only
@@ -13,10 +13,10 @@ import sys
 
 from .. import __version__
 from ..errors import SetupError
-from . import doctor, evaluate, export, init_model, sample, score, train
+from . import doctor, evaluate, export, init_model, migrate_config, sample, score, train
 from .common import UserError
 
-COMMANDS = (train, evaluate, score, sample, export, doctor, init_model)
+COMMANDS = (train, evaluate, score, sample, export, doctor, init_model, migrate_config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (UserError, SetupError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [type(exc).__name__]:  # a config's errors: one line each
+            print(f"error: {line}", file=sys.stderr)
         return 2
 
 

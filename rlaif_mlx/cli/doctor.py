@@ -94,11 +94,22 @@ def config_checks(path: str) -> list[Check]:
     """The config validates; its model, data, teacher key and folders are usable here."""
     from ..config import ConfigError, load_config
 
+    notes: list[str] = []
     try:
-        config = load_config(path)
-    except ConfigError as exc:
-        return [Check("config", FAIL, str(exc), "fix the key the message names (configs/ has working examples)")]
+        config = load_config(path, on_note=notes.append)
+    except ConfigError as exc:  # every problem of the file, one line each
+        fix = "fix the key the message names (configs/ has working examples)"
+        return [Check("config", FAIL, line, fix) for line in str(exc).splitlines()]
     checks = [Check("config", OK, f"{path} is valid")]
+    if notes:
+        checks.append(
+            Check(
+                "config layout",
+                WARN,
+                "written for the original mlx-rlaif tool; its keys are read under this project's names",
+                f"rlaif-mlx migrate-config {path} > NEW.yaml (it lists each key's new home)",
+            )
+        )
     try:
         resolved = backends.resolve_backend_name(config.backend)
         checks.append(Check("config backend", OK, f"{config.backend} -> {resolved}"))

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         # never become a freshly built random model in a folder of that name.
         overrides["model.build_tiny_if_missing"] = False
     with one_line_errors(ConfigError):
-        config = load_config(args.config, overrides=overrides)
+        config = load_config(args.config, overrides=overrides, on_note=lambda note: print(note, file=sys.stderr))
     dist = _process_group(config)
     try:
         with contextlib.ExitStack() as stack:
