@@ -168,5 +168,5 @@ def test_export_falls_back_to_the_run_config_and_reports_errors(trained, tmp_pat
     missing = tmp_path / "no-such-model"
     argv = ["export", "--checkpoint", str(run), "--out", str(tmp_path / "b"), "--model", str(missing)]
     assert main(argv) == 2
-    assert f"model.base_model '{missing}' cannot be loaded" in one_line_error(capsys)
+    assert f"{missing} does not exist (model.base_model); point model.base_model at" in one_line_error(capsys)
     assert not (tmp_path / "b").exists() and not missing.exists()
