@@ -72,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
     if warning:
         print(warning, file=sys.stderr)
     ensure_model(config, log=lambda line: print(line, file=sys.stderr))
-    backend = create_backend(config, total_steps=1, source=args.config)  # no optimizer steps: any count does
+    backend = create_backend(  # no optimizer steps: any count does
+        config, total_steps=1, source=args.config, log=lambda line: print(line, file=sys.stderr)
+    )
     pipeline = RewardPipeline(config.rewards, teacher=create_teacher(config, source=args.config))
     count = min(len(tasks.tasks), config.eval.max_tasks or len(tasks.tasks))
     print(

@@ -103,7 +103,9 @@ def _train(args: argparse.Namespace, config, dist) -> int:
     )
     output_dir = trainer.output_dir
     if trainer.restored_from is not None:
-        print(f"resuming from {trainer.restored_from} at step {trainer.step}")
+        warmup = trainer.warmup_progress  # a warm-up checkpoint: the warm-up goes on, then RL from step 0
+        where = f"warm-up step {warmup.done} of {warmup.total}" if warmup is not None else f"step {trainer.step}"
+        print(f"resuming from {trainer.restored_from} at {where}")
         if trainer.step >= trainer.total_steps:
             print(
                 f"nothing to do: step {trainer.step} already reaches the budget of {trainer.total_steps} steps "

@@ -32,16 +32,19 @@ class Finding:
         detail: what was found, e.g. ``"models/x does not exist"``.
         fix: what to do about it (empty when nothing needs doing).
         warn: usable, but worth a word (a model that will be downloaded).
+        cache_only: a cached hub model with the hub out of reach: load it as under ``HF_HUB_OFFLINE=1``
+            (``use_hub_cache_only``), or every file lookup would retry for minutes.
     """
 
     ok: bool
     detail: str
     fix: str = ""
     warn: bool = False
+    cache_only: bool = False
 
     def line(self, key: str) -> str:
-        """The finding as one error line naming the config key: ``detail (key); fix``."""
-        return f"{self.detail} ({key}){'; ' + self.fix if self.fix else ''}"
+        """The finding as one error line naming the config key: ``key: detail; fix``."""
+        return f"{key}: {self.detail}{'; ' + self.fix if self.fix else ''}"
 
 
 def hub_offline() -> bool:
@@ -77,14 +80,23 @@ def check_model_path(name: str, *, build_tiny: bool = False, probe_hub: bool = F
     if build_tiny:
         return Finding(True, f"{path} will be built as the tiny random model (model.build_tiny_if_missing)")
     if looks_local(name) or not HUB_ID.match(name):
-        return Finding(False, f"{path} does not exist", _POINT)
+        return Finding(False, f"{name} does not exist", _POINT)
     cached = in_hub_cache(name)
     if cached:
+        unreachable = hub_unreachable() if probe_hub and not hub_offline() else None
+        if unreachable:
+            return Finding(
+                True, f"{name}: {unreachable}; using the copy in the local Hugging Face cache", cache_only=True
+            )
         return Finding(True, f"{name} (hub id, in the local Hugging Face cache)")
     where = "not in the local Hugging Face cache" if cached is False else "the hub cache could not be read"
     found = f"{name}: no such local folder; as a hub id, {where}"
     if hub_offline():
-        return Finding(False, f"{found}, and HF_HUB_OFFLINE is set", f"download it while online (hf download {name})")
+        return Finding(
+            False,
+            f"{found}, and HF_HUB_OFFLINE is set",
+            f"download it while online (hf download {name}), or unset HF_HUB_OFFLINE to let the run download it",
+        )
     if not probe_hub:
         return Finding(True, found, f"download it while online (hf download {name}), or fix the path", warn=True)
     unreachable = hub_unreachable()
@@ -116,6 +128,16 @@ def _model_folder(path: Path, *, build_tiny: bool) -> Finding:
     if not any((path / file).is_file() for file in TOKENIZER_FILES):
         return Finding(False, f"{path} holds no tokenizer ({', '.join(TOKENIZER_FILES[:3])})", _POINT)
     return Finding(True, f"{path} (local folder)")
+
+
+def use_hub_cache_only() -> None:
+    """From here on this process, and those it starts, read the hub cache only, as under ``HF_HUB_OFFLINE=1``."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return
+    constants.HF_HUB_OFFLINE = True  # read at its import; transformers and mlx-lm ask it at each lookup
 
 
 def in_hub_cache(repo_id: str) -> bool | None:

@@ -17,7 +17,9 @@ from ..config import RunConfig
 from ..errors import SetupError, first_line
 
 
-def create_backend(config: RunConfig, *, total_steps: int, source: str, hint: str = "") -> Any:
+def create_backend(
+    config: RunConfig, *, total_steps: int, source: str, hint: str = "", log: Callable[[str], None] = print
+) -> Any:
     """Creates the config's backend; a missing framework or model becomes a one-line ``SetupError``.
 
     The model path is checked first (``preflight.check_model_path``): a path that looks local
@@ -28,15 +30,19 @@ def create_backend(config: RunConfig, *, total_steps: int, source: str, hint: st
         total_steps: planned optimizer steps, for the LR schedule.
         source: the config file, named in the error when the backend refuses a setting.
         hint: appended to the error when the base model cannot be loaded.
+        log: receives a line when a cached hub model is loaded without the hub, which is out of reach.
     """
     from ..backends import BackendUnavailable
     from ..backends import create_backend as create
-    from .preflight import check_model_path
+    from .preflight import check_model_path, use_hub_cache_only
 
     model = config.model.base_model
     found = check_model_path(model, build_tiny=config.model.build_tiny_if_missing, probe_hub=True)
     if not found.ok:
         raise SetupError(found.line("model.base_model") + hint)
+    if found.cache_only:
+        use_hub_cache_only()
+        log(f"model {found.detail} (as with HF_HUB_OFFLINE=1)")
     try:
         return create(config.backend, config.model, config.training, seed=config.seed, total_steps=total_steps)
     except BackendUnavailable as exc:
@@ -187,7 +193,8 @@ def _assemble(config: RunConfig, *, source: str, dashboard: bool, dist: Any, log
     if train.skipped_lines:
         log(f"skipped {train.skipped_lines} bad line(s) in {train.source} (data.on_bad_line: skip)")
 
-    backend = create_backend(config, total_steps=total_optimizer_steps(config, len(train.tasks)), source=source)
+    steps = total_optimizer_steps(config, len(train.tasks))
+    backend = create_backend(config, total_steps=steps, source=source, log=log)
     trainable, total = backend.trainable_parameter_count()
     log(
         f"backend {backend.name} on {backend.device}  model {config.model.base_model}  "
@@ -307,7 +314,7 @@ def load_checkpoint(
     # total_steps only shapes the LR schedule, which neither export nor sample uses.
     steps = max(config.training.max_steps or 0, step, 1)
     hint = "" if model else " (name the base model on this machine with --model)"
-    loaded = create_backend(config, total_steps=steps, source=str(config_path), hint=hint)
+    loaded = create_backend(config, total_steps=steps, source=str(config_path), hint=hint, log=log)
     try:
         loaded.load(path)
     except (ValueError, OSError) as exc:

@@ -11,7 +11,6 @@ the prompts and decides everything else on the gathered whole batch (``distribut
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,18 +37,11 @@ from .policy_update import update_policy
 from .records import Rollout, extreme_samples, step_record
 from .rollouts import RolloutBuilder
 from .sample_ahead import PendingBatch
-from .settings import task_prompt_ids
+from .settings import task_prompt_ids, total_optimizer_steps
 from .stopping import ScoringFailed, StopRequested, StopSignals, UnscoredSteps
 from .warmup import WarmupProgress, supervised_warmup
 
 __all__ = ["ScoringFailed", "StopRequested", "Trainer", "total_optimizer_steps"]  # the stops, raised from ``run``
-
-
-def total_optimizer_steps(config: RunConfig, num_tasks: int) -> int:
-    """``max_steps`` when set (it overrides ``num_epochs``), else ``num_epochs`` over the tasks."""
-    if config.training.max_steps:
-        return config.training.max_steps
-    return math.ceil(num_tasks / config.training.batch_size) * config.training.num_epochs
 
 
 class Trainer:
@@ -98,7 +90,7 @@ class Trainer:
         self.restored_from: Path | None = None  # the checkpoint ``restore`` loaded
         self.run_id: str | None = None  # in every checkpoint: pruning removes only this run's (``setup`` sets it)
         self.base: dict | None = None  # the base model's fingerprint, in every checkpoint (``fingerprint``)
-        self._warmup: WarmupProgress | None = None  # where the warm-up stands (restored from a warm-up checkpoint)
+        self.warmup_progress: WarmupProgress | None = None  # while warming up, or restored from a warm-up checkpoint
         self.signals = StopSignals(log=self.log, current_step=lambda: self.step, doing=self._doing)
         self._pending: PendingBatch | None = None  # the next step's batch, sampled ahead (``rlaif.sample_ahead``)
         self.prompt_ids = task_prompt_ids(backend.tokenizer, train.tasks, config.data)
@@ -129,7 +121,8 @@ class Trainer:
         """Warm-up (if configured), then RL steps until the budget; returns the step records.
 
         A restored trainer skips the warm-up: its checkpoint already holds the
-        warmed-up weights and the rebased reference.
+        warmed-up weights and the rebased reference (from a warm-up checkpoint,
+        it finishes the warm-up first).
         """
         self.reporter.start(
             RunHeader(
@@ -146,7 +139,7 @@ class Trainer:
         records = []
         try:
             with self.signals:  # SIGINT / SIGTERM: finish the step, save, stop (``stopping``)
-                if self.config.training.sft_warmup_steps and (self.restored_from is None or self._warmup):
+                if self.config.training.sft_warmup_steps and (self.restored_from is None or self.warmup_progress):
                     self.supervised_warmup()
                 while self.step < self.total_steps:
                     records.append(self.train_step())
@@ -310,14 +303,14 @@ class Trainer:
         checkpoint left off; a stop signal saves a warm-up checkpoint and ends the run."""
 
         def after_step(progress: WarmupProgress) -> None:  # every process stops at the same warm-up step
-            self._warmup = progress
+            self.warmup_progress = progress
             if self.dist.any(self.signals.received is not None):
                 raise self.signals.stop(
                     f"during the warm-up, after warm-up step {progress.done} of {progress.total}: "
                     f"checkpoint saved in {self.save().parent}"
                 )
 
-        self._warmup = self._warmup or WarmupProgress(0, self.config.training.sft_warmup_steps)
+        self.warmup_progress = self.warmup_progress or WarmupProgress(0, self.config.training.sft_warmup_steps)
         supervised_warmup(
             self.backend,
             list(self.tasks.values()),
@@ -327,14 +320,15 @@ class Trainer:
             log=self.log,
             report=self.reporter.warmup,
             after_step=after_step,
-            start=self._warmup,
+            start=self.warmup_progress,
         )
-        self._warmup = None  # done: checkpoints from here on are RL checkpoints
+        self.warmup_progress = None  # done: checkpoints from here on are RL checkpoints
 
     def _doing(self) -> str:
         """The unit of work a stop signal lets finish: ``step 8``, or ``warm-up step 38 of 110``."""
-        if self._warmup is not None:
-            return f"warm-up step {min(self._warmup.done + 1, self._warmup.total)} of {self._warmup.total}"
+        warmup = self.warmup_progress
+        if warmup is not None:
+            return f"warm-up step {min(warmup.done + 1, warmup.total)} of {warmup.total}"
         return f"step {self.step + 1}"
 
     def save(self) -> Path:
@@ -348,7 +342,7 @@ class Trainer:
         state = {
             "run_id": self.run_id,
             "base": self.base,  # the base model it was trained from (``fingerprint.check_base``)
-            "warmup": self._warmup.state_dict() if self._warmup is not None else None,
+            "warmup": self.warmup_progress.state_dict() if self.warmup_progress is not None else None,
             "step": self.step,
             "unscored_steps": self.unscored.count,
             "kl_controller": estimator["kl_controller"],
@@ -363,7 +357,7 @@ class Trainer:
             path = save_checkpoint(
                 self.output_dir,
                 step=self.step,
-                warmup_step=self._warmup.done if self._warmup is not None else None,
+                warmup_step=self.warmup_progress.done if self.warmup_progress is not None else None,
                 state=state,
                 config=self.config,
                 save_backend=self.backend.save,
@@ -400,7 +394,7 @@ class Trainer:
             self.teacher.load_state_dict(self.dist.teacher_share(state["teacher"]))  # the spend so far counts
         pending = state.get("pending")
         self._pending = PendingBatch.from_state_dict(pending, self.dist) if pending else None
-        self._warmup = WarmupProgress.from_state_dict(state["warmup"]) if state.get("warmup") else None
+        self.warmup_progress = WarmupProgress.from_state_dict(state["warmup"]) if state.get("warmup") else None
         self.run_id = state.get("run_id") or self.run_id  # the same run, continued
         self.restored_from = checkpoint
 
