@@ -337,3 +337,22 @@ def test_grade_many_keeps_results_with_their_uid():
     assert results["broken"].components["parses"] == 0.0
     with pytest.raises(ValueError):
         grade_many([requests[0], requests[0]])
+
+
+def test_no_warning_about_the_students_code_reaches_the_user():
+    """Parsing or compiling a completion (or a task's tests) in this process prints nothing: an invalid
+    escape or an ``is`` with a literal is a SyntaxWarning (DeprecationWarning before Python 3.12)."""
+    import warnings
+
+    from rlaif_mlx.rewards.code import static_check
+    from rlaif_mlx.rewards.suspect import suspect_reasons
+    from rlaif_mlx.rewards.test_plan import build_test_plan, check_tests
+
+    code = 'def f(x):\n    if x is 1:\n        return "\\d"\n    return x\n'
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert static_check(code, language="python").ok
+        assert suspect_reasons(code) == ()
+        assert build_test_plan('assert f(2) != "\\d"', entry_point="f").total == 1
+        assert check_tests("assert f(1) is 1", entry_point="f") is None
+    assert [str(w.message) for w in caught] == []
