@@ -115,10 +115,11 @@ def test_readme_config_tour_is_a_valid_config_with_the_real_defaults(tmp_path):
     from rlaif_mlx.config import RunConfig
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    tour = re.search(r"```yaml\n(.*?)```", readme, re.S).group(1)
-    cfg = load_config(write(tmp_path, tour))
-    defaults = RunConfig(model={"base_model": cfg.model.base_model}, data={"train_file": cfg.data.train_file})
-    assert cfg == defaults
+    tour = yaml.safe_load(re.search(r"```yaml\n(.*?)```", readme, re.S).group(1))
+    assert tour["model"]["base_model"] is None and tour["data"]["train_file"] is None  # required: no default shown
+    tour["model"]["base_model"], tour["data"]["train_file"] = "m", "t.jsonl"
+    cfg = load_config(write(tmp_path, yaml.safe_dump(tour)))
+    assert cfg == RunConfig(model={"base_model": "m"}, data={"train_file": "t.jsonl"})
 
 
 def test_std_scaling_without_a_baseline_is_rejected(tmp_path):

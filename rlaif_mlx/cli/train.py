@@ -144,7 +144,8 @@ def summary(output_dir, records: list[dict], *, seconds: float, resumed) -> str:
     rewards = [float("nan") if r.get("reward_mean") is None else r["reward_mean"] for r in run]  # null: NaN
     first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
     steps = f"{k} steps" if k > 1 else "step"
-    session = f" (steps {records[0]['step']}-{records[-1]['step']} in this session)" if len(run) > len(records) else ""
+    a, b = records[0]["step"], records[-1]["step"]
+    session = f" ({f'step {a}' if a == b else f'steps {a}-{b}'} in this session)" if len(run) > len(records) else ""
     return (
         f"done: {len(run)} steps{session} in {seconds:.0f}s; mean reward of the first {steps} {first:.3f}, "
         f"of the last {steps} {last:.3f}; metrics in {path}"

@@ -249,10 +249,11 @@ class Dashboard:
         parts.append(
             Part(lambda n: samples_row(self.best, self.worst, step=step, max_lines=n, width=width), order=3, sizes=code)
         )
-        body, taken = fit(self.console, parts, width=width, height=height)
+        rendered: dict = {}
+        body, taken = fit(self.console, parts, width=width, height=height, cache=rendered)
         if len(messages) > 1 and 4 in taken and len(body) < height:  # older log lines in the room left
             log.sizes, log.most = tuple(range(len(messages), 0, -1)), taken[4] + height - len(body)
-            body, _ = fit(self.console, parts, width=width, height=height)
+            body, _ = fit(self.console, parts, width=width, height=height, cache=rendered)
         return Lines(body)
 
 

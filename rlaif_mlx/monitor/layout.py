@@ -76,7 +76,14 @@ class Part:
     most: int | None = None
 
 
-def fit(console: Console, parts: list[Part], *, width: int, height: int) -> tuple[list[list[Segment]], dict[int, int]]:
+def fit(
+    console: Console,
+    parts: list[Part],
+    *,
+    width: int,
+    height: int,
+    cache: dict[tuple[int, int], list[list[Segment]]] | None = None,
+) -> tuple[list[list[Segment]], dict[int, int]]:
     """The frame's lines: ``parts`` taken in order of importance, each at the largest size that fits.
 
     A part that does not fit even at its smallest size is left out, and the parts after it are tried.
@@ -86,19 +93,33 @@ def fit(console: Console, parts: list[Part], *, width: int, height: int) -> tupl
         parts: most important first; the first is always shown.
         width: columns.
         height: rows left for these parts.
+        cache: rendered parts by ``(order, size)``, kept between calls for the same frame.
 
     Returns:
         The lines, top to bottom, and the lines each part took (by its ``order``; absent: left out).
     """
+    cache = {} if cache is None else cache
+
+    def lines_of(part: Part, size: int) -> list[list[Segment]] | None:
+        if (part.order, size) not in cache:
+            renderable = part.build(size)
+            cache[part.order, size] = render(console, renderable, width) if renderable is not None else None
+        return cache[part.order, size]
+
     chosen: dict[int, list[list[Segment]]] = {}
     left = height
     for i, part in enumerate(parts):
         room = left if part.most is None else min(left, part.most)
-        for size in part.sizes or (0,):
-            renderable = part.build(size)
-            if renderable is None:
+        sizes = part.sizes or (0,)
+        if len(sizes) > 1:  # sized by the smallest: each size step adds about a line
+            smallest = lines_of(part, sizes[-1])
+            if smallest is None or (len(smallest) > room and i > 0):
+                continue
+            sizes = tuple(s for s in sizes if s <= sizes[-1] + room - len(smallest)) or sizes[-1:]
+        for size in sizes:
+            lines = lines_of(part, size)
+            if lines is None:
                 break
-            lines = render(console, renderable, width)
             if len(lines) <= room or i == 0:
                 chosen[part.order] = lines
                 left -= len(lines)

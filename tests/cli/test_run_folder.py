@@ -117,7 +117,8 @@ def test_resume_appends_and_cuts_back_only_to_the_resumed_step(tmp_path, tiny_mo
     assert [r["step"] for r in after] == [1, 2, 3]  # step 3 again, not twice
     assert after[:2] == before[:2]  # the records before the resumed step are untouched
     assert [s["step"] for s in read_samples(run / "samples.jsonl")] == [1] * 4 + [2] * 4 + [3] * 4
-    assert "done: 3 steps (steps 3-3 in this session)" in out  # the summary covers the whole run
+    assert "done: 3 steps (step 3 in this session) in " in out  # the summary covers the whole run
+    assert "mean reward of the first step " in out and ", of the last step " in out  # not "first 1 steps"
 
 
 def test_resume_into_a_folder_holding_another_run_is_refused(tmp_path, tiny_model_path, capsys):
