@@ -1,11 +1,12 @@
 """Typed run configuration: YAML in, validated pydantic model out.
 
-Every key is checked at load: an unknown key, a wrong type or an out-of-range
-value becomes one ``ConfigError`` line naming the file, the line and the key
-path, e.g. ``configs/x.yaml:12: training.learning_rate: must be > 0 (got -1)``.
-Section and key names follow the original mlx-rlaif tool where they fit
-(``model.base_model``, ``rlaif.num_samples_per_prompt``, ``rlaif.kl_penalty``,
-``rlaif.target_kl``, ``training.learning_rate`` ...).
+Every key is checked at load: each unknown key, wrong type or out-of-range
+value becomes a line of the ``ConfigError`` naming the file, the line and the key
+path, e.g. ``configs/x.yaml:12: training.learning_rate: must be > 0 (got -1)``
+(``config_text``). Section and key names follow the original mlx-rlaif tool where
+they fit (``model.base_model``, ``rlaif.num_samples_per_prompt``, ``rlaif.kl_penalty``,
+``rlaif.target_kl``, ``training.learning_rate`` ...); a config written for that tool
+is read into this layout (``config_legacy``).
 """
 
 from __future__ import annotations
@@ -17,12 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .config_errors import error_lines
 from .config_legacy import FLAT, RULES, Migration, migrate
-
-
-class ConfigError(ValueError):
-    """A config problem, already phrased as one line for the user."""
+from .config_text import ConfigError, error_lines, read_yaml  # ConfigError: imported from here by the commands
 
 
 class _Section(BaseModel):
@@ -318,21 +315,7 @@ def read_config(path: str | Path) -> tuple[dict[str, Any], dict[tuple, int], Mig
         ConfigError: the file cannot be read, or is not a YAML mapping.
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
-    try:
-        raw = yaml.safe_load(text)
-        lines = _key_lines(yaml.compose(text))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    raw, lines = read_yaml(path)
     migration = migrate(raw, known=is_known_key)
     if migration is None:
         return raw, lines, None
@@ -376,18 +359,3 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
     for key in parents:
         node = node.setdefault(key, {})
     node[leaf] = value
-
-
-def _key_lines(node: yaml.Node | None, prefix: tuple = ()) -> dict[tuple, int]:
-    """Maps each key path in the YAML document to its 1-based line number."""
-    found: dict[tuple, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = (*prefix, key_node.value)
-            found[key] = key_node.start_mark.line + 1
-            found.update(_key_lines(value_node, key))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            found[(*prefix, i)] = item.start_mark.line + 1
-            found.update(_key_lines(item, (*prefix, i)))
-    return found

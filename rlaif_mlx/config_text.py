@@ -1,8 +1,8 @@
-"""A config's validation errors as lines a person reads: every error, one line each, in file order.
-
+"""A config file as a person wrote it: its YAML with the line of every key, and its validation
+errors as lines a person reads, every one of them, in file order:
 ``configs/x.yaml:12: training.lerning_rate: unknown key; did you mean training.learning_rate?``
-Plain functions over pydantic's error list; the schema is passed in, so this module never
-imports the config it describes.
+
+Plain functions; the schema is passed in, so this module never imports the config it describes.
 """
 
 from __future__ import annotations
@@ -11,7 +11,51 @@ import difflib
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import BaseModel, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config problem, already phrased for the user: one line per problem."""
+
+
+def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple, int]]:
+    """The file's top-level mapping and each key path's 1-based line.
+
+    Raises:
+        ConfigError: the file cannot be read, is not YAML, or is not a mapping.
+    """
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+        lines = key_lines(yaml.compose(text))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    return raw, lines
+
+
+def key_lines(node: yaml.Node | None, prefix: tuple = ()) -> dict[tuple, int]:
+    """Maps each key path in the YAML document to its 1-based line number."""
+    found: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = (*prefix, key_node.value)
+            found[key] = key_node.start_mark.line + 1
+            found.update(key_lines(value_node, key))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found[(*prefix, i)] = item.start_mark.line + 1
+            found.update(key_lines(item, (*prefix, i)))
+    return found
 
 
 def error_lines(
