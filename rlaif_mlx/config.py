@@ -104,7 +104,8 @@ class TrainingConfig(_Section):
 class RlaifConfig(_Section):
     num_samples_per_prompt: int = Field(default=4, ge=1)
     max_new_tokens: int = Field(default=256, ge=1)
-    generation_temperature: float = Field(default=1.0, gt=0)
+    # the temperature samples are drawn at, and the one the trained policy (logits / T) is scored at
+    generation_temperature: float = 1.0
     top_k: int = Field(default=0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     min_p: float = Field(default=0.0, ge=0, lt=1)
@@ -114,7 +115,11 @@ class RlaifConfig(_Section):
     kl_placement: Literal["loss", "reward"] = "loss"
     adaptive_kl: bool = True
     target_kl: float = Field(default=0.05, gt=0, description="per-token KL the controller aims for")
-    kl_horizon: int = Field(default=10000, ge=1)
+    # The adaptive controller's horizon in optimizer steps: with the KL held at twice the target beta
+    # doubles in about 139 steps at 40. ``kl_horizon`` is the old key, in samples, still honoured as
+    # ``kl_horizon / (batch_size * num_samples_per_prompt)`` steps when it is set instead.
+    kl_horizon_steps: float | None = Field(default=40.0, gt=0)
+    kl_horizon: int | None = Field(default=None, ge=1, description="old key, in samples: use kl_horizon_steps")
     baseline: Literal["group_mean", "leave_one_out", "ema", "none"] = "group_mean"
     scale_by_std: bool = True
     whiten_advantages: bool = False
@@ -123,6 +128,43 @@ class RlaifConfig(_Section):
     # Sample the next batch while the teacher scores this one; that batch is then one update stale
     # and the loss's ratio is taken against the policy that sampled it (``sample_ahead.py``).
     sample_ahead: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_horizon_key(cls, data: Any) -> Any:
+        # A config (or a checkpoint's saved config) from before kl_horizon_steps keeps its horizon in samples.
+        if isinstance(data, dict) and data.get("kl_horizon") is not None and "kl_horizon_steps" not in data:
+            data = {**data, "kl_horizon_steps": None}
+        return data
+
+    @model_validator(mode="after")
+    def _one_horizon(self) -> RlaifConfig:
+        if self.kl_horizon is not None and self.kl_horizon_steps is not None:
+            raise ValueError(
+                "kl_horizon (the old key, in samples) and kl_horizon_steps are both set; keep kl_horizon_steps only"
+            )
+        if self.kl_horizon is None and self.kl_horizon_steps is None:
+            raise ValueError("kl_horizon_steps is null; set the KL controller's horizon in steps, e.g. 40")
+        return self
+
+    @model_validator(mode="after")
+    def _k1_is_no_loss_penalty(self) -> RlaifConfig:
+        if self.kl_estimator == "k1" and self.kl_placement == "loss":
+            raise ValueError(
+                "kl_estimator: k1 with kl_placement: loss is a penalty with zero expected gradient "
+                "(beta * grad log p averages to 0 over samples); use kl_estimator: k3, or kl_placement: reward"
+            )
+        return self
+
+    @field_validator("generation_temperature")
+    @classmethod
+    def _a_policy_to_train(cls, t: float) -> float:
+        if t < 0.01:
+            raise ValueError(
+                "must be at least 0.01: the policy trained is softmax(logits / T) at the sampling temperature, "
+                "and greedy decoding (0) has none (use eval.temperature: 0 for greedy evaluation)"
+            )
+        return t
 
     @model_validator(mode="after")
     def _std_scaling_needs_a_centred_baseline(self) -> RlaifConfig:
@@ -139,6 +181,8 @@ class PriceConfig(_Section):
 
     input: float = Field(ge=0)
     output: float = Field(ge=0)
+    cache_read: float | None = Field(default=None, ge=0)  # prompt-cache reads; default: the table's rule
+    cache_write: float | None = Field(default=None, ge=0)  # prompt-cache writes; default: the table's rule
 
 
 class TeacherConfig(_Section):
@@ -151,7 +195,7 @@ class TeacherConfig(_Section):
     max_concurrency: int = Field(default=8, ge=1)
     timeout_s: float = Field(default=60.0, gt=0)
     max_retries: int = Field(default=3, ge=0)
-    max_tokens: int = Field(default=512, ge=16, description="longest answer the teacher may write")
+    max_tokens: int = Field(default=512, ge=16, description="longest answer per completion judged")
     temperature: float = Field(default=0.0, ge=0, le=2)
     cache_path: str | None = "~/.cache/rlaif-mlx/teacher-cache.sqlite"  # null: no cache
     cache_ttl_s: float | None = Field(default=30 * 24 * 3600.0, gt=0)  # null: cached judgements never expire
@@ -163,6 +207,10 @@ class TeacherConfig(_Section):
     use_reference: bool = True  # show the rubric the task's (or the teacher's) reference solution
     write_reference: bool = False  # ask the teacher for a reference solution where a task has none (cached)
     gate: Literal["always", "parses", "any_test_passes", "all_tests_pass"] = "parses"
+    # pointwise: one call per completion. group: one call per prompt judges its completions side by side.
+    mode: Literal["pointwise", "group"] = "pointwise"
+    max_group: int = Field(default=8, ge=1, le=26, description="completions per group call; larger groups split")
+    prompt_cache: bool = True  # mark the shared prompt prefix for the provider's prompt cache
 
     @field_validator("rubric_weights")
     @classmethod
@@ -204,9 +252,10 @@ class CurriculumConfig(_Section):
     enabled: bool = False
     num_buckets: int = Field(default=3, ge=1)
     advance_threshold: float = Field(default=0.7, description="bucket mean reward that moves on")
+    # null: a bucket the threshold does not pass is left after 2 passes over its tasks
     advance_after_steps: int | None = Field(default=None, ge=1, description="step budget per bucket")
     window: int = Field(default=16, ge=1)
-    mix_previous: float = Field(default=0.0, ge=0, le=1)
+    mix_previous: float = Field(default=0.0, ge=0, lt=1)  # each batch keeps at least one current-bucket task
 
 
 class LoggingConfig(_Section):

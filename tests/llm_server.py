@@ -8,6 +8,11 @@ concurrency. Concurrency is checked by a rendezvous and counts, never by wall
 time: ``hold_in_rounds(n)`` answers no request until n of its round are in
 flight, and ``connections()`` counts the connections a client's pool opened.
 
+Usage figures are fixed (``input_tokens``, ``output_tokens`` and, to test their
+parsing, ``cache_read_tokens`` / ``cache_write_tokens``) unless ``usage_mode``
+is "counted": then each request's tokens are counted and its prompt-cache reads
+and writes follow ``prompt_cache`` (``llm_usage.py``), as the real APIs report them.
+
 Usage::
 
     with LLMServer() as server:
@@ -31,6 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from llm_usage import PromptCache, count
 
 DEFAULT_SCORES = {"correctness": 8, "quality": 7, "efficiency": 6, "readability": 9, "rationale": "ok"}
 FAULT_KINDS = ("400", "401", "404", "429", "500", "503", "529", "malformed", "hang", "drop")
@@ -75,6 +82,8 @@ class RecordedRequest:
         arrived: ``time.monotonic()`` at arrival.
         fault: the fault applied to it, or None.
         connection: the client's (host, port): one per TCP connection it opened.
+        prompt_usage: counted mode: the prompt side of its usage, from the cache as it stood on arrival.
+        prefixes: counted mode: the prompt-cache prefixes to store once it is answered.
     """
 
     endpoint: str
@@ -84,6 +93,8 @@ class RecordedRequest:
     arrived: float
     fault: Fault | None
     connection: tuple[str, int] = ("", 0)
+    prompt_usage: dict[str, int] | None = None
+    prefixes: tuple[str, ...] = ()
 
 
 class LLMServer:
@@ -95,7 +106,10 @@ class LLMServer:
             (OpenAI); a str is sent as plain text.
         reject_response_format: answer 400 to OpenAI requests carrying
             ``response_format`` (a local server without JSON-schema support).
-        input_tokens, output_tokens: the usage figures each answer reports.
+        input_tokens, output_tokens: the usage figures each answer reports (fixed mode).
+        cache_read_tokens, cache_write_tokens: the prompt-cache figures each answer reports (fixed mode).
+        usage_mode: "fixed" (the figures above) or "counted" (tokens counted, the prompt cache simulated).
+        prompt_cache: counted mode: the prefixes the provider holds (``llm_usage.PromptCache``).
         include_usage: leave ``usage`` out of OpenAI answers when False.
         requests: every request so far, in arrival order.
         max_in_flight: the most requests being handled at once.
@@ -107,6 +121,10 @@ class LLMServer:
         self.reject_response_format = False
         self.input_tokens = 120
         self.output_tokens = 30
+        self.cache_read_tokens = 0
+        self.cache_write_tokens = 0
+        self.usage_mode = "fixed"
+        self.prompt_cache = PromptCache()
         self.include_usage = True
         self.requests: list[RecordedRequest] = []
         self.max_in_flight = 0
@@ -124,7 +142,7 @@ class LLMServer:
         self._connections: set[socket.socket] = set()
         self._handler_threads: set[threading.Thread] = set()
         self._ids = itertools.count(1)
-        self._httpd = ThreadingHTTPServer((host, port), _Handler)
+        self._httpd = _Server((host, port), _Handler)
         self._httpd.daemon_threads = True
         self._httpd.owner = self  # type: ignore[attr-defined]
         self._thread: threading.Thread | None = None
@@ -263,7 +281,13 @@ class LLMServer:
         with self._lock:
             fault = self._faults.popleft() if self._faults else self._sticky
             endpoint = ENDPOINTS.get(path, "unknown")
-            record = RecordedRequest(endpoint, path, headers, body, time.monotonic(), fault, connection)
+            prompt_usage, prefixes = None, []
+            if self.usage_mode == "counted" and endpoint != "unknown" and isinstance(body, dict):
+                # looked up on arrival: requests sent together all miss, as on the real APIs
+                prompt_usage, prefixes = getattr(self.prompt_cache, endpoint)(body)
+            record = RecordedRequest(
+                endpoint, path, headers, body, time.monotonic(), fault, connection, prompt_usage, tuple(prefixes)
+            )
             self.requests.append(record)
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
@@ -286,12 +310,43 @@ class LLMServer:
                     self.rounds_timed_out += 1
                     released.set()  # answer the rest of this round too: one failure is enough
 
+    def _usage(self, record: RecordedRequest, content: dict[str, Any] | str) -> dict[str, Any]:
+        """The ``usage`` object of an answer in the endpoint's format; stores the request's prefixes."""
+        text = content if isinstance(content, str) else json.dumps(content)
+        if record.prompt_usage is None:
+            read, write, output = self.cache_read_tokens, self.cache_write_tokens, self.output_tokens
+            prompt = {"input_tokens": self.input_tokens, "prompt_tokens": self.input_tokens + read + write}
+        else:
+            with self._lock:
+                self.prompt_cache.store(list(record.prefixes))
+            prompt, output = record.prompt_usage, count(text)
+            read = prompt.get("cache_read_input_tokens", prompt.get("cached_tokens", 0))
+            write = prompt.get("cache_creation_input_tokens", 0)
+        if record.endpoint == "anthropic":
+            return {
+                "input_tokens": prompt["input_tokens"],
+                "output_tokens": output,
+                "cache_creation_input_tokens": write,
+                "cache_read_input_tokens": read,
+            }
+        return {
+            "prompt_tokens": prompt["prompt_tokens"],
+            "completion_tokens": output,
+            "total_tokens": prompt["prompt_tokens"] + output,
+            "prompt_tokens_details": {"cached_tokens": read, "cache_write_tokens": write},
+        }
+
     def _leave(self) -> None:
         with self._lock:
             self._in_flight -= 1
 
     def _next_id(self) -> int:
         return next(self._ids)
+
+
+class _Server(ThreadingHTTPServer):
+    # The listen backlog: the default 5 refuses connections when a client opens a dozen at once.
+    request_queue_size = 128
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -354,6 +409,9 @@ class _Handler(BaseHTTPRequestHandler):
                 extra["retry-after-ms"] = str(fault.retry_after_ms)
             return self._send_json(status, _error(endpoint, status, f"injected {status}"), extra)
         request = record.body if isinstance(record.body, dict) else {}
+        refused = _refused_by_the_model(endpoint, request)
+        if refused:
+            return self._send_json(400, _error(endpoint, 400, refused))
         if endpoint == "openai" and owner.reject_response_format and "response_format" in request:
             message = "response_format json_schema is not supported by this server"
             return self._send_json(400, _error(endpoint, 400, message, param="response_format"))
@@ -361,9 +419,10 @@ class _Handler(BaseHTTPRequestHandler):
             content = owner.answer(request)
         except Exception as exc:  # a broken test answer shows as a 500, not a hung client
             return self._send_json(500, _error(endpoint, 500, f"answer raised {exc!r}"))
+        usage = owner._usage(record, content)
         if endpoint == "anthropic":
-            return self._send_json(200, _anthropic_message(owner, request, content))
-        return self._send_json(200, _openai_completion(owner, request, content))
+            return self._send_json(200, _anthropic_message(owner, request, content, usage))
+        return self._send_json(200, _openai_completion(owner, request, content, usage))
 
     def _send_json(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         self._send(status, json.dumps(payload).encode(), "application/json", headers)
@@ -376,6 +435,20 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
+
+
+# Claude Sonnet 5.5 and Opus 5.5 answer 400 to a forced tool choice and to sampling parameters
+# (Anthropic's Sonnet 5.5 migration guide); the server refuses them as those models do.
+NO_FORCED_TOOL_MODELS = ("claude-sonnet-5-5", "claude-opus-5-5")
+
+
+def _refused_by_the_model(endpoint: str, request: dict[str, Any]) -> str | None:
+    if endpoint != "anthropic" or not str(request.get("model", "")).startswith(NO_FORCED_TOOL_MODELS):
+        return None
+    if (request.get("tool_choice") or {}).get("type") in ("tool", "any"):
+        return "tool_choice forcing a tool is not supported with this model"
+    sampling = sorted(k for k in ("temperature", "top_p", "top_k") if k in request)
+    return f"{', '.join(sampling)}: sampling parameters are not supported with this model" if sampling else None
 
 
 def _error(endpoint: str, status: int, message: str, param: str | None = None) -> dict[str, Any]:
@@ -391,7 +464,9 @@ def _error(endpoint: str, status: int, message: str, param: str | None = None) -
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
-def _anthropic_message(owner: LLMServer, request: dict[str, Any], content: dict[str, Any] | str) -> dict[str, Any]:
+def _anthropic_message(
+    owner: LLMServer, request: dict[str, Any], content: dict[str, Any] | str, usage: dict[str, Any]
+) -> dict[str, Any]:
     tools = request.get("tools") or []
     choice = request.get("tool_choice") or {}
     tool_name = choice.get("name") if choice.get("type") == "tool" else (tools[0].get("name") if tools else None)
@@ -414,11 +489,13 @@ def _anthropic_message(owner: LLMServer, request: dict[str, Any], content: dict[
         "content": [block],
         "stop_reason": stop_reason,
         "stop_sequence": None,
-        "usage": {"input_tokens": owner.input_tokens, "output_tokens": owner.output_tokens},
+        "usage": usage,
     }
 
 
-def _openai_completion(owner: LLMServer, request: dict[str, Any], content: dict[str, Any] | str) -> dict[str, Any]:
+def _openai_completion(
+    owner: LLMServer, request: dict[str, Any], content: dict[str, Any] | str, usage: dict[str, Any]
+) -> dict[str, Any]:
     text = content if isinstance(content, str) else json.dumps(content)
     answer: dict[str, Any] = {
         "id": f"chatcmpl-{owner._next_id()}",
@@ -435,9 +512,5 @@ def _openai_completion(owner: LLMServer, request: dict[str, Any], content: dict[
         ],
     }
     if owner.include_usage:
-        answer["usage"] = {
-            "prompt_tokens": owner.input_tokens,
-            "completion_tokens": owner.output_tokens,
-            "total_tokens": owner.input_tokens + owner.output_tokens,
-        }
+        answer["usage"] = usage
     return answer

@@ -126,3 +126,27 @@ def test_std_scaling_without_a_baseline_is_rejected(tmp_path):
     path = write(tmp_path, MINIMAL + "rlaif:\n  baseline: none\n  scale_by_std: true\n")
     with pytest.raises(ConfigError, match=r"run.yaml:5: rlaif: scale_by_std: true divides raw rewards"):
         load_config(path)
+
+
+def test_teacher_group_mode_keys(tmp_path):
+    teacher = "teacher:\n  provider: openai\n  model: gpt-5-mini\n"
+    weights = "rewards:\n  weights: {tests: 0.6, teacher: 0.4}\n"
+    cfg = load_config(write(tmp_path, MINIMAL + weights + teacher))
+    assert (cfg.teacher.mode, cfg.teacher.max_group, cfg.teacher.prompt_cache) == ("pointwise", 8, True)
+    cfg = load_config(write(tmp_path, MINIMAL + weights + teacher + "  mode: group\n  max_group: 16\n"))
+    assert (cfg.teacher.mode, cfg.teacher.max_group) == ("group", 16)
+    with pytest.raises(ConfigError, match=r"run.yaml:10: teacher.mode: .*'pointwise' or 'group'.*'pairwise'"):
+        load_config(write(tmp_path, MINIMAL + weights + teacher + "  mode: pairwise\n"))
+    with pytest.raises(ConfigError, match=r"run.yaml:10: teacher.max_group: .*less than or equal to 26.*40"):
+        load_config(write(tmp_path, MINIMAL + weights + teacher + "  max_group: 40\n"))
+    prices = "  prices: {input: 2, output: 10, cache_read: 0.1}\n"
+    assert load_config(write(tmp_path, MINIMAL + weights + teacher + prices)).teacher.prices.cache_write is None
+
+
+@pytest.mark.parametrize("temperature", [0, 0.001, -1])
+def test_training_refuses_a_temperature_with_no_policy_to_train(tmp_path, temperature):
+    path = write(tmp_path, MINIMAL + f"rlaif:\n  generation_temperature: {temperature}\n")
+    with pytest.raises(ConfigError, match=r"run.yaml:6: rlaif.generation_temperature: must be at least 0.01"):
+        load_config(path)
+    cfg = load_config(write(tmp_path, MINIMAL + "rlaif:\n  generation_temperature: 0.7\neval:\n  temperature: 0\n"))
+    assert (cfg.rlaif.generation_temperature, cfg.eval.temperature) == (0.7, 0.0)  # greedy evaluation stays

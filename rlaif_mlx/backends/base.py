@@ -7,7 +7,13 @@ Conventions shared by every backend:
 - Sequences are prompt + completion token ids, right-padded. Right padding keeps
   position ids contiguous for every row, so no position bookkeeping is needed.
 - Log-prob arrays are ``[N, T-1]``: column ``t`` is ``log p(ids[t+1] | ids[:t+1])``
-  at temperature 1 (the policy itself, not the sampling distribution).
+  under ``softmax(logits / T)``, the policy at the sampling temperature ``T``: the
+  policy that samples is the one that is trained (as TRL and verl do). Sampling
+  records its log-probs at ``SamplingParams.temperature``; ``logprobs`` and
+  ``train_step`` take the same ``T`` (``temperature=``, ``LossSettings.temperature``).
+  Top-k / top-p / min-p truncate the draw only: log-probs are of the tempered,
+  untruncated distribution. Greedy decoding (temperature 0) records temperature-1
+  log-probs: there is no tempered distribution to score, and nothing trains at 0.
 - ``loss_mask [N, T-1]`` is 1 where the *target* is a completion token, 0 on
   prompt and padding targets, so neither ever reaches a loss or a denominator.
 
@@ -23,11 +29,25 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+GREEDY_TEMPERATURE = 1e-6
+"""Sampling at or below this temperature takes the most likely token (no division by ~0)."""
+
+
+def check_temperature(temperature: float) -> float:
+    """``temperature`` when it can score a policy (``logits / T``), else ValueError naming the fix."""
+    if not temperature > GREEDY_TEMPERATURE:
+        raise ValueError(
+            f"log-probs need a temperature > 0 (got {temperature}): greedy decoding has no distribution "
+            "to score or train; pass the temperature the samples were drawn at"
+        )
+    return float(temperature)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to sample completions. Zero / one values switch a filter off.
 
+    ``temperature`` 0 (up to ``GREEDY_TEMPERATURE``) or ``top_k`` 1 is greedy decoding.
     ``seed``: an int seeds the whole call; a tuple holds one seed per prompt, so
     a prompt's samples do not depend on which other prompts share the call (a
     batch split over processes samples what one process would); None draws one.
@@ -41,6 +61,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | tuple[int, ...] | None = None
 
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature of the log-probs sampling records: ``temperature``, or 1 for greedy (temperature 0)."""
+        return self.temperature if self.temperature > GREEDY_TEMPERATURE else 1.0
+
 
 @dataclass(frozen=True)
 class Completion:
@@ -48,7 +73,9 @@ class Completion:
 
     ``completion_ids`` holds exactly the sampled tokens (EOS included when the
     model emitted it; cut right after the token that completed a stop string).
-    ``logprobs[i]`` is the policy log-prob (temperature 1) of ``completion_ids[i]``.
+    ``logprobs[i]`` is the log-prob of ``completion_ids[i]`` under the tempered, untruncated
+    policy the call sampled from (``SamplingParams.logprob_temperature``): what the old and
+    training log-probs of the same ``T`` reproduce.
     Training uses these ids directly: the text is for graders and people.
     """
 
@@ -126,12 +153,21 @@ class TrainBatch:
 
 @dataclass(frozen=True)
 class LossSettings:
-    """The objective's knobs, passed to ``Backend.train_step`` each step."""
+    """The objective's knobs, passed to ``Backend.train_step`` each step.
+
+    ``temperature``: the policy trained is ``softmax(logits / temperature)``; RL passes
+    the sampling temperature (``old_logp`` and ``ref_logp`` are at the same one), the
+    supervised warm-up 1. Must be > 0.
+    """
 
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
     kl_coef: float = 0.0  # the KL term in the loss; 0 when KL is in the reward
     kl_estimator: str = "k3"
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_temperature(self.temperature)
 
 
 @dataclass
@@ -173,8 +209,9 @@ class Backend(Protocol):
                 ``temperature == 0`` or ``top_k == 1`` is greedy decoding.
 
         Returns:
-            ``len(prompts) * n`` completions with the sampled ids, their
-            temperature-1 log-probs, the text and the finish reason.
+            ``len(prompts) * n`` completions with the sampled ids, their log-probs
+            at ``params.logprob_temperature`` (tempered, untruncated), the text and
+            the finish reason.
         """
         ...
 
@@ -187,15 +224,20 @@ class Backend(Protocol):
         """
         ...
 
-    def logprobs(self, batch: SequenceBatch, *, reference: bool = False) -> np.ndarray:
+    def logprobs(self, batch: SequenceBatch, *, reference: bool = False, temperature: float = 1.0) -> np.ndarray:
         """Per-token log-probs ``[N, T-1]`` (float32, 0 on padding targets).
 
         Args:
             batch: right-padded prompt + completion ids.
             reference: score under the frozen reference (LoRA: adapters off) instead of the policy.
+            temperature: score ``softmax(logits / temperature)``: the sampling temperature,
+                so that these equal the log-probs recorded while sampling. Must be > 0.
 
         Returns:
-            Column ``t`` is ``log p(ids[t+1] | ids[:t+1])`` at temperature 1.
+            Column ``t`` is ``log p(ids[t+1] | ids[:t+1])`` at ``temperature``.
+
+        Raises:
+            ValueError: ``temperature <= 0``.
         """
         ...
 
@@ -204,7 +246,7 @@ class Backend(Protocol):
 
         Args:
             batch: sequences, advantages and whole-batch-normalised token weights.
-            loss: clip ranges and the KL coefficient.
+            loss: clip ranges, the KL coefficient and the temperature of the trained policy.
             learning_rate: use this rate for this step and leave the LR schedule
                 where it is (the supervised warm-up runs outside the RL schedule);
                 None follows the schedule.

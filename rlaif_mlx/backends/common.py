@@ -17,7 +17,7 @@ class DecodeBook:
     """Framework-free bookkeeping of one batched decode, shared by both backends.
 
     Rows are prompt-major (``row = prompt * n + sample``). Each step the backend
-    hands in the token and temperature-1 log-prob it chose for every row; the
+    hands in the token and log-prob (``SamplingParams.logprob_temperature``) it chose for every row; the
     book keeps them for live rows, decides EOS / stop-string finishes, and at the
     end assembles the ``Completion`` records.
 

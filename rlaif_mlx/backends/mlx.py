@@ -41,6 +41,7 @@ from rlaif_mlx.backends.base import (
     SequenceBatch,
     StepStats,
     TrainBatch,
+    check_temperature,
 )
 
 try:
@@ -129,8 +130,9 @@ class MlxBackend:
 
     # ---------------------------------------------------------------- logprobs
 
-    def logprobs(self, batch: SequenceBatch, *, reference: bool = False) -> np.ndarray:
+    def logprobs(self, batch: SequenceBatch, *, reference: bool = False, temperature: float = 1.0) -> np.ndarray:
         """``Backend.logprobs``, per micro-batch, each shared prompt forwarded once (``mlx_groups``)."""
+        temperature = check_temperature(temperature)
         self._model.eval()
         n, width = batch.input_ids.shape
         out = np.zeros((n, width - 1), dtype=np.float32)
@@ -139,16 +141,16 @@ class MlxBackend:
         off = self._adapters_off() if reference and self._reference is None else contextlib.nullcontext()
         with off:
             for start in range(0, n, step):
-                logp = self._score(model, batch.rows(slice(start, start + step)))
+                logp = self._score(model, batch.rows(slice(start, start + step)), temperature)
                 out[start : start + len(logp), : logp.shape[1]] = logp
         return out
 
-    def _score(self, model, rows: SequenceBatch) -> np.ndarray:
+    def _score(self, model, rows: SequenceBatch, temperature: float) -> np.ndarray:
         """Row-layout log-probs of one micro-batch, each shared prompt forwarded once (``mlx_groups``)."""
         groups = grouped.find_groups(rows)
         if groups is None:
-            return np.array(ops.token_logp(model, *mlx_train.arrays(rows)))
-        prompt_logp, completion_logp = grouped.grouped_logp(model, groups, prompt_targets=True)
+            return np.array(ops.token_logp(model, *mlx_train.arrays(rows), temperature))
+        prompt_logp, completion_logp = grouped.grouped_logp(model, groups, prompt_targets=True, temperature=temperature)
         return groups.to_row_layout(np.array(prompt_logp), np.array(completion_logp), rows.loss_mask.shape[1])
 
     @contextlib.contextmanager

@@ -95,14 +95,15 @@ def find_groups(rows: SequenceBatch) -> PromptGroups | None:
     return PromptGroups(prompts, owner, prompt_len, completion_len, completions)
 
 
-def grouped_logp(model, groups: PromptGroups, *, prompt_targets: bool):
-    """Float32 log-probs with each prompt forwarded once.
+def grouped_logp(model, groups: PromptGroups, *, prompt_targets: bool, temperature: float = 1.0):
+    """Float32 log-probs at ``temperature`` with each prompt forwarded once.
 
     Args:
         model: an mlx-lm model (called inside ``nn.value_and_grad`` for training).
         groups: from ``find_groups``.
         prompt_targets: also score the prompts' own tokens (the LM head then
             runs on every prompt position of the unique prompts, not only the last).
+        temperature: score ``softmax(logits / temperature)`` (the sampling temperature).
 
     Returns:
         ``(prompt_logp [U, P-1] or None, completion_logp [R, C])``; completion
@@ -113,15 +114,17 @@ def grouped_logp(model, groups: PromptGroups, *, prompt_targets: bool):
     prompt_logp = None
     if prompt_targets:
         logits = model(ids, cache=cache).astype(mx.float32)
-        prompt_logp = ops.target_logp(logits[:, :-1], ids[:, 1:]) if ids.shape[1] > 1 else mx.zeros((len(ids), 0))
+        prompt_logp = (
+            ops.target_logp(logits[:, :-1], ids[:, 1:], temperature) if ids.shape[1] > 1 else mx.zeros((len(ids), 0))
+        )
         last = logits[:, -1]
     else:
         last = ops.last_logits(model, ids, cache).astype(mx.float32)
     owner = mx.array(groups.owner)
     completions = mx.array(groups.completions)
-    first = ops.target_logp(last[owner], completions[:, 0])[:, None]
+    first = ops.target_logp(last[owner], completions[:, 0], temperature)[:, None]
     if completions.shape[1] == 1:
         return prompt_logp, first
     ops.select_cache_rows(cache, owner)
     logits = model(completions[:, :-1], cache=cache).astype(mx.float32)
-    return prompt_logp, mx.concatenate([first, ops.target_logp(logits, completions[:, 1:])], axis=1)
+    return prompt_logp, mx.concatenate([first, ops.target_logp(logits, completions[:, 1:], temperature)], axis=1)

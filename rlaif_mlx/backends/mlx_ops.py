@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 from mlx_lm.tuner.lora import LoRALinear
 
-from rlaif_mlx.backends.base import SamplingParams
+from rlaif_mlx.backends.base import GREEDY_TEMPERATURE, SamplingParams
 from rlaif_mlx.backends.common import merge_eos_ids
 
 LINEAR = (nn.Linear, nn.QuantizedLinear)  # what LoRA can adapt
@@ -223,8 +223,14 @@ def exp_nonpositive(x):
     return exp_floored(x) * (x > EXP_FLOOR)
 
 
-def target_logp(logits, targets):
-    """``log_softmax(logits)[target]`` as ``logit - logsumexp``: no full-vocab log-softmax array."""
+def target_logp(logits, targets, temperature: float = 1.0):
+    """``log_softmax(logits / temperature)[target]`` as ``logit - logsumexp``: no full-vocab log-softmax array.
+
+    Teacher-forced scoring and training divide the float32 logits as ``choose`` does, so a
+    sample's recorded log-prob and its teacher-forced one agree.
+    """
+    if temperature != 1.0:
+        logits = logits / temperature
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
     return picked - logsumexp(logits)
 
@@ -246,15 +252,15 @@ def _logsumexp_vjp(logits, cotangent, output):
     return exp_floored(logits - output[..., None]) * cotangent[..., None]
 
 
-def token_logp(model, ids, attn):
-    """``[N, T-1]`` float32 log-probs of each next token; 0 where the target is padding.
+def token_logp(model, ids, attn, temperature: float = 1.0):
+    """``[N, T-1]`` float32 log-probs of each next token at ``temperature``; 0 where the target is padding.
 
     Rows are right-padded, so the causal mask alone keeps every real token
     from seeing padding (padding only ever follows it); padding positions
     produce garbage that the final ``where`` drops.
     """
     logits = model(ids)
-    logp = target_logp(logits[:, :-1].astype(mx.float32), ids[:, 1:])
+    logp = target_logp(logits[:, :-1].astype(mx.float32), ids[:, 1:], temperature)
     return mx.where((attn[:, 1:] * attn[:, :-1]) > 0, logp, mx.zeros_like(logp))
 
 
@@ -277,25 +283,27 @@ def sampling_uniforms(seed: int | tuple[int, ...], *, prompts: int, steps: int, 
 
 
 def choose(logits, params: SamplingParams, u):
-    """Next tokens ``[R]`` (int32) and their temperature-1 log-probs ``[R]`` from float32 logits ``[R, V]``.
+    """Next tokens ``[R]`` (int32) and their log-probs ``[R]`` from float32 logits ``[R, V]``.
 
-    Inverse CDF over ``w = exp(scaled - max)`` after temperature, top-k, top-p
-    and min-p: the token is the first whose cumulative weight exceeds
+    Inverse CDF over ``w = exp(scaled - max)``, ``scaled = logits / T``, after top-k,
+    top-p and min-p: the token is the first whose cumulative weight exceeds
     ``u * sum(w)`` (``u [R]`` uniforms in [0, 1)), so a filtered (zero-weight)
-    token is never drawn. At temperature 1 the same ``w`` gives the log-prob's
-    normaliser: one ``exp`` pass over the vocabulary, where a Gumbel draw plus
-    a ``logsumexp`` made several. ``temperature == 0`` or ``top_k == 1`` is greedy.
+    token is never drawn. The log-prob is of the tempered, untruncated policy (the
+    one that is trained): the same ``w`` before the filters gives its normaliser, one
+    ``exp`` pass over the vocabulary, where a Gumbel draw plus a ``logsumexp`` made
+    several. ``temperature == 0`` or ``top_k == 1`` is greedy; temperature 0 records
+    temperature-1 log-probs (``SamplingParams.logprob_temperature``).
     """
     vocab = logits.shape[-1]
     best = mx.argmax(logits, axis=-1)
-    top = mx.take_along_axis(logits, best[:, None], axis=-1)  # [R, 1]
-    unit = exp_nonpositive(logits - top)  # the temperature-1 weights: the log-prob's normaliser
-    log_z = top.squeeze(-1) + mx.log(unit.sum(axis=-1))
-    t = params.temperature
-    if t <= 1e-6 or params.top_k == 1:
+    t = params.logprob_temperature
+    scaled = logits if t == 1.0 else logits / t  # as ``target_logp`` scales them
+    # scaled[best] is the maximum exactly (rounding is monotone), so max(w) == 1: min-p needs no softmax
+    top = mx.take_along_axis(scaled, best[:, None], axis=-1)  # [R, 1]
+    weights = exp_nonpositive(scaled - top)  # the tempered, untruncated weights: the log-prob's normaliser
+    log_z = top.squeeze(-1) + mx.log(weights.sum(axis=-1))
+    if params.temperature <= GREEDY_TEMPERATURE or params.top_k == 1:
         return best.astype(mx.int32), top.squeeze(-1) - log_z
-    # scaled[best] == top / t exactly (rounding is monotone), so max(w) == 1: min-p needs no softmax
-    weights = unit if t == 1.0 else exp_nonpositive(logits / t - top / t)
     # Filters multiply by a mask (MLX's CPU ``where`` costs ~30x a multiply).
     if 0 < params.top_k < vocab:
         kth = -mx.partition(-weights, params.top_k - 1, axis=-1)[:, params.top_k - 1 : params.top_k]
@@ -312,7 +320,7 @@ def choose(logits, params: SamplingParams, u):
     # A zero-weight token can only come from float rounding at the top end: take the best token there.
     token = mx.where(mx.take_along_axis(weights, token[:, None], axis=-1).squeeze(-1) > 0, token, best)
     token = token.astype(mx.int32)
-    return token, mx.take_along_axis(logits, token[:, None], axis=-1).squeeze(-1) - log_z
+    return token, mx.take_along_axis(scaled, token[:, None], axis=-1).squeeze(-1) - log_z
 
 
 def clip_grad_norm(grads, max_norm: float):

@@ -76,9 +76,9 @@ def accumulate(
         def loss_fn(model, groups=groups, ids_attn=ids_attn, inputs=inputs):
             # inside the differentiated computation
             logp = (
-                ops.token_logp(model, *ids_attn)
+                ops.token_logp(model, *ids_attn, settings.temperature)
                 if groups is None
-                else grouped.grouped_logp(model, groups, prompt_targets=False)[1]
+                else grouped.grouped_logp(model, groups, prompt_targets=False, temperature=settings.temperature)[1]
             )
             return objective.policy_loss(
                 ops.MlxOps(),

@@ -42,6 +42,7 @@ from rlaif_mlx.backends.base import (
     SequenceBatch,
     StepStats,
     TrainBatch,
+    check_temperature,
 )
 
 try:
@@ -163,8 +164,9 @@ class TorchBackend:
     # ---------------------------------------------------------------- logprobs
 
     @torch.inference_mode()
-    def logprobs(self, batch: SequenceBatch, *, reference: bool = False) -> np.ndarray:
+    def logprobs(self, batch: SequenceBatch, *, reference: bool = False, temperature: float = 1.0) -> np.ndarray:
         """``Backend.logprobs``, per micro-batch, each distinct prompt forwarded once (``torch_forward``)."""
+        temperature = check_temperature(temperature)
         self._model.eval()
         n, width = batch.input_ids.shape
         out = np.zeros((n, width - 1), dtype=np.float32)
@@ -172,20 +174,20 @@ class TorchBackend:
         for index in torch_train.micro_batches(n, size, fsdp=self._fsdp, device=self.device):
             rows = batch.rows(index) if index is not None else torch_train.idle_rows(self.pad_id)
             ids, attn = torch_train.tensors(rows, device=self.device)
-            logp = self._score(ids, attn, rows.loss_mask, reference=reference)
+            logp = self._score(ids, attn, rows.loss_mask, reference=reference, temperature=temperature)
             if index is not None:
                 out[index.start : index.start + len(rows), : logp.shape[1]] = logp.float().cpu().numpy()
         if self._fsdp is not None and reference and self._reference is not None:
             self._reference.reshard()  # its root (embeddings, head) stays gathered after a forward until resharded
         return out
 
-    def _score(self, ids, attn, loss_mask, *, reference: bool):
+    def _score(self, ids, attn, loss_mask, *, reference: bool, temperature: float):
         if not reference:
-            return fwd.sequence_logp(self._model, ids, attn, loss_mask)
+            return fwd.sequence_logp(self._model, ids, attn, loss_mask, temperature=temperature)
         if self._reference is not None:
-            return fwd.sequence_logp(self._reference, ids, attn, loss_mask)
+            return fwd.sequence_logp(self._reference, ids, attn, loss_mask, temperature=temperature)
         with self._model.disable_adapter():
-            return fwd.sequence_logp(self._model, ids, attn, loss_mask)
+            return fwd.sequence_logp(self._model, ids, attn, loss_mask, temperature=temperature)
 
     # -------------------------------------------------------------- train_step
 

@@ -3,7 +3,8 @@
 ``generate`` prefills each prompt once (a left-padded batch with explicit
 position ids), repeats its cache for the prompt's ``n`` samples and decodes all
 rows together, one token per row per step, handing each step's tokens and
-log-probs to a ``DecodeBook``. Its MLX twin is ``backends/mlx_decode.py``.
+log-probs (of the tempered, untruncated policy: ``SamplingParams.logprob_temperature``)
+to a ``DecodeBook``. Its MLX twin is ``backends/mlx_decode.py``.
 
 transformers' ``DynamicCache`` grows every layer's keys and values with ``torch.cat`` at
 every step, copying the whole cache each time: quadratic in the completion length, and
@@ -78,7 +79,7 @@ def generate(
     for t in range(params.max_new_tokens):
         logits = logits.float()
         chosen = torch.where(alive, ops.choose(logits, params, generators), pad)
-        chosen_logp = ops.target_logp(logits, chosen)
+        chosen_logp = ops.target_logp(logits, chosen, params.logprob_temperature)  # tempered, untruncated
         alive = torch.tensor(book.add(chosen.tolist(), chosen_logp.tolist()), device=device)
         if book.done or t == params.max_new_tokens - 1:
             break

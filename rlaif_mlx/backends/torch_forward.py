@@ -34,7 +34,13 @@ _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scali
 
 
 def sequence_logp(
-    model, ids: torch.Tensor, attn: torch.Tensor, loss_mask: np.ndarray, *, prompt_targets: bool = True
+    model,
+    ids: torch.Tensor,
+    attn: torch.Tensor,
+    loss_mask: np.ndarray,
+    *,
+    prompt_targets: bool = True,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """Per-token log-probs ``[N, T-1]`` (float32) of right-padded prompt + completion rows.
 
@@ -49,27 +55,32 @@ def sequence_logp(
         loss_mask: ``[N, T-1]`` 1 where the target is a completion token.
         prompt_targets: also score the prompt's own tokens (the ``logprobs``
             contract); the training loss needs completion targets only.
+        temperature: score ``softmax(logits / temperature)`` (the sampling temperature).
 
     Returns:
-        Column ``t`` is ``log p(ids[t+1] | ids[:t+1])`` at temperature 1; 0 on
+        Column ``t`` is ``log p(ids[t+1] | ids[:t+1])`` at ``temperature``; 0 on
         padding targets, and on prompt targets unless ``prompt_targets``.
     """
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     if _fsdp_root(model) or _fsdp_root(causal) or not _hidden_states_give_logits(causal):
-        logp = ops.token_logp(model, ids, attn)
+        logp = ops.token_logp(model, ids, attn, temperature)
         return logp if prompt_targets else logp * torch.as_tensor(loss_mask, device=logp.device)
     decoder, head = causal.get_decoder(), causal.get_output_embeddings()
     lengths = attn.sum(dim=1).cpu().numpy()
     prompt_len, group, prompts = prompt_owners(ids.cpu().numpy(), attn.cpu().numpy(), loss_mask)
     if prompts < len(ids):
-        return _shared_prompt_logp(decoder, head, ids, lengths, prompt_len, group, prompt_targets=prompt_targets)
+        return _shared_prompt_logp(
+            decoder, head, ids, lengths, prompt_len, group, prompt_targets=prompt_targets, temperature=temperature
+        )
     # nothing shared: one whole-row forward
     hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
     first = 0 if prompt_targets else prompt_len - 1
-    return _scatter_logp(head, hidden, ids, first=first, last=lengths - 1, offset=0)
+    return _scatter_logp(head, hidden, ids, first=first, last=lengths - 1, offset=0, temperature=temperature)
 
 
-def _shared_prompt_logp(decoder, head, ids, lengths, prompt_len, group, *, prompt_targets: bool) -> torch.Tensor:
+def _shared_prompt_logp(
+    decoder, head, ids, lengths, prompt_len, group, *, prompt_targets: bool, temperature: float
+) -> torch.Tensor:
     """``sequence_logp`` where rows share prompts: row ``i`` has prompt ``group[i]`` of ``prompt_len[i]`` tokens."""
     device, (n, width) = ids.device, ids.shape
     firsts = np.unique(group, return_index=True)[1]  # a row of each prompt, in prompt order
@@ -92,7 +103,13 @@ def _shared_prompt_logp(decoder, head, ids, lengths, prompt_len, group, *, promp
     if prompt_targets and pad_width > 1:
         # Scored once per prompt, in its left-padded frame (prompt token j + 1 at column pad_width - len + j) ...
         scores = _scatter_logp(
-            head, prompt_hidden, prompt_ids, first=pad_width - prompt_len[firsts], last=pad_width - 1, offset=0
+            head,
+            prompt_hidden,
+            prompt_ids,
+            first=pad_width - prompt_len[firsts],
+            last=pad_width - 1,
+            offset=0,
+            temperature=temperature,
         )
         # ... then copied to the prompt's rows, at columns 0 .. len - 2.
         column = torch.arange(width - 1, device=device)[None, :]
@@ -118,10 +135,12 @@ def _shared_prompt_logp(decoder, head, ids, lengths, prompt_len, group, *, promp
         ).last_hidden_state
         hidden = torch.cat([hidden, completion], dim=1)
     # hidden[:, j] predicts ids[prompt_len + j], the target in column prompt_len - 1 + j
-    return logp + _scatter_logp(head, hidden, ids, first=0, last=lengths - prompt_len, offset=prompt_len - 1)
+    return logp + _scatter_logp(
+        head, hidden, ids, first=0, last=lengths - prompt_len, offset=prompt_len - 1, temperature=temperature
+    )
 
 
-def _scatter_logp(head, hidden, ids, *, first, last, offset) -> torch.Tensor:
+def _scatter_logp(head, hidden, ids, *, first, last, offset, temperature: float) -> torch.Tensor:
     """Scores ``hidden[i, j]`` for ``first[i] <= j < last[i]``: it predicts ``ids[i, offset[i] + j + 1]``.
 
     ``first``, ``last`` and ``offset`` are ints or numpy arrays, one per row.
@@ -136,30 +155,34 @@ def _scatter_logp(head, hidden, ids, *, first, last, offset) -> torch.Tensor:
     j = torch.arange(positions, device=device)[None, :]
     row, col = ((j >= per_row(first)) & (j < per_row(last))).nonzero(as_tuple=True)
     column = (per_row(offset) + j)[row, col]
-    scores = head_logp(head, hidden[row, col], ids[row, column + 1])
+    scores = head_logp(head, hidden[row, col], ids[row, column + 1], temperature)
     out = torch.zeros((rows, ids.shape[1] - 1), dtype=torch.float32, device=device)
     return out.index_put((row, column), scores)
 
 
-def head_logp(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``log_softmax(head(hidden))[targets]`` ``[K]`` float32, over chunks of positions.
+def head_logp(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``log_softmax(head(hidden) / temperature)[targets]`` ``[K]`` float32, over chunks of positions.
 
     Under autograd with several chunks each chunk is checkpointed: its logits are
     recomputed in the backward pass, so at most one chunk's logits are alive.
     """
     chunk = max(1, HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
     if hidden.shape[0] <= chunk:
-        return _chunk_logp(head, hidden, targets)
+        return _chunk_logp(head, hidden, targets, temperature)
     recompute = torch.is_grad_enabled() and hidden.requires_grad
     parts = []
     for start in range(0, hidden.shape[0], chunk):
         h, t = hidden[start : start + chunk], targets[start : start + chunk]
-        parts.append(checkpoint(_chunk_logp, head, h, t, use_reentrant=False) if recompute else _chunk_logp(head, h, t))
+        parts.append(
+            checkpoint(_chunk_logp, head, h, t, temperature, use_reentrant=False)
+            if recompute
+            else _chunk_logp(head, h, t, temperature)
+        )
     return torch.cat(parts)
 
 
-def _chunk_logp(head, hidden, targets):
-    return ops.target_logp(head(hidden).float(), targets)
+def _chunk_logp(head, hidden, targets, temperature):
+    return ops.target_logp(head(hidden).float(), targets, temperature)
 
 
 @functools.cache

@@ -24,7 +24,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from rlaif_mlx.backends.base import SamplingParams
+from rlaif_mlx.backends.base import GREEDY_TEMPERATURE, SamplingParams
 from rlaif_mlx.backends.common import merge_eos_ids
 
 ADAPTER = "default"  # PEFT's name for the one adapter we train
@@ -218,16 +218,22 @@ def generators(seed: int | tuple[int, ...], *, prompts: int, device: str) -> lis
         return [torch.Generator().manual_seed(s) for s in seeds]
 
 
-def target_logp(logits, targets):
-    """``log_softmax(logits)[target]`` as ``logit - logsumexp``: no full-vocab log-softmax tensor."""
+def target_logp(logits, targets, temperature: float = 1.0):
+    """``log_softmax(logits / temperature)[target]`` as ``logit - logsumexp``: no full-vocab log-softmax tensor.
+
+    The one place a log-prob's temperature is applied: sampling, teacher-forced scoring and
+    training all divide the same float32 logits the same way, so they give the same numbers.
+    """
+    if temperature != 1.0:
+        logits = logits / temperature
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def token_logp(model, ids, attn):
-    """``[N, T-1]`` float32 log-probs of each next token; 0 where the target is padding."""
+def token_logp(model, ids, attn, temperature: float = 1.0):
+    """``[N, T-1]`` float32 log-probs of each next token at ``temperature``; 0 where the target is padding."""
     logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
-    logp = target_logp(logits[:, :-1].float(), ids[:, 1:])
+    logp = target_logp(logits[:, :-1].float(), ids[:, 1:], temperature)
     return torch.where((attn[:, 1:] * attn[:, :-1]).bool(), logp, torch.zeros_like(logp))
 
 
@@ -240,7 +246,7 @@ def choose(logits, params: SamplingParams, generators: list):
     one generator per prompt a prompt's samples do not depend on the other prompts
     in the call.
     """
-    if params.temperature <= 1e-6 or params.top_k == 1:
+    if params.temperature <= GREEDY_TEMPERATURE or params.top_k == 1:
         return logits.argmax(dim=-1)
     cdf = filter_logits(logits, params).softmax(dim=-1).cumsum(dim=-1)
     total = cdf[:, -1:]

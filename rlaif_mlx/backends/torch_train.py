@@ -92,7 +92,9 @@ def accumulate(
         ids, attn = tensors(rows, device=device)
         width = ids.shape[1] - 1
         # inside the differentiated computation; the loss reads completion targets only
-        logp = fwd.sequence_logp(model, ids, attn, rows.loss_mask, prompt_targets=False)
+        logp = fwd.sequence_logp(
+            model, ids, attn, rows.loss_mask, prompt_targets=False, temperature=settings.temperature
+        )
         value, stats = objective.policy_loss(
             ops.TorchOps,
             logp=logp,

@@ -37,6 +37,10 @@ class _HostGone(Exception):
     """The host stopped answering: nothing more can run in this sandbox."""
 
 
+class _Infra(Exception):
+    """The host could not start the solution's process (no fault of the solution's)."""
+
+
 class NotPlainResult(TypeError):
     pass
 
@@ -119,6 +123,8 @@ class _Conn:
                 continue
             if rest.startswith("!died"):
                 raise _Died(rest[6:])
+            if rest.startswith("!infra"):
+                raise _Infra(rest[7:])
             try:
                 return json.loads(rest)
             except (ValueError, RecursionError):
@@ -292,7 +298,7 @@ def _run_job(conn, job):
                 exec(code, ns)
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
-        except _HostGone:
+        except (_HostGone, _Infra):
             raise
         except BaseException as exc:
             error = _describe(exc, source)
@@ -338,6 +344,9 @@ def _main():
         except _HostGone:
             print(json.dumps({"uid": job["uid"], "host_gone": True}), file=verdicts, flush=True)
             return
+        except _Infra as exc:
+            print(json.dumps({"uid": job["uid"], "driver_error": str(exc)}), file=verdicts, flush=True)
+            continue
         except BaseException as exc:  # a bug here, not the candidate's doing: the trainer counts it
             print(
                 json.dumps({"uid": job["uid"], "driver_error": "%s: %s" % (type(exc).__name__, exc)}),

@@ -302,7 +302,11 @@ def _host():
             if op != "load":
                 continue
         if op == "load":
-            child = _start(msg, (requests_fd, replies_fd), root)
+            try:
+                child = _start(msg, (requests_fd, replies_fd), root)
+            except OSError as exc:  # e.g. EAGAIN: another session's processes fill the user's limit
+                _write(replies_fd, "%d !infra cannot start a process: %s\n" % (msg["k"], exc.strerror or exc))
+                continue
         elif child is None or msg.get("k") != child.number:
             _write(replies_fd, "%d !died no such solution\n" % msg.get("k", -1))
             continue

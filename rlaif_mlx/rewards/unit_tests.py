@@ -119,10 +119,10 @@ def run_sessions(
     limits: SandboxLimits | None = None,
     per_test_timeout_s: float | None = None,
     python: str = sys.executable,
-    session_size: int = 16,
+    session_size: int = 64,
     workers: int = 1,
 ) -> dict[str, TestOutcome]:
-    """Tests many solutions, ``session_size`` per sandbox start, ``workers`` sessions at a time.
+    """Tests many solutions, spread over ``workers`` sessions at a time of at most ``session_size`` each.
 
     Returns:
         uid -> outcome, for every job.
@@ -134,7 +134,9 @@ def run_sessions(
     for job in empty:
         out[job.uid] = TestOutcome(0, 0, 0.0, "the task's tests contain no assert", False, kind=INFRASTRUCTURE)
     todo = [job for job in jobs if job.plan.total > 0]
-    chunks = [todo[i : i + session_size] for i in range(0, len(todo), session_size)]
+    # One sandbox start per worker when the batch allows: starts cost more than a solution's tests.
+    size = max(1, min(session_size, -(-len(todo) // max(workers, 1))))
+    chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
     if chunks:
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(chunks)))) as pool:
             for results in pool.map(lambda c: _session_with_retries(c, timeout_s, per_test, limits, python), chunks):

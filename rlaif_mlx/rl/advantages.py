@@ -1,9 +1,15 @@
-"""Advantages from group rewards: baselines, std scaling, whitening, EMA baseline.
+"""Advantages from group rewards: baselines, std scaling, whitening, EMA baseline, KL in the reward.
 
 Rewards arrive as a ``[B, G]`` array: B prompts, G sampled completions each.
 A NaN reward means the completion could not be scored (teacher failure,
 sandbox crash ...). Such a sample is *excluded*: its advantage is 0 (so it
 contributes no gradient) and it is not counted in its group's mean or std.
+
+Every statistic (group mean and std, the zero-variance mask, the EMA's batch
+mean) is taken over the TASK rewards. A KL penalty placed in the reward
+(``kl_penalty``, ``beta * sum_t k1`` per sample) joins after all normalisation,
+centred on its group: a group whose samples all scored the same keeps a task
+advantage of exactly 0, and KL noise is never divided by a reward spread.
 
 Pure numpy; no framework imports (see DESIGN.md, "dependency arrows").
 """
@@ -75,22 +81,24 @@ class AdvantageResult:
     """Advantages of one batch and the bookkeeping that came with them.
 
     Attributes:
-        advantages: ``[B, G]`` float64; 0 where the reward was NaN.
+        advantages: ``[B, G]`` float64; 0 wherever ``train_mask`` is False.
         valid_mask: ``[B, G]`` bool; True where the reward was scored.
-        zero_variance_mask: ``[B]`` bool; True for groups that carry no
-            within-group signal (fewer than two valid rewards, or all valid
-            rewards equal). The caller may drop them (``skip_zero_variance``)
-            via ``apply_zero_variance_skip``.
+        train_mask: ``[B, G]`` bool; the samples that train: scored, and not in
+            a zero-variance group when those are skipped.
+        zero_variance_mask: ``[B]`` bool; True for groups whose task rewards
+            carry no within-group signal (fewer than two valid rewards, or all
+            valid rewards equal).
         zero_variance_groups: number of True entries of ``zero_variance_mask``.
-        group_mean: ``[B]`` mean of each group's valid rewards (NaN if none).
-        group_std: ``[B]`` population std (ddof=0) of each group's valid
+        group_mean: ``[B]`` mean of each group's valid task rewards (NaN if none).
+        group_std: ``[B]`` population std (ddof=0) of each group's valid task
             rewards (NaN if none).
-        mean_reward: mean of all valid rewards of the batch (NaN if none);
+        mean_reward: mean of all valid task rewards of the batch (NaN if none);
             feed it to ``EmaBaseline.update``.
     """
 
     advantages: np.ndarray
     valid_mask: np.ndarray
+    train_mask: np.ndarray
     zero_variance_mask: np.ndarray
     zero_variance_groups: int
     group_mean: np.ndarray
@@ -104,17 +112,22 @@ def compute_advantages(
     baseline: Baseline = "group_mean",
     scale_by_std: bool = False,
     whiten: bool = False,
+    skip_zero_variance: bool = False,
+    kl_penalty: np.ndarray | None = None,
     eps: float = 1e-6,
     ema_state: EmaBaseline | None = None,
 ) -> AdvantageResult:
-    """Turn per-sample rewards into per-sample advantages.
+    """Turn per-sample task rewards (and an optional KL penalty) into per-sample advantages.
 
-    Steps, in order: subtract the baseline; optionally divide by the group
-    std; optionally whiten over the whole batch. NaN rewards are excluded
-    from every statistic and get advantage 0.
+    Steps, in order, all on the task rewards: subtract the baseline; optionally
+    divide by the group std; optionally whiten over the samples that train.
+    Then the KL penalty, if any, joins: ``A -= kl_penalty - mean of kl_penalty
+    over the group's training samples``. Samples that do not train (unscored,
+    or in a skipped zero-variance group) get advantage 0 and are left out of the
+    whitening statistics and the KL centring.
 
     Args:
-        rewards: ``[B, G]`` float rewards; NaN = could not be scored.
+        rewards: ``[B, G]`` float task rewards; NaN = could not be scored.
         baseline: ``"group_mean"`` (mean of the group's valid rewards),
             ``"leave_one_out"`` (mean of the *other* valid rewards of the
             group; a sample alone in its group gets advantage 0), ``"ema"``
@@ -124,7 +137,13 @@ def compute_advantages(
             population std (ddof=0) over the group's valid rewards; zero-variance
             groups are left unscaled.
         whiten: after the above, ``(a - mean) / (std + eps)`` with mean and
-            population std (ddof=0) over all valid advantages of the batch.
+            population std (ddof=0) over the advantages of the samples that
+            train (never the zeros of unscored or skipped samples).
+        skip_zero_variance: zero-variance groups do not train (``train_mask``).
+        kl_penalty: ``[B, G]`` per-sample penalty in reward units (``beta *
+            sum_t k1``, the ``kl_placement: reward`` option), or None. Centred on
+            its group and never scaled, it moves a sample's advantage by the
+            sample's KL relative to its siblings' (``kl.kl_reward_penalty``).
         eps: added to every std before dividing.
         ema_state: required when ``baseline == "ema"``; read, not modified.
 
@@ -138,6 +157,8 @@ def compute_advantages(
         raise ValueError(f"Unknown baseline {baseline!r}; choose one of {', '.join(BASELINES)}.")
     if baseline == "ema" and ema_state is None:
         raise ValueError("baseline='ema' needs an EmaBaseline passed as ema_state.")
+    if kl_penalty is not None and np.shape(kl_penalty) != rewards.shape:
+        raise ValueError(f"kl_penalty must have the rewards' shape {rewards.shape}, got {np.shape(kl_penalty)}.")
 
     valid = ~np.isnan(rewards)
     r = np.where(valid, rewards, 0.0)  # zeros keep NaN out of the sums below
@@ -152,6 +173,7 @@ def compute_advantages(
     r_max = np.where(valid, r, -np.inf).max(axis=1)
     r_min = np.where(valid, r, np.inf).min(axis=1)
     zero_variance = (count < 2) | (r_max == r_min)
+    train = valid & ~zero_variance[:, None] if skip_zero_variance else valid
 
     mean_reward = float(r.sum() / valid.sum()) if valid.any() else float("nan")
 
@@ -174,15 +196,22 @@ def compute_advantages(
         scale = np.where(zero_variance, 1.0, np.nan_to_num(group_std) + eps)
         adv = adv / scale[:, None]
 
-    adv = np.where(valid, adv, 0.0)
+    adv = np.where(train, adv, 0.0)
 
-    if whiten and valid.any():
-        vals = adv[valid]
-        adv = np.where(valid, (adv - vals.mean()) / (vals.std() + eps), 0.0)
+    if whiten and train.any():
+        vals = adv[train]
+        adv = np.where(train, (adv - vals.mean()) / (vals.std() + eps), 0.0)
+
+    if kl_penalty is not None:
+        pen = np.where(train, np.asarray(kl_penalty, dtype=np.float64), 0.0)
+        n_train = train.sum(axis=1, keepdims=True)
+        pen_mean = pen.sum(axis=1, keepdims=True) / np.maximum(n_train, 1)
+        adv = np.where(train, adv - (pen - pen_mean), 0.0)
 
     return AdvantageResult(
         advantages=adv,
         valid_mask=valid,
+        train_mask=train,
         zero_variance_mask=zero_variance,
         zero_variance_groups=int(zero_variance.sum()),
         group_mean=group_mean,
@@ -192,10 +221,7 @@ def compute_advantages(
 
 
 def apply_zero_variance_skip(result: AdvantageResult) -> np.ndarray:
-    """Sample weights that drop zero-variance groups (the ``skip_zero_variance`` option).
-
-    Multiply the loss mask rows (or the advantages) by these weights; the
-    dropped samples then neither push the policy nor enter the token count.
+    """Sample weights that drop zero-variance groups, whatever ``skip_zero_variance`` was.
 
     Args:
         result: what ``compute_advantages`` returned.

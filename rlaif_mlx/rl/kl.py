@@ -111,28 +111,31 @@ def masked_mean_kl(
     )
 
 
-def kl_penalised_rewards(
-    rewards: np.ndarray,
-    *,
+def kl_reward_penalty(
     logp: np.ndarray,
     ref_logp: np.ndarray,
     mask: np.ndarray,
+    *,
     coef: float,
 ) -> np.ndarray:
-    """The "KL in the reward" placement (PPO / Ziegler): ``R - coef * sum_t k1``.
+    """The "KL in the reward" penalty (PPO / Ziegler): ``coef * sum_t k1`` per sequence.
+
+    k1 whatever the configured estimator: as a reward only the exact log-ratio
+    has a score-function gradient equal to the KL's (the k3 of a sample also
+    depends on the policy, and that dependence would be dropped).
+    ``advantages.compute_advantages(kl_penalty=...)`` subtracts it after the
+    task rewards are normalised, centred on each group.
 
     Args:
-        rewards: ``[N]`` scalar reward per completion (NaN stays NaN).
         logp: ``[N, T-1]`` policy (behaviour) log-probs.
         ref_logp: ``[N, T-1]`` reference log-probs.
         mask: ``[N, T-1]`` completion-token mask.
         coef: KL coefficient beta.
 
     Returns:
-        ``[N]`` float64 penalised rewards.
+        ``[N]`` float64 penalties, in reward units.
     """
-    kl = masked_mean_kl(logp, ref_logp, mask, estimator="k1")
-    return np.asarray(rewards, dtype=np.float64) - coef * kl.sequence_sums
+    return coef * masked_mean_kl(logp, ref_logp, mask, estimator="k1").sequence_sums
 
 
 class FixedKLController:
@@ -141,7 +144,7 @@ class FixedKLController:
     def __init__(self, kl_coef: float) -> None:
         self.value = float(kl_coef)
 
-    def update(self, current_kl: float, n_steps: int = 1) -> float:
+    def update(self, current_kl: float, n_steps: float = 1) -> float:
         """Ignore the measurement. Returns the (unchanged) coefficient."""
         return self.value
 
@@ -159,7 +162,11 @@ class AdaptiveKLController:
 
     ``e = clip(current_kl / target - 1, -0.2, 0.2)``;
     ``coef <- coef * (1 + e * n_steps / horizon)``. The clip bounds how fast
-    the coefficient moves when the measured KL is far from the target.
+    the coefficient moves when the measured KL is far from the target: with the
+    KL held above ``target * 1.2`` the coefficient grows by ``(1 + 0.2 / horizon)``
+    a step, so it doubles in ``ln 2 / ln(1 + 0.2 / horizon)`` steps (139 at
+    ``horizon = 40``). ``horizon`` and ``n_steps`` share one unit; the trainer
+    counts optimizer steps (``rlaif.kl_horizon_steps``).
     """
 
     def __init__(self, init_kl_coef: float, target: float, horizon: float) -> None:
@@ -171,14 +178,13 @@ class AdaptiveKLController:
         self.target = float(target)
         self.horizon = float(horizon)
 
-    def update(self, current_kl: float, n_steps: int = 1) -> float:
+    def update(self, current_kl: float, n_steps: float = 1) -> float:
         """Move the coefficient toward keeping KL near ``target``.
 
         Args:
             current_kl: the measured KL (same units as ``target``). NaN is
                 ignored so a bad batch cannot poison the coefficient.
-            n_steps: how many steps (or samples, matching ``horizon``'s
-                units) the measurement covers.
+            n_steps: how many steps the measurement covers, in ``horizon``'s unit.
 
         Returns:
             The new coefficient.
@@ -191,11 +197,14 @@ class AdaptiveKLController:
         return self.value
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain floats for the checkpoint."""
+        """Plain floats for the checkpoint (target and horizon for the reader; the config sets them)."""
         return {"value": self.value, "target": self.target, "horizon": self.horizon}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what ``state_dict`` returned."""
+        """Restore the coefficient that ``state_dict`` saved.
+
+        Target and horizon stay as constructed: they come from the config, which a
+        resume checks is unchanged, and a checkpoint from before the horizon was
+        counted in steps holds it in samples.
+        """
         self.value = float(state["value"])
-        self.target = float(state["target"])
-        self.horizon = float(state["horizon"])

@@ -39,10 +39,40 @@ class JudgeRequest:
 
 @dataclass(frozen=True)
 class Usage:
-    """Tokens one API call consumed, as the API reported them."""
+    """Tokens one API call consumed, as the API reported them.
+
+    Attributes:
+        input_tokens: every prompt token, whether the provider's prompt cache served it or not.
+        output_tokens: the answer's tokens (reasoning included).
+        cache_read_tokens: of ``input_tokens``, those read from the provider's prompt cache
+            (Anthropic ``cache_read_input_tokens``, OpenAI ``prompt_tokens_details.cached_tokens``).
+        cache_write_tokens: of ``input_tokens``, those written to it (Anthropic
+            ``cache_creation_input_tokens``, OpenAI ``prompt_tokens_details.cache_write_tokens``).
+    """
 
     input_tokens: int = 0
     output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class CacheMarks:
+    """Which parts of a call's prompt the provider's prompt cache should keep.
+
+    A prompt is laid out shared-first: the tools and the system prompt (the same in
+    every call), then the shared part of the user message (the task and the reference:
+    the same in every call about one task), then what only this call has.
+
+    Attributes:
+        system: mark the end of the system prompt (Anthropic ``cache_control``).
+        prefix: mark the end of the shared part of the user message.
+        key: a hint that routes calls sharing a prefix to the same cache (OpenAI ``prompt_cache_key``).
+    """
+
+    system: bool = False
+    prefix: bool = False
+    key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -73,10 +103,15 @@ class Judgement:
         criteria: each criterion in [0, 1].
         error: why there is no score (or None).
         cached: served from the score cache (no API call, no cost).
-        usage: tokens this judgement cost (zero when cached).
+        usage: tokens this judgement's call cost; a call that judged several completions (a group,
+            or identical ones) counts them once, on its first (zero on the others and when cached).
         cost_usd: what those tokens cost.
         latency_s: wall time of the API call (0 when cached).
         rationale: the teacher's short explanation, when it gave one.
+        group_id: group mode: the call that judged it (its seeded permutation's id), else "".
+        label: group mode: the completion's label in that call ("A", "B", ...).
+        position: group mode: its place in the call's shuffled order (0 = shown first), else -1.
+        group_size: group mode: how many completions the call judged side by side, else 0.
     """
 
     uid: str
@@ -88,6 +123,10 @@ class Judgement:
     cost_usd: float = 0.0
     latency_s: float = 0.0
     rationale: str = ""
+    group_id: str = ""
+    label: str = ""
+    position: int = -1
+    group_size: int = 0
 
 
 class CallFailed(RuntimeError):
@@ -118,8 +157,21 @@ class TeacherClient(Protocol):
     provider: str  # "anthropic" | "openai" | "openai_compatible"
     model: str
 
-    async def complete(self, *, system: str, user: str, schema: dict[str, Any], max_tokens: int) -> RawAnswer:
-        """Asks for an answer that fills ``schema`` (tool use / JSON schema where supported)."""
+    async def complete(
+        self,
+        *,
+        system: str,
+        user: str,
+        schema: dict[str, Any],
+        max_tokens: int,
+        prefix: str = "",
+        cache: CacheMarks | None = None,
+    ) -> RawAnswer:
+        """Asks for an answer that fills ``schema`` (tool use / JSON schema where supported).
+
+        The user message is ``prefix + user``: ``prefix`` is the part other calls share
+        (``cache`` says whether to mark it, and the system prompt, for the prompt cache).
+        """
         ...
 
     async def close(self) -> None:

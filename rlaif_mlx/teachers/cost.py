@@ -2,9 +2,13 @@
 
 Dollars are computed from the token counts each API response reports
 (``Usage``) and a price per million tokens: ``teacher.prices`` when set, else
-the built-in table below. A budget (``teacher.budget_usd``) is checked before
-each batch of calls; when it would be passed the trainer checkpoints and stops
-with ``BudgetExceeded``'s message. Stdlib only.
+the built-in table below. Prompt-cache reads and writes have prices of their own
+(``cache_price_for``): Anthropic bills a read at a tenth of the input price (a
+twentieth on Sonnet and Opus 5.5) and a 5-minute write at 1.25x; OpenAI bills a
+cached read at a tenth (GPT-5), a quarter (GPT-4.1) or half (GPT-4o) and a write
+as plain input. A budget (``teacher.budget_usd``) is checked before each batch of
+calls; when it would be passed the trainer checkpoints and stops with
+``BudgetExceeded``'s message. Stdlib only.
 """
 
 from __future__ import annotations
@@ -66,6 +70,20 @@ PRICES: dict[str, tuple[float, float]] = {
     "gpt-4o-mini": (0.15, 0.60),
 }
 
+# Prompt-cache prices as multiples of the input price: (read, write), the first matching id prefix wins.
+# Checked 2026-11-25 against the same pages as PRICES, and for Sonnet 5.5 the cache-read cut of 2026-10-07
+# ($0.20 -> $0.10 per MTok, .../sonnet-5-5/migration-guide); Opus 5.5 reads are $0.20 (.../opus-5-5/overview).
+# Anthropic writes are the 5-minute rate (we never ask for the 1-hour cache). OpenAI writes cost plain input.
+CACHE_MULTIPLIERS: tuple[tuple[str, float, float], ...] = (
+    ("claude-sonnet-5-5", 0.05, 1.25),
+    ("claude-opus-5-5", 0.05, 1.25),
+    ("claude-", 0.10, 1.25),
+    ("gpt-5-pro", 1.0, 1.0),  # no cached-input price: billed as input
+    ("gpt-5", 0.10, 1.0),
+    ("gpt-4.1", 0.25, 1.0),
+    ("gpt-4o", 0.50, 1.0),
+)
+
 # What may follow a known id: a snapshot date (-20250929, -2024-08-06, @20250929),
 # "-latest", and Bedrock's "-v1:0". Anything else (gpt-5-pro after gpt-5,
 # claude-opus-4-7 after claude-opus-4) is another model, priced only if listed.
@@ -107,6 +125,31 @@ def price_for(provider: str, model: str, override: PriceConfig | None) -> tuple[
     return table_price(model)
 
 
+def cache_price_for(provider: str, model: str, override: PriceConfig | None) -> tuple[float, float] | None:
+    """The price of prompt-cache reads and writes for a teacher.
+
+    Args:
+        provider: the teacher's provider.
+        model: the teacher's model id.
+        override: ``teacher.prices``; its ``cache_read`` / ``cache_write`` win when given, and
+            its ``input`` is the base the table's multipliers apply to.
+
+    Returns:
+        (cache read, cache write) USD per million tokens; None when the input price is
+        unknown. A model the multiplier table does not know pays the input price for both.
+    """
+    price = price_for(provider, model, override)
+    if price is None:
+        return None
+    name = model.strip().lower()
+    read, write = next(((r, w) for prefix, r, w in CACHE_MULTIPLIERS if name.startswith(prefix)), (1.0, 1.0))
+    read, write = price[0] * read, price[0] * write
+    if override is not None:
+        read = float(override.cache_read) if override.cache_read is not None else read
+        write = float(override.cache_write) if override.cache_write is not None else write
+    return read, write
+
+
 class BudgetExceeded(RuntimeError):
     """The teacher's spend reached ``teacher.budget_usd``; the run stops after a checkpoint."""
 
@@ -119,12 +162,19 @@ class CostLedger:
     Args:
         price: (input, output) USD per million tokens, or None when unknown (dollars then stay 0).
         budget_usd: the most this run may spend on the teacher, or None for no cap.
+        cache_price: (cache read, cache write) USD per million tokens; None prices both as input.
 
     Raises:
         ValueError: a budget is set but the price is unknown.
     """
 
-    def __init__(self, *, price: tuple[float, float] | None, budget_usd: float | None) -> None:
+    def __init__(
+        self,
+        *,
+        price: tuple[float, float] | None,
+        budget_usd: float | None,
+        cache_price: tuple[float, float] | None = None,
+    ) -> None:
         if budget_usd is not None and price is None:
             raise ValueError(
                 "teacher.budget_usd is set but this teacher model has no known price; "
@@ -132,18 +182,29 @@ class CostLedger:
             )
         self.price = price
         self.budget_usd = budget_usd
+        self.cache_price = cache_price
         self._lock = threading.Lock()
         self._spent_usd = 0.0
         self._input_tokens = 0
         self._output_tokens = 0
+        self._cache_read_tokens = 0
+        self._cache_write_tokens = 0
         self._calls = 0
 
     def cost(self, usage: Usage) -> float:
-        """What one call's tokens cost in USD (0 when the price is unknown)."""
+        """What one call's tokens cost in USD (0 when the price is unknown).
+
+        Input tokens the prompt cache served or stored are priced at the cache's rates,
+        the rest at the input rate.
+        """
         if self.price is None:
             return 0.0
         price_in, price_out = self.price
-        return (usage.input_tokens * price_in + usage.output_tokens * price_out) / 1_000_000
+        price_read, price_write = self.cache_price if self.cache_price is not None else (price_in, price_in)
+        read, write = usage.cache_read_tokens, usage.cache_write_tokens
+        plain = max(0, usage.input_tokens - read - write)
+        total = plain * price_in + read * price_read + write * price_write + usage.output_tokens * price_out
+        return total / 1_000_000
 
     def estimate(self, input_tokens: int, output_tokens: int) -> float:
         """What a call of this size would cost in USD."""
@@ -160,6 +221,8 @@ class CostLedger:
             self._spent_usd += dollars
             self._input_tokens += usage.input_tokens
             self._output_tokens += usage.output_tokens
+            self._cache_read_tokens += usage.cache_read_tokens
+            self._cache_write_tokens += usage.cache_write_tokens
             self._calls += 1
         return dollars
 
@@ -175,6 +238,16 @@ class CostLedger:
     @property
     def output_tokens(self) -> int:
         return self._output_tokens
+
+    @property
+    def cache_read_tokens(self) -> int:
+        """Input tokens read from the provider's prompt cache (part of ``input_tokens``)."""
+        return self._cache_read_tokens
+
+    @property
+    def cache_write_tokens(self) -> int:
+        """Input tokens written to the provider's prompt cache (part of ``input_tokens``)."""
+        return self._cache_write_tokens
 
     @property
     def calls(self) -> int:
@@ -206,6 +279,8 @@ class CostLedger:
                 "spent_usd": self._spent_usd,
                 "input_tokens": self._input_tokens,
                 "output_tokens": self._output_tokens,
+                "cache_read_tokens": self._cache_read_tokens,
+                "cache_write_tokens": self._cache_write_tokens,
                 "calls": self._calls,
             }
 
@@ -215,6 +290,8 @@ class CostLedger:
             self._spent_usd = float(state.get("spent_usd", 0.0))
             self._input_tokens = int(state.get("input_tokens", 0))
             self._output_tokens = int(state.get("output_tokens", 0))
+            self._cache_read_tokens = int(state.get("cache_read_tokens", 0))
+            self._cache_write_tokens = int(state.get("cache_write_tokens", 0))
             self._calls = int(state.get("calls", 0))
 
 

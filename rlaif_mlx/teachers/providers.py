@@ -7,8 +7,14 @@ schema: then it falls back to plain JSON text once and remembers. Retries,
 backoff (``Retry-After`` honoured) and timeouts are the SDKs' own.
 
 A call that fails for good raises ``base.CallFailed`` (its cause: the SDK's
-``APIError``, a ``MalformedResponse`` or a timeout), which the judge counts;
-any other exception is a bug in our code or the SDK's and propagates.
+``APIError``, a ``MalformedResponse`` or a timeout; described by ``failures.py``),
+which the judge counts; any other exception is a bug in our code or the SDK's
+and propagates.
+
+Prompts arrive shared-first (``prefix`` then ``user``): Anthropic gets the
+prefix as its own text block and ``cache_control`` where the judge marked it;
+OpenAI caches prefixes by itself and gets a ``prompt_cache_key``. The usage
+returned counts every prompt token, with the cache's reads and writes apart.
 
 API keys are read from the environment by ``create_client`` and handed straight
 to the SDK: they are never kept on our objects, logged, or put in our errors.
@@ -17,7 +23,6 @@ The SDKs are imported when a client is built, not when this module is.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -25,11 +30,24 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from rlaif_mlx.config import TeacherConfig
-from rlaif_mlx.teachers.base import CallFailed, RawAnswer, TeacherClient, Usage
+from rlaif_mlx.teachers.base import CacheMarks, CallFailed, RawAnswer, TeacherClient, Usage
+from rlaif_mlx.teachers.failures import TIMEOUTS as _TIMEOUTS
+from rlaif_mlx.teachers.failures import MalformedResponse, MissingApiKey, describe_error, is_fatal
+
+__all__ = [
+    "AnthropicClient",
+    "MalformedResponse",
+    "MissingApiKey",
+    "OpenAIClient",
+    "create_client",
+    "describe_error",
+    "is_fatal",
+]
 
 log = logging.getLogger(__name__)
 
 TOOL_NAME = "submit_scores"
+_EPHEMERAL = {"type": "ephemeral"}  # Anthropic's 5-minute prompt cache
 SCHEMA_NAME = "scores"
 DEFAULT_KEY_ENV = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY", "openai_compatible": None}
 LOCAL_PLACEHOLDER_KEY = "not-needed"  # local servers ignore the key, but the OpenAI SDK requires one
@@ -37,16 +55,7 @@ LOCAL_PLACEHOLDER_KEY = "not-needed"  # local servers ignore the key, but the Op
 _NO_TEMPERATURE_PREFIXES = ("gpt-5", "o1", "o3", "o4")
 
 
-class MissingApiKey(ValueError):
-    """The environment variable that should hold the teacher's API key is not set."""
-
-
-class MalformedResponse(RuntimeError):
-    """The API answered 200 with a body that is not the JSON the SDK expects."""
-
-
 _T = TypeVar("_T")
-_TIMEOUTS = (TimeoutError, asyncio.TimeoutError)  # one class from Python 3.11 on
 
 
 async def _failures_as_call_failed(call: Awaitable[_T], expected: tuple[type[BaseException], ...]) -> _T:
@@ -55,6 +64,11 @@ async def _failures_as_call_failed(call: Awaitable[_T], expected: tuple[type[Bas
         return await call
     except expected as exc:
         raise CallFailed(describe_error(exc), fatal=is_fatal(exc)) from exc
+
+
+# Claude models that answer 400 to a forced tool choice (Anthropic's Sonnet 5.5 migration guide); they
+# give the scores as JSON text constrained by the schema (structured outputs, ``output_config.format``).
+STRUCTURED_OUTPUT_MODELS = ("claude-sonnet-5-5", "claude-opus-5-5")
 
 
 class AnthropicClient:
@@ -96,39 +110,61 @@ class AnthropicClient:
     def __repr__(self) -> str:
         return f"AnthropicClient(model={self.model!r}, base_url={self.base_url!r})"
 
-    async def complete(self, *, system: str, user: str, schema: dict[str, Any], max_tokens: int) -> RawAnswer:
+    async def complete(
+        self,
+        *,
+        system: str,
+        user: str,
+        schema: dict[str, Any],
+        max_tokens: int,
+        prefix: str = "",
+        cache: CacheMarks | None = None,
+    ) -> RawAnswer:
         """One Messages call that must answer through the ``submit_scores`` tool.
 
         Args:
             system: the system prompt.
-            user: the user message.
+            user: the user message (after ``prefix``).
             schema: JSON schema of the tool's input.
             max_tokens: longest answer.
+            prefix: the start of the user message that other calls share, sent as its own text block.
+            cache: ``cache_control`` marks on the system prompt and on ``prefix``.
 
         Returns:
             The tool input as ``data`` (None when the model wrote only text), the
-            text blocks joined, and the usage the API reported.
+            text blocks joined, and the usage the API reported (cache reads and writes included).
 
         Raises:
             CallFailed: the call failed after the SDK's retries (``anthropic.APIError``),
                 or a 200 whose body is not a Messages answer (``MalformedResponse``).
         """
-        return await _failures_as_call_failed(self._complete(system, user, schema, max_tokens), self._call_errors)
+        marks = cache or CacheMarks()
+        call = self._complete(system, prefix, user, schema, max_tokens, marks)
+        return await _failures_as_call_failed(call, self._call_errors)
 
-    async def _complete(self, system: str, user: str, schema: dict[str, Any], max_tokens: int) -> RawAnswer:
-        tool = {
-            "name": TOOL_NAME,
-            "description": "Submit the rubric scores for the completion.",
-            "input_schema": schema,
-        }
+    async def _complete(
+        self, system: str, prefix: str, user: str, schema: dict[str, Any], max_tokens: int, marks: CacheMarks
+    ) -> RawAnswer:
+        tool = {"name": TOOL_NAME, "description": "Submit the rubric scores.", "input_schema": schema}
+        system_param: Any = [{"type": "text", "text": system, "cache_control": _EPHEMERAL}] if marks.system else system
+        content: Any = user
+        if prefix:
+            shared = {"type": "text", "text": prefix} | ({"cache_control": _EPHEMERAL} if marks.prefix else {})
+            content = [shared, {"type": "text", "text": user}]
+        if self.model.startswith(STRUCTURED_OUTPUT_MODELS):
+            # These models refuse a forced tool (400): the answer comes as JSON text under the schema instead.
+            answer_format: dict[str, Any] = {
+                "output_config": {"effort": "low", "format": {"type": "json_schema", "schema": schema}}
+            }
+        else:
+            answer_format = {"tools": [tool], "tool_choice": {"type": "tool", "name": TOOL_NAME}}
         try:
             message = await self._sdk.messages.create(
                 model=self.model,
                 max_tokens=max_tokens,
-                system=system,
-                messages=[{"role": "user", "content": user}],
-                tools=[tool],
-                tool_choice={"type": "tool", "name": TOOL_NAME},
+                system=system_param,
+                messages=[{"role": "user", "content": content}],
+                **answer_format,
             )
         except json.JSONDecodeError as exc:
             raise MalformedResponse(f"response body is not JSON ({exc.msg})") from None
@@ -140,21 +176,35 @@ class AnthropicClient:
                 data = dict(block.input)
             elif block.type == "text":
                 texts.append(block.text)
+        if data is None and "output_config" in answer_format:
+            data = _json_object("".join(texts))
         usage = message.usage
-        # Prompt-cache reads and writes are input tokens too; count them all so cost is never underestimated.
-        input_tokens = sum(
-            getattr(usage, name, 0) or 0
-            for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
-        )
+        # Anthropic's input_tokens leaves out the prompt-cache reads and writes; ours counts every prompt token.
+        read = getattr(usage, "cache_read_input_tokens", 0) or 0
+        write = getattr(usage, "cache_creation_input_tokens", 0) or 0
         return RawAnswer(
             data=data,
             text="".join(texts),
-            usage=Usage(input_tokens=input_tokens, output_tokens=usage.output_tokens or 0),
+            usage=Usage(
+                input_tokens=(usage.input_tokens or 0) + read + write,
+                output_tokens=usage.output_tokens or 0,
+                cache_read_tokens=read,
+                cache_write_tokens=write,
+            ),
         )
 
     async def close(self) -> None:
         """Closes the SDK's connection pool."""
         await self._sdk.close()
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    """The structured output's JSON object, or None (the tolerant parser then reads the text)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 class OpenAIClient:
@@ -208,14 +258,26 @@ class OpenAIClient:
             f"structured={self.structured})"
         )
 
-    async def complete(self, *, system: str, user: str, schema: dict[str, Any], max_tokens: int) -> RawAnswer:
+    async def complete(
+        self,
+        *,
+        system: str,
+        user: str,
+        schema: dict[str, Any],
+        max_tokens: int,
+        prefix: str = "",
+        cache: CacheMarks | None = None,
+    ) -> RawAnswer:
         """One Chat Completions call asking for JSON that fills ``schema``.
 
         Args:
             system: the system prompt.
-            user: the user message.
+            user: the user message (after ``prefix``).
             schema: JSON schema of the answer.
             max_tokens: longest answer (reasoning tokens included, for reasoning models).
+            prefix: the start of the user message that other calls share. OpenAI caches
+                prefixes by itself; the layout (shared part first) is what lets it.
+            cache: its ``key`` goes out as ``prompt_cache_key`` (OpenAI only, not local servers).
 
         Returns:
             The content parsed as a JSON object as ``data`` (None when it is not one),
@@ -225,13 +287,18 @@ class OpenAIClient:
             CallFailed: the call failed after the SDK's retries (``openai.APIError``),
                 or a 200 whose body is not a Chat Completions answer (``MalformedResponse``).
         """
-        return await _failures_as_call_failed(self._complete(system, user, schema, max_tokens), self._call_errors)
+        call = self._complete(system, prefix + user, schema, max_tokens, (cache or CacheMarks()).key)
+        return await _failures_as_call_failed(call, self._call_errors)
 
-    async def _complete(self, system: str, user: str, schema: dict[str, Any], max_tokens: int) -> RawAnswer:
+    async def _complete(
+        self, system: str, user: str, schema: dict[str, Any], max_tokens: int, cache_key: str | None
+    ) -> RawAnswer:
         kwargs: dict[str, Any] = {
             "model": self.model,
             "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
         }
+        if cache_key and self.provider == "openai":
+            kwargs["prompt_cache_key"] = cache_key
         # OpenAI's reasoning models reject `max_tokens`; local servers may not know `max_completion_tokens`.
         kwargs["max_tokens" if self.provider == "openai_compatible" else "max_completion_tokens"] = max_tokens
         if self.provider == "openai_compatible" or not self.model.startswith(_NO_TEMPERATURE_PREFIXES):
@@ -261,15 +328,7 @@ class OpenAIClient:
             parsed = json.loads(text)
         except ValueError:
             parsed = None
-        usage = completion.usage
-        return RawAnswer(
-            data=parsed if isinstance(parsed, dict) else None,
-            text=text,
-            usage=Usage(
-                input_tokens=(usage.prompt_tokens or 0) if usage else 0,
-                output_tokens=(usage.completion_tokens or 0) if usage else 0,
-            ),
-        )
+        return RawAnswer(data=parsed if isinstance(parsed, dict) else None, text=text, usage=_openai_usage(completion))
 
     async def _create(self, **kwargs: Any) -> Any:
         try:
@@ -283,6 +342,21 @@ class OpenAIClient:
     async def close(self) -> None:
         """Closes the SDK's connection pool."""
         await self._sdk.close()
+
+
+def _openai_usage(completion: Any) -> Usage:
+    """The usage of a Chat Completions answer: prompt tokens (cached ones included), prompt-cache reads and
+    writes (``prompt_tokens_details``), completion tokens; 0 where a server leaves them out."""
+    usage = completion.usage
+    if usage is None:
+        return Usage()
+    details = getattr(usage, "prompt_tokens_details", None)
+    return Usage(
+        input_tokens=usage.prompt_tokens or 0,
+        output_tokens=usage.completion_tokens or 0,
+        cache_read_tokens=(getattr(details, "cached_tokens", 0) or 0) if details is not None else 0,
+        cache_write_tokens=(getattr(details, "cache_write_tokens", 0) or 0) if details is not None else 0,
+    )
 
 
 def _refuses_response_format(exc: BaseException) -> bool:
@@ -324,80 +398,3 @@ def create_client(config: TeacherConfig) -> TeacherClient:
     if config.provider == "anthropic":
         return AnthropicClient(config.model, **common)
     return OpenAIClient(config.model, provider=config.provider, **common)
-
-
-def _class_names(exc: BaseException) -> set[str]:
-    return {cls.__name__ for cls in type(exc).__mro__}
-
-
-def _retries_taken(exc: BaseException) -> int:
-    """Retries the SDK made before giving up, from the header it puts on each attempt."""
-    request = getattr(exc, "request", None)  # the SDKs keep the last attempt's request
-    try:
-        return int(request.headers.get("x-stainless-retry-count", 0)) if request is not None else 0
-    except (TypeError, ValueError):
-        return 0
-
-
-def _after(retries: int) -> str:
-    return f" after {retries} {'retry' if retries == 1 else 'retries'}" if retries else ""
-
-
-def describe_error(exc: BaseException) -> str:
-    """A short line saying what went wrong with a call, for logs and metrics (never the key).
-
-    Args:
-        exc: what the SDK or the client raised for a failed call (``CallFailed``'s cause).
-
-    Returns:
-        e.g. ``rate limited (429) after 3 retries``, ``server error 500 after 1 retry``,
-        ``timeout after 5s``, ``timeout (5s) after 2 retries``, ``connection error``, ``malformed response (not JSON)``.
-    """
-    names = _class_names(exc)
-    retries = _retries_taken(exc)
-    if isinstance(exc, (MalformedResponse, json.JSONDecodeError)) or "APIResponseValidationError" in names:
-        return "malformed response (not JSON)"
-    if "APITimeoutError" in names or isinstance(exc, _TIMEOUTS):
-        timeout = None
-        request = getattr(exc, "request", None)
-        if request is not None:
-            timeout = (request.extensions.get("timeout") or {}).get("read")
-        if not isinstance(timeout, (int, float)):
-            return "timeout" + _after(retries)
-        return f"timeout ({timeout:g}s)" + _after(retries) if retries else f"timeout after {timeout:g}s"
-    if "APIConnectionError" in names:
-        return "connection error" + _after(retries)
-    status = getattr(exc, "status_code", None)
-    if isinstance(status, int):
-        if status == 429:
-            return "rate limited (429)" + _after(retries)
-        if status >= 500:
-            return f"server error {status}" + _after(retries)
-        what = {400: "bad request", 401: "authentication failed", 403: "permission denied", 404: "not found"}.get(
-            status, "HTTP error"
-        )
-        line = f"{what} ({status})"
-        api_message = _api_message(exc)
-        if api_message:
-            line += f": {api_message}"
-        if status == 404:
-            line += " (check teacher.model and teacher.base_url)"
-        return line
-    first_line = str(exc).strip().split("\n")[0][:160]
-    return f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
-
-
-def _api_message(exc: BaseException) -> str:
-    """The API's own explanation from the error body, on one line and shortened."""
-    body = getattr(exc, "body", None)
-    if not isinstance(body, dict):
-        return ""
-    # Anthropic keeps the whole body ({"error": {...}}); OpenAI keeps only the error object.
-    error = body.get("error") if isinstance(body.get("error"), dict) else body
-    message = error.get("message")
-    return " ".join(str(message).split())[:160] if message else ""
-
-
-def is_fatal(exc: BaseException) -> bool:
-    """Whether retrying later cannot help: the key was refused or the model / endpoint does not exist."""
-    return isinstance(exc, MissingApiKey) or getattr(exc, "status_code", None) in (401, 403, 404)

@@ -35,7 +35,9 @@ class AdvantageEstimator:
         self.rlaif = rlaif
         self.aggregation = training.loss_aggregation
         if rlaif.adaptive_kl:
-            self.kl_controller = klmod.AdaptiveKLController(rlaif.kl_penalty, rlaif.target_kl, rlaif.kl_horizon)
+            self.kl_controller = klmod.AdaptiveKLController(
+                rlaif.kl_penalty, rlaif.target_kl, kl_horizon_steps(rlaif, training)
+            )
         else:
             self.kl_controller = klmod.FixedKLController(rlaif.kl_penalty)
         self.ema = adv.EmaBaseline(decay=rlaif.ema_decay) if rlaif.baseline == "ema" else None
@@ -54,41 +56,36 @@ class AdvantageEstimator:
         """Per-sample advantages ``[B*G]``, the loss's token weights ``[B*G, T-1]`` and their statistics.
 
         Unscored samples (NaN rewards) get advantage 0 and no token weight, as do
-        zero-variance groups when ``rlaif.skip_zero_variance_groups`` is on.
+        zero-variance groups when ``rlaif.skip_zero_variance_groups`` is on. With
+        ``kl_placement: reward`` the statistics are the task rewards' and the KL
+        penalty joins afterwards (``advantages.compute_advantages``).
         """
         rl = self.rlaif
-        rewards = rollout.rewards
+        penalty = None
         if rl.kl_placement == "reward" and rollout.ref_logp is not None:
-            flat = klmod.kl_penalised_rewards(
-                rewards.reshape(-1),
-                logp=rollout.policy_logp,
-                ref_logp=rollout.ref_logp,
-                mask=rollout.sequences.loss_mask,
-                coef=self.kl_controller.value,
-            )
-            rewards = flat.reshape(rewards.shape)
+            penalty = klmod.kl_reward_penalty(
+                rollout.policy_logp, rollout.ref_logp, rollout.sequences.loss_mask, coef=self.kl_controller.value
+            ).reshape(rollout.rewards.shape)
         result = adv.compute_advantages(
-            rewards,
+            rollout.rewards,
             baseline=rl.baseline,
             scale_by_std=rl.scale_by_std,
             whiten=rl.whiten_advantages,
+            skip_zero_variance=rl.skip_zero_variance_groups,
+            kl_penalty=penalty,
             ema_state=self.ema,
         )
         if self.ema is not None:
             self.ema.update(result.mean_reward)
-        keep = result.valid_mask.copy()
-        if rl.skip_zero_variance_groups:
-            keep &= ~result.zero_variance_mask[:, None]
-        mask = rollout.sequences.loss_mask * keep.reshape(-1, 1).astype(np.float32)
+        train = result.train_mask
+        mask = rollout.sequences.loss_mask * train.reshape(-1, 1).astype(np.float32)
         weights = aggregation_weights(mask, aggregation=self.aggregation, max_tokens=rl.max_new_tokens)
         stats = {
             "zero_variance_groups": int(result.zero_variance_groups),
             "unscored": int((~result.valid_mask).sum()),
-            "advantage_abs_mean": float(np.abs(result.advantages[result.valid_mask]).mean())
-            if result.valid_mask.any()
-            else 0.0,
+            "advantage_abs_mean": float(np.abs(result.advantages[train]).mean()) if train.any() else 0.0,
         }
-        return np.nan_to_num(result.advantages).reshape(-1).astype(np.float32), weights.astype(np.float32), stats
+        return result.advantages.reshape(-1).astype(np.float32), weights.astype(np.float32), stats
 
     def observe_kl(self, rollout: Rollout) -> tuple[float, float]:
         """Measures the rollout's per-token KL to the reference and moves the coefficient toward its target.
@@ -105,7 +102,7 @@ class AdvantageEstimator:
             else float("nan")
         )
         kl_coef = self.kl_controller.value
-        self.kl_controller.update(kl_token, len(rollout.completions))
+        self.kl_controller.update(kl_token, 1)  # one optimizer step; the horizon is in steps
         return kl_token, kl_coef
 
     def state_dict(self) -> dict[str, Any]:
@@ -116,3 +113,15 @@ class AdvantageEstimator:
         self.kl_controller.load_state_dict(state["kl_controller"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
+
+
+def kl_horizon_steps(rlaif: RlaifConfig, training: TrainingConfig) -> float:
+    """The adaptive KL controller's horizon in optimizer steps.
+
+    ``rlaif.kl_horizon_steps``; a config with the old ``rlaif.kl_horizon`` (in samples)
+    instead gets the same horizon it always had: ``kl_horizon / (batch_size * samples per prompt)``.
+    """
+    if rlaif.kl_horizon_steps is not None:
+        return float(rlaif.kl_horizon_steps)
+    assert rlaif.kl_horizon is not None  # the config keeps exactly one of the two
+    return rlaif.kl_horizon / (training.batch_size * rlaif.num_samples_per_prompt)

@@ -58,6 +58,7 @@ RESUMABLE_CHANGES = frozenset(
         "teacher.cache_ttl_s",
         "teacher.budget_usd",  # the usual reason to resume after a budget stop
         "teacher.prices",
+        "teacher.prompt_cache",
         "logging",
     }
 )

@@ -4,9 +4,12 @@ With ``enabled=True`` tasks are split into difficulty buckets (quantiles of
 difficulty, easiest first). Batches come from the current bucket, sampled
 without replacement within an epoch over that bucket; the run moves to the
 next bucket when the recent mean reward on the current bucket reaches
-``advance_threshold`` and/or after ``advance_after_steps`` batches.
-Optionally a fraction ``mix_previous`` of each batch is drawn from the
-easier buckets already passed, so old skills are rehearsed.
+``advance_threshold``, or after ``advance_after_steps`` batches; without a
+step budget, after ``DEFAULT_PASSES`` passes over the bucket's tasks, so a
+bucket the threshold never passes cannot hold a run. Optionally a fraction
+``mix_previous`` of each batch is drawn from the easier buckets already
+passed, so old skills are rehearsed; every batch keeps at least one task of
+the current bucket.
 
 With ``enabled=False`` the same object yields plain shuffled epochs over
 all tasks. Either way the order comes from one seeded ``numpy`` Generator
@@ -24,6 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from ..config import CurriculumConfig
+from ..data.tasks import Task
+
+DEFAULT_PASSES = 2  # passes over a bucket's tasks after which it is left, when no step budget is set
 _BRANCH_WORDS = re.compile(r"\b(if|elif|else|for|while|try|except|with|match|case|switch|return|yield|lambda|class)\b")
 _TEST_MARKERS = re.compile(r"\bassert\b|\bdef test_|\bexpect\(|\bassert_eq!|\bcheck\(")
 
@@ -132,6 +139,25 @@ class _EpochSampler:
         return self
 
 
+def curriculum_from_config(config: CurriculumConfig, tasks: Sequence[Task], *, seed: int) -> Curriculum:
+    """The run's curriculum over ``tasks``, as the config's ``curriculum`` section describes it.
+
+    Tasks without a ``difficulty`` are placed by ``estimate_difficulty``.
+    """
+    return Curriculum(
+        [t.id for t in tasks],
+        [t.difficulty for t in tasks],
+        estimates=[estimate_difficulty(t.prompt, t.reference, t.tests) for t in tasks],
+        enabled=config.enabled,
+        num_buckets=config.num_buckets,
+        advance_threshold=config.advance_threshold,
+        advance_after_steps=config.advance_after_steps,
+        window=config.window,
+        mix_previous=config.mix_previous,
+        seed=seed,
+    )
+
+
 class Curriculum:
     """Difficulty-bucketed (or plain shuffled) batches of task ids, resumable exactly.
 
@@ -169,10 +195,12 @@ class Curriculum:
                 a bucket empty).
             advance_threshold: move on when the mean of the last ``window``
                 recorded rewards on the current bucket is >= this.
-            advance_after_steps: move on after this many batches in a bucket.
+            advance_after_steps: move on after this many batches in a bucket;
+                None: after ``DEFAULT_PASSES`` passes over the bucket's tasks.
             window: how many recent rewards the threshold averages; the
                 threshold is only tested once the window is full.
-            mix_previous: fraction of each batch drawn from easier buckets.
+            mix_previous: fraction of each batch drawn from easier buckets
+                (rounded, and at most all but one of the batch).
             seed: seeds the one Generator every shuffle comes from.
         """
         self._task_ids = [str(t) for t in task_ids]
@@ -198,11 +226,6 @@ class Curriculum:
             if len(difficulties) != len(self._task_ids):
                 raise ValueError(f"Got {len(difficulties)} difficulties for {len(self._task_ids)} tasks.")
             self._bucket_members = _buckets(_fill_missing(difficulties, estimates), max(1, num_buckets))
-            if len(self._bucket_members) > 1 and advance_threshold is None and advance_after_steps is None:
-                raise ValueError(
-                    "The curriculum would never leave its first bucket: set advance_threshold "
-                    "and/or advance_after_steps, or disable the curriculum."
-                )
         else:
             self._bucket_members = [np.arange(len(self._task_ids))]
         self._bucket_of = np.empty(len(self._task_ids), dtype=np.int64)
@@ -270,7 +293,8 @@ class Curriculum:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         if self.enabled and self._should_advance():
             self._advance()
-        n_review = int(round(self.mix_previous * batch_size)) if self._review is not None else 0
+        # At least one draw from the current bucket, however small the batch or large the mix.
+        n_review = min(int(round(self.mix_previous * batch_size)), batch_size - 1) if self._review is not None else 0
         picked = self._main.take(batch_size - n_review, self._rng)
         if n_review:
             assert self._review is not None
@@ -296,7 +320,10 @@ class Curriculum:
     def _should_advance(self) -> bool:
         if self._bucket + 1 >= self.num_buckets:
             return False
-        if self.advance_after_steps is not None and self._steps_in_bucket >= self.advance_after_steps:
+        if self.advance_after_steps is not None:
+            if self._steps_in_bucket >= self.advance_after_steps:
+                return True
+        elif self._main.epoch >= DEFAULT_PASSES:
             return True
         return (
             self.advance_threshold is not None

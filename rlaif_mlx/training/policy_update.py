@@ -38,7 +38,8 @@ def update_policy(
         advantages: ``[B*G]`` for the whole batch (this process trains on its rows).
         weights: ``[B*G, T-1]`` token weights for the whole batch.
         training: the ``training`` section (clipping, updates per batch).
-        rlaif: the ``rlaif`` section (where the KL term goes, its estimator).
+        rlaif: the ``rlaif`` section (where the KL term goes, its estimator, the sampling temperature
+            the policy is trained at).
         kl_coef: the KL coefficient of this step.
         learning_rate: this step's scheduled learning rate.
         dist: this process's place in the job.
@@ -64,6 +65,7 @@ def update_policy(
         clip_eps_high=training.clip_eps_high,
         kl_coef=kl_coef if kl_in_loss else 0.0,
         kl_estimator=rlaif.kl_estimator,
+        temperature=rlaif.generation_temperature,  # the sampled policy is the trained one
     )
     rows, width = rollout.sequences.loss_mask.shape
     behaviour = training.updates_per_batch > 1 or stale

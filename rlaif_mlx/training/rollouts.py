@@ -4,7 +4,8 @@ Each prompt draws from its own seed (``settings.prompt_seed``: run seed, step,
 place in the batch), so a step's samples are reproducible, different every
 step, and the same whichever process samples the prompt. The policy log-probs
 are those recorded while sampling (never recomputed); the reference's come
-from one forward when the KL term needs them.
+from one forward when the KL term needs them. Both are at the sampling
+temperature (``rlaif.generation_temperature``), which the update trains at too.
 """
 
 from __future__ import annotations
@@ -70,7 +71,12 @@ class RolloutBuilder:
         """The token batch, the sampling-time policy log-probs and (when KL is on) the reference's."""
         sequences = SequenceBatch.from_completions(completions, pad_id=self.backend.pad_id)
         policy_logp = sampled_logprobs(completions, sequences)
-        ref_logp = self.backend.logprobs(sequences, reference=True) if self.needs_reference() else None
+        temperature = self.config.rlaif.generation_temperature  # the policy that sampled them: one T throughout
+        ref_logp = (
+            self.backend.logprobs(sequences, reference=True, temperature=temperature)
+            if self.needs_reference()
+            else None
+        )
         return sequences, policy_logp, ref_logp
 
     def assemble(

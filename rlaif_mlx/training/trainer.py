@@ -30,7 +30,7 @@ from ..teachers.cost import BudgetExceeded
 from ..teachers.judge import TeacherUnavailable
 from .advantage_estimator import AdvantageEstimator
 from .checkpoint import check_resumable, load_trainer_state, save_checkpoint
-from .curriculum import Curriculum, estimate_difficulty
+from .curriculum import curriculum_from_config
 from .distributed import DistContext
 from .evaluation import evaluate, format_eval_line
 from .policy_update import update_policy
@@ -94,19 +94,7 @@ class Trainer:
         self.signals = StopSignals(log=self.log, current_step=lambda: self.step, doing=self._doing)
         self._pending: PendingBatch | None = None  # the next step's batch, sampled ahead (``rlaif.sample_ahead``)
         self.prompt_ids = task_prompt_ids(backend.tokenizer, train.tasks, config.data)
-        cur = config.curriculum
-        self.curriculum = Curriculum(
-            [t.id for t in train.tasks],
-            [t.difficulty for t in train.tasks],
-            estimates=[estimate_difficulty(t.prompt, t.reference, t.tests) for t in train.tasks],
-            enabled=cur.enabled,
-            num_buckets=cur.num_buckets,
-            advance_threshold=cur.advance_threshold,
-            advance_after_steps=cur.advance_after_steps,
-            window=cur.window,
-            mix_previous=cur.mix_previous,
-            seed=config.seed,
-        )
+        self.curriculum = curriculum_from_config(config.curriculum, train.tasks, seed=config.seed)
         self.estimator = AdvantageEstimator(config.rlaif, config.training)  # the KL coefficient, the EMA baseline
         self.rollouts = RolloutBuilder(
             config, backend, self.prompt_ids, self.dist, needs_reference=lambda: self.estimator.needs_reference

@@ -84,7 +84,8 @@ def supervised_warmup(
         picks = rng.choice(len(with_ref), size=min(cfg.sft_batch_size, len(with_ref)), replace=False)
         seqs = reference_sequences(backend, [with_ref[k] for k in picks], prompt_ids)
         weights = aggregation_weights(seqs.loss_mask, aggregation="token_mean")
-        # At ratio 1 the clipped surrogate's gradient with advantage 1 is the NLL gradient. Under
+        # At ratio 1 the clipped surrogate's gradient with advantage 1 is the NLL gradient (of the model
+        # itself, temperature 1: the reference solutions are data, not samples). Under
         # torchrun every process takes the whole batch at 1/world_size: the summed gradient is one's.
         backend.train_step(
             TrainBatch(seqs, np.ones(len(seqs), np.float32), (weights / world_size).astype(np.float32)),

@@ -23,13 +23,13 @@ from backend_helpers import (
     plain_logits,
     plain_logp,
     train_batch,
+    with_random_adapters,
 )
 from conftest import TORCH_DEVICE
 from safetensors.numpy import load_file
 
 from rlaif_mlx.backends import installed
-from rlaif_mlx.backends.base import Backend, LossSettings, SamplingParams, SequenceBatch, TrainBatch
-from rlaif_mlx.rl.advantages import compute_advantages
+from rlaif_mlx.backends.base import Backend, Completion, LossSettings, SamplingParams, SequenceBatch, TrainBatch
 from rlaif_mlx.rl.objective import aggregation_weights
 
 KINDS = ["torch", "mlx"]
@@ -120,12 +120,70 @@ def test_sample_logprobs_equal_teacher_forced(lora, params):
     assert [c.uid for c in completions] == [f"{p}-{s}" for p in range(3) for s in range(3)]
     assert all(c.prompt_ids == tuple(prompts[c.prompt_index]) for c in completions)
     seqs = SequenceBatch.from_completions(completions, pad_id=lora.pad_id)
-    forced = lora.logprobs(seqs)
+    forced = lora.logprobs(seqs, temperature=params.logprob_temperature)  # greedy records temperature 1
     for i, c in enumerate(completions):
         start = len(c.prompt_ids) - 1
         got = forced[i, start : start + len(c.completion_ids)]
         np.testing.assert_allclose(np.array(c.logprobs), got, atol=1e-4)
         assert (forced[i, start + len(c.completion_ids) :] == 0).all()  # padding targets are 0
+
+
+def recorded_logp(completions, seqs: SequenceBatch) -> np.ndarray:
+    """The log-probs sampling recorded, laid out ``[N, T-1]`` like ``logprobs`` (0 off the completions)."""
+    out = np.zeros(seqs.loss_mask.shape, dtype=np.float32)
+    for i, c in enumerate(completions):
+        out[i, len(c.prompt_ids) - 1 : len(c.prompt_ids) - 1 + len(c.logprobs)] = c.logprobs
+    return out
+
+
+def test_the_first_pass_ratio_is_one_at_the_sampling_temperature(kind, tiny_model_path, tmp_path):
+    """One policy: sampling at T = 0.7 with top-p 0.9 records the log-probs that scoring and training at T give.
+
+    Top-p truncates the draw only; every log-prob is of the tempered, untruncated policy. So on the
+    first pass over fresh samples ``r = exp(logp - old_logp)`` is 1 at every token, the step's loss is
+    the plain policy gradient's, and the KL to the reference is taken between the two tempered policies.
+    """
+    t = 0.7
+    backend = with_random_adapters(make(kind, tiny_model_path), tmp_path / "adapters")  # B != 0: the merge matters
+    params = SamplingParams(max_new_tokens=8, seed=(1, 2, 3), temperature=t, top_p=0.9)
+    completions = backend.sample(encode(backend), n=3, params=params)
+    seqs = SequenceBatch.from_completions(completions, pad_id=backend.pad_id)
+    old = recorded_logp(completions, seqs)
+    mask = seqs.loss_mask > 0
+    policy = backend.logprobs(seqs, temperature=t)
+    ratio = np.exp(policy - old)[mask]
+    assert np.abs(ratio - 1).max() < 1e-4, np.abs(ratio - 1).max()
+    untempered = np.exp(backend.logprobs(seqs) - old)[mask]  # temperature 1 is another policy
+    assert np.abs(untempered - 1).max() > 0.05
+
+    reference = backend.logprobs(seqs, reference=True, temperature=t)
+    advantages = np.random.default_rng(0).standard_normal(len(seqs)).astype(np.float32)
+    weights = aggregation_weights(seqs.loss_mask).astype(np.float32)
+    batch = TrainBatch(seqs, advantages, weights, old_logp=old, ref_logp=reference)
+    loss = LossSettings(kl_coef=0.1, temperature=t)
+    grads, stats = backend.gradients(batch, loss=loss)
+    assert stats.ratio_mean == pytest.approx(1.0, abs=1e-5) and stats.clip_fraction == 0.0
+    # r == 1: the surrogate is -sum(A * w), and its gradient is the on-policy one (old = stop_gradient(logp))
+    assert stats.pg_loss == pytest.approx(-float((advantages[:, None] * weights).sum()), abs=1e-5)
+    d = np.where(mask, reference - policy, 0.0)  # k3 = exp(d) - d - 1 between the tempered policies
+    assert stats.kl == pytest.approx(float(((np.exp(d) - d - 1) * weights).sum() / weights.sum()), abs=1e-5)
+    assert stats.kl > 1e-3  # the random adapters move the policy off the reference
+    on_policy, _ = backend.gradients(TrainBatch(seqs, advantages, weights, ref_logp=reference), loss=loss)
+    for name, g in grads.items():
+        np.testing.assert_allclose(g, on_policy[name], atol=1e-5, rtol=1e-3, err_msg=name)
+    off_policy = backend.gradients(batch, loss=LossSettings(kl_coef=0.1))[1]  # trained at 1, sampled at 0.7
+    assert abs(off_policy.ratio_mean - 1) > 1e-2
+
+
+def test_log_probs_need_a_temperature_above_zero(lora):
+    seqs = SequenceBatch.from_completions(
+        lora.sample(encode(lora), n=1, params=SamplingParams(max_new_tokens=2, seed=0)), pad_id=lora.pad_id
+    )
+    for t in (0.0, -1.0):
+        with pytest.raises(ValueError, match="temperature > 0"):
+            lora.logprobs(seqs, temperature=t)
+        with pytest.raises(ValueError, match="temperature > 0"):
+            LossSettings(temperature=t)
 
 
 def test_seeded_sampling_is_reproducible(lora):
@@ -477,34 +535,46 @@ def test_lora_initialisation_follows_the_seed(kind, tiny_model_path):
 # ------------------------------------------------------------------ learning
 
 
-TARGET = range(100, 164)  # 64 of ~1024 token ids: chance is ~1/16
+# Two prompts x four hand-written completions (the same tokens on both backends), advantages +-1 in each group.
+FIXED_GROUPS = {
+    "def add(a, b):": ["\n    return a + b", "\n    pass", " # add two numbers", "\n    return None"],
+    "x = [3, 1, 2]\n": ["x.sort()", "print(x)", "y = x[0] + 1", "del x"],
+}
+FIXED_ADVANTAGES = [1.0, -1.0, 1.0, -1.0]
 
 
-@pytest.mark.parametrize(("use_lora", "lr"), [(True, 1e-2), (False, 3e-3)], ids=["lora", "full"])
-def test_rl_loop_learns_a_toy_reward(kind, tiny_model_path, use_lora, lr):
-    """Reward = fraction of completion tokens in TARGET; the mean reward must rise well above chance.
+def fixed_batch(backend) -> TrainBatch:
+    """``FIXED_GROUPS`` as a batch: completions written, not sampled, so it is one batch whatever the backend."""
+    completions = []
+    for p, (prompt, texts) in enumerate(FIXED_GROUPS.items()):
+        prompt_ids = tuple(backend.tokenizer.encode(prompt, add_special_tokens=False))
+        for s, text in enumerate(texts):
+            ids = tuple(backend.tokenizer.encode(text, add_special_tokens=False))
+            completions.append(Completion(f"{p}-{s}", p, s, prompt_ids, ids, (0.0,) * len(ids), text, "length"))
+    seqs = SequenceBatch.from_completions(completions, pad_id=backend.pad_id)
+    advantages = np.array(FIXED_ADVANTAGES * len(FIXED_GROUPS), dtype=np.float32)
+    return TrainBatch(seqs, advantages, aggregation_weights(seqs.loss_mask).astype(np.float32))
 
-    Sampling runs at a low temperature: the random tiny model's logits span only
-    about +-2.6 (tied embeddings of norm ~0.23, unit-gain final norm), which caps
-    what a LoRA on the attention projections can express at temperature 1.
+
+@pytest.mark.parametrize(("use_lora", "lr"), [(True, 1e-3), (False, 1e-4)], ids=["lora", "full"])
+def test_one_update_raises_positive_samples_and_lowers_negative_ones(kind, tiny_model_path, use_lora, lr):
+    """Deterministic "it learns": one step on a fixed batch moves each sample's log-prob the way its advantage says.
+
+    At the sampling temperature (0.7), as training runs. The steps are small, so each sample's change is
+    its gradient's first-order response to Adam's first step (about ``-lr * sign(g)`` per weight). Measured
+    over LoRA seeds 0-6 on both backends: every sample moved the right way by at least 0.045 nats (full
+    fine-tune: 0.15), against float noise of ~1e-5; a step at 10x these rates overshoots and may not.
     """
-    backend = make(kind, tiny_model_path, learning_rate=lr, micro_batch_size=16, model={"use_lora": use_lora})
-    prompts = encode(backend, ["def f(x):", "import os\n", "class A:", "# sum"])
-    means = []
-    for step in range(20):
-        completions = backend.sample(
-            prompts, n=8, params=SamplingParams(max_new_tokens=8, temperature=0.2, seed=1000 + step)
-        )
-        rewards = np.array([np.mean([t in TARGET for t in c.completion_ids]) for c in completions])
-        advantages = compute_advantages(rewards.reshape(len(prompts), 8), scale_by_std=True).advantages
-        seqs = SequenceBatch.from_completions(completions, pad_id=backend.pad_id)
-        batch = TrainBatch(
-            sequences=seqs,
-            advantages=advantages.reshape(-1).astype(np.float32),
-            token_weights=aggregation_weights(seqs.loss_mask).astype(np.float32),
-        )
-        backend.train_step(batch, loss=LossSettings())
-        means.append(float(rewards.mean()))
-    chance = len(TARGET) / len(backend.tokenizer)
-    assert means[0] < 2 * chance, means
-    assert np.mean(means[-5:]) > 3 * chance, means
+    t = 0.7
+    backend = make(kind, tiny_model_path, learning_rate=lr, model={"use_lora": use_lora})
+    batch = fixed_batch(backend)
+    mask = batch.sequences.loss_mask
+
+    def sequence_logp():
+        return (backend.logprobs(batch.sequences, temperature=t) * mask).sum(axis=1)
+
+    before = sequence_logp()
+    backend.train_step(batch, loss=LossSettings(temperature=t))
+    moved = sequence_logp() - before
+    assert (np.sign(moved) == np.sign(batch.advantages)).all(), moved
+    assert np.abs(moved).min() > 0.01, moved

@@ -118,6 +118,40 @@ def test_parity_on_the_same_weights(tiny_model_path):
     np.testing.assert_allclose(after_ours, after_theirs, atol=PARITY_POST_STEP_ATOL)  # ... the same way
 
 
+def test_parity_at_a_sampling_temperature(tiny_model_path):
+    """At T = 0.7 with top-p 0.9: each backend's recorded log-probs are the other's teacher-forced ones at T,
+    and a training step at T (reference and ratio at T) is the same step on both."""
+    t = 0.7
+    full = {"use_lora": False}
+    ours, theirs = make("mlx", tiny_model_path, model=full), make("torch", tiny_model_path, model=full)
+    params = SamplingParams(max_new_tokens=12, seed=(1, 2, 3), temperature=t, top_p=0.9)
+    for sampler, scorer in ((ours, theirs), (theirs, ours)):
+        completions = sampler.sample(encode(sampler), n=3, params=params)
+        seqs = SequenceBatch.from_completions(completions, pad_id=sampler.pad_id)
+        for i, c in enumerate(completions):
+            start = len(c.prompt_ids) - 1
+            scored = scorer.logprobs(seqs, temperature=t)[i, start : start + len(c.logprobs)]
+            np.testing.assert_allclose(c.logprobs, scored, atol=PARITY_LOGP_ATOL, err_msg=sampler.name)
+
+    batch = train_batch(ours)
+    lp_ours, lp_theirs = ours.logprobs(batch.sequences, temperature=t), theirs.logprobs(batch.sequences, temperature=t)
+    np.testing.assert_allclose(lp_ours, lp_theirs, atol=PARITY_LOGP_ATOL)
+    assert np.abs(lp_ours - ours.logprobs(batch.sequences)).max() > 0.05  # T = 0.7 is not T = 1
+    batch.ref_logp = ours.logprobs(batch.sequences, reference=True, temperature=t)
+    np.testing.assert_allclose(
+        batch.ref_logp, theirs.logprobs(batch.sequences, reference=True, temperature=t), atol=PARITY_LOGP_ATOL
+    )
+    batch.old_logp = lp_ours + 0.05 * np.random.default_rng(1).standard_normal(lp_ours.shape).astype(np.float32)
+    loss = LossSettings(kl_coef=0.1, temperature=t)
+    s_ours, s_theirs = ours.train_step(batch, loss=loss), theirs.train_step(batch, loss=loss)
+    for key in ("loss", "pg_loss", "kl", "ratio_mean"):
+        assert getattr(s_ours, key) == pytest.approx(getattr(s_theirs, key), abs=PARITY_LOSS_ATOL), key
+    assert s_ours.grad_norm == pytest.approx(s_theirs.grad_norm, rel=1e-4)
+    after_ours, after_theirs = (b.logprobs(batch.sequences, temperature=t) for b in (ours, theirs))
+    assert np.abs(after_ours - lp_ours).max() > 1e-3
+    np.testing.assert_allclose(after_ours, after_theirs, atol=PARITY_POST_STEP_ATOL)
+
+
 # -------------------------------------------------------------- portability
 
 

@@ -91,7 +91,6 @@ def test_inverse_cdf_draw_matches_the_distribution_and_its_log_probs():
     rows = 40_000
     logits = mx.array(np.tile(row, (rows, 1)))
     u = mx.random.uniform(shape=(rows,), key=mx.random.key(1))
-    log_softmax = row - np.log(np.exp(row[:5]).sum())
     for params, temperature in ((SamplingParams(), 1.0), (SamplingParams(temperature=0.5), 0.5)):
         tokens, logp = _choose(logits, params, u)
         tokens, logp = np.array(tokens), np.array(logp)
@@ -99,7 +98,11 @@ def test_inverse_cdf_draw_matches_the_distribution_and_its_log_probs():
         freq = np.bincount(tokens, minlength=6) / rows
         assert freq[5] == 0  # -inf: zero probability, never drawn
         np.testing.assert_allclose(freq[:5], expected, atol=0.01)
-        np.testing.assert_allclose(logp, log_softmax[tokens], atol=1e-6)  # temperature-1 log-probs
+        np.testing.assert_allclose(logp, np.log(expected)[tokens], atol=1e-6)  # the log-probs of what was drawn
+    # truncated: the draw keeps the top two, the log-prob stays the tempered, untruncated policy's
+    tokens, logp = (np.array(a) for a in _choose(logits, SamplingParams(temperature=0.5, top_k=2), u))
+    assert set(tokens.tolist()) == {2, 4}
+    np.testing.assert_allclose(logp, np.log(expected)[tokens], atol=1e-6)
 
 
 def test_the_draw_never_picks_a_zero_probability_token():

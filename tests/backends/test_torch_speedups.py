@@ -334,7 +334,11 @@ def test_the_backend_scores_and_trains_as_the_whole_row_forward(trained_lora, mo
     policy, reference = backend.logprobs(batch.sequences), backend.logprobs(batch.sequences, reference=True)
     fast, _ = backend.gradients(batch, loss=LOSS)
 
-    monkeypatch.setattr(fwd, "sequence_logp", lambda model, ids, attn, mask, **kw: ops.token_logp(model, ids, attn))
+    monkeypatch.setattr(
+        fwd,
+        "sequence_logp",
+        lambda model, ids, attn, mask, temperature=1.0, **kw: ops.token_logp(model, ids, attn, temperature),
+    )
     np.testing.assert_allclose(policy, backend.logprobs(batch.sequences), atol=1e-5)
     np.testing.assert_allclose(reference, backend.logprobs(batch.sequences, reference=True), atol=1e-5)
     assert np.abs(policy - reference).max() > 1e-2  # the adapters are on for the policy

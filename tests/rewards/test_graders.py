@@ -339,6 +339,17 @@ def test_grade_many_keeps_results_with_their_uid():
         grade_many([requests[0], requests[0]])
 
 
+def test_a_process_that_cannot_be_started_is_the_graders_failure_not_the_solutions():
+    # Another session's processes can fill the sandbox user's process limit (RLIMIT_NPROC): the host
+    # then cannot fork the solution. That must leave it unscored, never score it as crashed.
+    from rlaif_mlx.rewards.sandbox import sandbox_capabilities
+
+    if sandbox_capabilities()["privileges"] != "nobody":
+        pytest.skip("the process limit is per user: only an isolated 'nobody' makes it bite here alone")
+    out = run_unit_tests(GOOD, SQUARE_TESTS, limits=SandboxLimits(max_processes=1))
+    assert out.kind == "infrastructure" and "cannot start a process" in out.error
+
+
 def test_no_warning_about_the_students_code_reaches_the_user():
     """Parsing or compiling a completion (or a task's tests) in this process prints nothing: an invalid
     escape or an ``is`` with a literal is a SyntaxWarning (DeprecationWarning before Python 3.12)."""

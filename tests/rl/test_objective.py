@@ -1,11 +1,22 @@
-"""The shared policy loss on numpy, torch and mlx, checked against hand arithmetic."""
+"""The shared policy loss on numpy, torch and mlx, checked against hand arithmetic; and the loss a
+step trains on, for every combination of the objective's options that the config accepts."""
 
+import itertools
 import math
+import typing
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import rl_reference as ref
+from pydantic import ValidationError
 
+from rlaif_mlx.backends.base import StepStats
+from rlaif_mlx.config import RlaifConfig, TrainingConfig
 from rlaif_mlx.rl.objective import NUMPY_OPS, aggregation_weights, policy_loss
+from rlaif_mlx.training.advantage_estimator import AdvantageEstimator
+from rlaif_mlx.training.distributed import DistContext
+from rlaif_mlx.training.policy_update import update_policy
 
 E = math.e
 
@@ -300,3 +311,133 @@ def test_micro_batches_sum_to_full_loss(aggregation):
     for key in ("kl", "clip_fraction", "ratio_mean"):
         combined = sum(float(o[1][key] * o[1]["weight_sum"]) for o in outs) / float(full_stats["weight_sum"])
         assert combined == pytest.approx(float(full_stats[key]))
+
+
+def test_why_k1_in_the_loss_is_refused():
+    """One categorical step, policy softmax(theta) = [1/3, 2/3], reference [1/2, 1/2].
+
+    grad_theta log pi(y) = e_y - pi. k1 = log pi(y) - log ref(y) has gradient e_y - pi, whose mean under
+    pi is pi - pi = 0: as a loss term it adds noise and no pull. k3 = exp(d) - d - 1 (d = log ref - log pi)
+    has gradient (1 - ref/pi)(e_y - pi), whose mean is sum_y (pi_y - ref_y)(e_y - pi) = pi - ref =
+    [-1/6, 1/6]: descending it moves pi toward the reference.
+    """
+    pi, rho = np.array([1 / 3, 2 / 3]), np.array([0.5, 0.5])
+    grad_logp = np.eye(2) - pi  # row y: e_y - pi
+    mean_k1 = sum(pi[y] * grad_logp[y] for y in range(2))
+    mean_k3 = sum(pi[y] * (1 - rho[y] / pi[y]) * grad_logp[y] for y in range(2))
+    np.testing.assert_allclose(mean_k1, [0.0, 0.0], atol=1e-15)
+    np.testing.assert_allclose(mean_k3, [-1 / 6, 1 / 6])
+    with pytest.raises(ValidationError, match="kl_estimator: k1 with kl_placement: loss"):
+        RlaifConfig(kl_estimator="k1", kl_placement="loss")
+
+
+# ---- every combination the config accepts, through a step's wiring ----------------------------------------
+
+KEYS = ("kl_placement", "kl_estimator", "baseline", "scale_by_std", "whiten_advantages", "skip_zero_variance_groups")
+
+
+def accepted_combinations() -> list[dict]:
+    """The product of the six keys' values (read off the config's types) that ``RlaifConfig`` accepts."""
+    options = [typing.get_args(RlaifConfig.model_fields[k].annotation) or (False, True) for k in KEYS]
+    found = []
+    for values in itertools.product(*options):
+        combo = dict(zip(KEYS, values, strict=True))
+        try:
+            RlaifConfig(**combo)
+        except ValidationError:
+            continue
+        found.append(combo)
+    return found
+
+
+COMBOS = accepted_combinations()
+# Three prompts, three samples: varied, flat (all pass), and one with an unscored sample.
+REWARDS = [[0.0, 0.5, 1.0], [1.0, 1.0, 1.0], [0.25, None, 1.0]]
+STEP_MASK = np.array([[0, 1, 1, 1], [0, 1, 1, 0], [0, 1, 0, 0]] * 3, dtype=np.float64)
+STEP_LOGP = np.random.default_rng(11).uniform(-2.5, -0.2, size=STEP_MASK.shape)
+STEP_REF = STEP_LOGP + np.random.default_rng(12).normal(0.0, 0.3, size=STEP_MASK.shape)
+BETA = 0.1
+
+
+class NumpyBackend:
+    """A backend whose policy is fixed log-probs: ``train_step`` evaluates the shared loss in numpy."""
+
+    def __init__(self, logp):
+        self.logp = logp
+        self.steps = []
+
+    def train_step(self, batch, *, loss, learning_rate):
+        value, stats = policy_loss(
+            NUMPY_OPS,
+            logp=self.logp,
+            old_logp=batch.old_logp,
+            ref_logp=batch.ref_logp,
+            advantages=batch.advantages.astype(np.float64),
+            token_weights=batch.token_weights.astype(np.float64),
+            clip_eps_low=loss.clip_eps_low,
+            clip_eps_high=loss.clip_eps_high,
+            kl_coef=loss.kl_coef,
+            kl_estimator=loss.kl_estimator,
+        )
+        self.steps.append((batch, loss))
+        return StepStats(float(value), float(stats["pg_loss"]), float(stats["kl"]), 0.0, 1.0, 0.0, learning_rate)
+
+
+def test_the_combinations_counted():
+    # placement x estimator: 4, less k1 in the loss = 3; baseline x scale_by_std: 8, less none + scaling = 7;
+    # whiten x skip: 4. 3 * 7 * 4 = 84.
+    assert len(COMBOS) == 84
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_every_accepted_combination_trains_on_the_reference_loss(combo):
+    rl = RlaifConfig(**combo, kl_penalty=BETA, num_samples_per_prompt=3)
+    est = AdvantageEstimator(rl, TrainingConfig())
+    logp, ref_logp = STEP_LOGP.astype(np.float32), STEP_REF.astype(np.float32)
+    rollout = SimpleNamespace(
+        rewards=np.array([[np.nan if r is None else r for r in g] for g in REWARDS]),
+        policy_logp=logp,
+        ref_logp=ref_logp,
+        sequences=SimpleNamespace(loss_mask=STEP_MASK.astype(np.float32)),
+    )
+    advantages, weights, stats = est.advantages(rollout)
+    backend = NumpyBackend(logp.astype(np.float64))
+    out = update_policy(
+        backend,
+        rollout,
+        advantages,
+        weights,
+        training=TrainingConfig(),
+        rlaif=rl,
+        kl_coef=est.kl_coef,
+        learning_rate=1e-5,
+        dist=DistContext(),
+    )
+
+    # The reference, from the same float32 log-probs a backend would return.
+    lp, rf, mask = logp.astype(float).tolist(), ref_logp.astype(float).tolist(), STEP_MASK.tolist()
+    in_reward = combo["kl_placement"] == "reward"
+    sums = [ref.sequence_k1(a, b, m) for a, b, m in zip(lp, rf, mask, strict=True)]
+    penalty = [[BETA * x for x in sums[i : i + 3]] for i in (0, 3, 6)] if in_reward else None
+    want_adv, trains, flat = ref.advantages(
+        REWARDS,
+        baseline=combo["baseline"],
+        scale_by_std=combo["scale_by_std"],
+        whiten=combo["whiten_advantages"],
+        skip=combo["skip_zero_variance_groups"],
+        penalty=penalty,
+    )
+    want_loss = ref.token_mean_loss(
+        want_adv, trains, lp, rf, mask, beta_loss=0.0 if in_reward else BETA, estimator=combo["kl_estimator"]
+    )
+    np.testing.assert_allclose(advantages, np.ravel(want_adv), rtol=1e-5, atol=1e-6)
+    assert out.loss == pytest.approx(want_loss, rel=1e-5, abs=1e-7)
+    assert stats["zero_variance_groups"] == flat == 1
+    # What the backend was handed: the KL term only with the loss placement, with the configured estimator.
+    batch, settings = backend.steps[0]
+    assert len(backend.steps) == 1 and batch.old_logp is None
+    assert (batch.ref_logp is None) == in_reward
+    assert settings.kl_coef == (0.0 if in_reward else BETA) and settings.kl_estimator == combo["kl_estimator"]
+    # Token weights: 1 / (tokens of the samples that train) on each of their tokens.
+    train_rows = np.ravel(trains)
+    np.testing.assert_allclose(weights, STEP_MASK * train_rows[:, None] / (STEP_MASK.sum(1) @ train_rows), rtol=1e-6)

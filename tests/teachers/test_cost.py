@@ -13,6 +13,7 @@ from rlaif_mlx.teachers.cost import (
     PRICES,
     BudgetExceeded,
     CostLedger,
+    cache_price_for,
     cost_per_1000_judgements,
     price_for,
     table_price,
@@ -136,7 +137,14 @@ def test_state_dict_round_trip_keeps_counting():
     ledger = CostLedger(price=(2.0, 8.0), budget_usd=1.0)
     ledger.record(Usage(100_000, 50_000))  # $0.60
     state = ledger.state_dict()
-    assert state == {"spent_usd": pytest.approx(0.6), "input_tokens": 100_000, "output_tokens": 50_000, "calls": 1}
+    assert state == {
+        "spent_usd": pytest.approx(0.6),
+        "input_tokens": 100_000,
+        "output_tokens": 50_000,
+        "cache_read_tokens": 0,
+        "cache_write_tokens": 0,
+        "calls": 1,
+    }
     resumed = CostLedger(price=(2.0, 8.0), budget_usd=1.0)
     resumed.load_state_dict(state)
     assert resumed.spent_usd == pytest.approx(0.6) and resumed.calls == 1
@@ -150,6 +158,8 @@ class _YieldingUsage:
     """Usage whose token counts hand the GIL to another thread when read, as I/O would."""
 
     output_tokens = 1
+    cache_read_tokens = 0
+    cache_write_tokens = 0
 
     @property
     def input_tokens(self) -> int:
@@ -186,3 +196,45 @@ def test_cost_per_1000_judgements():
     assert cost_per_1000_judgements("gpt-4o-mini", input_tokens=1000, output_tokens=0) == pytest.approx(0.15)
     with pytest.raises(ValueError, match="no built-in price"):
         cost_per_1000_judgements("mystery-model")
+
+
+@pytest.mark.parametrize(
+    ("provider", "model", "expected"),
+    [
+        ("anthropic", "claude-sonnet-5-5", (0.10, 2.50)),  # reads cut to $0.10 on 2026-10-07
+        ("anthropic", "claude-opus-5-5", (0.20, 5.00)),
+        ("anthropic", "claude-haiku-5-5", (0.01, 0.125)),
+        ("anthropic", "claude-sonnet-4-5-20250929", (0.30, 3.75)),
+        ("anthropic", "claude-3-5-haiku", (0.08, 1.00)),
+        ("openai", "gpt-5-mini", (0.025, 0.25)),  # OpenAI: reads at a tenth, writes at the input price
+        ("openai", "gpt-4.1", (0.50, 2.00)),
+        ("openai", "gpt-4o-mini", (0.075, 0.15)),
+        ("openai", "gpt-5-pro", (15.0, 15.0)),  # no cached-input price
+        ("openai_compatible", "qwen", (0.0, 0.0)),
+    ],
+)
+def test_cache_prices_follow_each_providers_rule(provider, model, expected):
+    assert cache_price_for(provider, model, None) == pytest.approx(expected)
+
+
+def test_cache_prices_overridden_or_unknown():
+    assert cache_price_for("anthropic", "claude-sonnet-4-5", PriceConfig(input=1, output=2)) == pytest.approx(
+        (0.1, 1.25)
+    )  # the rule applies to the overridden input price
+    override = PriceConfig(input=1, output=2, cache_read=0.5, cache_write=0.75)
+    assert cache_price_for("openai_compatible", "qwen", override) == (0.5, 0.75)
+    assert cache_price_for("openai", "gpt-9-ultra", None) is None
+    assert cache_price_for("openai", "gpt-9-ultra", PriceConfig(input=4, output=8)) == (4.0, 4.0)
+
+
+def test_ledger_prices_cache_reads_and_writes_apart_from_plain_input():
+    ledger = CostLedger(price=(2.0, 10.0), budget_usd=None, cache_price=(0.1, 2.5))
+    # 1,500 prompt tokens: 1,000 read from the cache, 300 written to it, 200 plain; 40 out
+    usage = Usage(input_tokens=1_500, output_tokens=40, cache_read_tokens=1_000, cache_write_tokens=300)
+    assert ledger.record(usage) == pytest.approx((200 * 2.0 + 1_000 * 0.1 + 300 * 2.5 + 40 * 10.0) / 1e6)
+    assert ledger.cache_read_tokens == 1_000 and ledger.cache_write_tokens == 300 and ledger.input_tokens == 1_500
+    # without cache prices every prompt token costs the input price, as before prompt caching
+    assert CostLedger(price=(2.0, 10.0), budget_usd=None).cost(usage) == pytest.approx((1_500 * 2 + 400) / 1e6)
+    resumed = CostLedger(price=(2.0, 10.0), budget_usd=None, cache_price=(0.1, 2.5))
+    resumed.load_state_dict(ledger.state_dict())
+    assert resumed.cache_read_tokens == 1_000 and resumed.cache_write_tokens == 300

@@ -42,7 +42,12 @@ def make_client(
 ) -> AnthropicClient | OpenAIClient:
     if provider == "anthropic":
         return AnthropicClient(
-            "claude-test", api_key=KEY, base_url=server.url, timeout_s=timeout_s, max_retries=max_retries, **kwargs
+            kwargs.pop("model", "claude-test"),
+            api_key=KEY,
+            base_url=server.url,
+            timeout_s=timeout_s,
+            max_retries=max_retries,
+            **kwargs,
         )
     return OpenAIClient(
         kwargs.pop("model", "gpt-4.1-mini"),
@@ -362,3 +367,20 @@ def test_key_from_the_environment_is_sent_and_never_shown(
         create_client(TeacherConfig(provider=provider, model="m", base_url=base_url, max_retries=0, cache_path=None))
     )
     assert KEY not in describe_error(exc) and KEY not in str(exc)
+
+
+@pytest.mark.parametrize("model", ["claude-sonnet-5-5", "claude-opus-5-5-20261201"])
+def test_models_that_refuse_a_forced_tool_answer_through_structured_output(llm_server, model):
+    # The server answers 400 to a forced tool or a sampling parameter for these models, as the API does.
+    answer = complete(make_client("anthropic", llm_server, model=model))
+    (request,) = llm_server.requests
+    body = request.body
+    assert "tool_choice" not in body and "tools" not in body and "temperature" not in body
+    assert body["output_config"]["format"] == {"type": "json_schema", "schema": SCHEMA}
+    assert answer.data == DEFAULT_SCORES  # the JSON text, read as the structured answer
+
+
+def test_older_claude_models_still_answer_through_the_forced_tool(llm_server):
+    complete(make_client("anthropic", llm_server, model="claude-sonnet-4-5"))
+    body = llm_server.requests[0].body
+    assert body["tool_choice"] == {"type": "tool", "name": "submit_scores"} and "output_config" not in body

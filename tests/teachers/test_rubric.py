@@ -7,15 +7,13 @@ import json
 import pytest
 
 from rlaif_mlx.teachers.base import CRITERIA, JudgeRequest, RawAnswer, Usage
+from rlaif_mlx.teachers.references import REFERENCE_SCHEMA, parse_reference, reference_messages
 from rlaif_mlx.teachers.rubric import (
-    REFERENCE_SCHEMA,
     RUBRIC_VERSION,
     SCORE_SCHEMA,
     UnparseableAnswer,
     judge_messages,
-    parse_reference,
     parse_scores,
-    reference_messages,
     weighted_score,
 )
 

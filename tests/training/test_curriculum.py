@@ -1,10 +1,18 @@
-"""Curriculum buckets, progression, rehearsal mix, plain epochs and exact resume."""
+"""Curriculum buckets, progression, rehearsal mix, plain epochs and exact resume; the shipped configs
+reach their last bucket."""
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 
-from rlaif_mlx.training.curriculum import Curriculum, estimate_difficulty
+from rlaif_mlx.config import ConfigError, load_config
+from rlaif_mlx.data.tasks import load_tasks
+from rlaif_mlx.training.curriculum import DEFAULT_PASSES, Curriculum, curriculum_from_config, estimate_difficulty
+from rlaif_mlx.training.trainer import total_optimizer_steps
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 IDS = [f"t{i}" for i in range(6)]
 
@@ -137,8 +145,6 @@ def test_missing_difficulties():
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="never leave"):
-        Curriculum(IDS, [1, 2, 3, 4, 5, 6], num_buckets=3)
     with pytest.raises(ValueError, match="unique"):
         Curriculum(["a", "a"], enabled=False)
     with pytest.raises(ValueError, match="mix_previous"):
@@ -155,3 +161,74 @@ def test_estimate_difficulty_orders_by_size():
     assert 0 <= easy < hard
     assert estimate_difficulty("short") < estimate_difficulty("a much longer prompt with many more words in it")
     assert isinstance(estimate_difficulty("x", None, None), float)
+
+
+def test_a_bucket_the_threshold_never_passes_is_left_after_two_passes():
+    """Buckets of 2, batch 1, a reward of 0.5 under a threshold of 0.7: 2 passes = 4 steps a bucket."""
+    cur = Curriculum(IDS, [1, 2, 3, 4, 5, 6], num_buckets=3, advance_threshold=0.7, window=1, seed=2)
+    buckets = []
+    for _ in range(10):
+        (task,) = cur.next_batch(1)
+        buckets.append(cur.bucket)
+        cur.record(task, 0.5)
+    assert DEFAULT_PASSES == 2
+    assert buckets == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]  # the last bucket is kept
+    # Reaching the threshold still moves on at once: the budget is a bound, not a schedule.
+    fast = Curriculum(IDS, [1, 2, 3, 4, 5, 6], num_buckets=3, advance_threshold=0.7, window=1, seed=2)
+    (task,) = fast.next_batch(1)
+    fast.record(task, 0.9)
+    fast.next_batch(1)
+    assert fast.bucket == 1
+    # An explicit step budget replaces the default one, also when it is longer.
+    slow = Curriculum(IDS, [1, 2, 3, 4, 5, 6], num_buckets=3, advance_after_steps=6, seed=2)
+    assert [(slow.next_batch(1), slow.bucket)[1] for _ in range(7)] == [0] * 6 + [1]
+
+
+@pytest.mark.parametrize("mix", [0.6, 0.9, 0.99])
+def test_every_batch_draws_the_current_bucket(mix):
+    cur = Curriculum(IDS, [1, 2, 3, 4, 5, 6], num_buckets=3, advance_after_steps=1, mix_previous=mix, seed=0)
+    for _ in range(6):
+        batch = cur.next_batch(1)  # round(mix * 1) = 1 would leave nothing for the current bucket
+        assert batch[0] in cur.bucket_task_ids(cur.bucket)
+    # batch 4: round(0.6 * 4) = 2 rehearsal draws; round(3.6) = round(3.96) = 4 are capped at 3
+    current = {0.6: 2, 0.9: 1, 0.99: 1}[mix]
+    batch = cur.next_batch(4)
+    assert set(batch[:current]) <= {"t4", "t5"} and set(batch[current:]) <= set(IDS[:4])
+
+
+def test_the_config_refuses_a_batch_of_rehearsal_only(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {base_model: m}\ndata: {train_file: t.jsonl}\ncurriculum: {mix_previous: 1.0}\n")
+    with pytest.raises(ConfigError, match="curriculum.mix_previous: Input should be less than 1"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("name", ["laptop.yaml", "cuda-server.yaml", "quickstart.yaml"])
+def test_the_shipped_configs_reach_their_last_bucket(name):
+    """A steady reward of 0.5 (under laptop's and cuda-server's threshold of 0.7) for the run's length.
+
+    56 tasks in buckets of 21, 21 and 14 by difficulty. laptop: 3 epochs at batch 4 = 42 steps; a bucket
+    of 21 is left after 2 passes = 42 draws = 11 steps (10.5, rounded up), so the last bucket starts at
+    step 22. cuda-server: 3 epochs at batch 16 = 12 steps; 42 draws take 3 steps, the last bucket starts
+    at step 6. quickstart: the curriculum is off, its one "bucket" is all 56 tasks.
+    (Before, with no step budget, both stayed in bucket 0 for the whole run on 21 of the 56 tasks.)
+    """
+    cfg = load_config(CONFIGS / name)
+    tasks = load_tasks(cfg.data.train_file).tasks
+    cur = curriculum_from_config(cfg.curriculum, tasks, seed=cfg.seed)
+    total = total_optimizer_steps(cfg, len(tasks))
+    seen, first_step_in = set(), {}
+    for step in range(total):
+        batch = cur.next_batch(cfg.training.batch_size)
+        first_step_in.setdefault(cur.bucket, step)
+        size = len(cur.bucket_task_ids(cur.bucket))
+        if cur.bucket < cur.num_buckets - 1:  # the last bucket keeps the run
+            assert cur.stats()["steps_in_bucket"] <= math.ceil(DEFAULT_PASSES * size / cfg.training.batch_size)
+        seen |= set(batch)
+        for task in set(batch):
+            cur.record(task, 0.5)
+    assert cur.bucket == cur.num_buckets - 1
+    assert seen == {t.id for t in tasks}
+    want = {"laptop.yaml": {0: 0, 1: 11, 2: 22}, "cuda-server.yaml": {0: 0, 1: 3, 2: 6}, "quickstart.yaml": {0: 0}}
+    assert first_step_in == want[name]
+    assert total == {"laptop.yaml": 42, "cuda-server.yaml": 12, "quickstart.yaml": 60}[name]

@@ -38,8 +38,12 @@ CLOSE = 1e-6
 # (backends/torch_forward.py) calls the decoder and the head directly, which would skip FSDP's hooks. Its
 # log-probs differ from one process's by ~1e-6, which Adam amplifies as above (measured, full fine-tune:
 # 5 of 427k weights above 1e-5, at most 7e-5 = lr / 30; one process forwarding whole rows like FSDP comes
-# within 7e-6 of it). Hence every weight within lr / 20 for sharded runs; 99.9% within CLOSE still holds.
+# within 7e-6 of it). Hence every weight within lr / 20 for sharded runs. The runs train at their sampling
+# temperature, 0.7, where a log-prob difference is 1/0.7 larger in the logits: measured, LoRA, 13 of 7,168
+# adapter weights above CLOSE (at most 1.2e-5 = lr / 800; 2 at temperature 1). Hence 99.5% within CLOSE
+# for sharded runs; a missing or doubled shard still moves nearly every weight by about lr.
 SHARDED_WORST = 1 / 20
+SHARDED_CLOSE_SHARE = 0.995
 RUNS = {  # name -> (LoRA?, micro-batch, learning rate): micro-batches that match the shards, and that do not
     "lora": (True, 2, 1e-2),
     "full": (False, 8, 2e-3),
@@ -269,7 +273,9 @@ def fsdp_runs(runs, tiny_model_path) -> tuple[Path, str]:
 
 def test_sharded_processes_end_with_the_weights_of_one(runs, fsdp_runs):
     for name in RUNS:
-        assert_trains_like_one_process(runs["single"][0], fsdp_runs[0], name, worst=SHARDED_WORST)
+        assert_trains_like_one_process(
+            runs["single"][0], fsdp_runs[0], name, worst=SHARDED_WORST, share=SHARDED_CLOSE_SHARE
+        )
 
 
 def test_sharded_processes_sample_and_record_what_one_does(runs, fsdp_runs):
@@ -312,7 +318,9 @@ def test_a_resumed_sharded_run_continues_exactly(fsdp_runs):
 
 
 def test_a_sharded_run_resumes_a_checkpoint_of_whole_replicas(runs, fsdp_runs):
-    assert_trains_like_one_process(runs["single"][0], fsdp_runs[0], "lora", run="mixed", worst=SHARDED_WORST)
+    assert_trains_like_one_process(
+        runs["single"][0], fsdp_runs[0], "lora", run="mixed", worst=SHARDED_WORST, share=SHARDED_CLOSE_SHARE
+    )
 
 
 def test_one_process_and_mlx_load_a_sharded_checkpoint(fsdp_runs, tmp_path, caplog):
@@ -403,16 +411,16 @@ def launch(folder: Path, commands: list[str], *, processes: int) -> str:
 
 
 def assert_trains_like_one_process(
-    single: Path, multi: Path, name: str, *, run: str | None = None, worst: float = 1 / 50
+    single: Path, multi: Path, name: str, *, run: str | None = None, worst: float = 1 / 50, share: float = 0.999
 ) -> None:
     """Run ``run`` (default ``name``) in folder ``multi`` ends step 3 with the weights of run ``name`` in
-    ``single`` (the ``CLOSE`` rule, each weight within ``worst`` x lr), and those weights moved far more
-    than the tolerance."""
+    ``single`` (each weight within ``worst`` x lr, a ``share`` of them within ``CLOSE``), and those weights
+    moved far more than the tolerance."""
     lora, _, lr = RUNS[name]
     file = "adapter_model.safetensors" if lora else "model.safetensors"
     want = load_tensors(single / name / "checkpoints" / "step-000003" / file)
     got = load_tensors(multi / (run or name) / "checkpoints" / "step-000003" / file)
-    assert_close_weights(want, got, atol=worst * lr, label=run or name)
+    assert_close_weights(want, got, atol=worst * lr, label=run or name, share=share)
     if lora:  # B starts at 0: the adapters moved far more than the tolerance
         moved = max(np.abs(t).max() for k, t in want.items() if "lora_B" in k)
     else:
@@ -423,13 +431,15 @@ def assert_trains_like_one_process(
     assert moved > lr, (name, moved)
 
 
-def assert_close_weights(want: dict[str, np.ndarray], got: dict[str, np.ndarray], *, atol: float, label: str) -> None:
-    """The same tensors: every element within ``atol``, and 99.9% within ``CLOSE``."""
+def assert_close_weights(
+    want: dict[str, np.ndarray], got: dict[str, np.ndarray], *, atol: float, label: str, share: float = 0.999
+) -> None:
+    """The same tensors: every element within ``atol``, and a ``share`` of them within ``CLOSE``."""
     assert want.keys() == got.keys()
     for key in want:
         np.testing.assert_allclose(got[key], want[key], rtol=0, atol=atol, err_msg=f"{label}: {key}")
     diffs = np.concatenate([np.abs(got[k] - want[k]).ravel() for k in want])
-    assert (diffs <= CLOSE).mean() >= 0.999, (label, np.sort(diffs)[-10:])
+    assert (diffs <= CLOSE).mean() >= share, (label, np.sort(diffs)[-10:])
 
 
 def assert_records_like_one_process(single: Path, multi: Path) -> None:

@@ -163,17 +163,22 @@ def test_unscored_samples_are_left_out_of_the_update(tmp_path, tiny_model_path):
 
 
 def test_sampled_logprobs_line_up_with_a_teacher_forced_forward(tmp_path, tiny_model_path):
+    """One policy in the step: recorded, reference and teacher-forced log-probs all at the sampling temperature."""
     from rlaif_mlx.backends.torch import create
 
-    cfg = load_config(write_config(tmp_path, tiny_model_path))
+    overrides = {"rlaif.generation_temperature": 0.7, "rlaif.top_p": 0.9}
+    cfg = load_config(write_config(tmp_path, tiny_model_path), overrides=overrides)
     backend = create(cfg.model, cfg.training, seed=0, total_steps=2)
     trainer = Trainer(cfg, backend=backend, train=TaskSet(TASKS, 0, "test"), rewards=None, output_dir=tmp_path)
     completions = trainer.sample(TASKS)
-    seqs = SequenceBatch.from_completions(completions, pad_id=backend.pad_id)
-    laid_out = sampled_logprobs(completions, seqs)
-    forward = backend.logprobs(seqs)
+    seqs, laid_out, ref_logp = trainer.rollouts.logprobs(completions)
+    np.testing.assert_array_equal(laid_out, sampled_logprobs(completions, seqs))
+    forward = backend.logprobs(seqs, temperature=0.7)
     np.testing.assert_allclose(laid_out * seqs.loss_mask, forward * seqs.loss_mask, atol=1e-4)
     assert (laid_out[seqs.loss_mask == 0] == 0).all()
+    # LoRA's B starts at 0: the policy is the reference, so the KL the controller first sees is 0 (at T, not 1)
+    np.testing.assert_allclose(ref_logp * seqs.loss_mask, laid_out * seqs.loss_mask, atol=1e-4)
+    assert np.abs((backend.logprobs(seqs) - laid_out) * seqs.loss_mask).max() > 0.05
 
 
 def test_sequence_batch_masks_only_completion_targets():
@@ -224,39 +229,61 @@ class _DigitRewards:
         return out
 
 
-@pytest.mark.parametrize("use_lora, lr", [(True, 2e-2), (False, 2e-3)])
-def test_training_loop_raises_a_toy_reward(tmp_path, tiny_model_path, use_lora, lr):
-    """The whole recipe (sampling, advantages, token weights, KL control, updates) learns."""
+LEARNING_SEEDS = range(5)  # every one runs in CI: none is picked for luck
+
+
+def toy_reward_run(folder, model_path, *, seed: int) -> list[float]:
+    """Each step's mean reward over 12 steps of the whole recipe on ``_DigitRewards``; ``seed`` is the run's.
+
+    Full fine-tune, 2 prompts x 8 samples of 8 tokens, at temperature 0.3 (the policy trained is
+    ``logits / 0.3``, the one that samples), GRPO's default advantages, a small KL penalty.
+    """
+    folder.mkdir()
     path = write_config(
-        tmp_path, tiny_model_path, max_steps=16, learning_rate=lr, lr_scheduler_type="constant", micro_batch_size=16
+        folder,
+        model_path,
+        max_steps=12,
+        learning_rate=2e-3,
+        lr_scheduler_type="constant",
+        micro_batch_size=16,
+        save_steps=1000,  # the final checkpoint only
     )
-    cfg = load_config(
-        path,
-        overrides={
-            "model.use_lora": use_lora,
-            "rlaif.num_samples_per_prompt": 8,
-            "rlaif.max_new_tokens": 8,
-            "rlaif.generation_temperature": 0.3,
-            "rlaif.kl_penalty": 0.01,
-            # Digits are rare at temperature 0.3: whether 16 steps find enough of
-            # them depends on the sampling stream (LoRA climbs for about 2 seeds in 10).
-            "seed": 7,
-        },
-    )
+    overrides = {
+        "seed": seed,
+        "model.use_lora": False,
+        "rlaif.num_samples_per_prompt": 8,
+        "rlaif.max_new_tokens": 8,
+        "rlaif.generation_temperature": 0.3,
+        "rlaif.kl_penalty": 0.01,
+    }
+    cfg = load_config(path, overrides=overrides)
     from rlaif_mlx.backends.torch import create
 
-    backend = create(cfg.model, cfg.training, seed=0, total_steps=16)
+    backend = create(cfg.model, cfg.training, seed=seed, total_steps=12)
     trainer = Trainer(
         cfg,
         backend=backend,
         train=TaskSet(TASKS, 0, "test"),
         rewards=_DigitRewards(),
-        output_dir=tmp_path,
+        output_dir=folder,
         log=lambda line: None,
     )
-    rewards = [r["reward_mean"] for r in trainer.run()]
-    assert np.mean(rewards[:3]) < 0.1, rewards
-    assert np.mean(rewards[-4:]) > np.mean(rewards[:3]) + 0.3, rewards
+    return [r["reward_mean"] for r in trainer.run()]
+
+
+@pytest.mark.slow
+def test_the_training_loop_raises_a_toy_reward_for_most_seeds(tmp_path, tiny_model_path):
+    """The whole recipe (sampling, advantages, token weights, KL control, updates) learns for at least 4 seeds of 5.
+
+    Digits start at about 1% of the characters. A seed climbs when its last 3 steps average 0.3 above its
+    first 3. Measured (PyTorch, CPU): seeds 0-4 all climb, from 0.00-0.03 to 0.55-0.99, and so do seeds
+    5-14 (to 0.83-0.99). LoRA adapters on the attention of this random model move its logits too little
+    to climb as reliably. The deterministic checks, "one update moves each sample the way its advantage
+    says" on both backends, LoRA and full, are ``test_contract.py``'s.
+    """
+    runs = {seed: toy_reward_run(tmp_path / f"seed-{seed}", tiny_model_path, seed=seed) for seed in LEARNING_SEEDS}
+    climbed = [seed for seed, r in runs.items() if np.mean(r[-3:]) > np.mean(r[:3]) + 0.3]
+    assert len(climbed) >= 4, {seed: np.round(r, 2).tolist() for seed, r in runs.items()}
 
 
 def test_missing_model_is_one_line_error(tmp_path, capsys):
@@ -338,10 +365,10 @@ def test_scoring_overlaps_the_reference_log_probs(tmp_path, tiny_model_path):
     reference_started = threading.Event()
     logprobs = backend.logprobs
 
-    def watched(batch, *, reference=False):
+    def watched(batch, *, reference=False, temperature=1.0):
         if reference:
             reference_started.set()
-        return logprobs(batch, reference=reference)
+        return logprobs(batch, reference=reference, temperature=temperature)
 
     backend.logprobs = watched
 
