@@ -123,8 +123,12 @@ def build_run(
     if checkpoint is not None:
         try:
             warning = check_base(checkpoint, config.model.base_model, allow_other=allow_other_base)
-            if warning:
-                log(warning)
+        except ValueError as exc:  # another base's checkpoint: the line names both
+            trainer.close()
+            raise SetupError(str(exc)) from None
+        if warning:
+            log(warning)
+        try:
             trainer.restore(checkpoint)
         except (ValueError, OSError) as exc:  # the weights or data order do not fit this model or task list
             trainer.close()
