@@ -1,24 +1,25 @@
 """Typed run configuration: YAML in, validated pydantic model out.
 
-Every key is checked at load: an unknown key, a wrong type or an out-of-range
-value becomes one ``ConfigError`` line naming the file, the line and the key
-path, e.g. ``configs/x.yaml:12: training.learning_rate: must be > 0 (got -1)``.
-Section and key names follow the original mlx-rlaif tool where they fit
-(``model.base_model``, ``rlaif.num_samples_per_prompt``, ``rlaif.kl_penalty``,
-``rlaif.target_kl``, ``training.learning_rate`` ...).
+Every key is checked at load: each unknown key, wrong type or out-of-range
+value becomes a line of the ``ConfigError`` naming the file, the line and the key
+path, e.g. ``configs/x.yaml:12: training.learning_rate: must be > 0 (got -1)``
+(``config_text``). Section and key names follow the original mlx-rlaif tool where
+they fit (``model.base_model``, ``rlaif.num_samples_per_prompt``, ``rlaif.kl_penalty``,
+``rlaif.target_kl``, ``training.learning_rate`` ...); a config written for that tool
+is read into this layout (``config_legacy``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A config problem, already phrased as one line for the user."""
+from .config_legacy import FLAT, RULES, Migration, migrate
+from .config_text import ConfigError, error_lines, read_yaml  # ConfigError: imported from here by the commands
 
 
 class _Section(BaseModel):
@@ -323,44 +324,77 @@ CLI_OVERRIDES = {
 }
 
 
-def load_config(path: str | Path, *, overrides: dict[str, Any] | None = None) -> RunConfig:
+def load_config(
+    path: str | Path, *, overrides: dict[str, Any] | None = None, on_note: Callable[[str], None] | None = None
+) -> RunConfig:
     """Reads, overrides and validates a YAML config.
 
     Args:
         path: the YAML file. Relative data/model paths inside it are resolved
             against the current directory, as a user typing them would expect.
+            A config written for the original mlx-rlaif tool is read into this
+            layout (``config_legacy``).
         overrides: dotted key path -> value (e.g. ``{"training.max_steps": 5}``);
             ``None`` values are ignored.
+        on_note: receives the note that lists where each key of an original-tool config went.
 
     Returns:
         The validated ``RunConfig``.
 
     Raises:
-        ConfigError: one line naming the file, line and key path.
+        ConfigError: every problem of the file, one line each, naming the file, line and key path.
     """
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
-    try:
-        raw = yaml.safe_load(text)
-        lines = _key_lines(yaml.compose(text))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    raw, lines, migration = read_config(path)
+    if migration is not None and on_note is not None:
+        on_note(migration.note(str(path)))
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(raw, dotted, value)
+    return validate_config(raw, path=Path(path), lines=lines, migration=migration)
+
+
+def read_config(path: str | Path) -> tuple[dict[str, Any], dict[tuple, int], Migration | None]:
+    """A config file's YAML in this project's layout, not yet validated.
+
+    Returns:
+        The keys (migrated when the file is written for the original tool), each key path's
+        line in the file, and the migration (None for a file in this layout).
+
+    Raises:
+        ConfigError: the file cannot be read, or is not a YAML mapping.
+    """
+    path = Path(path)
+    raw, lines = read_yaml(path)
+    migration = migrate(raw, known=is_known_key)
+    if migration is None:
+        return raw, lines, None
+    moved = {new: lines[old] for new, old in migration.moved.items() if old in lines}
+    return migration.raw, lines | moved, migration
+
+
+def validate_config(
+    raw: dict[str, Any], *, path: Path, lines: dict[tuple, int], migration: Migration | None = None
+) -> RunConfig:
+    """``raw`` as a ``RunConfig``; every problem one line of the ``ConfigError``, in file order."""
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_first_error_line(exc, path, lines)) from None
+        origins = migration.origins if migration is not None else {}
+        aliases = (*FLAT, *RULES)  # the original tool's names are read too
+        raise ConfigError(
+            error_lines(exc, path=path, lines=lines, origins=origins, schema=RunConfig, aliases=aliases)
+        ) from None
+
+
+def is_known_key(dotted: str) -> bool:
+    """Whether ``dotted`` (``"training.batch_size"``) names a key of this project's config."""
+    section: Any = RunConfig
+    for part in dotted.split("."):
+        fields = getattr(section, "model_fields", None)
+        if not fields or part not in fields:
+            return False
+        section = fields[part].annotation
+    return True
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
@@ -374,41 +408,3 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
     for key in parents:
         node = node.setdefault(key, {})
     node[leaf] = value
-
-
-def _key_lines(node: yaml.Node | None, prefix: tuple = ()) -> dict[tuple, int]:
-    """Maps each key path in the YAML document to its 1-based line number."""
-    found: dict[tuple, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = (*prefix, key_node.value)
-            found[key] = key_node.start_mark.line + 1
-            found.update(_key_lines(value_node, key))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            found[(*prefix, i)] = item.start_mark.line + 1
-            found.update(_key_lines(item, (*prefix, i)))
-    return found
-
-
-def _first_error_line(exc: ValidationError, path: Path, lines: dict[tuple, int]) -> str:
-    err = exc.errors()[0]
-    loc = tuple(str(p) if not isinstance(p, int) else p for p in err["loc"])
-    key = ".".join(str(p) for p in loc) or "(top level)"
-    line = None
-    for n in range(len(loc), 0, -1):  # the deepest key that exists in the file
-        line = lines.get(loc[:n])
-        if line is not None:
-            break
-    where = f"{path}:{line}" if line else str(path)
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        msg = "unknown key"
-    elif kind == "missing":
-        msg = "required key is missing"
-    else:
-        msg = err["msg"].removeprefix("Value error, ")
-        if "input" in err and not isinstance(err["input"], (dict, list)):
-            msg += f" (got {err['input']!r})"
-    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"{where}: {key}: {msg}{more}"

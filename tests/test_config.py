@@ -38,8 +38,31 @@ def test_unknown_key_names_file_line_and_path(tmp_path):
     with pytest.raises(ConfigError) as exc:
         load_config(path)
     message = str(exc.value)
-    assert message == f"{path}:7: training.lerning_rate: unknown key"
+    assert message == f"{path}:7: training.lerning_rate: unknown key; did you mean training.learning_rate?"
     assert "\n" not in message
+
+
+def test_every_error_is_listed_one_per_line_in_file_order(tmp_path):
+    path = write(
+        tmp_path,
+        "trainig: {}\n"
+        "model:\n  base_model: m\n  lora_rank: 4\n"
+        "data:\n  train_file: t.jsonl\n"
+        "training:\n  batch_size: 0\n  kl_penalty: 0.1\n"
+        "rlaif:\n  num_samples_per_prompt: many\n"
+        "zzz: 1\n",
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert str(exc.value).splitlines() == [
+        f"{path}:1: trainig: unknown key; did you mean training?",
+        f"{path}:4: model.lora_rank: unknown key; did you mean model.lora_r?",
+        f"{path}:8: training.batch_size: Input should be greater than or equal to 1 (got 0)",
+        f"{path}:9: training.kl_penalty: unknown key; did you mean rlaif.kl_penalty?",  # the same name elsewhere
+        f"{path}:11: rlaif.num_samples_per_prompt: Input should be a valid integer, unable to parse string as an "
+        "integer (got 'many')",
+        f"{path}:12: zzz: unknown key",  # nothing close: no guess
+    ]
 
 
 def test_wrong_type_and_out_of_range(tmp_path):
@@ -92,10 +115,11 @@ def test_readme_config_tour_is_a_valid_config_with_the_real_defaults(tmp_path):
     from rlaif_mlx.config import RunConfig
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    tour = re.search(r"```yaml\n(.*?)```", readme, re.S).group(1)
-    cfg = load_config(write(tmp_path, tour))
-    defaults = RunConfig(model={"base_model": cfg.model.base_model}, data={"train_file": cfg.data.train_file})
-    assert cfg == defaults
+    tour = yaml.safe_load(re.search(r"```yaml\n(.*?)```", readme, re.S).group(1))
+    assert tour["model"]["base_model"] is None and tour["data"]["train_file"] is None  # required: no default shown
+    tour["model"]["base_model"], tour["data"]["train_file"] = "m", "t.jsonl"
+    cfg = load_config(write(tmp_path, yaml.safe_dump(tour)))
+    assert cfg == RunConfig(model={"base_model": "m"}, data={"train_file": "t.jsonl"})
 
 
 def test_std_scaling_without_a_baseline_is_rejected(tmp_path):

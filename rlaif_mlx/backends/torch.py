@@ -363,12 +363,12 @@ class TorchBackend:
             )
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        if not self._use_lora:
-            self._model.save_pretrained(str(path), safe_serialization=True)
-        else:
-            merged = torch_load.load_base(self._model_config, device="cpu")
-            merged.load_state_dict(ops.merged_state_dict(self._model), strict=True)
-            merged.save_pretrained(str(path), safe_serialization=True)
+        model = self._model
+        if self._use_lora:
+            model = torch_load.load_base(self._model_config, device="cpu")
+            model.load_state_dict(ops.merged_state_dict(self._model), strict=True)
+        with torch_load.quiet_loading():  # no progress bar per shard
+            model.save_pretrained(str(path), safe_serialization=True)
         portable.add_legacy_rope_keys(path / "config.json")  # so mlx-lm reads the same RoPE as transformers
         self.tokenizer.save_pretrained(str(path))
 

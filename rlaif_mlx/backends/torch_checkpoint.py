@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from rlaif_mlx.backends import portable
 from rlaif_mlx.backends import torch_ops as ops
+from rlaif_mlx.backends.torch_load import quiet_loading
 
 
 def trainable_names(model) -> dict[str, str]:
@@ -93,7 +94,8 @@ def save(path: Path | None, *, model, optimizer, reference, rebased: bool, fsdp:
     if path is None:
         return step
     # Hugging Face / PEFT write their usual files (configs, tied weights once); ``state`` None: the model's own.
-    model.save_pretrained(str(path), safe_serialization=True, state_dict=state)
+    with quiet_loading():  # no "Writing model shards" bar through the run's log or dashboard
+        model.save_pretrained(str(path), safe_serialization=True, state_dict=state)
     save_file(moments, str(path / portable.OPTIMIZER_FILE))
     if frozen is not None:
         save_file(frozen, str(path / portable.REFERENCE_FILE))

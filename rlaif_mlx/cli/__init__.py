@@ -1,4 +1,5 @@
-"""Command line: ``rlaif-mlx train | eval | score | sample | export | doctor | init-model | make-tasks``.
+"""Command line: ``rlaif-mlx train | eval | score | sample | export | doctor | init-model | make-tasks |
+migrate-config``.
 
 A small dispatcher: each command is a module of this package with an
 ``add_parser`` and a ``run``. Importing it stays cheap: frameworks load only
@@ -13,10 +14,10 @@ import sys
 
 from .. import __version__
 from ..errors import SetupError
-from . import doctor, evaluate, export, init_model, make_tasks, sample, score, train
+from . import doctor, evaluate, export, init_model, make_tasks, migrate_config, sample, score, train
 from .common import UserError
 
-COMMANDS = (train, evaluate, score, sample, export, doctor, init_model, make_tasks)
+COMMANDS = (train, evaluate, score, sample, export, doctor, init_model, make_tasks, migrate_config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (UserError, SetupError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [type(exc).__name__]:  # a config's errors: one line each
+            print(f"error: {line}", file=sys.stderr)
         return 2
 
 

@@ -13,7 +13,6 @@ import importlib
 import importlib.metadata
 import os
 import platform
-import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -29,7 +28,6 @@ MIN_PYTHON = (3, 10)
 _PACKAGES = {"torch": ("torch", "transformers", "peft"), "mlx": ("mlx", "mlx-lm")}
 # Debian / Ubuntu's path, as in the README (x86_64 or aarch64).
 _OPENBLAS = f"/usr/lib/{platform.machine()}-linux-gnu/openblas-pthread/libopenblas.so.0"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -94,11 +92,22 @@ def config_checks(path: str) -> list[Check]:
     """The config validates; its model, data, teacher key and folders are usable here."""
     from ..config import ConfigError, load_config
 
+    notes: list[str] = []
     try:
-        config = load_config(path)
-    except ConfigError as exc:
-        return [Check("config", FAIL, str(exc), "fix the key the message names (configs/ has working examples)")]
+        config = load_config(path, on_note=notes.append)
+    except ConfigError as exc:  # every problem of the file, one line each
+        fix = "fix the key the message names (configs/ has working examples)"
+        return [Check("config", FAIL, line, fix) for line in str(exc).splitlines()]
     checks = [Check("config", OK, f"{path} is valid")]
+    if notes:
+        checks.append(
+            Check(
+                "config layout",
+                WARN,
+                "written for the original mlx-rlaif tool; its keys are read under this project's names",
+                f"rlaif-mlx migrate-config {path} > NEW.yaml (it lists each key's new home)",
+            )
+        )
     try:
         resolved = backends.resolve_backend_name(config.backend)
         checks.append(Check("config backend", OK, f"{config.backend} -> {resolved}"))
@@ -268,54 +277,14 @@ def _sandbox() -> Check:
 
 
 def _model(model) -> Check:
-    path = Path(model.base_model).expanduser()
-    if (path / "config.json").is_file():
-        readable = os.access(path / "config.json", os.R_OK)
-        return Check(
-            "model",
-            OK if readable else FAIL,
-            f"{path} (local folder)",
-            "" if readable else f"make {path} readable by this user",
-        )
-    if path.exists():
-        return Check(
-            "model",
-            FAIL,
-            f"{path} has no config.json",
-            "point model.base_model at a Hugging Face model folder, or a hub id",
-        )
-    if model.build_tiny_if_missing:
-        return Check("model", OK, f"{path} will be built as the tiny random model (model.build_tiny_if_missing)")
-    if not _HUB_ID.match(model.base_model):
-        return Check(
-            "model",
-            FAIL,
-            f"{path} does not exist",
-            "point model.base_model at a model folder, or a hub id like Qwen/Qwen2.5-Coder-0.5B-Instruct",
-        )
-    cached = _in_hub_cache(model.base_model)
-    if cached:
-        return Check("model", OK, f"{model.base_model} (hub id, in the local Hugging Face cache)")
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    where = "not in the local Hugging Face cache" if cached is False else "hub cache not checked (no huggingface_hub)"
-    return Check(
-        "model",
-        FAIL if offline and cached is False else WARN,
-        f"{model.base_model}: no such local folder; as a hub id, {where}",
-        f"download it while online (hf download {model.base_model}), or fix the path",
-    )
+    from ..training.preflight import check_model_path
+
+    return _check("model", check_model_path(model.base_model, build_tiny=model.build_tiny_if_missing))
 
 
-def _in_hub_cache(repo_id: str) -> bool | None:
-    """Whether the hub model's config.json is in the local cache; None if that cannot be told."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    try:
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except (ValueError, OSError):  # an id the hub rejects (HFValidationError), an unreadable cache: not usable
-        return False
+def _check(name: str, found) -> Check:
+    """A ``preflight.Finding`` as a line of the report."""
+    return Check(name, WARN if found.warn else OK if found.ok else FAIL, found.detail, found.fix)
 
 
 def _tasks(name: str, file: str, on_bad_line: str) -> Check:
@@ -373,16 +342,6 @@ def _teacher(teacher) -> list[Check]:
 
 def _writable(name: str, path: Path, key: str, *, file: bool = False) -> Check:
     """Whether ``path`` (a folder, or a file with ``file``) can be created or written, without writing."""
-    if path.exists() and (path.is_dir() == file):
-        return Check(name, FAIL, f"{path} is a {'folder' if file else 'file'}", f"point {key} elsewhere")
-    folder = path.parent if file else path
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return Check(name, FAIL, f"{existing} is a file, so {folder} cannot be made", f"point {key} elsewhere")
-    target = path if path.exists() else existing
-    if os.access(target, os.W_OK) and os.access(existing, os.W_OK | os.X_OK):
-        state = "exists, writable" if path.exists() else f"will be created (in {existing.resolve()})"
-        return Check(name, OK, f"{path} {state}")
-    return Check(name, FAIL, f"{target} is not writable", f"point {key} at a writable place, or fix permissions")
+    from ..training.preflight import check_writable
+
+    return _check(name, check_writable(path, key, file=file))

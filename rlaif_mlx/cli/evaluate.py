@@ -23,6 +23,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--eval-set", help="humaneval, or a JSONL task file (default: the config's data.eval_file)")
     evaluate.add_argument("--max-tasks", type=int, help="evaluate the first N tasks only (overrides eval.max_tasks)")
     evaluate.add_argument("--out", help="also write the metrics as JSON to this file")
+    evaluate.add_argument(
+        "--allow-other-base",
+        action="store_true",
+        help="evaluate the checkpoint on a base model other than the one it was trained from",
+    )
     evaluate.set_defaults(run=run)
 
 
@@ -44,11 +49,17 @@ def run(args: argparse.Namespace) -> int:
     from ..teachers.judge import TeacherUnavailable
     from ..training.checkpoint import find_checkpoint
     from ..training.evaluation import evaluate
+    from ..training.fingerprint import check_base
     from ..training.setup import create_backend, create_teacher, ensure_model
 
     try:
-        config = load_config(args.config, overrides={"eval.max_tasks": args.max_tasks})
+        config = load_config(
+            args.config, overrides={"eval.max_tasks": args.max_tasks}, on_note=lambda note: print(note, file=sys.stderr)
+        )
         checkpoint = find_checkpoint(args.checkpoint) if args.checkpoint else None
+        warning = (
+            check_base(checkpoint, config.model.base_model, allow_other=args.allow_other_base) if checkpoint else None
+        )
         eval_set = args.eval_set or config.data.eval_file
         if not eval_set:
             raise UserError(
@@ -58,8 +69,12 @@ def run(args: argparse.Namespace) -> int:
         tasks = load_task_set(eval_set, on_bad_line=config.data.on_bad_line)
     except (ConfigError, DataError, ValueError) as exc:  # CheckpointError is a ValueError phrased as one line
         raise UserError(str(exc)) from None
+    if warning:
+        print(warning, file=sys.stderr)
     ensure_model(config, log=lambda line: print(line, file=sys.stderr))
-    backend = create_backend(config, total_steps=1, source=args.config)  # no optimizer steps: any count does
+    backend = create_backend(  # no optimizer steps: any count does
+        config, total_steps=1, source=args.config, log=lambda line: print(line, file=sys.stderr)
+    )
     pipeline = RewardPipeline(config.rewards, teacher=create_teacher(config, source=args.config))
     count = min(len(tasks.tasks), config.eval.max_tasks or len(tasks.tasks))
     print(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -53,11 +54,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="backend to load the checkpoint with (default: the checkpoint config's)",
     )
     export.add_argument("--model", help="override model.base_model, e.g. where the base model lives on this machine")
+    export.add_argument(
+        "--allow-other-base",
+        action="store_true",
+        help="load the checkpoint onto a base model other than the one it was trained from",
+    )
     export.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Runs ``rlaif-mlx export``; returns the exit code."""
+    from ..training.checkpoint import normal_file_modes
     from ..training.setup import load_checkpoint
 
     fmt, bits = args.format, args.quantize
@@ -71,10 +78,17 @@ def run(args: argparse.Namespace) -> int:
 
         if not frameworks_installed("mlx"):  # checked before the slow checkpoint load
             raise UserError(f"--format mlx converts with mlx-lm, which is not installed: {INSTALL_COMMANDS['mlx']}")
-    loaded = load_checkpoint(args.checkpoint, backend=args.backend, model=args.model)
+    loaded = load_checkpoint(
+        args.checkpoint,
+        backend=args.backend,
+        model=args.model,
+        allow_other_base=args.allow_other_base,
+        log=lambda line: print(line, file=sys.stderr),
+    )
     out = Path(args.out)
     if fmt == "hf":
         loaded.backend.export(out)
+        normal_file_modes(out)
         print(f"exported {loaded.path} to {out} (backend {loaded.backend.name})")
         return 0
     export_mlx(loaded.backend, out, bits=bits)
@@ -99,6 +113,7 @@ def export_mlx(backend: Any, out: Path, *, bits: int | None = None) -> None:
         UserError: mlx-lm refuses the model (one line).
     """
     from ..backends.formats import convert_to_mlx
+    from ..training.checkpoint import normal_file_modes
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -112,5 +127,6 @@ def export_mlx(backend: Any, out: Path, *, bits: int | None = None) -> None:
         except ValueError as exc:
             raise UserError(f"mlx-lm cannot convert this model: {first_line(exc)}") from None
         out.mkdir(parents=True, exist_ok=True)
+        normal_file_modes(converted)
         for file in converted.iterdir():
             os.replace(file, out / file.name)

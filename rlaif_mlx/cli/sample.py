@@ -8,6 +8,7 @@ stop strings), so what is printed is what the trainer would have scored.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .common import UserError, one_line_errors
 
@@ -35,6 +36,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="backend to load the checkpoint with (default: the checkpoint config's)",
     )
     sample.add_argument("--model", help="override model.base_model, e.g. where the base model lives on this machine")
+    sample.add_argument(
+        "--allow-other-base",
+        action="store_true",
+        help="load the checkpoint onto a base model other than the one it was trained from",
+    )
     sample.add_argument("--seed", type=int, help="sampling seed (default: the config's seed)")
     sample.set_defaults(run=run)
 
@@ -51,7 +57,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
     if args.temperature is not None and args.temperature < 0:
         raise UserError(f"--temperature must be 0 (greedy) or more (got {args.temperature})")
-    loaded = load_checkpoint(args.checkpoint, backend=args.backend, model=args.model, seed=args.seed)
+    loaded = load_checkpoint(
+        args.checkpoint,
+        backend=args.backend,
+        model=args.model,
+        seed=args.seed,
+        allow_other_base=args.allow_other_base,
+        log=lambda line: print(line, file=sys.stderr),
+    )
     config, backend = loaded.config, loaded.backend
     task = Task(id="--prompt", prompt=args.prompt)
     with one_line_errors(DataError):

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training.setup import create_teacher
 
     with one_line_errors(ConfigError, DataError):
-        config = load_config(args.config)
+        config = load_config(args.config, on_note=lambda note: print(note, file=sys.stderr))
         tasks = load_task_set(args.tasks or config.data.train_file, on_bad_line=config.data.on_bad_line).by_id()
         lines = read_completions(Path(args.completions), tasks)
     pipeline = RewardPipeline(config.rewards, teacher=create_teacher(config, source=args.config))

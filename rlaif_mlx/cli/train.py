@@ -35,6 +35,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="continue a run from a checkpoint folder, or from the newest checkpoint of a run folder; "
         "alone, from the newest checkpoint in the config's output_dir",
     )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an output_dir that holds one, moving the old run to <output_dir>.old-N "
+        "(nothing is deleted)",
+    )
+    train.add_argument(
+        "--allow-other-base",
+        action="store_true",
+        help="with --resume: continue a checkpoint on a base model other than the one it was trained from",
+    )
     train.add_argument("--no-dashboard", action="store_true", help="print one plain line per step even on a terminal")
     train.set_defaults(run=run)
 
@@ -48,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         # never become a freshly built random model in a folder of that name.
         overrides["model.build_tiny_if_missing"] = False
     with one_line_errors(ConfigError):
-        config = load_config(args.config, overrides=overrides)
+        config = load_config(args.config, overrides=overrides, on_note=lambda note: print(note, file=sys.stderr))
     dist = _process_group(config)
     try:
         with contextlib.ExitStack() as stack:
@@ -85,12 +96,16 @@ def _train(args: argparse.Namespace, config, dist) -> int:
         config,
         source=args.config,
         resume=resume,
+        overwrite=args.overwrite,
+        allow_other_base=args.allow_other_base,
         dist=dist,
         dashboard=config.logging.dashboard and not args.no_dashboard,
     )
     output_dir = trainer.output_dir
     if trainer.restored_from is not None:
-        print(f"resuming from {trainer.restored_from} at step {trainer.step}")
+        warmup = trainer.warmup_progress  # a warm-up checkpoint: the warm-up goes on, then RL from step 0
+        where = f"warm-up step {warmup.done} of {warmup.total}" if warmup is not None else f"step {trainer.step}"
+        print(f"resuming from {trainer.restored_from} at {where}")
         if trainer.step >= trainer.total_steps:
             print(
                 f"nothing to do: step {trainer.step} already reaches the budget of {trainer.total_steps} steps "
@@ -111,12 +126,27 @@ def _train(args: argparse.Namespace, config, dist) -> int:
         return 128 + exc.signum
     finally:
         trainer.close()
-    if records:
-        k = max(1, len(records) // 4)
-        first = sum(r["reward_mean"] for r in records[:k]) / k
-        last = sum(r["reward_mean"] for r in records[-k:]) / k
-        print(
-            f"done: {len(records)} steps in {time.perf_counter() - started:.0f}s; mean reward of the first "
-            f"{k} steps {first:.3f}, of the last {k} steps {last:.3f}; metrics in {output_dir / 'metrics.jsonl'}"
-        )
+    if records and dist.is_main:
+        print(summary(output_dir, records, seconds=time.perf_counter() - started, resumed=trainer.restored_from))
     return 0
+
+
+def summary(output_dir, records: list[dict], *, seconds: float, resumed) -> str:
+    """The closing line: the whole run's steps and its mean reward early and late, from ``metrics.jsonl``.
+
+    After a resume the file holds the steps before it too, so the line covers the whole run.
+    """
+    from ..monitor.metrics import read_metrics
+
+    path = output_dir / "metrics.jsonl"
+    run = read_metrics(path) if resumed is not None and path.exists() else records
+    k = max(1, len(run) // 4)
+    rewards = [float("nan") if r.get("reward_mean") is None else r["reward_mean"] for r in run]  # null: NaN
+    first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
+    steps = f"{k} steps" if k > 1 else "step"
+    a, b = records[0]["step"], records[-1]["step"]
+    session = f" ({f'step {a}' if a == b else f'steps {a}-{b}'} in this session)" if len(run) > len(records) else ""
+    return (
+        f"done: {len(run)} steps{session} in {seconds:.0f}s; mean reward of the first {steps} {first:.3f}, "
+        f"of the last {steps} {last:.3f}; metrics in {path}"
+    )

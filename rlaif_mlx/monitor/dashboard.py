@@ -2,13 +2,15 @@
 
 ``Dashboard`` is a ``Reporter``: it sees each step's metrics record (the
 ``metrics.jsonl`` line) and the step's best and worst completions, and redraws
-one ``rich`` frame: the run header with progress and ETA, reward and its trend,
-KL and the update, the step's time split, the teacher's calls and spend, the
-two completions, and the last log lines. The frame is laid out once per step;
-the refreshes in between replay it and redraw only the ticking clock. Off a
-terminal (CI, ``nohup``, pipes) ``make_reporter`` returns the plain one-line log.
-The frame's parts are drawn by ``panels``; this module keeps the run's state and
-drives ``rich``'s live display.
+one ``rich`` frame: the run header with the warm-up's and RL's progress and ETA,
+reward and its trend, KL and the update, the step's time split, the teacher's
+calls and spend, the two completions, and the last log lines. The frame fits
+the terminal: values are never cut; narrower, panels stack; shorter, the
+completions, then the time split and old log lines drop (``layout.fit``). It is
+laid out once per step (or message); the refreshes in between replay it and
+redraw only the ticking header. Off a terminal (CI, ``nohup``, pipes)
+``make_reporter`` returns the plain one-line log. The frame's parts are drawn by
+``panels``; this module keeps the run's state and drives ``rich``'s live display.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from rich.logging import RichHandler
 from rich.segment import Segment
 from rich.text import Text
 
-from .panels import as_float, header_panel, log_panel, metrics_row, samples_row, teacher_panel
-from .reporting import PlainReporter, Reporter, RunHeader, SampleView
+from .layout import Lines, Part, fit, render
+from .panels import as_float, header_panel, log_panel, metrics_row, samples_row, teacher_panel, times_panel
+from .reporting import PlainReporter, Reporter, RunHeader, SampleView, format_warmup_line
 
 TREND_STEPS = 40  # steps of reward history in the sparkline
 
@@ -58,6 +61,8 @@ def render_frame(
     worst: SampleView | None,
     messages: list[str],
     width: int = 100,
+    height: int | None = None,
+    warmup: tuple[int, int, float | None] | None = None,
 ) -> str:
     """One dashboard frame as plain text (for the README and tests).
 
@@ -71,16 +76,19 @@ def render_frame(
         worst: the last step's worst completion.
         messages: log lines, oldest first.
         width: columns.
+        height: rows of the terminal to fit (None: room for everything).
+        warmup: ``(done, total, NLL)`` to show the frame during the supervised warm-up.
 
     Returns:
         The frame's text, without colour.
     """
     now = [0.0]
-    console = Console(file=io.StringIO(), width=width, height=200, color_system=None, force_terminal=False)
+    console = Console(file=io.StringIO(), width=width, height=height or 200, color_system=None, force_terminal=False)
     dash = Dashboard(console, clock=lambda: now[0])
     dash.begin(header)
     for text in messages:
         dash.message(text)
+    dash.warmup_state = warmup
     for i, record in enumerate(records):
         now[0] += as_float(record.get("step_seconds"), 0.0, finite=True)
         last = i == len(records) - 1
@@ -124,10 +132,10 @@ class Dashboard:
         self.best: tuple[int, SampleView] | None = None  # (step, sample): kept until a step brings a new one
         self.worst: tuple[int, SampleView] | None = None
         self.messages: deque[str] = deque(maxlen=log_lines)
+        self.warmup_state: tuple[int, int, float | None] | None = None  # (done, total, last NLL) while warming up
         self.live: Live | None = None
         self.closed = False
         self._body = _Rendered(lambda width: Text(""))
-        self._log = _Rendered(lambda width: Text(""))
 
     # ---- Reporter -------------------------------------------------------
 
@@ -158,8 +166,20 @@ class Dashboard:
             self.console.print(text, markup=False, highlight=False)
             return
         self.messages.append(text)
-        self._log = _Rendered(self._build_log)
+        self._body = _Rendered(self._build_body)  # the log is part of the body's fitting
         self._show()
+
+    def warmup(self, done: int, total: int, nll: float | None) -> None:
+        first = self.warmup_state is None
+        last_nll = nll if nll is not None else (self.warmup_state[2] if self.warmup_state else None)
+        self.warmup_state = (done, total, last_nll)
+        if nll is not None:
+            self.message(format_warmup_line(done, total, nll))  # the log keeps the NLL's history
+        elif first:
+            self._body = _Rendered(self._build_body)  # the header grew a line: fit the body again
+            self._show()
+        elif self.live is not None and not self.live.auto_refresh:
+            self._show()
 
     def close(self) -> None:
         self.closed = True
@@ -176,20 +196,20 @@ class Dashboard:
         self.header = header
         self.started_at = self.clock()
         self._body = _Rendered(self._build_body)
-        self._log = _Rendered(self._build_log)
 
     def _absorb(self, record: dict[str, Any], best: SampleView | None, worst: SampleView | None) -> None:
         now, step = self.clock(), int(as_float(record.get("step"), 0, finite=True))
         if self.first_step_began is None:
             self.first_step_began = now - as_float(record.get("step_seconds"), 0.0, finite=True)
         self.last_step_at, self.record = now, record
+        self.warmup_state = None  # RL has begun
         self.rewards.append(as_float(record.get("reward_mean")))
         self.best = (step, best) if best is not None else self.best
         self.worst = (step, worst) if worst is not None else self.worst
 
     def frame(self) -> RenderableType:
-        """The whole view: the header (its clock read at each render), the step's panels, the log."""
-        return Group(_ClockedHeader(self), self._body, self._log)
+        """The whole view: the header (its clock read at each render), then the step's panels and the log."""
+        return Group(_ClockedHeader(self), self._body)
 
     def eta_seconds(self) -> float | None:
         """Seconds left at this session's mean step time, counting down between steps."""
@@ -208,23 +228,33 @@ class Dashboard:
             self.live.update(self.frame(), refresh=not self.live.auto_refresh)
 
     def _build_body(self, width: int) -> RenderableType:
-        parts = [metrics_row(self.record, self.rewards, width)]
-        if self.header is not None and self.header.teacher:
-            parts.append(teacher_panel(self.record, self.header))
+        """The panels under the header that fit the terminal, most important first (``layout.fit``).
+
+        The metrics always; then the teacher, the latest log line, the time split (under 100
+        columns), the completions with as many code lines as fit; then older log lines in what is left.
+        """
+        height = self.console.size.height - len(render(self.console, _ClockedHeader(self).panel(width), width))
         step = int(as_float(self.record.get("step"), 0, finite=True))
-        parts.append(samples_row(self.best, self.worst, step=step, max_lines=self._code_lines(), width=width))
-        return Group(*parts)
-
-    def _code_lines(self) -> int:
-        """Code lines per completion that keep the frame within the terminal's height."""
-        metrics = 2 + max(2 + sum(k.startswith("reward/") for k in self.record), 6)
-        teacher = 4 if self.header is not None and self.header.teacher else 0
-        log = 2 + max(1, len(self.messages))
-        fixed = 5 + metrics + teacher + log + 5  # header ... log; sample borders, components, error, "more"
-        return max(4, min(self.max_code_lines, self.console.size.height - fixed))
-
-    def _build_log(self, width: int) -> RenderableType:
-        return log_panel(self.messages)
+        messages = list(self.messages)
+        log = Part(lambda n: log_panel(messages[-n:] if messages else []), order=4, sizes=(1,))
+        parts = []
+        if self.record:  # before the first RL step (the warm-up) there are no figures to show
+            parts.append(Part(lambda n: metrics_row(self.record, self.rewards, width), order=0))
+        if self.header is not None and self.header.teacher:
+            parts.append(Part(lambda n: teacher_panel(self.record, self.header, width), order=2))
+        parts.append(log)
+        if width < 100 and self.record:
+            parts.append(Part(lambda n: times_panel(self.record, width), order=1))
+        code = tuple(range(self.max_code_lines, 1, -1))
+        parts.append(
+            Part(lambda n: samples_row(self.best, self.worst, step=step, max_lines=n, width=width), order=3, sizes=code)
+        )
+        rendered: dict = {}
+        body, taken = fit(self.console, parts, width=width, height=height, cache=rendered)
+        if len(messages) > 1 and 4 in taken and len(body) < height:  # older log lines in the room left
+            log.sizes, log.most = tuple(range(len(messages), 0, -1)), taken[4] + height - len(body)
+            body, _ = fit(self.console, parts, width=width, height=height, cache=rendered)
+        return Lines(body)
 
 
 class _ClockedHeader:
@@ -233,33 +263,38 @@ class _ClockedHeader:
     def __init__(self, dash: Dashboard) -> None:
         self.dash = dash
 
-    def __rich__(self) -> RenderableType:
+    def panel(self, width: int) -> RenderableType:
         d = self.dash
         if d.header is None:
             return Text("")
         elapsed = d.clock() - d.started_at if d.started_at is not None else 0.0
-        return header_panel(d.header, d.record, elapsed=elapsed, eta=d.eta_seconds())
+        return header_panel(
+            d.header, d.record, elapsed=elapsed, eta=d.eta_seconds(), width=width, warmup=d.warmup_state
+        )
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield self.panel(options.max_width)
 
 
 class _Rendered:
-    """A part of the frame laid out once per width; later renders replay its lines.
+    """A part of the frame laid out once per terminal size; later renders replay its lines.
 
     A refresh between steps then costs the small clocked header and the write,
     not a layout of tables, panels and highlighted code.
     """
 
     def __init__(self, build: Callable[[int], RenderableType]) -> None:
-        self.build = build  # width -> renderable
-        self.width: int | None = None
+        self.build = build  # width -> renderable (it reads the terminal's height itself)
+        self.size: tuple[int, int] | None = None
         self.lines: list[list[Segment]] = []
 
     def lay_out(self, console: Console, options: ConsoleOptions | None = None) -> None:
         options = options if options is not None else console.options
         self.lines = console.render_lines(self.build(options.max_width), options.update(height=None), pad=False)
-        self.width = options.max_width
+        self.size = (options.max_width, console.size.height)
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        if options.max_width != self.width:  # the first render, or the terminal was resized
+        if (options.max_width, console.size.height) != self.size:  # the first render, or the terminal was resized
             self.lay_out(console, options)
         for line in self.lines:
             yield from line

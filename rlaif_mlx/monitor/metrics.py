@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import numbers
+import os
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -30,8 +31,8 @@ class JsonlSink:
 
         Args:
             path: the ``metrics.jsonl`` file.
-            truncate_after_step: first drop the records of later steps (0 for a
-                fresh run, the restored step for a resumed one); None keeps all.
+            truncate_after_step: for a resumed run, first drop the records of steps after
+                the restored one; None (a fresh run) keeps everything and appends.
         """
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,14 +100,15 @@ class SampleSink:
 
     Args:
         path: the ``samples.jsonl`` file.
-        truncate_after_step: first drop the lines of later steps (0 for a fresh
-            run, the restored step for a resumed one), as ``JsonlSink`` does.
+        truncate_after_step: for a resumed run, first drop the lines of steps after the
+            restored one, as ``JsonlSink`` does; None keeps everything and appends.
     """
 
-    def __init__(self, path: Path, *, truncate_after_step: int) -> None:
+    def __init__(self, path: Path, *, truncate_after_step: int | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _truncate_after(self.path, truncate_after_step)
+        if truncate_after_step is not None:
+            _truncate_after(self.path, truncate_after_step)
         self._file = self.path.open("a", encoding="utf-8")
 
     def write_step(self, step: int, rows: Iterable[Mapping[str, Any]]) -> None:
@@ -174,12 +176,12 @@ class MetricsSinks:
         self.samples = samples
 
     @classmethod
-    def open(cls, output_dir: Path, *, after_step: int, tensorboard: bool, samples: bool) -> MetricsSinks:
-        """A run's sinks in ``output_dir``, dropping what they hold of steps after ``after_step``.
+    def open(cls, output_dir: Path, *, after_step: int | None, tensorboard: bool, samples: bool) -> MetricsSinks:
+        """A run's sinks in ``output_dir``, appending; a resumed run's first dropping steps after ``after_step``.
 
         Args:
             output_dir: the run's folder.
-            after_step: the step the run starts from (0 for a fresh run, the restored step for a resumed one).
+            after_step: the restored step of a resumed run; None for a fresh run, which never drops anything.
             tensorboard: also write TensorBoard event files (``logging.tensorboard``).
             samples: also write ``samples.jsonl`` (``logging.save_samples``).
         """
@@ -188,7 +190,11 @@ class MetricsSinks:
             JsonlSink(out / "metrics.jsonl", truncate_after_step=after_step),
             # Purge from the first step this run writes, as metrics.jsonl is truncated: TensorBoard
             # then hides what an earlier run in this folder wrote from that step on.
-            tensorboard=TensorBoardSink(out / "tensorboard", purge_step=after_step + 1) if tensorboard else None,
+            tensorboard=TensorBoardSink(
+                out / "tensorboard", purge_step=after_step + 1 if after_step is not None else None
+            )
+            if tensorboard
+            else None,
             samples=SampleSink(out / "samples.jsonl", truncate_after_step=after_step) if samples else None,
         )
 
@@ -216,11 +222,14 @@ def _truncate_after(path: Path, step: int) -> None:
     """Drops the lines of steps after ``step`` from a JSONL file, if it exists.
 
     On resume, the lines written after the checkpoint we resume from go (and a
-    line torn by a crash mid-write, which has no step to keep).
+    line torn by a crash mid-write, which has no step to keep). The file is
+    replaced whole, so a crash while cutting leaves the old file, never half of it.
     """
     if path.exists():
         kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= step]
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
 
 
 def _step_of(line: str) -> float:

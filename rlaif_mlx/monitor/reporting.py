@@ -61,7 +61,11 @@ class Reporter(Protocol):
         ...
 
     def message(self, text: str) -> None:
-        """A line worth showing (warm-up progress, evaluation results, a checkpoint)."""
+        """A line worth showing (evaluation results, a checkpoint, a stop)."""
+        ...
+
+    def warmup(self, done: int, total: int, nll: float | None) -> None:
+        """The supervised warm-up's progress: steps done of ``total``; the NLL per token when measured."""
         ...
 
     def close(self) -> None: ...
@@ -85,8 +89,17 @@ class PlainReporter:
     def message(self, text: str) -> None:
         self.write(text)
 
+    def warmup(self, done: int, total: int, nll: float | None) -> None:
+        if nll is not None:  # every 10 steps and the last
+            self.write(format_warmup_line(done, total, nll))
+
     def close(self) -> None:
         pass
+
+
+def format_warmup_line(done: int, total: int, nll: float) -> str:
+    """The warm-up's line: ``warm-up 10/110  nll/token 4.187``."""
+    return f"warm-up {done}/{total}  nll/token {nll:.3f}"
 
 
 def format_step_line(record: dict[str, Any], total_steps: int) -> str:

@@ -7,6 +7,7 @@ compiles it (code that does not parse is not run).
 
 from __future__ import annotations
 
+import ast
 import re
 import textwrap
 import threading
@@ -134,3 +135,15 @@ def static_check(code: str | None, *, language: str) -> StaticCheck:
     except (ValueError, RecursionError, MemoryError, OverflowError) as exc:
         return StaticCheck(ok=False, reason=f"syntax error: {type(exc).__name__}: {exc}", has_code=1.0, parses=0.0)
     return StaticCheck(ok=True, reason=None, has_code=1.0, parses=1.0)
+
+
+def quiet_parse(source: str) -> ast.Module:
+    """``ast.parse`` without the warnings it may print about ``source`` (an invalid escape such as
+    ``"\\d"`` is a SyntaxWarning from Python 3.12): they are about the student's code, not for the user.
+
+    Raises:
+        SyntaxError, ValueError, RecursionError: as ``ast.parse`` does.
+    """
+    with _QUIET, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ast.parse(source)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import ast
 
+from .code import quiet_parse
+
 _CALLS = {
     "walks frames": {
         "sys._getframe",
@@ -129,7 +131,7 @@ def suspect_reasons(code: str | None) -> tuple[str, ...]:
     if not code:
         return ()
     try:
-        module = ast.parse(code)
+        module = quiet_parse(code)  # no SyntaxWarning about the student's code reaches the user
     except (SyntaxError, ValueError, RecursionError):
         return ()
     aliases: dict[str, str] = {}

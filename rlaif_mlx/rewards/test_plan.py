@@ -20,6 +20,8 @@ import ast
 import builtins
 from dataclasses import dataclass
 
+from .code import quiet_parse
+
 
 @dataclass(frozen=True)
 class TestPlan:
@@ -108,7 +110,7 @@ def build_test_plan(tests: str, *, entry_point: str | None) -> TestPlan:
     Raises:
         SyntaxError: the test code itself does not parse.
     """
-    module = ast.parse(tests)
+    module = quiet_parse(tests)
     defs = [n for n in module.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
     asserting = {node.name for node in defs if _body_asserts(node)}
     called = _called_names(module.body)
@@ -159,7 +161,7 @@ def check_tests(tests: str | None, *, entry_point: str | None) -> str | None:
     except (ValueError, RecursionError) as exc:
         return f"tests do not parse: {type(exc).__name__}"
     if plan.total == 0:
-        module = ast.parse(tests)
+        module = quiet_parse(tests)
         if any(isinstance(s, ast.FunctionDef) and s.name == "check" for s in module.body) and not entry_point:
             return "tests define check(candidate) but the task has no entry_point to pass it"
         return "tests contain no assert (nothing to pass or fail)"

@@ -1,16 +1,19 @@
 """Checkpoints: one self-contained folder per saved step, written atomically, the last K kept.
 
 A checkpoint folder holds what the backend saves (trainable weights,
-optimizer, scheduler), ``trainer_state.json`` (step, KL coefficient,
-baselines, data order) and ``config.yaml`` (the run's resolved config), so it
-can be resumed or exported without the run folder around it. It is written
-under a temporary name and renamed into place, so a crash mid-write never
-leaves a folder that looks complete.
+optimizer, scheduler), ``trainer_state.json`` (run id, base model, step, KL
+coefficient, baselines, data order) and ``config.yaml`` (the run's resolved
+config), so it can be resumed or exported without the run folder around it.
+It is written under a temporary name and renamed into place, so a crash
+mid-write never leaves a folder that looks complete. ``step-NNNNNN`` is saved
+after an RL step, ``warmup-NNNNNN`` when a stop signal ends the warm-up.
+Pruning removes only checkpoints of the run that wrote them (its run id).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -19,7 +22,7 @@ from typing import Any
 
 from ..config import RunConfig, load_config, save_config
 
-_NAME = re.compile(r"^step-(\d{6,})$")
+_NAME = re.compile(r"^(step|warmup)-(\d{6,})$")  # warm-up checkpoints come before every RL step's
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
 
@@ -77,36 +80,60 @@ def save_checkpoint(
     config: RunConfig,
     save_backend: Callable[[Path], None],
     keep: int,
+    warmup_step: int | None = None,
 ) -> Path:
-    """Writes ``checkpoints/step-NNNNNN`` atomically and prunes old ones.
+    """Writes ``checkpoints/step-NNNNNN`` atomically and prunes this run's old ones.
 
     Args:
         output_dir: the run's output folder.
         step: the optimizer step just completed.
-        state: JSON-serialisable trainer state.
+        state: JSON-serialisable trainer state; its ``run_id`` decides which old checkpoints are this run's.
         config: the run's resolved config, written as ``config.yaml``.
         save_backend: writes the backend's files into the folder it is given.
         keep: how many of the newest checkpoints to keep.
+        warmup_step: a warm-up checkpoint after this many warm-up steps (``warmup-NNNNNN``).
 
     Returns:
         The checkpoint folder.
     """
     root = checkpoint_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}"
+    name = f"warmup-{warmup_step:06d}" if warmup_step is not None else f"step-{step:06d}"
+    final = root / name
+    tmp = root / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_backend(tmp)
+    normal_file_modes(tmp)
     save_config(config, tmp / CONFIG_FILE)
     # The state file goes last: its presence is what marks a checkpoint complete.
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    for old in list_checkpoints(output_dir)[:-keep]:
+    ours = [p for p in list_checkpoints(output_dir) if _run_id(p) == state.get("run_id")]
+    for old in ours[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def normal_file_modes(folder: Path) -> None:
+    """Gives the files under ``folder`` the mode a new file gets here (0644 under the usual umask 022).
+
+    safetensors writes its files 0600; a checkpoint or an export is meant to be read like any file.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
+
+
+def _run_id(checkpoint: Path) -> str | None:
+    try:
+        return load_trainer_state(checkpoint).get("run_id")
+    except (OSError, ValueError):
+        return None
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -115,7 +142,12 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if _NAME.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+    return sorted(found, key=_order)
+
+
+def _order(path: Path) -> tuple[bool, int]:
+    kind, number = _NAME.match(path.name).groups()
+    return kind == "step", int(number)
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
@@ -139,6 +171,11 @@ def find_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / STATE_FILE).is_file():
         return path
+    if _NAME.match(path.name) and path.parent.name == "checkpoints":  # a checkpoint that is not there
+        run = path.parent.parent
+        names = [p.name for p in list_checkpoints(run)]
+        held = f"{run} holds {', '.join(names)}" if names else f"{run} holds no complete checkpoint"
+        raise CheckpointError(f"{path}: no such checkpoint; {held} (or give the run folder {run} for its newest)")
     run = path.parent if path.name == "checkpoints" else path
     found = list_checkpoints(run)
     if not found:

@@ -1,20 +1,28 @@
 """Settings that training, evaluation and ``rlaif-mlx sample`` must build the same way.
 
-One place turns the config into prompt token ids and into sampling parameters,
+One place turns the config into the step budget, prompt token ids and sampling parameters,
 so a sample printed by ``sample`` or scored by ``eval`` is drawn exactly as the
 trainer draws it; ``prompt_seed`` gives each training prompt its own seed.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from ..backends.base import SamplingParams
-from ..config import DataConfig, RlaifConfig
+from ..config import DataConfig, RlaifConfig, RunConfig
 from ..data.tasks import Task, prompt_token_ids
+
+
+def total_optimizer_steps(config: RunConfig, num_tasks: int) -> int:
+    """``max_steps`` when set (it overrides ``num_epochs``), else ``num_epochs`` over the tasks."""
+    if config.training.max_steps:
+        return config.training.max_steps
+    return math.ceil(num_tasks / config.training.batch_size) * config.training.num_epochs
 
 
 def task_prompt_ids(tokenizer: Any, tasks: Sequence[Task], data: DataConfig) -> dict[str, list[int]]:

@@ -17,26 +17,38 @@ from ..config import RunConfig
 from ..errors import SetupError, first_line
 
 
-def create_backend(config: RunConfig, *, total_steps: int, source: str, hint: str = "") -> Any:
+def create_backend(
+    config: RunConfig, *, total_steps: int, source: str, hint: str = "", log: Callable[[str], None] = print
+) -> Any:
     """Creates the config's backend; a missing framework or model becomes a one-line ``SetupError``.
+
+    The model path is checked first (``preflight.check_model_path``): a path that looks local
+    never reaches the hub, and a hub id that cannot be had fails at once instead of retrying.
 
     Args:
         config: the run config (backend, model, training, seed).
         total_steps: planned optimizer steps, for the LR schedule.
-        source: the config file, named in the error.
+        source: the config file, named in the error when the backend refuses a setting.
         hint: appended to the error when the base model cannot be loaded.
+        log: receives a line when a cached hub model is loaded without the hub, which is out of reach.
     """
     from ..backends import BackendUnavailable
     from ..backends import create_backend as create
+    from .preflight import check_model_path, use_hub_cache_only
 
+    model = config.model.base_model
+    found = check_model_path(model, build_tiny=config.model.build_tiny_if_missing, probe_hub=True)
+    if not found.ok:
+        raise SetupError(found.line("model.base_model") + hint)
+    if found.cache_only:
+        use_hub_cache_only()
+        log(f"model {found.detail} (as with HF_HUB_OFFLINE=1)")
     try:
         return create(config.backend, config.model, config.training, seed=config.seed, total_steps=total_steps)
     except BackendUnavailable as exc:
         raise SetupError(str(exc)) from None
-    except OSError as exc:  # transformers / mlx-lm: no such folder, or not reachable on the hub
-        raise SetupError(
-            f"{source}: model.base_model {config.model.base_model!r} cannot be loaded: {first_line(exc)}{hint}"
-        ) from None
+    except OSError as exc:  # transformers / mlx-lm: a file it needs is missing or unreadable, or the hub failed
+        raise SetupError(f"model.base_model {model}: cannot be loaded: {first_line(exc)}{hint}") from None
     except ValueError as exc:  # the backend refuses this model with these settings; the message names the key
         raise SetupError(f"{source}: {first_line(exc)}") from None
 
@@ -68,17 +80,23 @@ def build_run(
     *,
     source: str,
     resume: bool | str | Path = False,
+    overwrite: bool = False,
+    allow_other_base: bool = False,
     dashboard: bool = False,
     dist: Any = None,
     log: Callable[[str], None] = print,
 ) -> Any:
     """A ``Trainer`` ready to ``run``: model, tasks, backend, rewards, reporter, and the checkpoint restored.
 
+    Nothing is written until all of it is set up: a start that fails leaves no output folder.
+
     Args:
         config: the validated run config.
         source: the config file, named in errors.
         resume: False for a fresh run; True for the newest checkpoint in ``output_dir``; or a
             checkpoint folder, or a run folder (its newest checkpoint).
+        overwrite: move a run already in ``output_dir`` aside (never deleted) instead of refusing.
+        allow_other_base: resume a checkpoint onto a base model other than the one it was trained from.
         dashboard: show the live dashboard (on a terminal) instead of plain lines.
         dist: this process's place under torchrun (None: a single process).
         log: receives the setup's human lines (what was built, loaded and restored).
@@ -87,36 +105,89 @@ def build_run(
         The trainer; ``trainer.close()`` releases the teacher when the run is over.
 
     Raises:
-        SetupError: no checkpoint to resume, tasks that do not load, a missing model,
-            framework or teacher key; one line each.
+        SetupError: an output folder that holds another run or cannot be made, no checkpoint to
+            resume, tasks that do not load, a missing model, framework or teacher key; one line each.
     """
+    from .distributed import DistContext
+    from .fingerprint import base_fingerprint, check_base
+    from .run_folder import new_run_id
+
+    dist = dist if dist is not None else DistContext()
+    output_dir = Path(config.output_dir)
+    checkpoint = _check_output(config, resume=resume, overwrite=overwrite)
+    if dist.is_main:
+        ensure_model(config, log=log)
+    dist.barrier()  # the others load the model rank 0 may have just built
+    trainer = _assemble(config, source=source, dashboard=dashboard, dist=dist, log=log)
+    trainer.run_id = new_run_id()
+    if checkpoint is not None:
+        try:
+            warning = check_base(checkpoint, config.model.base_model, allow_other=allow_other_base)
+        except ValueError as exc:  # another base's checkpoint: the line names both
+            trainer.close()
+            raise SetupError(str(exc)) from None
+        if warning:
+            log(warning)
+        try:
+            trainer.restore(checkpoint)
+        except (ValueError, OSError) as exc:  # the weights or data order do not fit this model or task list
+            trainer.close()
+            raise SetupError(f"cannot resume from {checkpoint}: {first_line(exc)}") from None
+    trainer.base = base_fingerprint(config.model.base_model)
+    if dist.is_main:
+        try:
+            _prepare_output(output_dir, trainer, overwrite=overwrite, log=log)
+        except OSError as exc:
+            trainer.close()
+            raise SetupError(
+                f"{output_dir}: cannot be written ({exc.strerror or exc}); point output_dir elsewhere"
+            ) from None
+    dist.barrier()
+    return trainer
+
+
+def _check_output(config: RunConfig, *, resume: bool | str | Path, overwrite: bool) -> Path | None:
+    """Checks the output folder can take this run; returns the checkpoint to resume (None: a fresh run)."""
+    from .checkpoint import check_resumable, find_checkpoint
+    from .preflight import check_writable
+    from .run_folder import check_fresh_start, check_resume_target, run_entries
+
+    output_dir = Path(config.output_dir)
+    found = check_writable(output_dir, "output_dir")
+    if not found.ok:
+        raise SetupError(found.line("output_dir"))
+    try:
+        if resume is False:
+            check_fresh_start(output_dir, overwrite=overwrite)
+            return None
+        # Checked before anything is written: the run folder's config.yaml may be the
+        # only record of an older checkpoint's config.
+        try:
+            checkpoint = find_checkpoint(output_dir if resume is True else resume)
+        except ValueError as exc:
+            leftovers = run_entries(output_dir) if resume is True else []
+            raise SetupError(
+                f"{exc}; start a new run there with --overwrite (moves {', '.join(leftovers)} aside)"
+                if leftovers
+                else str(exc)
+            ) from None
+        check_resumable(checkpoint, config)
+        check_resume_target(output_dir, checkpoint, overwrite=overwrite)
+        return checkpoint
+    except ValueError as exc:  # CheckpointError, RunFolderError: one line each
+        raise SetupError(str(exc)) from None
+
+
+def _assemble(config: RunConfig, *, source: str, dashboard: bool, dist: Any, log: Callable[[str], None]) -> Any:
+    """The trainer and its parts: tasks, backend, sandbox, rewards (with the teacher) and reporter."""
     from ..data import load_task_set
     from ..data.tasks import DataError
     from ..monitor.reporting import PlainReporter
     from ..rewards.pipeline import RewardPipeline
     from ..rewards.sandbox import sandbox_capabilities
-    from .checkpoint import check_resumable, find_checkpoint
-    from .distributed import DistContext
     from .trainer import Trainer, total_optimizer_steps
 
-    dist = dist if dist is not None else DistContext()
     output_dir = Path(config.output_dir)
-    checkpoint = None
-    if resume is not False:
-        # Checked before anything is written: the run folder's config.yaml may be the
-        # only record of an older checkpoint's config.
-        try:
-            checkpoint = find_checkpoint(output_dir if resume is True else resume)
-            check_resumable(checkpoint, config)
-        except ValueError as exc:
-            raise SetupError(str(exc)) from None
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if dist.is_main:
-        from ..config import save_config
-
-        save_config(config, output_dir / "config.yaml")
-        ensure_model(config, log=log)
-    dist.barrier()  # the others load the model rank 0 may have just built
     try:
         train = load_task_set(config.data.train_file, on_bad_line=config.data.on_bad_line)
         periodic = config.eval.every_steps and config.data.eval_file
@@ -126,7 +197,8 @@ def build_run(
     if train.skipped_lines:
         log(f"skipped {train.skipped_lines} bad line(s) in {train.source} (data.on_bad_line: skip)")
 
-    backend = create_backend(config, total_steps=total_optimizer_steps(config, len(train.tasks)), source=source)
+    steps = total_optimizer_steps(config, len(train.tasks))
+    backend = create_backend(config, total_steps=steps, source=source, log=log)
     trainable, total = backend.trainable_parameter_count()
     log(
         f"backend {backend.name} on {backend.device}  model {config.model.base_model}  "
@@ -153,23 +225,35 @@ def build_run(
         reporter = make_reporter(dashboard=True, log_every=config.logging.log_every)
     else:
         reporter = PlainReporter(log, log_every=config.logging.log_every)
-    trainer = Trainer(
-        config,
-        backend=backend,
-        train=train,
-        rewards=rewards,
-        output_dir=output_dir,
-        reporter=reporter,
-        eval_tasks=eval_set,
-        dist=dist,
-    )
-    if checkpoint is not None:
-        try:
-            trainer.restore(checkpoint)
-        except (ValueError, OSError) as exc:  # the weights or data order do not fit this model or task list
-            trainer.close()
-            raise SetupError(f"cannot resume from {checkpoint}: {first_line(exc)}") from None
-    return trainer
+    try:
+        return Trainer(
+            config,
+            backend=backend,
+            train=train,
+            rewards=rewards,
+            output_dir=output_dir,
+            reporter=reporter,
+            eval_tasks=eval_set,
+            dist=dist,
+        )
+    except DataError as exc:  # a prompt longer than data.max_prompt_tokens
+        if rewards.teacher is not None:
+            rewards.teacher.close()
+        raise SetupError(str(exc)) from None
+
+
+def _prepare_output(output_dir: Path, trainer: Any, *, overwrite: bool, log: Callable[[str], None]) -> None:
+    """Moves an old run aside when asked, then makes the folder with ``config.yaml`` and ``run.json``."""
+    from ..config import save_config
+    from .run_folder import move_aside, write_run_file
+
+    if overwrite:
+        aside = move_aside(output_dir)
+        if aside is not None:
+            log(f"moved the earlier run in {output_dir} to {aside} (--overwrite)")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_config(trainer.config, output_dir / "config.yaml")
+    write_run_file(output_dir, run_id=trainer.run_id, resumed_from=trainer.restored_from)
 
 
 @dataclass
@@ -192,7 +276,13 @@ class LoadedCheckpoint:
 
 
 def load_checkpoint(
-    checkpoint: str | Path, *, backend: str | None = None, model: str | None = None, seed: int | None = None
+    checkpoint: str | Path,
+    *,
+    backend: str | None = None,
+    model: str | None = None,
+    seed: int | None = None,
+    allow_other_base: bool = False,
+    log: Callable[[str], None] = print,
 ) -> LoadedCheckpoint:
     """Finds a checkpoint, reads the config saved with it and loads it into a backend.
 
@@ -201,13 +291,16 @@ def load_checkpoint(
         backend: ``auto``, ``torch`` or ``mlx``; None keeps the checkpoint config's.
         model: where the base model lives on this machine; None keeps the config's.
         seed: overrides the config's seed (the backend's random state).
+        allow_other_base: load it onto a base model other than the one it was trained from.
+        log: receives a warning line when ``allow_other_base`` lets a different base through.
 
     Raises:
         SetupError: no checkpoint or config there, a missing framework or base
-            model, or weights the backend cannot load; one line each.
+            model, a base other than its own, or weights the backend cannot load; one line each.
     """
     from ..config import load_config
     from .checkpoint import checkpoint_config_path, find_checkpoint, load_trainer_state
+    from .fingerprint import check_base
 
     overrides: dict[str, Any] = {"backend": backend, "model.base_model": model, "seed": seed}
     if model:
@@ -217,12 +310,15 @@ def load_checkpoint(
         config_path = checkpoint_config_path(path)
         config = load_config(config_path, overrides=overrides)
         step = int(load_trainer_state(path)["step"])
+        warning = check_base(path, config.model.base_model, allow_other=allow_other_base)
     except ValueError as exc:
         raise SetupError(str(exc)) from None
+    if warning:
+        log(warning)
     # total_steps only shapes the LR schedule, which neither export nor sample uses.
     steps = max(config.training.max_steps or 0, step, 1)
     hint = "" if model else " (name the base model on this machine with --model)"
-    loaded = create_backend(config, total_steps=steps, source=str(config_path), hint=hint)
+    loaded = create_backend(config, total_steps=steps, source=str(config_path), hint=hint, log=log)
     try:
         loaded.load(path)
     except (ValueError, OSError) as exc:

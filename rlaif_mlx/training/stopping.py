@@ -2,8 +2,8 @@
 
 A step is the smallest unit that can be saved exactly (mid-step state is
 half-sampled, half-scored), so the first SIGINT / SIGTERM lets the step in
-progress finish; the trainer then saves a checkpoint and raises
-``StopRequested``. A second signal stops at once, without a checkpoint.
+progress (an RL step, or a warm-up step) finish; the trainer then saves a
+checkpoint and raises ``StopRequested``. A second signal stops at once, without a checkpoint.
 Steps in which no sample could be scored train on nothing; several in a row
 raise ``ScoringFailed`` instead of going on.
 """
@@ -41,14 +41,18 @@ class StopSignals:
     Args:
         log: prints one human line.
         current_step: the steps done so far (the signal's line names the step that finishes).
+        doing: names the work in progress instead, e.g. ``"warm-up step 38 of 110"``.
 
     Attributes:
         received: the first signal's number, or None.
     """
 
-    def __init__(self, *, log: Callable[[str], None], current_step: Callable[[], int]) -> None:
+    def __init__(
+        self, *, log: Callable[[str], None], current_step: Callable[[], int], doing: Callable[[], str] | None = None
+    ) -> None:
         self.log = log
         self.current_step = current_step
+        self.doing = doing if doing is not None else lambda: f"step {current_step() + 1}"
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
@@ -68,8 +72,8 @@ class StopSignals:
             raise KeyboardInterrupt  # asked twice: stop now, without a checkpoint
         self.received = signum
         self.log(
-            f"{signal.Signals(signum).name}: finishing step {self.current_step() + 1}, then saving a checkpoint "
-            "(send it again to stop at once)"
+            f"{signal.Signals(signum).name}: finishing {self.doing()}, then saving a checkpoint "
+            "(send it again to stop at once, without one)"
         )
 
     def stop(self, what: str) -> StopRequested:

@@ -11,7 +11,6 @@ the prompts and decides everything else on the gathered whole batch (``distribut
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,18 +37,11 @@ from .policy_update import update_policy
 from .records import Rollout, extreme_samples, step_record
 from .rollouts import RolloutBuilder
 from .sample_ahead import PendingBatch
-from .settings import task_prompt_ids
+from .settings import task_prompt_ids, total_optimizer_steps
 from .stopping import ScoringFailed, StopRequested, StopSignals, UnscoredSteps
-from .warmup import supervised_warmup
+from .warmup import WarmupProgress, supervised_warmup
 
 __all__ = ["ScoringFailed", "StopRequested", "Trainer", "total_optimizer_steps"]  # the stops, raised from ``run``
-
-
-def total_optimizer_steps(config: RunConfig, num_tasks: int) -> int:
-    """``max_steps`` when set (it overrides ``num_epochs``), else ``num_epochs`` over the tasks."""
-    if config.training.max_steps:
-        return config.training.max_steps
-    return math.ceil(num_tasks / config.training.batch_size) * config.training.num_epochs
 
 
 class Trainer:
@@ -96,7 +88,10 @@ class Trainer:
         self.step = 0
         self.unscored = UnscoredSteps()
         self.restored_from: Path | None = None  # the checkpoint ``restore`` loaded
-        self.signals = StopSignals(log=self.log, current_step=lambda: self.step)
+        self.run_id: str | None = None  # in every checkpoint: pruning removes only this run's (``setup`` sets it)
+        self.base: dict | None = None  # the base model's fingerprint, in every checkpoint (``fingerprint``)
+        self.warmup_progress: WarmupProgress | None = None  # while warming up, or restored from a warm-up checkpoint
+        self.signals = StopSignals(log=self.log, current_step=lambda: self.step, doing=self._doing)
         self._pending: PendingBatch | None = None  # the next step's batch, sampled ahead (``rlaif.sample_ahead``)
         self.prompt_ids = task_prompt_ids(backend.tokenizer, train.tasks, config.data)
         self.curriculum = curriculum_from_config(config.curriculum, train.tasks, seed=config.seed)
@@ -114,7 +109,8 @@ class Trainer:
         """Warm-up (if configured and ``warmup``), then RL steps until the budget; returns the step records.
 
         A restored trainer skips the warm-up: its checkpoint already holds the
-        warmed-up weights and the rebased reference.
+        warmed-up weights and the rebased reference (from a warm-up checkpoint,
+        it finishes the warm-up first).
         """
         self.reporter.start(
             RunHeader(
@@ -131,7 +127,11 @@ class Trainer:
         records = []
         try:
             with self.signals:  # SIGINT / SIGTERM: finish the step, save, stop (``stopping``)
-                if warmup and self.config.training.sft_warmup_steps and self.restored_from is None:
+                if (
+                    warmup
+                    and self.config.training.sft_warmup_steps
+                    and (self.restored_from is None or self.warmup_progress)
+                ):
                     self.supervised_warmup()
                 while self.step < self.total_steps:
                     records.append(self.train_step())
@@ -291,12 +291,18 @@ class Trainer:
     # ---- warm-up and checkpoints -------------------------------------------
 
     def supervised_warmup(self) -> None:
-        """Teaches the reference solutions first (``warmup.supervised_warmup``); a stop signal ends it."""
+        """Teaches the reference solutions first (``warmup.supervised_warmup``), from where a warm-up
+        checkpoint left off; a stop signal saves a warm-up checkpoint and ends the run."""
 
-        def check_stop() -> None:  # after each warm-up step; every process stops at the same one
-            if self.dist.any(self.signals.received is not None):  # nothing to checkpoint yet: the warm-up reruns
-                raise self.signals.stop("during the warm-up: nothing saved")
+        def after_step(progress: WarmupProgress) -> None:  # every process stops at the same warm-up step
+            self.warmup_progress = progress
+            if self.dist.any(self.signals.received is not None):
+                raise self.signals.stop(
+                    f"during the warm-up, after warm-up step {progress.done} of {progress.total}: "
+                    f"checkpoint saved in {self.save().parent}"
+                )
 
+        self.warmup_progress = self.warmup_progress or WarmupProgress(0, self.config.training.sft_warmup_steps)
         supervised_warmup(
             self.backend,
             list(self.tasks.values()),
@@ -304,11 +310,21 @@ class Trainer:
             self.config,
             world_size=self.dist.world_size,
             log=self.log,
-            after_step=check_stop,
+            report=self.reporter.warmup,
+            after_step=after_step,
+            start=self.warmup_progress,
         )
+        self.warmup_progress = None  # done: checkpoints from here on are RL checkpoints
+
+    def _doing(self) -> str:
+        """The unit of work a stop signal lets finish: ``step 8``, or ``warm-up step 38 of 110``."""
+        warmup = self.warmup_progress
+        if warmup is not None:
+            return f"warm-up step {min(warmup.done + 1, warmup.total)} of {warmup.total}"
+        return f"step {self.step + 1}"
 
     def save(self) -> Path:
-        """Writes a checkpoint of the current step (see ``checkpoint.save_checkpoint``).
+        """Writes a checkpoint of the current step, or of the warm-up (see ``checkpoint.save_checkpoint``).
 
         Under torchrun rank 0 writes it and every process returns once it is
         complete; every process takes part in the backend's part (under FSDP
@@ -316,6 +332,9 @@ class Trainer:
         """
         estimator = self.estimator.state_dict()
         state = {
+            "run_id": self.run_id,
+            "base": self.base,  # the base model it was trained from (``fingerprint.check_base``)
+            "warmup": self.warmup_progress.state_dict() if self.warmup_progress is not None else None,
             "step": self.step,
             "unscored_steps": self.unscored.count,
             "kl_controller": estimator["kl_controller"],
@@ -330,6 +349,7 @@ class Trainer:
             path = save_checkpoint(
                 self.output_dir,
                 step=self.step,
+                warmup_step=self.warmup_progress.done if self.warmup_progress is not None else None,
                 state=state,
                 config=self.config,
                 save_backend=self.backend.save,
@@ -344,11 +364,11 @@ class Trainer:
 
         Loads the backend's weights, optimizer and RNG, then the step, KL
         coefficient, data order, EMA baseline and unscored-step count. The next
-        ``run`` skips the warm-up, and the metrics log keeps the records up to
-        the restored step and drops later ones.
+        ``run`` skips the warm-up (or, from a warm-up checkpoint, finishes it),
+        and the metrics log keeps the records up to the restored step and drops later ones.
 
         Args:
-            checkpoint: a ``checkpoints/step-NNNNNN`` folder.
+            checkpoint: a ``checkpoints/step-NNNNNN`` (or ``warmup-NNNNNN``) folder.
 
         Raises:
             CheckpointError: the checkpoint's config differs in keys that change the run.
@@ -366,14 +386,17 @@ class Trainer:
             self.teacher.load_state_dict(self.dist.teacher_share(state["teacher"]))  # the spend so far counts
         pending = state.get("pending")
         self._pending = PendingBatch.from_state_dict(pending, self.dist) if pending else None
+        self.warmup_progress = WarmupProgress.from_state_dict(state["warmup"]) if state.get("warmup") else None
+        self.run_id = state.get("run_id") or self.run_id  # the same run, continued
         self.restored_from = checkpoint
 
     def _open_metrics(self) -> None:
-        """Opens the metric sinks once (rank 0), dropping what they hold of steps after the current one."""
+        """Opens the metric sinks once (rank 0), appending; a resumed run first cuts them back to its step."""
         if self.metrics is None and self.dist.is_main:
             cfg = self.config.logging
+            after = self.step if self.restored_from is not None else None  # a fresh run never cuts anything
             self.metrics = MetricsSinks.open(
-                self.output_dir, after_step=self.step, tensorboard=cfg.tensorboard, samples=cfg.save_samples
+                self.output_dir, after_step=after, tensorboard=cfg.tensorboard, samples=cfg.save_samples
             )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -127,6 +128,12 @@ def test_export_writes_a_model_that_scores_like_the_checkpoint(trained, tmp_path
     assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in out.iterdir()
     }
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder in (out, checkpoint):  # readable like any file the user makes (safetensors writes 0600)
+        assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == {
+            p.name: 0o666 & ~umask for p in folder.iterdir()
+        }
 
     cfg = load_config(checkpoint / "config.yaml")
     backend = create(cfg.model, cfg.training, seed=cfg.seed, total_steps=2)
@@ -162,11 +169,17 @@ def test_export_falls_back_to_the_run_config_and_reports_errors(trained, tmp_pat
 
     assert main(["export", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "b")]) == 2
     assert f"{tmp_path / 'none'}: no checkpoint found" in one_line_error(capsys)
+    missing_step = run / "checkpoints" / "step-000099"  # a checkpoint that is not there: the ones that are
+    assert main(["export", "--checkpoint", str(missing_step), "--out", str(tmp_path / "b")]) == 2
+    assert one_line_error(capsys) == (
+        f"error: {missing_step}: no such checkpoint; {run} holds step-000001, step-000002 "
+        f"(or give the run folder {run} for its newest)"
+    )
     (old / "config.yaml").unlink()
     assert main(["export", "--checkpoint", str(old), "--out", str(tmp_path / "b")]) == 2
     assert "no config.yaml in the checkpoint or its run folder" in one_line_error(capsys)
     missing = tmp_path / "no-such-model"
     argv = ["export", "--checkpoint", str(run), "--out", str(tmp_path / "b"), "--model", str(missing)]
     assert main(argv) == 2
-    assert f"model.base_model '{missing}' cannot be loaded" in one_line_error(capsys)
+    assert f"error: model.base_model: {missing} does not exist; point model.base_model at" in one_line_error(capsys)
     assert not (tmp_path / "b").exists() and not missing.exists()

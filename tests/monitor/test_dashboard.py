@@ -291,3 +291,82 @@ def test_the_share_of_suspect_samples_is_shown_with_the_rewards():
     flagged = render_frame(HEADER, [record(1, **{"reward/suspect": 0.25})], BEST, WORST, [], width=100)
     assert "suspect" in plain and "0.000" in plain.split("suspect", 1)[1].splitlines()[0]
     assert "0.250" in flagged.split("suspect", 1)[1].splitlines()[0]
+
+
+MESSAGES = ["warm-up 110/110  nll/token 0.051", "saved checkpoint runs/quickstart/checkpoints/step-000040"]
+VALUES = [  # every figure of a step-42 frame, each of which must show whole at any width
+    "step 42/60",
+    "70%",
+    "epoch 2",
+    "elapsed 1m 28s",
+    "ETA 38s",
+    "0.565 ± 0.440",
+    "0.0712",
+    "0.025",
+    "-0.5444",
+    "0.064",
+    "3.58e-04",
+    "has_code 1.000",
+    "tests    0.485",
+    "0.3 s  14%",
+    "1.4 s  67%",
+    "7,040",
+    "33 tokens",
+    "zero-variance groups 4",
+    "runs/quickstart",
+    "models/tiny-qwen2",
+]
+
+
+@pytest.mark.parametrize("width", [80, 100, 120])
+def test_no_value_is_cut_at_80_100_or_120_columns(width):
+    records = [record(s, reward=0.25 + 0.0075 * s) for s in range(1, 43)]
+    text = render_frame(HEADER, records, BEST, WORST, MESSAGES, width=width)
+    assert all(len(line) <= width for line in text.splitlines())
+    for value in VALUES:
+        assert value in text, (width, value)
+    for line in text.splitlines():  # an ellipsis only where code or an error message is cut, never a figure
+        assert "…" not in line or "AssertionError" in line or "more lines" in line, line
+    assert ("last step" in text) and ("def clamp" in text) and MESSAGES[-1] in text
+
+
+@pytest.mark.parametrize("height", [24, 30])
+def test_at_80_columns_the_frame_fits_the_terminal_dropping_completions_first(height):
+    records = [record(s, reward=0.25 + 0.0075 * s) | teacher_keys(s) for s in range(1, 43)]
+    for header in (HEADER, TEACHER_HEADER):
+        text = render_frame(header, records, BEST, WORST, MESSAGES, width=80, height=height)
+        lines = text.splitlines()
+        assert len(lines) <= height, (header.teacher, height)
+        for value in ("step 42/", "0.565 ± 0.440", "0.0712", "3.58e-04", MESSAGES[-1]):  # always there, whole
+            assert value in text, (header.teacher, height, value)
+        if header.teacher:
+            assert "calls 41" in text and "spent $" in text
+    plain24 = render_frame(HEADER, records, BEST, WORST, MESSAGES, width=80, height=24)
+    plain30 = render_frame(HEADER, records, BEST, WORST, MESSAGES, width=80, height=30)
+    assert "def clamp" not in plain24 and "1.4 s  67%" in plain24  # the completions went first
+    assert "def clamp" in plain30  # with six more rows they are back, cut to the room
+
+
+def test_the_warm_up_shows_as_its_own_progress():
+    text = render_frame(
+        HEADER, [], None, None, ["warm-up 30/110  nll/token 1.412"], width=80, height=24, warmup=(38, 110, 1.305)
+    )
+    assert "warm-up 38/110" in text and "35%" in text and "nll/token 1.305" in text
+    assert "step 0/60" in text and "0.0712" not in text  # no RL figures yet: none are shown
+    dash = Dashboard(terminal(), refresh_per_second=0)
+    dash.begin(HEADER)
+    for done in range(1, 11):
+        dash.warmup(done, 20, 2.5 if done == 10 else None)
+    frame = screen(dash)
+    assert "warm-up 10/20" in frame and "50%" in frame and "nll/token 2.500" in frame
+    assert "warm-up 10/20  nll/token 2.500" in frame  # the log keeps the NLL's history
+    dash.step(record(1), best=BEST, worst=WORST)
+    assert "warm-up 10/20 " not in screen(dash).split("╭─ log")[0]  # RL has begun: the header drops the warm-up
+
+
+def test_the_plain_log_prints_the_warm_up_every_ten_steps():
+    lines: list[str] = []
+    reporter = PlainReporter(lines.append)
+    for done in range(1, 13):
+        reporter.warmup(done, 12, 1.0 / done if done % 10 == 0 or done == 12 else None)
+    assert lines == ["warm-up 10/12  nll/token 0.100", "warm-up 12/12  nll/token 0.083"]

@@ -348,3 +348,22 @@ def test_a_process_that_cannot_be_started_is_the_graders_failure_not_the_solutio
         pytest.skip("the process limit is per user: only an isolated 'nobody' makes it bite here alone")
     out = run_unit_tests(GOOD, SQUARE_TESTS, limits=SandboxLimits(max_processes=1))
     assert out.kind == "infrastructure" and "cannot start a process" in out.error
+
+
+def test_no_warning_about_the_students_code_reaches_the_user():
+    """Parsing or compiling a completion (or a task's tests) in this process prints nothing: an invalid
+    escape or an ``is`` with a literal is a SyntaxWarning (DeprecationWarning before Python 3.12)."""
+    import warnings
+
+    from rlaif_mlx.rewards.code import static_check
+    from rlaif_mlx.rewards.suspect import suspect_reasons
+    from rlaif_mlx.rewards.test_plan import build_test_plan, check_tests
+
+    code = 'def f(x):\n    if x is 1:\n        return "\\d"\n    return x\n'
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert static_check(code, language="python").ok
+        assert suspect_reasons(code) == ()
+        assert build_test_plan('assert f(2) != "\\d"', entry_point="f").total == 1
+        assert check_tests("assert f(1) is 1", entry_point="f") is None
+    assert [str(w.message) for w in caught] == []

@@ -531,8 +531,9 @@ def samples(run: Path) -> list[tuple]:
 
 
 def _settings(file: Path) -> dict:
-    """A JSON file's contents; PEFT writes its target modules from a set, in any order."""
+    """A JSON file's contents; PEFT writes its target modules from a set, in any order; every run has its own id."""
     settings = json.loads(file.read_text())
+    settings.pop("run_id", None)
     if isinstance(settings.get("target_modules"), list):
         settings["target_modules"] = sorted(settings["target_modules"])
     return settings

@@ -2,7 +2,8 @@
 
 A run killed at any point and resumed from its last checkpoint produces, on CPU
 with a fixed seed, the same per-step metrics and final weights as a run that was
-never interrupted. The tasks make an epoch two steps long, so the runs cross
+never interrupted; so does one stopped by Ctrl-C during its supervised warm-up.
+The tasks make an epoch two steps long, so the runs cross
 epoch boundaries (and a checkpoint on one resumes into the next epoch).
 """
 
@@ -70,7 +71,7 @@ def start(config: Path, *extra: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=os.environ | {"HF_HUB_OFFLINE": "1"},
+        env=os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},  # each line as it is printed
     )
 
 
@@ -151,3 +152,39 @@ def test_a_stop_signal_saves_a_checkpoint_and_resume_matches(uninterrupted, tiny
     assert comparable(read_metrics(metrics)) == comparable(read_metrics(uninterrupted / "metrics.jsonl"))
     state = json.loads((tmp_path / "run" / "checkpoints" / f"step-{STEPS:06d}" / "trainer_state.json").read_text())
     assert state["step"] == STEPS
+
+
+def test_ctrl_c_during_the_warm_up_saves_a_warm_up_checkpoint_and_resume_matches(
+    uninterrupted, tiny_model_path, tmp_path
+):
+    config = write_config(tmp_path, tiny_model_path)
+    process = start(config)
+    for line in process.stdout:  # rendezvous: the warm-up is under way (30 of its 40 steps to go)
+        if line.startswith("warm-up 10/40"):
+            break
+    else:
+        raise AssertionError(process.communicate())
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 130, err
+    assert "SIGINT: finishing warm-up step " in out
+    checkpoints = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()]
+    assert len(checkpoints) == 1 and checkpoints[0].startswith("warmup-"), checkpoints
+    done = int(checkpoints[0].removeprefix("warmup-"))
+    assert f"stopped by SIGINT during the warm-up, after warm-up step {done} of 40: checkpoint saved" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no RL step yet
+    state = json.loads((tmp_path / "run" / "checkpoints" / checkpoints[0] / "trainer_state.json").read_text())
+    assert state["warmup"]["done"] == done and state["step"] == 0
+
+    resumed = start(config, "--resume")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"resuming from {tmp_path / 'run' / 'checkpoints' / checkpoints[0]} at warm-up step {done} of 40" in out
+    assert "warm-up 40/40" in out and (done >= 10 or "warm-up 10/40" in out)
+    assert comparable(read_metrics(tmp_path / "run" / "metrics.jsonl")) == comparable(
+        read_metrics(uninterrupted / "metrics.jsonl")
+    )
+    a, b = final_tensors(uninterrupted), final_tensors(tmp_path / "run")
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)

@@ -17,7 +17,9 @@ def test_a_first_signal_is_noted_a_second_stops_at_once_and_the_old_handlers_com
     with signals:
         signal.raise_signal(signal.SIGTERM)  # the handler runs before raise_signal returns
         assert signals.received == signal.SIGTERM
-        assert lines == ["SIGTERM: finishing step 5, then saving a checkpoint (send it again to stop at once)"]
+        assert lines == [
+            "SIGTERM: finishing step 5, then saving a checkpoint (send it again to stop at once, without one)"
+        ]
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
