@@ -80,7 +80,7 @@ def build_run(
         resume: False for a fresh run; True for the newest checkpoint in ``output_dir``; or a
             checkpoint folder, or a run folder (its newest checkpoint).
         dashboard: show the live dashboard (on a terminal) instead of plain lines.
-        dist: this process's place under torchrun (None: a single process).
+        dist: this process's place under torchrun or mlx.launch (None: a single process).
         log: receives the setup's human lines (what was built, loaded and restored).
 
     Returns:
@@ -134,9 +134,10 @@ def build_run(
     )
     log(f"{len(train.tasks)} training tasks from {config.data.train_file}  output {output_dir}")
     if dist.enabled:
-        sharded = "; weights, gradients and AdamW state sharded (FSDP)" if config.model.torch.fsdp else ""
+        fsdp = config.model.torch.fsdp and backend.name == "torch"
+        sharded = "; weights, gradients and AdamW state sharded (FSDP)" if fsdp else ""
         log(
-            f"torchrun: {dist.world_size} processes, {config.training.batch_size // dist.world_size} of the "
+            f"{dist.launcher}: {dist.world_size} processes, {config.training.batch_size // dist.world_size} of the "
             f"{config.training.batch_size} prompts of each step on each; gradients summed{sharded}"
         )
     caps = sandbox_capabilities()
