@@ -28,7 +28,9 @@ def create_backend(config: RunConfig, *, total_steps: int, source: str, hint: st
     """
     from ..backends import BackendUnavailable
     from ..backends import create_backend as create
+    from .memory_fit import resolve_auto
 
+    config = resolve_auto(config)  # micro_batch_size: auto, where no plan was made before (eval, sample, export)
     try:
         return create(config.backend, config.model, config.training, seed=config.seed, total_steps=total_steps)
     except BackendUnavailable as exc:
@@ -126,6 +128,7 @@ def build_run(
     if train.skipped_lines:
         log(f"skipped {train.skipped_lines} bad line(s) in {train.source} (data.on_bad_line: skip)")
 
+    config = _fit_to_memory(config, source=source, dist=dist, prompts=[t.prompt for t in train.tasks], log=log)
     backend = create_backend(config, total_steps=total_optimizer_steps(config, len(train.tasks)), source=source)
     trainable, total = backend.trainable_parameter_count()
     log(
@@ -171,6 +174,15 @@ def build_run(
             trainer.close()
             raise SetupError(f"cannot resume from {checkpoint}: {first_line(exc)}") from None
     return trainer
+
+
+def _fit_to_memory(config: RunConfig, *, source: str, dist: Any, prompts: list[str], log: Callable) -> RunConfig:
+    """``memory_fit.fit_to_memory`` before the model loads: a refusal stops every process alike."""
+    from .memory_fit import fit_to_memory
+
+    return dist.run_together(
+        lambda: fit_to_memory(config, source=source, world_size=dist.world_size, prompts=prompts, log=log)
+    )
 
 
 @dataclass
