@@ -231,6 +231,28 @@ def run_cases(cases: list[dict]) -> list[dict]:
     return rows
 
 
+def markdown(rows: list[dict]) -> str:
+    """The rows as a table: one line per model, backend, kind and workload, the three phases side by side."""
+    lines = [
+        "| model | backend | training | step | sampling (planned / measured) | reference | update |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    cases: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        tokens = f"{r['prompt_tokens']}+{r['new_tokens']} tokens"
+        step = f"{r['prompts']}x{r['group']}, {tokens}, micro-batch {r['micro_batch']}"
+        key = (r["model"], r["backend"], "LoRA" if r["lora"] else "full", step)
+        cases.setdefault(key, {})[r["phase"]] = r
+    for key, phases in cases.items():
+        cells = [
+            f"{phases[p]['planned'] / 2**20:.1f} / {phases[p]['measured'] / 2**20:.1f} MiB "
+            f"({phases[p]['planned'] / phases[p]['measured'] - 1:+.0%})"
+            for p in PHASES
+        ]
+        lines.append("| " + " | ".join([*key, *cells]) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", default=["tiny"], help="tiny, 30m or a model folder")
@@ -238,8 +260,12 @@ def main() -> None:
     parser.add_argument("--kind", nargs="+", default=["lora", "full"])
     parser.add_argument("--set", default="{}", help="JSON overrides of case_settings, e.g. '{\"micro_batch\": 4}'")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--markdown", type=Path, help="print the table of an earlier --json file and exit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return
     if args.child:
         print(json.dumps([measure(case, case["model_path"]) for case in json.loads(args.child)]))
         return

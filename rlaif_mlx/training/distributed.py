@@ -76,6 +76,7 @@ class DistContext:
         owns_group: ``init_from_env`` started the process group, so ``close`` ends it.
         engine: whose collectives join the processes: ``"torch"`` (torchrun) or ``"mlx"`` (mlx.launch).
         launcher: how a person started them, for the run's first lines (``torchrun``, ``mlx.launch (ring)``).
+        local_processes: how many of them run on this machine (sharing its RAM or its Mac's GPU).
     """
 
     rank: int = 0
@@ -84,6 +85,7 @@ class DistContext:
     owns_group: bool = False
     engine: str = "torch"
     launcher: str = "torchrun"
+    local_processes: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -283,6 +285,7 @@ def context_from_env(environ: Mapping[str, str] = os.environ) -> DistContext:
         local_rank=found.local_rank,
         engine=found.engine,
         launcher=launcher or "torchrun",
+        local_processes=found.local_processes,
     )
 
 

@@ -33,6 +33,7 @@ class Launch:
         world_size: how many processes share the run.
         local_rank: its index on this machine (torchrun's ``LOCAL_RANK``; 0 under mlx.launch, one Mac, one GPU).
         transport: mx.distributed's backend (``ring``, ``jaccl``, ``mpi``, ``nccl``); empty under torchrun.
+        local_processes: how many of the processes run on this machine (they share its RAM, or its Mac's GPU).
     """
 
     engine: str = "torch"
@@ -41,6 +42,7 @@ class Launch:
     world_size: int = 1
     local_rank: int = 0
     transport: str = ""
+    local_processes: int = 1
 
 
 def launch_from_env(environ: Mapping[str, str]) -> Launch:
@@ -53,11 +55,12 @@ def launch_from_env(environ: Mapping[str, str]) -> Launch:
         world = _integer(environ, "WORLD_SIZE", "1", "torchrun")
         rank = _integer(environ, "RANK", "0", "torchrun")
         local = _integer(environ, "LOCAL_RANK", str(rank), "torchrun")
-        found = Launch("torch", "torchrun", rank, world, local)
+        local_world = _integer(environ, "LOCAL_WORLD_SIZE", "1", "torchrun")
+        found = Launch("torch", "torchrun", rank, world, local, local_processes=local_world)
     elif "MLX_RANK" in environ:
         rank = _integer(environ, "MLX_RANK", "0", "mlx.launch")
         transport, world = _mlx_transport(environ)
-        found = Launch("mlx", "mlx.launch", rank, world, 0, transport)
+        found = Launch("mlx", "mlx.launch", rank, world, 0, transport, _ring_neighbours(environ, rank))
     elif "OMPI_COMM_WORLD_SIZE" in environ:  # mlx.launch --backend mpi runs mpirun, which sets only these
         world = _integer(environ, "OMPI_COMM_WORLD_SIZE", "1", "mpirun")
         rank = _integer(environ, "OMPI_COMM_WORLD_RANK", "0", "mpirun")
@@ -84,6 +87,16 @@ def _mlx_transport(environ: Mapping[str, str]) -> tuple[str, int]:
         "MLX_RANK is set but none of MLX_HOSTFILE, MLX_IBV_DEVICES or MLX_WORLD_SIZE is: "
         "start the job with mlx.launch (e.g. mlx.launch --hostfile hosts.json -m rlaif_mlx.cli train ...)"
     )
+
+
+def _ring_neighbours(environ: Mapping[str, str], rank: int) -> int:
+    """Processes of a ring hostfile on this process's address (``mlx.launch -n 2`` puts both on 127.0.0.1)."""
+    if "MLX_HOSTFILE" not in environ or "MLX_IBV_DEVICES" in environ:
+        return 1
+    hosts = [[str(a).rpartition(":")[0] for a in entry] for entry in _json_file(environ, "MLX_HOSTFILE")]
+    if not 0 <= rank < len(hosts) or not hosts[rank]:
+        return 1
+    return sum(1 for entry in hosts if entry and entry[0] == hosts[rank][0])
 
 
 def _json_file(environ: Mapping[str, str], key: str) -> list:

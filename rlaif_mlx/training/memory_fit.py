@@ -131,8 +131,15 @@ def workload(config: RunConfig, *, backend: str, world_size: int, prompts: list[
     )
 
 
-def size_run(config: RunConfig, *, world_size: int = 1, prompts: list[str] | None = None) -> Sizing | str:
-    """The config's plan against this machine's device, or why there is none (one line)."""
+def size_run(
+    config: RunConfig, *, world_size: int = 1, sharing: int = 1, prompts: list[str] | None = None
+) -> Sizing | str:
+    """The config's plan against this machine's device, or why there is none (one line).
+
+    Args:
+        world_size: processes in the run (each plans its share of the prompts).
+        sharing: processes on this machine: they share its RAM or its Mac's GPU (not CUDA GPUs: one each).
+    """
     from ..backends import BackendUnavailable, resolve_backend_name
     from ..backends.formats import device_memory
 
@@ -145,6 +152,8 @@ def size_run(config: RunConfig, *, world_size: int = 1, prompts: list[str] | Non
     except (BackendUnavailable, ImportError, OSError, RuntimeError, ValueError) as exc:
         return f"the device's memory cannot be read: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
     budget = memory - RUNTIME_BYTES if "system RAM" in where else memory
+    if not where.startswith("free memory of cuda"):
+        budget //= max(1, sharing)
     work = workload(config, backend=backend, world_size=world_size, prompts=prompts)
     if config.training.micro_batch_size == "auto":
         work = _with_micro_batch(work, largest_micro_batch(shape, work, budget) or 1)
@@ -156,6 +165,7 @@ def fit_to_memory(
     *,
     source: str,
     world_size: int = 1,
+    sharing: int = 1,
     prompts: list[str] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> RunConfig:
@@ -164,7 +174,7 @@ def fit_to_memory(
     Raises:
         SetupError: one line: the phase that does not fit, how much it needs of how much, and what to lower.
     """
-    sizing = size_run(config, world_size=world_size, prompts=prompts)
+    sizing = size_run(config, world_size=world_size, sharing=sharing, prompts=prompts)
     auto = config.training.micro_batch_size == "auto"
     if isinstance(sizing, str):
         if log:

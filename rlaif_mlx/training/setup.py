@@ -180,8 +180,11 @@ def _fit_to_memory(config: RunConfig, *, source: str, dist: Any, prompts: list[s
     """``memory_fit.fit_to_memory`` before the model loads: a refusal stops every process alike."""
     from .memory_fit import fit_to_memory
 
+    sharing = dist.local_processes  # the processes on this machine share its memory
     return dist.run_together(
-        lambda: fit_to_memory(config, source=source, world_size=dist.world_size, prompts=prompts, log=log)
+        lambda: fit_to_memory(
+            config, source=source, world_size=dist.world_size, sharing=sharing, prompts=prompts, log=log
+        )
     )
 
 

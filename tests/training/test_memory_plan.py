@@ -160,6 +160,8 @@ def test_micro_batch_size_auto_picks_the_largest_that_fits(tmp_path, tiny_model_
     assert "micro_batch_size auto -> 5" in said[0]
     device_of(10 * GB)
     assert memory_fit.fit_to_memory(config, source=str(path), prompts=prompts).training.micro_batch_size == 8
+    # two processes on this machine (mlx.launch -n 2) share its memory: each plans with half
+    assert memory_fit.size_run(config, sharing=2).budget == 5 * GB
 
 
 def test_a_run_with_auto_trains(tmp_path, tiny_model_path, capsys):
@@ -200,3 +202,14 @@ def test_the_planner_runs_without_a_framework():
         check=True,
     )
     assert done.stdout.split() == ["False", "False"]
+
+
+def test_the_16gb_laptop_config_fits_a_16gb_mac():
+    """configs/laptop-16gb.yaml: Qwen2.5-Coder-1.5B-Instruct in 4 bits with LoRA, planned with its published
+    shape against the ~10.7 GB of Metal working set macOS gives a 16 GB Mac (2/3 of its RAM)."""
+    config = load_config(Path(__file__).resolve().parents[2] / "configs" / "laptop-16gb.yaml")
+    assert config.model.base_model.endswith("Qwen2.5-Coder-1.5B-Instruct-4bit") and config.model.use_lora
+    work = memory_fit.workload(config, backend="mlx", world_size=1)  # prompts at data.max_prompt_tokens
+    sized = plan(replace(QWEN_CODER_1_5B, quant_bits=4), work)
+    assert sized.over(16 * GB * 2 // 3) is None
+    assert sized.peak.total < 6.5 * GB  # room left for the rest of the Mac

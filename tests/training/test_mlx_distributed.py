@@ -48,7 +48,7 @@ def test_mlx_launch_variables_make_an_mlx_context(tmp_path):
     hostfile.write_text(json.dumps([["127.0.0.1:5000"], ["127.0.0.1:5001"], ["127.0.0.1:5002"]]))
     ctx = context_from_env({"MLX_RANK": "2", "MLX_HOSTFILE": str(hostfile)})
     assert (ctx.rank, ctx.world_size, ctx.engine, ctx.is_main) == (2, 3, "mlx", False)
-    assert ctx.launcher == "mlx.launch (ring)"
+    assert ctx.launcher == "mlx.launch (ring)" and ctx.local_processes == 3  # all on this machine: they share it
     devices = tmp_path / "devices.json"
     devices.write_text(json.dumps([[None, "rdma_en3"], ["rdma_en3", None]]))
     jaccl = context_from_env({"MLX_RANK": "0", "MLX_IBV_DEVICES": str(devices), "MLX_JACCL_COORDINATOR": "10.0.0.1:1"})
