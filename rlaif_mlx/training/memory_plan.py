@@ -17,10 +17,18 @@ weight. On top of it each phase needs its own working memory:
   backward pass, the logits and their gradient, the gradients (accumulated over
   micro-batches), and the optimizer's new moments while AdamW writes them.
 
-The copy factors below were read from the two backends' code and checked against
-peaks measured on the tiny and a 30M model (``benchmarks/bench_memory.py``,
-``docs/memory.md``, ``tests/training/test_memory_plan.py``). No framework is
-imported here: ``training/memory_fit.py`` feeds it a config and the device's memory.
+Each part follows what the backends' code allocates (block sizes, which logits
+live when, which copies a pass makes); the few factors that depend on the
+frameworks' internals (the copy factors below) were set from peaks measured on
+the tiny and a 30M model on one workload and then checked on another
+(``benchmarks/bench_memory.py``, ``docs/memory.md``; the tiny model is held to
+25 % by ``tests/training/test_memory_plan.py``). The plan counts arrays, not the
+interpreter. Not planned: the supervised warm-up (its rows, prompt + reference
+solution, are usually shorter than a sampled row) and periodic evaluation
+(sampling with ``eval.num_samples``, usually fewer rows than training's).
+
+No framework is imported here: ``training/memory_fit.py`` feeds it a config and
+the device's memory.
 """
 
 from __future__ import annotations

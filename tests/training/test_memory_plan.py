@@ -213,3 +213,14 @@ def test_the_16gb_laptop_config_fits_a_16gb_mac():
     sized = plan(replace(QWEN_CODER_1_5B, quant_bits=4), work)
     assert sized.over(16 * GB * 2 // 3) is None
     assert sized.peak.total < 6.5 * GB  # room left for the rest of the Mac
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_the_device_memory_is_read_where_the_backend_runs(backend):
+    pytest.importorskip("mlx.core" if backend == "mlx" else "torch")
+    from rlaif_mlx.backends.formats import device_memory, system_memory
+
+    size, where = device_memory(backend, torch_device="cpu")
+    assert size > 0
+    if where != "Metal's recommended working set":  # a Mac's GPU; elsewhere (here) the CPU's RAM
+        assert where == system_memory()[1]

@@ -151,7 +151,9 @@ def mlx_runs(tmp_path_factory, tiny_model_path):
     # Two processes: the RUNS, the same resume of the PyTorch checkpoint, and a run killed at step 3.
     killed = config(multi, "lora", "killed", training={"save_steps": 1, "save_total_limit": 2})
     commands = [f"train --config {config(multi, name)}" for name in RUNS]
-    commands.append(f"train --config {config(multi, 'lora', 'from-torch')} --resume {torch_checkpoint}")
+    # backend: auto here: under mlx.launch it means MLX (alone on Linux it would mean PyTorch)
+    from_torch = config(multi, "lora", "from-torch", backend="auto")
+    commands.append(f"train --config {from_torch} --resume {torch_checkpoint}")
     out["multi"] = (multi, mlx_launch(multi, commands, processes=2))
     os.environ["KILL_AT_STEP"] = str(KILL_AT_STEP)
     try:
