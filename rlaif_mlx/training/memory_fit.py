@@ -39,7 +39,8 @@ class Sizing:
     Attributes:
         plan: the resident memory and each phase's peak.
         budget: bytes the plan may use (the device's memory less ``RUNTIME_BYTES`` on system RAM).
-        device: the memory's name and size, for people (``"16.0 GB: Metal's recommended working set"``).
+        device: the memory's size and name, for people (``"10.7 GB (Metal's recommended working set)"``), with
+            what is kept back or shared (``"20.8 GB (available system RAM), 19.8 GB usable"``).
         work: what the plan was made for (micro-batch, prompts per process, tokens).
     """
 
@@ -157,7 +158,8 @@ def size_run(
     work = workload(config, backend=backend, world_size=world_size, prompts=prompts)
     if config.training.micro_batch_size == "auto":
         work = _with_micro_batch(work, largest_micro_batch(shape, work, budget) or 1)
-    return Sizing(plan(shape, work), budget, f"{gb(memory)}: {where}", work)
+    device = f"{gb(memory)} ({where})" + (f", {gb(budget)} usable" if budget != memory else "")
+    return Sizing(plan(shape, work), budget, device, work)
 
 
 def fit_to_memory(
@@ -235,8 +237,7 @@ def refusal(sizing: Sizing, phase_name: str, *, source: str, config: RunConfig) 
             f"lower training.batch_size (now {config.training.batch_size}), rlaif.num_samples_per_prompt "
             f"({config.rlaif.num_samples_per_prompt}) or rlaif.max_new_tokens ({config.rlaif.max_new_tokens})"
         )
-    usable = f"{gb(sizing.budget)} usable of {sizing.device}"
-    return f"{source}: the {phase.name} phase needs about {gb(phase.total)} but this device has {usable}: {fix}"
+    return f"{source}: the {phase.name} phase needs about {gb(phase.total)} but this device has {sizing.device}: {fix}"
 
 
 def _with_micro_batch(work: Workload, size: int) -> Workload:

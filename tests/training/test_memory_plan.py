@@ -177,7 +177,7 @@ def test_doctor_prints_the_plan_against_the_device(tmp_path, tiny_model_path, de
     device_of(GB)
     main(["doctor", "--config", str(path)])
     out = capsys.readouterr().out
-    assert "1.0 GB: Metal's recommended working set" in out
+    assert "1.0 GB (Metal's recommended working set)" in out
     for phase in ("sampling", "reference", "update"):
         assert f"memory {phase}" in out
     device_of(1)
