@@ -80,7 +80,8 @@ class TrainingConfig(_Section):
     num_epochs: int = Field(default=1, ge=1)
     max_steps: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=4, ge=1, description="prompts per optimizer step")
-    micro_batch_size: int = Field(default=8, ge=1, description="sequences per forward/backward")
+    # sequences per forward/backward; auto: the largest the memory plan fits on this device (training/memory_fit.py)
+    micro_batch_size: int | Literal["auto"] = 8
     learning_rate: float = Field(default=1e-5, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     adam_beta1: float = Field(default=0.9, ge=0, lt=1)
@@ -99,6 +100,13 @@ class TrainingConfig(_Section):
     sft_warmup_steps: int = Field(default=0, ge=0)
     sft_learning_rate: float | None = Field(default=None, gt=0)
     sft_batch_size: int = Field(default=8, ge=1)
+
+    @field_validator("micro_batch_size", mode="before")
+    @classmethod
+    def _micro_batch_size(cls, value: Any) -> int | str:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError("must be a whole number >= 1, or auto (the largest the memory plan fits)")
 
 
 class RlaifConfig(_Section):

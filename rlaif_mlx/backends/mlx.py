@@ -122,7 +122,7 @@ class MlxBackend:
             return decode.generate(self._model, prompts, n, params, uniforms=uniforms, book=book, pad_id=self.pad_id)
 
     def gathered(self):
-        """Nothing to gather: MLX runs in one process, whose weights are whole (see ``TorchBackend.gathered``)."""
+        """Nothing to gather: every MLX process holds the whole weights (see ``TorchBackend.gathered``)."""
         return contextlib.nullcontext()
 
     def _decode(self, ids: list[int]) -> str:
@@ -259,7 +259,7 @@ class MlxBackend:
         configs. Then AdamW's moments, the rebased reference's changed weights
         (if any) and ``backend_state.json``.
         """
-        if path is None:  # another process's share of a save under torchrun: never, MLX runs in one process
+        if path is None:  # another process's share of a save under mlx.launch: rank 0 writes it, whole
             return
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)

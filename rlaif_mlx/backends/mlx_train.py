@@ -1,7 +1,8 @@
 """The MLX backend's training arithmetic: accumulated gradients over micro-batches, AdamW.
 
 ``MlxBackend.train_step`` and ``gradients`` call ``accumulate`` (the value and
-gradient of the loss per micro-batch, added up) and ``ops.clip_grad_norm``.
+gradient of the loss per micro-batch, added up, then under mlx.launch summed over
+the processes) and ``ops.clip_grad_norm``.
 Its PyTorch twin is ``backends/torch_train.py``.
 """
 
@@ -15,6 +16,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
+from rlaif_mlx.backends import mlx_collectives as collectives
 from rlaif_mlx.backends import mlx_groups as grouped
 from rlaif_mlx.backends import mlx_ops as ops
 from rlaif_mlx.backends.base import LossSettings, SequenceBatch, TrainBatch
@@ -95,6 +97,10 @@ def accumulate(
         mx.eval(total, value, stats)
         combined.add(value, stats)
     model.eval()
+    # Under mlx.launch: every process's share added up before clipping (token weights are normalised over the
+    # whole batch, so the sum is one process's gradient); a no-op in one process.
+    total = collectives.sum_gradients(total)
+    collectives.sum_statistics(combined)
     return total, combined.result()
 
 

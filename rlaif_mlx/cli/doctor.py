@@ -114,6 +114,7 @@ def config_checks(path: str) -> list[Check]:
     except backends.BackendUnavailable as exc:
         checks.append(Check("config backend", FAIL, str(exc), "install it, or set backend: auto"))
     checks.append(_model(config.model))
+    checks += _memory_plan(config)
     checks.append(_tasks("train file", config.data.train_file, config.data.on_bad_line))
     if config.data.eval_file:
         checks.append(_tasks("eval file", config.data.eval_file, config.data.on_bad_line))
@@ -285,6 +286,16 @@ def _model(model) -> Check:
 def _check(name: str, found) -> Check:
     """A ``preflight.Finding`` as a line of the report."""
     return Check(name, WARN if found.warn else OK if found.ok else FAIL, found.detail, found.fix)
+
+
+def _memory_plan(config) -> list[Check]:
+    """The run's memory plan, phase by phase, against this machine's device (``training/memory_fit.py``)."""
+    from ..training.memory_fit import report, size_run, task_prompts
+
+    sizing = size_run(config, prompts=task_prompts(config))
+    if isinstance(sizing, str):
+        return [Check("memory plan", WARN, f"not made: {sizing}", "run doctor again once the model is downloaded")]
+    return [Check(name, OK if fits else FAIL, found, fix) for name, fits, found, fix in report(sizing, config)]
 
 
 def _tasks(name: str, file: str, on_bad_line: str) -> Check:

@@ -1,4 +1,4 @@
-"""``rlaif-mlx train``: RL training from a YAML config, resumable, under torchrun too."""
+"""``rlaif-mlx train``: RL training from a YAML config, resumable, under torchrun and mlx.launch too."""
 
 from __future__ import annotations
 
@@ -60,10 +60,10 @@ def run(args: argparse.Namespace) -> int:
         overrides["model.build_tiny_if_missing"] = False
     with one_line_errors(ConfigError):
         config = load_config(args.config, overrides=overrides, on_note=lambda note: print(note, file=sys.stderr))
-    dist = _process_group(config)
+    dist, config = _process_group(config)
     try:
         with contextlib.ExitStack() as stack:
-            if not dist.is_main:  # under torchrun rank 0 speaks for the run; the others print only errors
+            if not dist.is_main:  # with several processes rank 0 speaks for the run; the others print only errors
                 stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
             code = _train(args, config, dist)
         dist.barrier()  # all done before any leaves: gloo aborts a process whose peer left mid-exchange
@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _process_group(config):
-    """This process's place under torchrun (a single process without it); one-line errors."""
+    """This process's place under torchrun or mlx.launch (a single process without them), and the config
+    with ``backend: auto`` resolved to the launcher's backend; one-line errors."""
     from ..backends import BackendUnavailable, resolve_backend_name
     from ..training.distributed import DistributedSetupError, context_from_env, init_from_env
 
@@ -81,8 +82,10 @@ def _process_group(config):
         dist = context_from_env()
         if dist.enabled:
             dist.check_batch_size(config.training.batch_size)
+            if config.backend == "auto":  # the launcher decides: mlx.launch runs MLX, torchrun runs PyTorch
+                config = config.model_copy(update={"backend": dist.engine})
             dist = init_from_env(device=config.model.torch.device, backend=resolve_backend_name(config.backend))
-        return dist
+        return dist, config
 
 
 def _train(args: argparse.Namespace, config, dist) -> int:

@@ -1,7 +1,11 @@
-"""Several processes, one run: data parallelism under ``torchrun`` on the PyTorch backend.
+"""Several processes, one run: data parallelism under ``torchrun`` (PyTorch) or ``mlx.launch`` (MLX).
 
-torchrun starts one process per GPU and tells each its place through the
-environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``). Every process holds the
+torchrun starts one process per GPU, mlx.launch one per Mac (or several on one
+machine), and each tells its processes their place through the environment
+(``training/launchers.py``). ``DistContext`` is the one interface the trainer
+sees; under it runs the launcher's own engine, ``torch.distributed``
+(``backends/torch_collectives.py``) or ``mx.distributed``
+(``backends/mlx_collectives.py``), which offer the same four calls. Every process holds the
 whole model and runs the same recipe with the same seed, so all of them draw
 the same batch of B prompts. Each keeps B / world_size of them, every prompt
 with all G of its samples (a group never spans processes, so group baselines
@@ -13,7 +17,7 @@ What must be the same everywhere is made global:
   the whole batch: advantages (whitening, EMA), the token normaliser of the
   loss, KL control, curriculum, stops;
 - the backend sums gradients and loss statistics across processes before
-  clipping (``backends/torch.py``): token weights normalised over the whole
+  clipping (``backends/torch_train.py``, ``backends/mlx_train.py``): token weights normalised over the whole
   batch make that sum the single-process gradient, so every process takes the
   same optimizer step and the weights stay identical;
 - rank 0 alone writes metrics, samples and checkpoints; every process loads a
@@ -26,7 +30,7 @@ batch), so a run samples the same completions on any number of processes. The
 supervised warm-up trains the whole (small) warm-up batch on every process at
 1/world_size weight; periodic evaluation runs on rank 0 while the others wait.
 
-Every process holds a whole replica, unless ``model.torch.fsdp`` shards the
+Every process holds a whole replica, unless (PyTorch only) ``model.torch.fsdp`` shards the
 weights, gradients and AdamW state over the processes
 (``backends/torch_fsdp.py``). Then every forward and backward outside sampling
 is collective: all processes run the same number, and the backend pads with
@@ -34,8 +38,8 @@ empty micro-batches where shares differ. Sampling, and rank 0's evaluation, run
 on weights gathered whole in every process first (``Backend.gathered``), and a
 checkpoint is gathered to rank 0, which writes the same files as one process.
 
-With ``WORLD_SIZE`` unset or 1 every helper here is a plain pass-through and
-torch is never imported (``import rlaif_mlx`` stays free of frameworks).
+In one process (no launcher, or a job of one) every helper here is a plain
+pass-through and no framework is imported (``import rlaif_mlx`` stays free of them).
 """
 
 from __future__ import annotations
@@ -44,9 +48,12 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from datetime import timedelta
+from types import ModuleType
 from typing import Any, TypeVar
 
 import numpy as np
+
+from .launchers import LaunchError, launch_from_env
 
 T = TypeVar("T")
 
@@ -54,7 +61,7 @@ T = TypeVar("T")
 COLLECTIVE_TIMEOUT = timedelta(hours=1)
 
 
-class DistributedSetupError(ValueError):
+class DistributedSetupError(LaunchError):
     """The run cannot be split over these processes; one line for the person launching it."""
 
 
@@ -67,12 +74,18 @@ class DistContext:
         world_size: how many processes share the run.
         local_rank: its index on this machine (which GPU it drives).
         owns_group: ``init_from_env`` started the process group, so ``close`` ends it.
+        engine: whose collectives join the processes: ``"torch"`` (torchrun) or ``"mlx"`` (mlx.launch).
+        launcher: how a person started them, for the run's first lines (``torchrun``, ``mlx.launch (ring)``).
+        local_processes: how many of them run on this machine (sharing its RAM or its Mac's GPU).
     """
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     owns_group: bool = False
+    engine: str = "torch"
+    launcher: str = "torchrun"
+    local_processes: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -108,9 +121,7 @@ class DistContext:
         """Every process's ``value`` (any picklable object), in rank order."""
         if not self.enabled:
             return [value]
-        from ..backends import torch_collectives
-
-        return torch_collectives.all_gather_object(value, self.world_size)
+        return self._collectives().all_gather_object(value, self.world_size)
 
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sums over the processes."""
@@ -186,9 +197,7 @@ class DistContext:
 
     def barrier(self) -> None:
         if self.enabled:
-            from ..backends import torch_collectives
-
-            torch_collectives.barrier()
+            self._collectives().barrier()
 
     # ---- the teacher: one budget, one ledger ------------------------------------
 
@@ -246,9 +255,11 @@ class DistContext:
     def close(self) -> None:
         """Ends the process group ``init_from_env`` started (one the caller started stays)."""
         if self.owns_group:
-            from ..backends import torch_collectives
+            self._collectives().stop()
 
-            torch_collectives.stop()
+    def _collectives(self) -> ModuleType:
+        """The engine under this context: ``start``, ``all_gather_object``, ``barrier``, ``stop``."""
+        return _engine(self.engine)
 
 
 def renumbered(completion: Any, offset: int) -> Any:
@@ -258,56 +269,82 @@ def renumbered(completion: Any, offset: int) -> Any:
 
 
 def context_from_env(environ: Mapping[str, str] = os.environ) -> DistContext:
-    """This process's place from torchrun's variables; a single process without them.
+    """This process's place from torchrun's or mlx.launch's variables; a single process without them.
 
     Raises:
         DistributedSetupError: the variables are inconsistent.
     """
     try:
-        world = int(environ.get("WORLD_SIZE", "1"))
-        rank = int(environ.get("RANK", "0"))
-        local = int(environ.get("LOCAL_RANK", str(rank)))
-    except ValueError:
-        raise DistributedSetupError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (torchrun sets them)") from None
-    if world < 1 or not 0 <= rank < world:
-        raise DistributedSetupError(f"RANK {rank} is not in 0..WORLD_SIZE-1 (WORLD_SIZE {world})")
-    return DistContext(rank=rank, world_size=world, local_rank=local)
+        found = launch_from_env(environ)
+    except LaunchError as exc:
+        raise DistributedSetupError(str(exc)) from None
+    launcher = f"{found.launcher} ({found.transport})" if found.transport else found.launcher
+    return DistContext(
+        rank=found.rank,
+        world_size=found.world_size,
+        local_rank=found.local_rank,
+        engine=found.engine,
+        launcher=launcher or "torchrun",
+        local_processes=found.local_processes,
+    )
 
 
 def init_from_env(
     *, device: str = "auto", backend: str = "torch", environ: Mapping[str, str] = os.environ
 ) -> DistContext:
-    """This process's place, with the process group started when torchrun launched several.
+    """This process's place, with the processes joined when a launcher started several.
 
-    Each process drives GPU ``LOCAL_RANK`` over NCCL; on a machine without CUDA
-    (or with ``model.torch.device: cpu``) the processes talk over gloo.
+    Under torchrun each process drives GPU ``LOCAL_RANK`` over NCCL; on a machine without
+    CUDA (or with ``model.torch.device: cpu``) the processes talk over gloo. Under
+    mlx.launch they join through the transport it set up (ring, JACCL, MPI).
 
     Args:
         device: ``model.torch.device`` (``auto``, ``cuda`` or ``cpu``).
-        backend: the resolved backend name; only ``torch`` runs on several processes.
-        environ: where torchrun's variables are read.
+        backend: the resolved backend name: ``torch`` under torchrun, ``mlx`` under mlx.launch.
+        environ: where the launcher's variables are read.
 
     Raises:
-        DistributedSetupError: several processes with MLX, or with a device they cannot share.
+        DistributedSetupError: a backend the launcher cannot join, or a device or transport the
+            processes cannot share.
     """
     ctx = context_from_env(environ)
     if not ctx.enabled:
         return ctx
-    if backend != "torch":
+    if backend != ctx.engine:
+        other = "mlx.launch" if backend == "mlx" else "torchrun"
         raise DistributedSetupError(
-            f"WORLD_SIZE is {ctx.world_size} but the {backend} backend runs in one process; "
-            "torchrun needs backend: torch"
+            f"{ctx.launcher.split()[0]} started {ctx.world_size} processes for the {ctx.engine} backend but this "
+            f"run uses the {backend} backend: set backend: {ctx.engine}, or start the {backend} backend with {other}"
         )
-    from ..backends import torch_collectives
-
+    if ctx.engine == "mlx":
+        found = launch_from_env(environ)
+        try:
+            started = _engine("mlx").start(transport=found.transport, world_size=ctx.world_size)
+        except RuntimeError as exc:
+            raise DistributedSetupError(
+                f"mx.distributed ({found.transport}) cannot join the {ctx.world_size} processes mlx.launch "
+                f"started: {str(exc).splitlines()[0]}"
+            ) from None
+        return replace(ctx, owns_group=started)
     try:
-        started = torch_collectives.start(device=device, local_rank=ctx.local_rank, timeout=COLLECTIVE_TIMEOUT)
+        started = _engine("torch").start(device=device, local_rank=ctx.local_rank, timeout=COLLECTIVE_TIMEOUT)
     except ValueError:
         raise DistributedSetupError(
             f"model.torch.device {device!r} cannot be shared by {ctx.world_size} processes: use auto "
             "(each process takes GPU LOCAL_RANK) or cpu"
         ) from None
     return replace(ctx, owns_group=started)
+
+
+def _engine(name: str) -> ModuleType:
+    """``backends/torch_collectives`` or ``backends/mlx_collectives``, imported when first used."""
+    if name == "mlx":
+        from ..backends import mlx_collectives
+
+        return mlx_collectives
+    from ..backends import torch_collectives
+
+    return torch_collectives
 
 
 def _ledger_like(ledger: Any, state: dict[str, Any]) -> Any:

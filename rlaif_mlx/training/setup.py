@@ -34,6 +34,7 @@ def create_backend(
     """
     from ..backends import BackendUnavailable
     from ..backends import create_backend as create
+    from .memory_fit import resolve_auto
     from .preflight import check_model_path, use_hub_cache_only
 
     model = config.model.base_model
@@ -43,6 +44,7 @@ def create_backend(
     if found.cache_only:
         use_hub_cache_only()
         log(f"model {found.detail} (as with HF_HUB_OFFLINE=1)")
+    config = resolve_auto(config)  # micro_batch_size: auto, where no plan was made before (eval, sample, export)
     try:
         return create(config.backend, config.model, config.training, seed=config.seed, total_steps=total_steps)
     except BackendUnavailable as exc:
@@ -98,7 +100,7 @@ def build_run(
         overwrite: move a run already in ``output_dir`` aside (never deleted) instead of refusing.
         allow_other_base: resume a checkpoint onto a base model other than the one it was trained from.
         dashboard: show the live dashboard (on a terminal) instead of plain lines.
-        dist: this process's place under torchrun (None: a single process).
+        dist: this process's place under torchrun or mlx.launch (None: a single process).
         log: receives the setup's human lines (what was built, loaded and restored).
 
     Returns:
@@ -197,6 +199,7 @@ def _assemble(config: RunConfig, *, source: str, dashboard: bool, dist: Any, log
     if train.skipped_lines:
         log(f"skipped {train.skipped_lines} bad line(s) in {train.source} (data.on_bad_line: skip)")
 
+    config = _fit_to_memory(config, source=source, dist=dist, prompts=[t.prompt for t in train.tasks], log=log)
     steps = total_optimizer_steps(config, len(train.tasks))
     backend = create_backend(config, total_steps=steps, source=source, log=log)
     trainable, total = backend.trainable_parameter_count()
@@ -206,9 +209,10 @@ def _assemble(config: RunConfig, *, source: str, dashboard: bool, dist: Any, log
     )
     log(f"{len(train.tasks)} training tasks from {config.data.train_file}  output {output_dir}")
     if dist.enabled:
-        sharded = "; weights, gradients and AdamW state sharded (FSDP)" if config.model.torch.fsdp else ""
+        fsdp = config.model.torch.fsdp and backend.name == "torch"
+        sharded = "; weights, gradients and AdamW state sharded (FSDP)" if fsdp else ""
         log(
-            f"torchrun: {dist.world_size} processes, {config.training.batch_size // dist.world_size} of the "
+            f"{dist.launcher}: {dist.world_size} processes, {config.training.batch_size // dist.world_size} of the "
             f"{config.training.batch_size} prompts of each step on each; gradients summed{sharded}"
         )
     caps = sandbox_capabilities()
@@ -254,6 +258,18 @@ def _prepare_output(output_dir: Path, trainer: Any, *, overwrite: bool, log: Cal
     output_dir.mkdir(parents=True, exist_ok=True)
     save_config(trainer.config, output_dir / "config.yaml")
     write_run_file(output_dir, run_id=trainer.run_id, resumed_from=trainer.restored_from)
+
+
+def _fit_to_memory(config: RunConfig, *, source: str, dist: Any, prompts: list[str], log: Callable) -> RunConfig:
+    """``memory_fit.fit_to_memory`` before the model loads: a refusal stops every process alike."""
+    from .memory_fit import fit_to_memory
+
+    sharing = dist.local_processes  # the processes on this machine share its memory
+    return dist.run_together(
+        lambda: fit_to_memory(
+            config, source=source, world_size=dist.world_size, sharing=sharing, prompts=prompts, log=log
+        )
+    )
 
 
 @dataclass

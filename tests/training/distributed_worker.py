@@ -1,14 +1,15 @@
-"""Runs ``rlaif-mlx`` commands one after another with a toy reward (torchrun launches it).
+"""Runs ``rlaif-mlx`` commands one after another with a toy reward (torchrun or mlx.launch launches it).
 
 Usage: ``distributed_worker.py train --config A.yaml --- train --config B.yaml --resume``.
 
-For ``tests/test_distributed.py``. The reward is the fraction of a
+For ``tests/training/test_distributed.py`` and ``test_mlx_distributed.py``. The reward is the fraction of a
 completion's characters that are letters: a pure function of the text, so a
 sharded run and a single process score the same samples the same, and the
 tiny random model's groups have spread to learn from (the offline graders
 would score all of its output 0). Each process also notes
 which completions it scored in ``scored-rank<R>.txt`` beside the run, so the
-test can see the prompts were split.
+test can see the prompts were split. With ``KILL_AT_STEP=N`` in the environment, rank 0
+SIGKILLs its whole process group (the launcher and every process) while scoring step N.
 
 One more command, ``uneven-shares MODEL OUT``, trains the FSDP backend directly
 on shares of different sizes (``uneven_shares``).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -37,9 +39,14 @@ class LetterRewards:
 
     def __init__(self, config, *, teacher=None) -> None:
         self.teacher = None
-        self.log = Path(os.environ["SCORED_LOG_DIR"]) / f"scored-rank{os.environ.get('RANK', '0')}.txt"
+        self.rank = os.environ.get("RANK", os.environ.get("MLX_RANK", "0"))
+        self.log = Path(os.environ["SCORED_LOG_DIR"]) / f"scored-rank{self.rank}.txt"
+        self.calls = 0
 
     def score(self, items):
+        self.calls += 1  # one call per step
+        if self.rank == "0" and str(self.calls) == os.environ.get("KILL_AT_STEP"):
+            os.killpg(os.getpgrp(), signal.SIGKILL)  # the machine dies: every process of the launch, mid-step
         with self.log.open("a") as f:
             f.write("".join(f"{task.id}\n" for _, task, _ in items))
         out = {}
@@ -52,23 +59,22 @@ class LetterRewards:
 def run(argv: list[str]) -> int:
     """Each ``---``-separated command in turn, ``LetterRewards`` in place of the graders.
 
-    Under torchrun the process group is started here, once: the runs share it
+    Under torchrun or mlx.launch the processes are joined here, once: the runs share the group
     (``train`` leaves a group it did not start), which spares a launch per run.
     """
-    import torch.distributed as dist
+    from rlaif_mlx.training.distributed import context_from_env, init_from_env
 
     original = rewards.RewardPipeline
     rewards.RewardPipeline = LetterRewards
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("gloo")
+    launched = context_from_env()
+    dist = init_from_env(device="cpu", backend=launched.engine) if launched.enabled else launched
     try:
         commands = " ".join(argv).split(" --- ")
         return max(_run_one(command.split()) for command in commands)
     finally:
         rewards.RewardPipeline = original
-        if dist.is_initialized():
-            dist.barrier()  # gloo aborts a process that leaves while a peer still talks to it
-            dist.destroy_process_group()
+        dist.barrier()  # gloo aborts a process that leaves while a peer still talks to it
+        dist.close()
 
 
 def _run_one(args: list[str]) -> int:

@@ -57,7 +57,7 @@ def test_context_comes_from_torchruns_variables():
     assert context_from_env({}) == DistContext()
     ctx = context_from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
     assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.is_main, ctx.enabled) == (3, 4, 1, False, True)
-    with pytest.raises(DistributedSetupError, match="RANK 4 is not in"):
+    with pytest.raises(DistributedSetupError, match="torchrun: rank 4 is not in 0..3"):
         context_from_env({"RANK": "4", "WORLD_SIZE": "4"})
 
 
@@ -160,13 +160,15 @@ def test_both_backends_sample_each_prompt_from_its_own_seed(tiny_model_path, kin
         backend.sample(prompts[:1], n=1, params=params)
 
 
-def test_mlx_with_several_processes_is_a_one_line_error(tmp_path, tiny_model_path, monkeypatch, capsys):
+def test_mlx_under_torchrun_is_a_one_line_error(tmp_path, tiny_model_path, monkeypatch, capsys):
+    """torchrun joins PyTorch processes; MLX's are joined by mlx.launch (``test_mlx_distributed.py``)."""
     path = write_config(tmp_path, tiny_model_path, "lora", backend="mlx")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "mlx backend runs in one process" in err and "backend: torch" in err
+    assert err.count("\n") == 0 and "torchrun started 2 processes for the torch backend" in err
+    assert "set backend: torch, or start the mlx backend with mlx.launch" in err
 
 
 def test_a_batch_that_does_not_split_is_a_one_line_error(tmp_path, tiny_model_path, monkeypatch, capsys):
