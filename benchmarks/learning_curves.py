@@ -1,11 +1,11 @@
 """Does RL improve tasks it never saw? Held-out pass@1 on the generated task family, warm-up alone vs warm-up + RL.
 
-For each backend, seed and advantage setting, one run of ``configs/families.yaml`` built
-in-process as ``rlaif-mlx train`` builds it (``training.setup.build_run``):
+For each backend and seed, ``configs/families.yaml`` built in-process as ``rlaif-mlx train``
+builds it (``training.setup.build_run``):
 
-1. the supervised warm-up on the training tasks' references;
+1. the supervised warm-up on the training tasks' references (once: every setting starts from it);
 2. held-out pass@1 (greedy, all held-out tasks): the warm-up alone;
-3. RL on the training tasks, held-out pass@1 every ``--eval-every`` steps.
+3. for each advantage setting, RL on the training tasks, held-out pass@1 every ``--eval-every`` steps.
 
 Settings: ``grpo`` is ``baseline: group_mean`` + ``scale_by_std: true`` (the GRPO default);
 ``quickstart`` is the quickstart's ``baseline: none`` + ``scale_by_std: false``.
@@ -34,10 +34,9 @@ SETTINGS = {
 }
 
 
-def one_run(backend: str, seed: int, setting: str, args: argparse.Namespace, out: Path) -> dict:
+def build(backend: str, seed: int, setting: str, args: argparse.Namespace, out: Path):
+    """The trainer ``rlaif-mlx train`` would build for ``configs/families.yaml`` with this setting."""
     from rlaif_mlx.config import load_config
-    from rlaif_mlx.data import load_task_set
-    from rlaif_mlx.training.evaluation import evaluate
     from rlaif_mlx.training.setup import build_run
 
     overrides = {
@@ -51,28 +50,54 @@ def one_run(backend: str, seed: int, setting: str, args: argparse.Namespace, out
         **{f"rlaif.{k}": v for k, v in SETTINGS[setting].items()},
     }
     config = load_config(ROOT / "configs" / "families.yaml", overrides=overrides)
-    heldout = load_task_set(config.data.eval_file).tasks
-    lines: list[str] = []
-    trainer = build_run(config, source="configs/families.yaml", log=lines.append)
-    started = time.perf_counter()
-    try:
-        trainer.supervised_warmup()
-        warm = evaluate(trainer.backend, heldout, trainer.rewards, config)
-        records = trainer.run(warmup=False)
-    finally:
-        trainer.close()
-    curve = [(0, warm["eval/pass@1"])] + [(r["step"], r["eval/pass@1"]) for r in records if "eval/pass@1" in r]
-    return {
-        "backend": backend,
-        "seed": seed,
-        "setting": setting,
-        "warmup_pass@1": warm["eval/pass@1"],
-        "final_pass@1": curve[-1][1],
-        "curve": curve,
-        "train_reward_first": records[0]["reward_mean"],
-        "train_reward_last": records[-1]["reward_mean"],
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    return build_run(config, source="configs/families.yaml", overwrite=True, log=lambda line: None)
+
+
+def runs_of_one_warmup(backend: str, seed: int, args: argparse.Namespace, out: Path) -> list[dict]:
+    """One warm-up per backend and seed, measured once; then RL from it under each setting.
+
+    The warmed-up weights (with the rebased reference and fresh optimizer, as ``rebase_reference``
+    leaves them) go through the backend's own checkpoint, so every setting starts from the same state
+    a single ``train`` run would have at its first RL step.
+    """
+    from rlaif_mlx.data import load_task_set
+    from rlaif_mlx.training.evaluation import evaluate
+
+    warm_dir = out / f"{backend}-{seed}-warm"
+    rows = []
+    for k, setting in enumerate(args.settings.split(",")):
+        trainer = build(backend, seed, setting, args, out)
+        heldout = load_task_set(trainer.config.data.eval_file).tasks
+        try:
+            started = time.perf_counter()
+            if k == 0:
+                trainer.supervised_warmup()
+                warm_dir.mkdir(parents=True, exist_ok=True)
+                trainer.backend.save(warm_dir)
+                warm = evaluate(trainer.backend, heldout, trainer.rewards, trainer.config)["eval/pass@1"]
+                warm_seconds = time.perf_counter() - started
+                started = time.perf_counter()
+            else:
+                trainer.backend.load(warm_dir)
+            records = trainer.run(warmup=False)
+        finally:
+            trainer.close()
+        curve = [(0, warm)] + [(r["step"], r["eval/pass@1"]) for r in records if "eval/pass@1" in r]
+        rows.append(
+            {
+                "backend": backend,
+                "seed": seed,
+                "setting": setting,
+                "warmup_pass@1": warm,
+                "final_pass@1": curve[-1][1],
+                "curve": curve,
+                "train_reward_first": records[0]["reward_mean"],
+                "train_reward_last": records[-1]["reward_mean"],
+                "warmup_seconds": round(warm_seconds, 1),
+                "rl_seconds": round(time.perf_counter() - started, 1),
+            }
+        )
+    return rows
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -110,8 +135,8 @@ def main() -> None:
     parser.add_argument("--backends", default="torch,mlx")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--settings", default="grpo,quickstart")
-    parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--out", default="benchmarks/results/learning")
     args = parser.parse_args()
     out = Path(args.out)
@@ -123,8 +148,7 @@ def main() -> None:
     results = out / "learning.json"
     for backend in args.backends.split(","):
         for seed in map(int, args.seeds.split(",")):
-            for setting in args.settings.split(","):
-                row = one_run(backend, seed, setting, args, out)
+            for row in runs_of_one_warmup(backend, seed, args, out):
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 meta = {

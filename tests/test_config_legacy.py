@@ -113,8 +113,8 @@ def test_migrate_config_writes_our_form(tmp_path, capsys):
     assert err == [
         f"error: {broken}:5: training.batch_size (from batch_size): Input should be greater than or equal to 1 "
         "(got -2)",
-        f"error: {broken}:5: training.micro_batch_size (from batch_size): Input should be greater than or equal "
-        "to 1 (got -4)",
+        f"error: {broken}:5: training.micro_batch_size (from batch_size): must be a whole number >= 1, or auto "
+        "(the largest the memory plan fits) (got -4)",
         f"error: {broken}:10: num_sampels: unknown key; did you mean num_samples_per_prompt?",
     ]
 

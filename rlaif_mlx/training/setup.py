@@ -138,7 +138,7 @@ def build_run(
     trainer.base = base_fingerprint(config.model.base_model)
     if dist.is_main:
         try:
-            _prepare_output(output_dir, trainer, overwrite=overwrite, log=log)
+            _prepare_output(output_dir, trainer, config, overwrite=overwrite, log=log)
         except OSError as exc:
             trainer.close()
             raise SetupError(
@@ -246,8 +246,11 @@ def _assemble(config: RunConfig, *, source: str, dashboard: bool, dist: Any, log
         raise SetupError(str(exc)) from None
 
 
-def _prepare_output(output_dir: Path, trainer: Any, *, overwrite: bool, log: Callable[[str], None]) -> None:
-    """Moves an old run aside when asked, then makes the folder with ``config.yaml`` and ``run.json``."""
+def _prepare_output(
+    output_dir: Path, trainer: Any, config: RunConfig, *, overwrite: bool, log: Callable[[str], None]
+) -> None:
+    """Moves an old run aside when asked, then makes the folder with ``config.yaml`` (the config as
+    given: ``micro_batch_size: auto`` stays auto, refitted on the next machine) and ``run.json``."""
     from ..config import save_config
     from .run_folder import move_aside, write_run_file
 
@@ -256,7 +259,7 @@ def _prepare_output(output_dir: Path, trainer: Any, *, overwrite: bool, log: Cal
         if aside is not None:
             log(f"moved the earlier run in {output_dir} to {aside} (--overwrite)")
     output_dir.mkdir(parents=True, exist_ok=True)
-    save_config(trainer.config, output_dir / "config.yaml")
+    save_config(config, output_dir / "config.yaml")
     write_run_file(output_dir, run_id=trainer.run_id, resumed_from=trainer.restored_from)
 
 

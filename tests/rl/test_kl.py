@@ -235,9 +235,13 @@ def test_a_kl_at_twice_the_target_doubles_beta_within_200_steps(path):
     _held_at_twice_the_target(est, cfg.rlaif.target_kl, 200, cfg.rlaif.kl_estimator)
     assert est.kl_coef == pytest.approx(cfg.rlaif.kl_penalty * (1 + 0.2 / horizon) ** 200)
     assert est.kl_coef >= 2 * cfg.rlaif.kl_penalty
-    assert {"laptop.yaml": 40.0, "cuda-server.yaml": 40.0, "quickstart.yaml": 31.25, "families.yaml": 40.0}[
-        path.name
-    ] == horizon
+    assert {
+        "laptop.yaml": 40.0,
+        "cuda-server.yaml": 40.0,
+        "quickstart.yaml": 31.25,
+        "families.yaml": 40.0,
+        "laptop-16gb.yaml": 40.0,
+    }[path.name] == horizon
 
 
 def test_the_old_horizon_key_keeps_its_meaning_in_samples(tmp_path):

@@ -172,8 +172,11 @@ def mlx_runs(tmp_path_factory, tiny_model_path):
 
 
 def test_two_mlx_processes_end_with_the_weights_of_one(mlx_runs):
+    # Every element within lr / 10, 99.9 % within CLOSE: the two halves' gradients are summed in another
+    # order than one process sums them, and AdamW divides by sqrt(v), so an element whose gradient is
+    # about 0 can move by a sizeable share of lr on float rounding alone (seen: 1 of 8,192 at lr / 49).
     for name in RUNS:
-        assert_trains_like_one_process(mlx_runs["single"][0], mlx_runs["multi"][0], name)
+        assert_trains_like_one_process(mlx_runs["single"][0], mlx_runs["multi"][0], name, worst=1 / 10)
 
 
 def test_two_mlx_processes_record_the_metrics_and_samples_of_one(mlx_runs):
