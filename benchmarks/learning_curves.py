@@ -8,6 +8,7 @@ builds it (``training.setup.build_run``):
 3. for each advantage setting, RL on the training tasks, held-out pass@1 every ``--eval-every`` steps.
 
 Settings: ``grpo`` is ``baseline: group_mean`` + ``scale_by_std: true`` (the GRPO default);
+``drgrpo`` is ``group_mean`` without the division by the group's std (Dr. GRPO, Liu et al. 2025);
 ``quickstart`` is the quickstart's ``baseline: none`` + ``scale_by_std: false``.
 
 Run by hand (minutes per run on a quiet 2-core CPU; MLX with OpenBLAS preloaded):
@@ -30,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {
     "grpo": {"baseline": "group_mean", "scale_by_std": True},
+    "drgrpo": {"baseline": "group_mean", "scale_by_std": False},  # Dr. GRPO: centred, not divided by the std
     "quickstart": {"baseline": "none", "scale_by_std": False},
 }
 
@@ -108,7 +110,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     backends = sorted({r["backend"] for r in rows})
     fig, axes = plt.subplots(1, len(backends), figsize=(6 * len(backends), 4), squeeze=False, sharey=True)
-    colours = {"grpo": "tab:blue", "quickstart": "tab:orange"}
+    colours = {"grpo": "tab:blue", "drgrpo": "tab:green", "quickstart": "tab:orange"}
     for ax, backend in zip(axes[0], backends, strict=True):
         for r in (r for r in rows if r["backend"] == backend):
             steps, values = zip(*r["curve"], strict=True)
@@ -134,9 +136,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="torch,mlx")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--settings", default="grpo,quickstart")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--settings", default="grpo,drgrpo,quickstart")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--out", default="benchmarks/results/learning")
     args = parser.parse_args()
     out = Path(args.out)
@@ -146,8 +148,8 @@ def main() -> None:
     ensure_tiny_model(out / "models" / "tiny")
     rows = []
     results = out / "learning.json"
-    for backend in args.backends.split(","):
-        for seed in map(int, args.seeds.split(",")):
+    for seed in map(int, args.seeds.split(",")):  # seed-major: an early stop leaves every backend measured
+        for backend in args.backends.split(","):
             for row in runs_of_one_warmup(backend, seed, args, out):
                 rows.append(row)
                 print(json.dumps(row), flush=True)
