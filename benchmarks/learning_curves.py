@@ -15,7 +15,8 @@ Run by hand (minutes per run on a quiet 2-core CPU; MLX with OpenBLAS preloaded)
 
     python benchmarks/learning_curves.py --backends torch,mlx --seeds 0,1,2 --out benchmarks/results/learning
 
-It writes ``learning.json`` (every curve) and ``learning.png`` (the plot linked from the README).
+It writes ``learning.json`` (every curve), ``learning.md`` (the table in docs/learning.md) and
+``learning.png`` (the plot linked from the README); ``--report`` redraws both from the JSON.
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ def plot(rows: list[dict], path: Path) -> None:
                 alpha=0.8,
                 marker="o",
                 markersize=3,
+                linestyle=("-", "--", ":")[r["seed"] % 3],
                 label=f"{r['setting']} seed {r['seed']}",
             )
         ax.set_title(f"held-out pass@1, {backend}")
@@ -132,6 +134,29 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def table(rows: list[dict]) -> str:
+    """Markdown: per backend and setting, each seed's held-out pass@1 after the warm-up and after RL."""
+    lines = [
+        "| backend | setting | seed 0 warm-up -> RL | seed 1 | seed 2 | RL above warm-up | mean change |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for backend in sorted({r["backend"] for r in rows}, reverse=True):
+        for setting in SETTINGS:
+            runs = sorted(
+                (r for r in rows if (r["backend"], r["setting"]) == (backend, setting)), key=lambda r: r["seed"]
+            )
+            if not runs:
+                continue
+            cells = [f"{r['warmup_pass@1']:.3f} -> {r['final_pass@1']:.3f}" for r in runs]
+            cells += ["-"] * (3 - len(cells))
+            above = sum(r["final_pass@1"] > r["warmup_pass@1"] for r in runs)
+            change = sum(r["final_pass@1"] - r["warmup_pass@1"] for r in runs) / len(runs)
+            lines.append(
+                f"| {backend} | {setting} | {' | '.join(cells[:3])} | {above} of {len(runs)} | {change:+.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="torch,mlx")
@@ -140,9 +165,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--out", default="benchmarks/results/learning")
+    parser.add_argument("--report", action="store_true", help="only redraw the plot and table from OUT/learning.json")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        rows = json.loads((out / "learning.json").read_text())["runs"]
+        plot(rows, out / "learning.png")
+        (out / "learning.md").write_text(table(rows))
+        print(table(rows))
+        return
     from rlaif_mlx.data.tiny_model import ensure_tiny_model
 
     ensure_tiny_model(out / "models" / "tiny")
@@ -159,6 +191,7 @@ def main() -> None:
                 }
                 results.write_text(json.dumps({"meta": meta, "runs": rows}, indent=1) + "\n")
     plot(rows, out / "learning.png")
+    (out / "learning.md").write_text(table(rows))
 
 
 if __name__ == "__main__":
