@@ -57,6 +57,7 @@ class StepSettings:
         learning_rate: constant, no warm-up.
         profile: run the timed steps under cProfile (ours only) and report the top entries.
         device: ``cpu`` or ``cuda`` (both sides run on it).
+        micro_batch: our rows per forward/backward (None: the worker's default).
     """
 
     model_path: str
@@ -71,6 +72,7 @@ class StepSettings:
     learning_rate: float
     profile: bool = False
     device: str = "cpu"
+    micro_batch: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

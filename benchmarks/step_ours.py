@@ -47,13 +47,32 @@ class DigitRewards:
         return {uid: RewardResult(digit_fraction(text)) for uid, _, text in items}
 
 
-def build_config(settings: StepSettings, output_dir: Path):
+def build_config(
+    settings: StepSettings,
+    output_dir: Path,
+    *,
+    backend: str = "torch",
+    targets: tuple[str, ...] = LORA_TARGETS,
+    micro_batch: int | None = None,
+):
+    """The run config of the benchmark's work (the other side's settings written as ours).
+
+    Args:
+        settings: the work both sides do.
+        output_dir: the run folder.
+        backend: ``torch`` or ``mlx``.
+        targets: the modules LoRA adapts.
+        micro_batch: rows per forward/backward (default: the whole batch, as TRL).
+
+    Returns:
+        A validated ``RunConfig``.
+    """
     from rlaif_mlx.config import RunConfig
 
     return RunConfig.model_validate(
         {
             "seed": SEED,
-            "backend": "torch",
+            "backend": backend,
             "output_dir": str(output_dir),
             "model": {
                 "base_model": settings.model_path,
@@ -62,7 +81,7 @@ def build_config(settings: StepSettings, output_dir: Path):
                 "lora_r": settings.lora_rank,
                 "lora_alpha": settings.lora_alpha,
                 "lora_dropout": 0.0,
-                "lora_target_modules": list(LORA_TARGETS),
+                "lora_target_modules": list(targets),
                 "torch": {"device": settings.device},
             },
             "data": {"train_file": "benchmark", "use_chat_template": False},
@@ -70,7 +89,7 @@ def build_config(settings: StepSettings, output_dir: Path):
                 "max_steps": settings.steps + 1,
                 "batch_size": settings.prompts,
                 # one forward/backward over the whole batch, as TRL's per-device batch = B*G
-                "micro_batch_size": settings.prompts * settings.group,
+                "micro_batch_size": micro_batch or settings.prompts * settings.group,
                 "learning_rate": settings.learning_rate,
                 "lr_scheduler_type": "constant",
                 "warmup_steps": 0,

@@ -119,7 +119,11 @@ class MlxBackend:
         uniforms = ops.sampling_uniforms(seed, prompts=len(prompts), steps=params.max_new_tokens, rows=rows)
         book = DecodeBook(prompts, n, eos_ids=self.eos_ids, stop=params.stop, decode=self._decode)
         with ops.lora_merged(self._model):
-            return decode.generate(self._model, prompts, n, params, uniforms=uniforms, book=book, pad_id=self.pad_id)
+            completions = decode.generate(
+                self._model, prompts, n, params, uniforms=uniforms, book=book, pad_id=self.pad_id
+            )
+        mx.clear_cache()  # the decode's freed buffers (KV cache, folded layers) fit nothing the update allocates
+        return completions
 
     def gathered(self):
         """Nothing to gather: every MLX process holds the whole weights (see ``TorchBackend.gathered``)."""
@@ -183,6 +187,7 @@ class MlxBackend:
             stats["extra"]["skipped_nonfinite"] = 1.0
         if learning_rate is None:
             self._step += 1
+        mx.clear_cache()  # the backward pass's freed activations would otherwise stay held until the next one
         return StepStats(grad_norm=grad_norm, lr=lr, **stats)
 
     def gradients(self, batch: TrainBatch, *, loss: LossSettings) -> tuple[dict[str, np.ndarray], StepStats]:

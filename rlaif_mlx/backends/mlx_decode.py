@@ -36,7 +36,7 @@ def generate(
         ``book.completions()``: ``len(prompts) * n`` records, row ``p * n + s``.
     """
     ids, padding = ops.left_pad(prompts, pad_id=pad_id)
-    cache = ops.batch_cache(model, padding)
+    cache = ops.batch_cache(model, padding, capacity=ids.shape[1] + params.max_new_tokens)
     logits = forward_step(model, ids, cache)
     ops.repeat_cache(cache, n)
     logits = mx.repeat(logits, n, axis=0)

@@ -110,7 +110,7 @@ def grouped_logp(model, groups: PromptGroups, *, prompt_targets: bool, temperatu
         cells past a row's end hold garbage (mask them with the row lengths).
     """
     ids, padding = ops.left_pad(groups.prompts, pad_id=0)
-    cache = ops.batch_cache(model, padding)
+    cache = ops.batch_cache(model, padding, capacity=ids.shape[1] + groups.completions.shape[1])
     prompt_logp = None
     if prompt_targets:
         logits = model(ids, cache=cache).astype(mx.float32)

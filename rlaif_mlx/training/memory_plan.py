@@ -38,7 +38,6 @@ from dataclasses import dataclass, field, replace
 
 GB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-MLX_KV_STEP = 256  # mlx-lm's KV cache grows in blocks of this many positions
 HEAD_CHUNK_ELEMENTS = 1 << 25  # backends/torch_forward.py: logits per LM-head chunk
 # Float32 copies of a micro-batch's [rows, positions, vocab] logits alive at once: the reference pass keeps
 # the logits and part of the log-sum-exp's pass; training keeps them for the backward pass, which adds
@@ -236,8 +235,8 @@ def _sampling(shape: ModelShape, work: Workload, b: int) -> dict[str, int]:
     rows = work.prompts * work.samples_per_prompt
     total = work.prompt_tokens + work.new_tokens
     per_token = shape.kv_bytes_per_token(b)
-    if work.backend == "mlx":  # grown in blocks of 256 positions
-        parts = {"KV cache": rows * _blocks(total) * per_token}
+    if work.backend == "mlx":  # allocated for the call (prompt + new tokens), then repeated per sample
+        parts = {"KV cache": rows * total * per_token}
     else:  # preallocated for the call, filled from the prompts' own cache
         parts = {"KV cache": (rows * total + work.prompts * work.prompt_tokens) * per_token}
     if work.use_lora and shape.quant_bits is None:  # adapters folded into a copy of the layers they adapt
@@ -256,7 +255,7 @@ def _forward(shape: ModelShape, work: Workload, b: int, *, train: bool, trainabl
     unique = min(math.ceil(rows / work.samples_per_prompt), rows)  # each prompt forwarded once
     total = work.prompt_tokens + work.new_tokens
     mlx = work.backend == "mlx"
-    parts = {"KV cache": rows * (_blocks(total) if mlx else total) * shape.kv_bytes_per_token(b)}
+    parts = {"KV cache": rows * total * shape.kv_bytes_per_token(b)}  # MLX: sized to the micro-batch too
     tokens = unique * work.prompt_tokens + rows * work.new_tokens  # positions the layers run on
     h, i = shape.hidden_size, shape.intermediate_size
     if train:
@@ -282,10 +281,6 @@ def _forward(shape: ModelShape, work: Workload, b: int, *, train: bool, trainabl
     if mlx and 3 * trainable > gradients + sum(parts.values()):  # AdamW's new weights and moments
         return {"gradients and optimizer update": 3 * trainable}
     return {"gradients": gradients} | parts
-
-
-def _blocks(positions: int) -> int:
-    return math.ceil(positions / MLX_KV_STEP) * MLX_KV_STEP
 
 
 def _adapter_parameters(shape: ModelShape, work: Workload) -> int:

@@ -134,6 +134,25 @@ def test_logsumexp_and_its_gradient_equal_mlx_own():
 # ------------------------------------------------------------------- prefill
 
 
+@pytest.mark.parametrize("capacity", [None, 2, 40])  # mlx-lm's blocks of 256; outgrown at once; sized to the call
+def test_a_cache_sized_to_the_call_gives_the_blocks_logits(tiny_model_path, capacity):
+    backend = make(tiny_model_path)
+    model = plain_model("mlx", tiny_model_path)
+    ids, padding = mlx_ops.left_pad(encode(backend), pad_id=backend.pad_id)
+
+    def decode(cache):
+        out = [mlx_ops.last_logits(model, ids, cache)]
+        mlx_ops.repeat_cache(cache, 2)
+        step = mx.repeat(mx.argmax(out[0], axis=-1), 2)[:, None].astype(mx.int32)
+        for _ in range(5):
+            out.append(mlx_ops.last_logits(model, step, cache))
+            step = mx.argmax(out[-1], axis=-1)[:, None].astype(mx.int32)
+        return np.array(mx.concatenate([out[0].reshape(-1), *(o.reshape(-1) for o in out[1:])]))
+
+    blocks = decode(mlx_ops.batch_cache(model, padding))
+    np.testing.assert_array_equal(decode(mlx_ops.batch_cache(model, padding, capacity=capacity)), blocks)
+
+
 @pytest.mark.parametrize("kind", ["tied", "untied", "quantized"])
 def test_prefill_head_on_the_last_position_equals_the_full_forward(tiny_model_path, untied_path, quantized_path, kind):
     path = {"tied": tiny_model_path, "untied": untied_path, "quantized": quantized_path}[kind]
