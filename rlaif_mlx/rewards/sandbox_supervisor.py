@@ -172,6 +172,8 @@ if pid == 0:
         if cfg["drop"]:
             drop_privileges(cfg["drop"])
         os.execve(cfg["argv"][0], cfg["argv"], os.environ)
+    except BlockingIOError as exc:  # EAGAIN: the user's process limit (RLIMIT_NPROC) is reached, by anyone's
+        report("exec-error cannot start a process: %s" % (exc.strerror,))
     except BaseException as exc:
         report("exec-error %r" % (exc,))
     os._exit(122)

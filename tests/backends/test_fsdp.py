@@ -60,7 +60,7 @@ def ranks(tmp_path_factory, tiny_model_path) -> list[dict]:
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=1800,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -43,7 +43,7 @@ def test_progress_bars_are_off_while_loading_only(tiny_model_path, monkeypatch):
         "import rlaif_mlx.backends.torch\n"
         "assert logging.is_progress_bar_enabled()\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     # loading a model switches them off, then back to what they were
     seen = []

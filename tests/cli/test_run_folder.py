@@ -67,7 +67,7 @@ def test_the_quickstart_command_twice_keeps_the_first_run(tmp_path, tiny_model_p
         assert first.poll() is None, first.communicate()
         time.sleep(0.05)
     first.send_signal(signal.SIGINT)
-    _, err = first.communicate(timeout=300)
+    _, err = first.communicate(timeout=1800)
     assert first.returncode == 130, err
     assert "stopped by SIGINT during the warm-up, after warm-up step" in err
     files = snapshot(run)

@@ -115,7 +115,7 @@ def test_references_pass_their_own_tests(tasks):
         input="".join(json.dumps(j) + "\n" for j in jobs),
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     results = [json.loads(line) for line in proc.stdout.splitlines()]

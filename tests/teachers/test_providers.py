@@ -284,7 +284,7 @@ def test_server_stop_ends_hung_handlers() -> None:
     server.stop()
 
     assert server.live_handler_threads() == 0
-    caller.join(timeout=60)
+    caller.join(timeout=600)
     assert not caller.is_alive() and type(raised[0]).__name__ == "APIConnectionError"
 
 

@@ -209,7 +209,7 @@ def test_processes_write_and_read_one_file_concurrently(tmp_path):
     go.touch()
     results = []
     for proc in procs:
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err
         assert "locked" not in err.lower(), err
         results.append(json.loads(out.strip().splitlines()[-1]))

@@ -406,7 +406,7 @@ def launch(folder: Path, commands: list[str], *, processes: int) -> str:
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=1800,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout

@@ -30,6 +30,9 @@ STEPS = 6
 TIMING_KEYS = ("seconds", "tokens_per_second")
 
 
+HANG = 1800  # seconds: only a hung run takes this long, even on a 2-core machine under other jobs
+
+
 def write_config(folder: Path, model: Path) -> Path:
     """All weights of the tiny model, 8 tasks, 4 per step (an epoch is 2 steps), a checkpoint every step.
 
@@ -75,7 +78,8 @@ def start(config: Path, *extra: str) -> subprocess.Popen:
     )
 
 
-def wait_for_steps(process: subprocess.Popen, metrics: Path, steps: int, timeout: float = 120) -> None:
+def wait_for_steps(process: subprocess.Popen, metrics: Path, steps: int, timeout: float = HANG) -> None:
+    """Rendezvous: until the run has logged ``steps`` steps (or died); ``timeout`` only stops a hung run."""
     deadline = time.monotonic() + timeout
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps):
         assert process.poll() is None, process.communicate()
@@ -104,7 +108,7 @@ def final_tensors(run: Path) -> dict[str, np.ndarray]:
 def uninterrupted(tmp_path_factory, tiny_model_path) -> Path:
     folder = tmp_path_factory.mktemp("whole")
     process = start(write_config(folder, tiny_model_path))
-    out, err = process.communicate(timeout=300)
+    out, err = process.communicate(timeout=HANG)
     assert process.returncode == 0, err
     return folder / "run"
 
@@ -116,7 +120,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(uninterrupted, tiny_mo
     process.send_signal(signal.SIGKILL)  # no handler, no cleanup: whatever was on disk is all there is
     process.wait()
     resumed = start(config, "--resume")
-    out, err = resumed.communicate(timeout=300)
+    out, err = resumed.communicate(timeout=HANG)
     assert resumed.returncode == 0, err
     assert "resuming from" in out and "warm-up" not in out.split("resuming from")[1]
 
@@ -140,14 +144,14 @@ def test_a_stop_signal_saves_a_checkpoint_and_resume_matches(uninterrupted, tiny
     metrics = tmp_path / "run" / "metrics.jsonl"
     wait_for_steps(process, metrics, 2)
     process.send_signal(signum)
-    out, err = process.communicate(timeout=120)
+    out, err = process.communicate(timeout=HANG)
     assert process.returncode == 128 + signum, err
     stopped_at = len(metrics.read_text().splitlines())
     assert f"stopped by {signal.Signals(signum).name} after step {stopped_at}: checkpoint saved" in err
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == [f"step-{stopped_at:06d}"]
 
     resumed = start(config, "--resume")
-    out, err = resumed.communicate(timeout=300)
+    out, err = resumed.communicate(timeout=HANG)
     assert resumed.returncode == 0, err
     assert comparable(read_metrics(metrics)) == comparable(read_metrics(uninterrupted / "metrics.jsonl"))
     state = json.loads((tmp_path / "run" / "checkpoints" / f"step-{STEPS:06d}" / "trainer_state.json").read_text())
@@ -165,7 +169,7 @@ def test_ctrl_c_during_the_warm_up_saves_a_warm_up_checkpoint_and_resume_matches
     else:
         raise AssertionError(process.communicate())
     process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=300)
+    out, err = process.communicate(timeout=HANG)
     assert process.returncode == 130, err
     assert "SIGINT: finishing warm-up step " in out
     checkpoints = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()]
@@ -177,7 +181,7 @@ def test_ctrl_c_during_the_warm_up_saves_a_warm_up_checkpoint_and_resume_matches
     assert state["warmup"]["done"] == done and state["step"] == 0
 
     resumed = start(config, "--resume")
-    out, err = resumed.communicate(timeout=300)
+    out, err = resumed.communicate(timeout=HANG)
     assert resumed.returncode == 0, err
     assert f"resuming from {tmp_path / 'run' / 'checkpoints' / checkpoints[0]} at warm-up step {done} of 40" in out
     assert "warm-up 40/40" in out and (done >= 10 or "warm-up 10/40" in out)

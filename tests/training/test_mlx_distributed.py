@@ -100,7 +100,7 @@ def mlx_launch(folder: Path, commands: list[str], *, processes: int, expect_kill
         command += ["--python", sys.executable, "--", *worker]
     else:
         command = [sys.executable, *worker]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800, start_new_session=True)
     if expect_kill:
         assert done.returncode != 0, done.stdout[-2000:]
     else:

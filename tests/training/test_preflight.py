@@ -104,13 +104,13 @@ def test_train_with_a_hub_id_and_no_hub_is_one_line_or_uses_the_cache(
         "HF_ENDPOINT": f"http://127.0.0.1:{closed_port}",
     }
     argv = [sys.executable, "-m", "rlaif_mlx.cli", "train", "--config", str(config), "--no-dashboard"]
-    missing = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    missing = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
     assert missing.returncode == 2
     assert missing.stderr.startswith("error: model.base_model: someone/tiny: no such local folder; as a hub id, ")
     assert len(missing.stderr.splitlines()) == 1 and not (tmp_path / "run").exists()
 
     fake_hub_cache(empty_hub_cache / "hub", "someone/tiny", tiny_model_path)
-    cached = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    cached = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
     assert cached.returncode == 0, cached.stderr
     assert "using the copy in the local Hugging Face cache (as with HF_HUB_OFFLINE=1)" in cached.stdout
     assert "Retrying" not in cached.stderr and "thrown while requesting" not in cached.stderr

@@ -92,7 +92,7 @@ def test_scoring_overlaps_sampling_the_next_batch(tmp_path, tiny_model_path):
         def score(self, items):
             scoring.set()
             # Sequential code would sample the next batch after scoring, and deadlock here: fail instead.
-            assert sampled_while_scoring.wait(timeout=60), "scoring did not overlap the next batch's sampling"
+            assert sampled_while_scoring.wait(timeout=600), "scoring did not overlap the next batch's sampling"
             scoring.clear()
             return {uid: RewardResult(0.5) for uid, _, _ in items}
 

@@ -375,7 +375,7 @@ def test_scoring_overlaps_the_reference_log_probs(tmp_path, tiny_model_path):
     class WaitsForTheReference:
         def score(self, items):
             # Sequential code would deadlock here (the reference runs after scoring): fail instead.
-            assert reference_started.wait(timeout=30), "scoring did not overlap the reference log-probs"
+            assert reference_started.wait(timeout=600), "scoring did not overlap the reference log-probs"
             return {uid: RewardResult(0.5, {"tests": 0.5}) for uid, _, _ in items}
 
     trainer = Trainer(
