@@ -51,6 +51,7 @@ def build(backend: str, seed: int, setting: str, args: argparse.Namespace, out: 
         "model.base_model": str(out / "models" / "tiny"),
         "logging.dashboard": False,
         **{f"rlaif.{k}": v for k, v in SETTINGS[setting].items()},
+        **dict(args.set),
     }
     config = load_config(ROOT / "configs" / "families.yaml", overrides=overrides)
     return build_run(config, source="configs/families.yaml", overwrite=True, log=lambda line: None)
@@ -157,6 +158,13 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _override(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, _, value = text.partition("=")
+    return key, yaml.safe_load(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="torch,mlx")
@@ -165,6 +173,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--out", default="benchmarks/results/learning")
+    parser.add_argument(
+        "--set", action="append", default=[], type=_override, metavar="KEY=VALUE", help="a config override (YAML value)"
+    )
     parser.add_argument("--report", action="store_true", help="only redraw the plot and table from OUT/learning.json")
     args = parser.parse_args()
     out = Path(args.out)
@@ -188,6 +199,8 @@ def main() -> None:
                 meta = {
                     "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                     "ld_preload": os.environ.get("LD_PRELOAD", ""),
+                    "overrides": dict(args.set),
+                    "steps": args.steps,
                 }
                 results.write_text(json.dumps({"meta": meta, "runs": rows}, indent=1) + "\n")
     plot(rows, out / "learning.png")
