@@ -69,12 +69,18 @@ def runs_of_one_warmup(backend: str, seed: int, args: argparse.Namespace, out: P
 
     warm_dir = out / f"{backend}-{seed}-warm"
     rows = []
+    if args.warm_from:  # an earlier sweep's warm-up (the same sft_* settings): its weights and its measurement
+        earlier = Path(args.warm_from)
+        warm_dir = earlier / f"{backend}-{seed}-warm"
+        done = json.loads((earlier / "learning.json").read_text())["runs"]
+        first = next(r for r in done if (r["backend"], r["seed"]) == (backend, seed))
+        warm, warm_seconds = first["warmup_pass@1"], first["warmup_seconds"]
     for k, setting in enumerate(args.settings.split(",")):
         trainer = build(backend, seed, setting, args, out)
         heldout = load_task_set(trainer.config.data.eval_file).tasks
         try:
             started = time.perf_counter()
-            if k == 0:
+            if k == 0 and not args.warm_from:
                 trainer.supervised_warmup()
                 warm_dir.mkdir(parents=True, exist_ok=True)
                 trainer.backend.save(warm_dir)
@@ -173,6 +179,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--out", default="benchmarks/results/learning")
+    parser.add_argument("--warm-from", help="start RL from an earlier --out's warm-ups (same sft_* settings)")
     parser.add_argument(
         "--set", action="append", default=[], type=_override, metavar="KEY=VALUE", help="a config override (YAML value)"
     )
