@@ -13,7 +13,8 @@ object that is not plain data comes back as a stand-in whose comparisons,
 truth value and hash raise: such a test fails. Expected values never leave
 this process. A test passes only when its code ran to the end here.
 
-Input (stdin): one JSON list of jobs. Output (stdout): one JSON verdict per job.
+Input (stdin): one JSON job a line, for as long as the pool keeps this driver. Output (stdout):
+"ready" (or "gone") once the host answered, then one JSON verdict per job.
 """
 
 import builtins
@@ -21,8 +22,12 @@ import json
 import os
 import select
 import signal
+import socket
 import sys
 import time
+
+_KILL_WAIT_S = 10.0
+_MAX_LINE = 16 << 20
 
 
 class _TestTimeout(BaseException):
@@ -80,31 +85,50 @@ class _Stand:
 
 
 class _Conn:
-    """Requests to the host and the replies it relays, for the solution being tested."""
+    """The host (start, kill) and the solution's own two pipes (calls), for the solution being tested."""
 
     def __init__(self, out_fd, in_fd):
-        self.out_fd, self.in_fd, self.buf = out_fd, in_fd, bytearray()
+        self.out_fd, self.in_fd = out_fd, in_fd  # to the host: a pipe; from it: a message socket
+        self.sock = socket.socket(fileno=in_fd)
+        self.child = None  # the current solution's pipes: requests to it, replies from it
+        self.buf = bytearray()
         self.deadline = None
         self.nonplain = False
         self.current = None
+        self.answered = 0
 
-    def _line(self, deadline):
+    def host_message(self, deadline):
+        """The host's next message and the descriptors that came with it."""
+        wait = None if deadline is None else deadline - time.monotonic()
+        if wait is not None and wait <= 0:
+            raise _TestTimeout()
+        ready, _, _ = select.select([self.in_fd], [], [], wait)
+        if not ready:
+            raise _TestTimeout()
+        try:
+            data, fds, _, _ = socket.recv_fds(self.sock, 65536, 4)
+        except OSError:
+            raise _HostGone() from None
+        if not data and not fds:
+            raise _HostGone()
+        return data.decode("utf-8", "replace").strip(), fds
+
+    def host_reply(self, k, deadline):
+        """The host's next word on solution ``k``: its pipes once started; raises ``_Died`` or ``_Infra``."""
         while True:
-            end = self.buf.find(b"\n")
-            if end >= 0:
-                line = bytes(self.buf[:end])
-                del self.buf[: end + 1]
-                return line.decode("utf-8", "replace")
-            wait = None if deadline is None else deadline - time.monotonic()
-            if wait is not None and wait <= 0:
-                raise _TestTimeout()
-            ready, _, _ = select.select([self.in_fd], [], [], wait)
-            if not ready:
+            text, fds = self.host_message(deadline)
+            number, _, rest = text.partition(" ")
+            if number == str(k) and rest == "started" and len(fds) == 2:
+                self.answered += 1
+                return fds
+            for fd in fds:  # a late start of a solution we gave up on
+                os.close(fd)
+            if number != str(k):
                 continue
-            data = os.read(self.in_fd, 1 << 20)
-            if not data:
-                raise _HostGone()
-            self.buf += data
+            self.answered += 1
+            if rest.startswith("!infra"):
+                raise _Infra(rest[7:])
+            raise _Died(rest[6:] if rest.startswith("!died") else "a malformed word from the host")
 
     def send(self, msg):
         data = (json.dumps(msg) + "\n").encode()
@@ -114,29 +138,75 @@ class _Conn:
         except OSError:
             raise _HostGone() from None
 
-    def reply(self, k, deadline=None):
-        """The next reply of solution ``k`` (the host's replies for earlier solutions are dropped)."""
-        while True:
-            line = self._line(deadline)
-            number, _, rest = line.partition(" ")
-            if number != str(k):
-                continue
-            if rest.startswith("!died"):
-                raise _Died(rest[6:])
-            if rest.startswith("!infra"):
-                raise _Infra(rest[7:])
-            try:
-                return json.loads(rest)
-            except (ValueError, RecursionError):
-                raise NotPlainResult("a malformed reply") from None
+    def drop_child(self):
+        if self.child is not None:
+            for fd in self.child:
+                os.close(fd)
+        self.child = None
+        self.buf.clear()
 
-    def kill(self, k):
-        """Stops solution ``k``'s process and waits until the host says it is gone."""
+    def to_child(self, msg, deadline):
+        """Writes a request to the solution without blocking past ``deadline``."""
+        data, fd = (json.dumps(msg) + "\n").encode(), self.child[0]
+        while data:
+            try:
+                data = data[os.write(fd, data) :]
+                continue
+            except BlockingIOError:
+                pass
+            except OSError:  # it closed its end or died: reading its reply says which
+                return
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                raise _TestTimeout()
+            select.select([], [fd], [], wait)
+
+    def reply(self, k, deadline):
+        """Solution ``k``'s next reply, as JSON; its end of file is its death (the host says how)."""
+        fd = self.child[1]
+        while True:
+            end = self.buf.find(b"\n")
+            if 0 <= end <= _MAX_LINE:
+                line = bytes(self.buf[:end])
+                del self.buf[: end + 1]
+                self.answered += 1
+                try:
+                    return json.loads(line)
+                except (ValueError, RecursionError):
+                    raise NotPlainResult("a malformed reply") from None
+            if len(self.buf) > _MAX_LINE:
+                self.kill(k)
+                raise _Died("reply over %d bytes" % _MAX_LINE)
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                raise _TestTimeout()
+            ready, _, _ = select.select([fd, self.in_fd], [], [], wait)
+            if self.in_fd in ready:  # only a late word on an earlier solution, or the host's end
+                for stale in self.host_message(None)[1]:
+                    os.close(stale)
+            if fd in ready:
+                data = os.read(fd, 1 << 20)
+                if not data:
+                    raise _Died(self.kill(k))
+                self.buf += data
+
+    def kill(self, k, wait=True):
+        """Stops solution ``k``'s process; with ``wait``, until the host says it is gone (and how).
+
+        A host that does not answer (a solution stopped it with SIGSTOP) can serve no one: gone.
+        """
+        self.drop_child()
         self.send({"op": "kill", "k": k})
-        try:
-            self.reply(k, time.monotonic() + 10)
-        except _Died:
-            pass
+        deadline = time.monotonic() + _KILL_WAIT_S
+        while wait:
+            try:
+                for fd in self.host_reply(k, deadline):  # the start we gave up on
+                    os.close(fd)
+            except (_Died, _Infra) as exc:
+                return str(exc) or "gone"
+            except _TestTimeout:
+                raise _HostGone() from None
+        return "killed"
 
     def ask(self, stand, msg, args, kwargs):
         k = stand._k
@@ -155,11 +225,11 @@ class _Conn:
         outer = _STATE["in_rpc"]
         _STATE["in_rpc"] = True  # the alarm must not land inside the protocol: the wait has its own deadline
         try:
-            self.send(msg)
             try:
+                self.to_child(msg, self.deadline)
                 answer = self.reply(k, self.deadline)
             except _TestTimeout:
-                self.kill(k)
+                self.kill(k, wait=False)  # the host ends it before it starts the next one
                 raise
         finally:
             _STATE["in_rpc"] = outer
@@ -225,6 +295,7 @@ _STATE = {"in_rpc": False, "loads": 0}
 def _load(conn, job):
     """Starts a fresh process for the solution; the namespace the tests run in, or raises."""
     _STATE["loads"] += 1
+    conn.drop_child()
     k = conn.current = _STATE["loads"]
     conn.send(
         {
@@ -234,12 +305,15 @@ def _load(conn, job):
             "solution": job["solution"],
             "names": job["names"],
             "timeout": job["per_test"],
+            "cpu": job["cpu"],
         }
     )
     try:
+        conn.child = conn.host_reply(k, conn.deadline)
+        os.set_blocking(conn.child[0], False)
         answer = conn.reply(k, conn.deadline)
     except _TestTimeout:
-        conn.kill(k)
+        conn.kill(k)  # waits: a host that cannot start a process in time is gone
         raise
     if type(answer) is not dict:
         raise _Died("a malformed reply")
@@ -326,23 +400,30 @@ def _run_job(conn, job):
 
 
 def _main():
-    jobs = json.loads(sys.stdin.read())
     verdicts = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # what the tests print goes to stderr: stdout carries verdicts only
     conn = _Conn(int(os.environ["RLAIF_RPC_OUT"]), int(os.environ["RLAIF_RPC_IN"]))
     signal.signal(signal.SIGALRM, _on_alarm)
     try:
-        if conn._line(time.monotonic() + 60) != "ready":
-            return
+        ready = conn.host_message(time.monotonic() + 60)[0] == "ready"
     except (_TestTimeout, _HostGone):
+        ready = False
+    print("ready" if ready else "gone", file=verdicts, flush=True)
+    if not ready:
         return
-    for job in jobs:
+    for line in iter(sys.stdin.readline, ""):  # one job a line, for as long as the pool keeps us
+        job = json.loads(line)
         conn.nonplain = False
         conn.current = None
+        conn.answered = 0
         try:
             verdict = _run_job(conn, job)
-        except _HostGone:
-            print(json.dumps({"uid": job["uid"], "host_gone": True}), file=verdicts, flush=True)
+            if conn.current is not None:  # the host ends it (and cleans up) before it starts the next one
+                conn.kill(conn.current, wait=False)
+        except _HostGone:  # "answered": whether the host died before this solution's code could run
+            print(
+                json.dumps({"uid": job["uid"], "host_gone": True, "answered": conn.answered}), file=verdicts, flush=True
+            )
             return
         except _Infra as exc:
             print(json.dumps({"uid": job["uid"], "driver_error": str(exc)}), file=verdicts, flush=True)
@@ -355,10 +436,6 @@ def _main():
             )
             continue
         print(json.dumps(verdict), file=verdicts, flush=True)
-        try:
-            conn.send({"op": "unload", "k": conn.current})
-        except _HostGone:
-            return
 
 
 _main()
