@@ -33,7 +33,7 @@ from .sandbox_process import run_mode
 _HERE = Path(__file__).parent
 _WIRE = (_HERE / "wire.py").read_text()
 HOST = _WIRE + "\n" + (_HERE / "host.py").read_text()
-DRIVER = _WIRE + "\n" + (_HERE / "driver.py").read_text()
+DRIVER = "\n".join([_WIRE, (_HERE / "driver_link.py").read_text(), (_HERE / "driver.py").read_text()])
 START_S = 60.0  # a session's start: the sandbox's mounts and two interpreters, on a loaded machine
 GRACE_S = 30.0  # on top of a solution's budget: the driver's own kills and waits (10 s each)
 LIFETIME_S = 3600.0  # the sandbox's wall clock and the host's CPU limit; sessions are replaced well before
@@ -161,8 +161,11 @@ class Session:
     def worn(self) -> bool:
         return self.graded >= RECYCLE_JOBS or time.monotonic() - self.started > RECYCLE_S
 
-    def close(self) -> str | None:
-        """Ends the session (the driver's end of file ends the host); what went wrong in it, if anything."""
+    def close(self, *, kill: bool = False) -> str | None:
+        """Ends the session (the driver's end of file ends the host; ``kill``: its tree is killed at once,
+        for a host that is gone or hung); what went wrong in it, if anything."""
+        if kill:
+            self.stop.set()
         try:
             self.driver.stdin.close()
         except OSError:
@@ -232,7 +235,7 @@ class GraderPool:
                 continue
             verdict = session.grade(job, budget_s)
             if verdict is not None and verdict.get("host_gone"):
-                problem = session.close()
+                problem = session.close(kill=True)
                 if verdict.get("answered") or attempt or session.stopped_for_time:
                     return verdict, None, session.stopped_for_time
                 continue  # the host was gone before this solution ran: not its doing, so once more
@@ -295,7 +298,9 @@ def pool_for(python: str, limits: SandboxLimits) -> GraderPool:
             _POOLS.clear()
             _OWNER[0] = os.getpid()
         key = (python, limits)
-        pool = _POOLS.pop(key, None) or GraderPool(python, limits)
+        pool = _POOLS.pop(key, None)
+        if pool is None or pool.closed:
+            pool = GraderPool(python, limits)
         _POOLS[key] = pool  # the most recently used last
         old = [k for k in _POOLS if k != key][: max(len(_POOLS) - MAX_POOLS, 0)]
         evicted = [_POOLS.pop(k) for k in old]

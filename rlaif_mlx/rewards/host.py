@@ -21,7 +21,6 @@ import gc
 import json
 import os
 import resource
-import shutil
 import signal
 import socket
 import sys
@@ -217,37 +216,35 @@ def _end_all(pid):
 
 
 def _remove(path):
-    def retry(func, target, _exc):  # the candidate may chmod its files to 000
+    """Removes a file or a whole folder, opening folders a solution closed (chmod 0); no recursion."""
+    stack = [(path, False)]
+    while stack:
+        path, emptied = stack.pop()
         try:
-            os.chmod(os.path.dirname(target), 0o700)
-            os.chmod(target, 0o700)
-            func(target)
+            if os.path.islink(path) or not os.path.isdir(path):
+                os.unlink(path)
+            elif emptied:
+                os.rmdir(path)
+            else:
+                os.chmod(path, 0o700)
+                stack.append((path, True))
+                stack.extend((os.path.join(path, name), False) for name in os.listdir(path))
         except OSError:
             pass
 
-    try:
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, onerror=retry)
-        else:
-            os.unlink(path)
-    except OSError:
-        pass
-
 
 def _clean(root, private_shm):
-    """Removes every file a solution left (its folder, the rest of ours, the private /dev/shm):
-    the next solution starts from the same empty state, however long this host lives."""
+    """Removes every file a solution left (its folder, the rest of ours, the private /dev/shm), so the
+    next one starts from the same empty state; False when something could not be removed."""
+    bases = (root, "/dev/shm") if private_shm else (root,)
     try:
         os.chmod(root, 0o700)
+        for base in bases:
+            for name in os.listdir(base):
+                _remove(os.path.join(base, name))
+        return not any(os.listdir(base) for base in bases)
     except OSError:
-        pass
-    for base in (root, "/dev/shm") if private_shm else (root,):
-        try:
-            names = os.listdir(base)
-        except OSError:
-            continue
-        for name in names:
-            _remove(os.path.join(base, name))
+        return False
 
 
 class _Child:
@@ -257,7 +254,8 @@ class _Child:
     def stop(self):
         """Kills the solution's process and everything it left, reaps them and removes its files."""
         status = _end_all(self.pid)
-        _clean(_PLACE["root"], _PLACE["private_shm"])
+        if not _clean(_PLACE["root"], _PLACE["private_shm"]):
+            os._exit(0)  # what is left could reach the next solution: this sandbox ends, a fresh one follows
         return status
 
 
@@ -312,6 +310,7 @@ def _host():
     _nondumpable()
     root = _PLACE["root"] = os.getcwd()
     sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) != root]
+    _clean(root, _PLACE["private_shm"])  # main.py is read: every solution starts in an empty folder
     gc.freeze()  # the solutions' collections leave the host's objects (and their shared pages) alone
     replies = socket.socket(fileno=replies_fd)  # a message socket: each write one message, fds may ride along
     driver = _Lines(requests_fd)
