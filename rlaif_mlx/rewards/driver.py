@@ -144,6 +144,7 @@ def _on_alarm(signum, frame):
 
 
 _STATE = {"in_rpc": False, "loads": 0}
+_CODE = {}
 
 
 def _load(conn, job):
@@ -220,7 +221,11 @@ def _run_job(conn, job):
             if remaining <= 0:
                 raise _TestTimeout()
             conn.deadline = time.monotonic() + min(job["per_test"], remaining)
-            code = compile(source, "<tests>", "exec", dont_inherit=True)
+            code = _CODE.get(source)
+            if code is None:  # a task's tests come back batch after batch: compile each piece once
+                if len(_CODE) > 4096:
+                    _CODE.clear()
+                code = _CODE[source] = compile(source, "<tests>", "exec", dont_inherit=True)
             signal.setitimer(signal.ITIMER_REAL, conn.deadline - time.monotonic())
             try:
                 exec(code, ns)

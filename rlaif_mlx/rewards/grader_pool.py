@@ -39,11 +39,12 @@ GRACE_S = 30.0  # on top of a solution's budget: the driver's own kills and wait
 LIFETIME_S = 3600.0  # the sandbox's wall clock and the host's CPU limit; sessions are replaced well before
 RECYCLE_S = 1200.0
 RECYCLE_JOBS = 20_000
+UNCONTAINED_JOBS = 64
 MAX_POOLS = 4
 
 
 class Session:
-    """One driver (here, outside the sandbox) joined by two pipes to one host (inside it)."""
+    """One driver (outside the sandbox) and one host (inside it): a pipe to the host, a message socket back."""
 
     def __init__(self, python: str, limits: SandboxLimits):
         self.started = time.monotonic()
@@ -55,6 +56,9 @@ class Session:
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.stderr = bytearray()
         mode = select_mode(python)
+        # Without a pid namespace the host cannot find a process that left the solution's group:
+        # such a session serves as many solutions as one batch's session did before the pool, no more.
+        self.max_jobs = RECYCLE_JOBS if mode.pid_namespace else UNCONTAINED_JOBS
         to_host_r, to_host_w = os.pipe()
         # The host answers on a message socket, so that a solution's two pipe ends can ride along.
         to_driver_r, to_driver_w = (end.detach() for end in socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET))
@@ -159,7 +163,7 @@ class Session:
         return self.driver.poll() is None and not self.stop.is_set()
 
     def worn(self) -> bool:
-        return self.graded >= RECYCLE_JOBS or time.monotonic() - self.started > RECYCLE_S
+        return self.graded >= self.max_jobs or time.monotonic() - self.started > RECYCLE_S
 
     def close(self, *, kill: bool = False) -> str | None:
         """Ends the session (the driver's end of file ends the host; ``kill``: its tree is killed at once,

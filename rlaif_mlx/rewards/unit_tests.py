@@ -1,20 +1,20 @@
 """Unit tests run against candidates, with pass or fail decided outside the candidate's process.
 
-A session is two processes joined by two pipes:
+A session is two processes, joined by a pipe one way and a message socket the other:
 
 - the **host** (``host.py``), inside the sandbox, forks one fresh process per
-  solution and serves its functions; it never sees a test;
-- the **driver** (``driver.py``), outside the sandbox, runs the task's tests
-  (see ``test_plan``) with the solution's names bound to stand-ins that call
-  into the host and decode the answers as plain data (``wire.py``).
+  solution and hands the driver that process's two pipe ends; it never sees a test;
+- the **driver** (``driver.py``, ``driver_link.py``), outside the sandbox, runs the
+  task's tests (see ``test_plan``) with the solution's names bound to stand-ins
+  that call the solution's process and decode the answers as plain data (``wire.py``).
 
 Only the driver's verdicts count, and only this process reads them: nothing
 the candidate prints, writes or exits with can pass a test. Sessions are kept
-warm across batches (``grader_pool``): one sandbox start serves many batches,
-and a solution that brings the host down is failed (it crashed) and its session
-replaced before the next solution. Each verdict carries a kind set here: ``passed``, ``failed``,
-``timed_out``, ``crashed``, or ``infrastructure`` when the sandbox or the
-driver could not run at all, before any candidate code ran.
+warm across batches (``grader_pool``): one sandbox start serves batch after
+batch, the host ends each solution's processes and files before the next, and a
+session a solution brought down is replaced. Each verdict carries a kind set here:
+``passed``, ``failed``, ``timed_out``, ``crashed``, or ``infrastructure`` when the
+sandbox or the driver could not run at all, before any candidate code ran.
 """
 
 from __future__ import annotations
