@@ -1,7 +1,7 @@
 """The trusted test driver: runs a task's tests, with the candidate's functions served from the sandbox.
 
-Not imported by the package: ``unit_tests`` runs ``wire.py`` + this file's
-text as ``python -I -B -c``, outside the sandbox, so it stays standard-library only.
+Not imported by the package: ``grader_pool`` runs ``wire.py`` + ``driver_link.py`` + this
+file's text as ``python -I -B -c``, outside the sandbox, so it stays standard-library only.
 
 The task's test code (setup, asserts, ``check(candidate)``, helpers, loops)
 runs here, in a process the candidate's code never runs in. Every name the
@@ -13,36 +13,16 @@ object that is not plain data comes back as a stand-in whose comparisons,
 truth value and hash raise: such a test fails. Expected values never leave
 this process. A test passes only when its code ran to the end here.
 
-Input (stdin): one JSON list of jobs. Output (stdout): one JSON verdict per job.
+Input (stdin): one JSON job a line, for as long as the pool keeps this driver. Output (stdout):
+"ready" (or "gone") once the host answered, then one JSON verdict per job.
 """
 
 import builtins
 import json
 import os
-import select
 import signal
 import sys
 import time
-
-
-class _TestTimeout(BaseException):
-    pass
-
-
-class _Died(Exception):
-    """The candidate's process ended (or the host answered that it has no such process)."""
-
-
-class _HostGone(Exception):
-    """The host stopped answering: nothing more can run in this sandbox."""
-
-
-class _Infra(Exception):
-    """The host could not start the solution's process (no fault of the solution's)."""
-
-
-class NotPlainResult(TypeError):
-    pass
 
 
 class _Stand:
@@ -79,64 +59,8 @@ class _Stand:
     __neg__ = __pos__ = __round__ = __mod__ = __rmod__ = __floordiv__ = __rfloordiv__ = __pow__ = _refuse
 
 
-class _Conn:
-    """Requests to the host and the replies it relays, for the solution being tested."""
-
-    def __init__(self, out_fd, in_fd):
-        self.out_fd, self.in_fd, self.buf = out_fd, in_fd, bytearray()
-        self.deadline = None
-        self.nonplain = False
-        self.current = None
-
-    def _line(self, deadline):
-        while True:
-            end = self.buf.find(b"\n")
-            if end >= 0:
-                line = bytes(self.buf[:end])
-                del self.buf[: end + 1]
-                return line.decode("utf-8", "replace")
-            wait = None if deadline is None else deadline - time.monotonic()
-            if wait is not None and wait <= 0:
-                raise _TestTimeout()
-            ready, _, _ = select.select([self.in_fd], [], [], wait)
-            if not ready:
-                continue
-            data = os.read(self.in_fd, 1 << 20)
-            if not data:
-                raise _HostGone()
-            self.buf += data
-
-    def send(self, msg):
-        data = (json.dumps(msg) + "\n").encode()
-        try:
-            while data:
-                data = data[os.write(self.out_fd, data) :]
-        except OSError:
-            raise _HostGone() from None
-
-    def reply(self, k, deadline=None):
-        """The next reply of solution ``k`` (the host's replies for earlier solutions are dropped)."""
-        while True:
-            line = self._line(deadline)
-            number, _, rest = line.partition(" ")
-            if number != str(k):
-                continue
-            if rest.startswith("!died"):
-                raise _Died(rest[6:])
-            if rest.startswith("!infra"):
-                raise _Infra(rest[7:])
-            try:
-                return json.loads(rest)
-            except (ValueError, RecursionError):
-                raise NotPlainResult("a malformed reply") from None
-
-    def kill(self, k):
-        """Stops solution ``k``'s process and waits until the host says it is gone."""
-        self.send({"op": "kill", "k": k})
-        try:
-            self.reply(k, time.monotonic() + 10)
-        except _Died:
-            pass
+class _Conn(_Link):
+    """The link, plus calls made through the stand-ins and their answers decoded as plain data."""
 
     def ask(self, stand, msg, args, kwargs):
         k = stand._k
@@ -155,11 +79,11 @@ class _Conn:
         outer = _STATE["in_rpc"]
         _STATE["in_rpc"] = True  # the alarm must not land inside the protocol: the wait has its own deadline
         try:
-            self.send(msg)
             try:
+                self.to_child(msg, self.deadline)
                 answer = self.reply(k, self.deadline)
             except _TestTimeout:
-                self.kill(k)
+                self.kill(k, wait=False)  # the host ends it before it starts the next one
                 raise
         finally:
             _STATE["in_rpc"] = outer
@@ -220,11 +144,13 @@ def _on_alarm(signum, frame):
 
 
 _STATE = {"in_rpc": False, "loads": 0}
+_CODE = {}
 
 
 def _load(conn, job):
     """Starts a fresh process for the solution; the namespace the tests run in, or raises."""
     _STATE["loads"] += 1
+    conn.drop_child()
     k = conn.current = _STATE["loads"]
     conn.send(
         {
@@ -234,12 +160,15 @@ def _load(conn, job):
             "solution": job["solution"],
             "names": job["names"],
             "timeout": job["per_test"],
+            "cpu": job["cpu"],
         }
     )
     try:
+        conn.child = conn.host_reply(k, conn.deadline)
+        os.set_blocking(conn.child[0], False)
         answer = conn.reply(k, conn.deadline)
     except _TestTimeout:
-        conn.kill(k)
+        conn.kill(k)  # waits: a host that cannot start a process in time is gone
         raise
     if type(answer) is not dict:
         raise _Died("a malformed reply")
@@ -292,7 +221,11 @@ def _run_job(conn, job):
             if remaining <= 0:
                 raise _TestTimeout()
             conn.deadline = time.monotonic() + min(job["per_test"], remaining)
-            code = compile(source, "<tests>", "exec", dont_inherit=True)
+            code = _CODE.get(source)
+            if code is None:  # a task's tests come back batch after batch: compile each piece once
+                if len(_CODE) > 4096:
+                    _CODE.clear()
+                code = _CODE[source] = compile(source, "<tests>", "exec", dont_inherit=True)
             signal.setitimer(signal.ITIMER_REAL, conn.deadline - time.monotonic())
             try:
                 exec(code, ns)
@@ -326,23 +259,30 @@ def _run_job(conn, job):
 
 
 def _main():
-    jobs = json.loads(sys.stdin.read())
     verdicts = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # what the tests print goes to stderr: stdout carries verdicts only
     conn = _Conn(int(os.environ["RLAIF_RPC_OUT"]), int(os.environ["RLAIF_RPC_IN"]))
     signal.signal(signal.SIGALRM, _on_alarm)
     try:
-        if conn._line(time.monotonic() + 60) != "ready":
-            return
+        ready = conn.host_message(time.monotonic() + 60)[0] == "ready"
     except (_TestTimeout, _HostGone):
+        ready = False
+    print("ready" if ready else "gone", file=verdicts, flush=True)
+    if not ready:
         return
-    for job in jobs:
+    for line in iter(sys.stdin.readline, ""):  # one job a line, for as long as the pool keeps us
+        job = json.loads(line)
         conn.nonplain = False
         conn.current = None
+        conn.answered = 0
         try:
             verdict = _run_job(conn, job)
-        except _HostGone:
-            print(json.dumps({"uid": job["uid"], "host_gone": True}), file=verdicts, flush=True)
+            if conn.current is not None:  # the host ends it (and cleans up) before it starts the next one
+                conn.kill(conn.current, wait=False)
+        except _HostGone:  # "answered": whether the host died before this solution's code could run
+            print(
+                json.dumps({"uid": job["uid"], "host_gone": True, "answered": conn.answered}), file=verdicts, flush=True
+            )
             return
         except _Infra as exc:
             print(json.dumps({"uid": job["uid"], "driver_error": str(exc)}), file=verdicts, flush=True)
@@ -355,10 +295,6 @@ def _main():
             )
             continue
         print(json.dumps(verdict), file=verdicts, flush=True)
-        try:
-            conn.send({"op": "unload", "k": conn.current})
-        except _HostGone:
-            return
 
 
 _main()

@@ -4,21 +4,25 @@ Not imported by the package: ``grading`` runs ``wire.py`` + this file's text as
 the sandbox's ``main.py``, so it stays standard-library only.
 
 The host never sees a test or an expected value. It reads requests from the
-driver (load this solution, call this function with these plain arguments,
-read this attribute), forks one fresh process per solution (after killing
-whatever the previous one left behind), and relays that process's replies
-line by line, tagged with the solution's number. The candidate's process can
-write anything into its reply pipe: the driver decodes it as plain data, so the
-worst a forged reply can do is claim a return value.
+driver (load this solution, kill it), forks one fresh process per solution
+(after killing whatever the previous one left behind and removing every file it
+wrote, so one host serves any number of solutions, batch after batch), and
+hands the driver that process's two pipe ends over its message socket: the
+driver then calls the solution's functions directly, as plain data. The
+candidate's process can write anything into its reply pipe: the driver decodes
+it as plain data, so the worst a forged reply can do is claim a return value,
+and it cannot reach the host's socket or another solution's pipes.
 
 The host makes itself non-dumpable first, so a candidate without capabilities
 can neither ptrace it nor open its ``/proc/<pid>/fd`` or ``mem``.
 """
 
+import gc
 import json
 import os
-import select
+import resource
 import signal
+import socket
 import sys
 import types
 
@@ -74,7 +78,9 @@ def _nondumpable():
     if sys.platform.startswith("linux"):
         import ctypes
 
-        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0
+        libc = ctypes.CDLL(None)
+        libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0
+        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: what a solution leaves is ours to reap
 
 
 # ---- the candidate's process -------------------------------------------------------
@@ -168,56 +174,114 @@ def _candidate(job, requests, replies):
 # ---- the host -----------------------------------------------------------------------
 
 
-def _kill_others(own_namespace):
-    """Kills every process of the namespace but the supervisor (pid 1) and this host."""
-    if not own_namespace:
-        return
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) not in (1, os.getpid()):
-            try:
-                os.kill(int(entry), signal.SIGKILL)
-            except OSError:
-                pass
+_PLACE = {"own_namespace": False, "private_shm": False, "root": "."}
+
+
+def _end_all(pid):
+    """Kills the solution's process and every process it left, and reaps them all; its exit status.
+
+    In a pid namespace this host is the subreaper of everything the solution started, so once
+    ``waitpid`` says no child is left, none of the solution's processes is (a fork racing the
+    listing is caught by the next pass). Without one, only its process group can be found.
+    """
+    for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+        try:
+            kill()
+        except OSError:
+            pass
+    status = None
+    while True:
+        if _PLACE["own_namespace"]:
+            for entry in os.listdir("/proc"):
+                if entry.isdigit() and int(entry) not in (1, os.getpid()):
+                    try:
+                        os.kill(int(entry), signal.SIGKILL)
+                    except OSError:
+                        pass
+        try:
+            done, code = os.waitpid(-1 if _PLACE["own_namespace"] else pid, 0)
+        except ChildProcessError:
+            break
+        if done == pid:
+            status = code
+            if not _PLACE["own_namespace"]:
+                break
+    while True:  # without a namespace: what else has ended by now
+        try:
+            if os.waitpid(-1, os.WNOHANG) == (0, 0):
+                break
+        except ChildProcessError:
+            break
+    return status
+
+
+def _remove(path):
+    """Removes a file or a whole folder, opening folders a solution closed (chmod 0); no recursion."""
+    stack = [(path, False)]
+    while stack:
+        path, emptied = stack.pop()
+        try:
+            if os.path.islink(path) or not os.path.isdir(path):
+                os.unlink(path)
+            elif emptied:
+                os.rmdir(path)
+            else:
+                os.chmod(path, 0o700)
+                stack.append((path, True))
+                stack.extend((os.path.join(path, name), False) for name in os.listdir(path))
+        except OSError:
+            pass
+
+
+def _clean(root, private_shm):
+    """Removes every file a solution left (its folder, the rest of ours, the private /dev/shm), so the
+    next one starts from the same empty state; False when something could not be removed."""
+    bases = (root, "/dev/shm") if private_shm else (root,)
+    try:
+        os.chmod(root, 0o700)
+        for base in bases:
+            for name in os.listdir(base):
+                _remove(os.path.join(base, name))
+        return not any(os.listdir(base) for base in bases)
+    except OSError:
+        return False
 
 
 class _Child:
-    def __init__(self, number, pid, to_child, from_child):
-        self.number, self.pid, self.to_child, self.lines = number, pid, to_child, _Lines(from_child)
+    def __init__(self, number, pid):
+        self.number, self.pid = number, pid
 
-    def stop(self, own_namespace):
-        for kill in (lambda: os.killpg(self.pid, signal.SIGKILL), lambda: os.kill(self.pid, signal.SIGKILL)):
-            try:
-                kill()
-            except OSError:
-                pass
-        _kill_others(own_namespace)
-        try:
-            _, status = os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            status = None
-        for fd in (self.to_child, self.lines.fd):
-            os.close(fd)
-        while True:  # reap whatever the candidate left (we are its subreaper only in a namespace)
-            try:
-                if os.waitpid(-1, os.WNOHANG) == (0, 0):
-                    break
-            except ChildProcessError:
-                break
+    def stop(self):
+        """Kills the solution's process and everything it left, reaps them and removes its files."""
+        status = _end_all(self.pid)
+        if not _clean(_PLACE["root"], _PLACE["private_shm"]):
+            os._exit(0)  # what is left could reach the next solution: this sandbox ends, a fresh one follows
         return status
 
 
-def _start(job, drivers, root):
+def _start(job, keep_closed, root):
+    """Forks the solution's process; the ends of its two pipes that the driver uses are returned."""
     to_child_r, to_child_w = os.pipe()
     from_child_r, from_child_w = os.pipe()
     folder = os.path.join(root, "c%d" % job["k"])
-    os.mkdir(folder, 0o700)
-    pid = os.fork()
+    try:
+        os.mkdir(folder, 0o700)
+        pid = os.fork()
+    except OSError:
+        for fd in (to_child_r, to_child_w, from_child_r, from_child_w):
+            os.close(fd)
+        raise
     if pid == 0:
         try:
             os.setpgid(0, 0)
-            for fd in (*drivers, to_child_w, from_child_r):
+            for fd in (*keep_closed, to_child_w, from_child_r):
                 os.close(fd)
             os.chdir(folder)
+            cpu = job.get("cpu")
+            if type(cpu) is int and cpu > 0:  # this solution's own CPU budget; the host lives longer
+                hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+                top = cpu + 1 if hard == resource.RLIM_INFINITY else min(cpu + 1, hard)
+                resource.setrlimit(resource.RLIMIT_CPU, (min(cpu, top), top))
             _candidate(job, to_child_r, from_child_w)
         finally:
             os._exit(0)
@@ -227,7 +291,7 @@ def _start(job, drivers, root):
         pass
     os.close(to_child_r)
     os.close(from_child_w)
-    return _Child(job["k"], pid, to_child_w, from_child_r)
+    return _Child(job["k"], pid), (to_child_w, from_child_r)
 
 
 def _describe(status):
@@ -238,88 +302,45 @@ def _describe(status):
     return "exited with status %d" % os.waitstatus_to_exitcode(status)
 
 
-def _send(child, data, driver):
-    """Writes a request to the child without blocking the host: False when the driver spoke first."""
-    os.set_blocking(child.to_child, False)
-    while data:
-        try:
-            data = data[os.write(child.to_child, data) :]
-            continue
-        except BlockingIOError:
-            pass
-        except OSError:  # the child closed its end or died: the relay reports it
-            return True
-        ready, _, _ = select.select([driver.fd], [child.to_child], [])
-        if driver.fd in ready:
-            return False
-    return True
-
-
-def _relay(child, driver, out, own_namespace):
-    """Waits for the child's next reply and forwards it; a kill from the driver or the child's end ends it."""
-    while True:
-        line = child.lines.pop()
-        if line is not None:
-            if line == b"":
-                child.stop(own_namespace)
-                _write(out, "%d !died reply over %d bytes\n" % (child.number, _MAX_LINE))
-                return False
-            _write(out, "%d %s\n" % (child.number, line.decode("utf-8", "replace")))
-            return True
-        if child.lines.eof:
-            status = child.stop(own_namespace)
-            _write(out, "%d !died %s\n" % (child.number, _describe(status)))
-            return False
-        ready, _, _ = select.select([child.lines.fd, driver.fd], [], [])
-        if driver.fd in ready:
-            return None  # the driver speaks (a kill): the caller reads it
-        child.lines.fill()
-
-
 def _host():
     requests_fd, replies_fd = int(os.environ.pop("RLAIF_RPC_IN")), int(os.environ.pop("RLAIF_RPC_OUT"))
-    own_namespace = os.environ.pop("RLAIF_PID_NAMESPACE", "0") == "1"
-    os.environ.pop("SANDBOX_RESULT_FD", None)  # the solutions answer through the host only
+    _PLACE["own_namespace"] = os.environ.pop("RLAIF_PID_NAMESPACE", "0") == "1"
+    _PLACE["private_shm"] = os.environ.pop("RLAIF_PRIVATE_SHM", "0") == "1"
+    os.environ.pop("SANDBOX_RESULT_FD", None)  # the solutions answer through their own pipes only
     _nondumpable()
-    root = os.getcwd()
+    root = _PLACE["root"] = os.getcwd()
     sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) != root]
+    _clean(root, _PLACE["private_shm"])  # main.py is read: every solution starts in an empty folder
+    gc.freeze()  # the solutions' collections leave the host's objects (and their shared pages) alone
+    replies = socket.socket(fileno=replies_fd)  # a message socket: each write one message, fds may ride along
     driver = _Lines(requests_fd)
     _write(replies_fd, "ready\n")
     child = None
-    pending = None
     while True:
-        line = pending if pending is not None else driver.read()
-        pending = None
+        line = driver.read()
         if not line:
             break
         msg = json.loads(line)
-        op = msg["op"]
-        if op in ("kill", "unload") or (op == "load" and child is not None):
-            status = child.stop(own_namespace) if child is not None else None
-            child = None
-            if op == "kill":  # the driver waits for this line
-                _write(replies_fd, "%d !died %s\n" % (msg.get("k", -1), _describe(status)))
-            if op != "load":
-                continue
-        if op == "load":
+        status = child.stop() if child is not None else None  # every request ends the solution before
+        child = None
+        k = msg.get("k", -1)
+        if msg["op"] == "kill":
+            _write(replies_fd, "%d !died %s\n" % (k, _describe(status)))
+        elif msg["op"] == "load":
             try:
-                child = _start(msg, (requests_fd, replies_fd), root)
+                child, ends = _start(msg, (requests_fd, replies_fd), root)
             except OSError as exc:  # e.g. EAGAIN: another session's processes fill the user's limit
-                _write(replies_fd, "%d !infra cannot start a process: %s\n" % (msg["k"], exc.strerror or exc))
+                _write(replies_fd, "%d !infra cannot start a process: %s\n" % (k, exc.strerror or exc))
                 continue
-        elif child is None or msg.get("k") != child.number:
-            _write(replies_fd, "%d !died no such solution\n" % msg.get("k", -1))
-            continue
-        elif not _send(child, line + b"\n", driver):
-            pending = driver.read()
-            continue
-        alive = _relay(child, driver, replies_fd, own_namespace)
-        if alive is None:
-            pending = driver.read()
-        elif alive is False:
-            child = None
+            try:  # the driver talks to the solution directly, on these two pipes
+                socket.send_fds(replies, [b"%d started\n" % k], list(ends))
+            except OSError:
+                break
+            finally:
+                for fd in ends:
+                    os.close(fd)
     if child is not None:
-        child.stop(own_namespace)
+        child.stop()
 
 
 try:

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -155,7 +156,10 @@ def _remove_tree(path: str) -> None:
         except OSError:
             pass
 
-    shutil.rmtree(path, onerror=retry)
+    try:
+        shutil.rmtree(path, onerror=retry)
+    except RecursionError:  # folders nested deeper than Python recurses: rm walks them without recursing
+        subprocess.run(["rm", "-rf", "--", path], stdin=subprocess.DEVNULL, capture_output=True)
 
 
 def _rlimits(limits: SandboxLimits, timeout_s: float) -> dict[str, tuple[int, int]]:
@@ -180,12 +184,14 @@ def run_mode(
     extra_files: dict[str, str] | None,
     pass_fds: dict[str, int] | None = None,
     env: dict[str, str] | None = None,
+    stop: threading.Event | None = None,
 ) -> SandboxResult:
     """Runs ``code`` as ``main.py`` under ``mode``; see ``sandbox.run_sandboxed``.
 
     ``pass_fds`` maps environment variable names to open file descriptors the code
     inherits; they are closed here once the sandbox holds them (so the code's exit
-    is seen as end of file at the other end). ``env`` adds variables.
+    is seen as end of file at the other end). ``env`` adds variables. Setting ``stop`` kills the
+    tree as the deadline would (a long-lived sandbox run from a thread).
     """
     pass_fds = pass_fds or {}
     base = os.path.realpath(tempfile.mkdtemp(prefix="rlaif-sbx-"))
@@ -244,6 +250,7 @@ def run_mode(
                 "status": (status_r, _STATUS_CAP),
             },
             deadline=start + timeout_s,
+            stop=stop,
         )
         duration = time.monotonic() - start
         proc.stdout.close()
@@ -269,7 +276,12 @@ def run_mode(
 
 
 def _communicate(
-    proc: subprocess.Popen, stdin: bytes, streams: dict[str, tuple[int, int]], *, deadline: float
+    proc: subprocess.Popen,
+    stdin: bytes,
+    streams: dict[str, tuple[int, int]],
+    *,
+    deadline: float,
+    stop: threading.Event | None = None,
 ) -> tuple[dict[str, tuple[bytes, bool]], bool]:
     """Feed stdin and read every stream with a cap until the tree is gone.
 
@@ -295,7 +307,7 @@ def _communicate(
                 if _has_exited(proc):
                     _kill_tree(proc)  # orphans of the code, if any survived
                     stop_at = now + _DRAIN_GRACE_S
-                elif now >= deadline:
+                elif now >= deadline or (stop is not None and stop.is_set()):
                     timed_out = True
                     _kill_tree(proc)
                     stop_at = now + _DRAIN_GRACE_S

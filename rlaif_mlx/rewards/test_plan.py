@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import functools
 from dataclasses import dataclass
 
 from .code import quiet_parse
@@ -96,6 +97,7 @@ def _free_names(module: ast.Module) -> set[str]:
     return read - bound - set(dir(builtins))
 
 
+@functools.lru_cache(maxsize=1024)  # G completions a prompt, step after step: the same tests each time
 def build_test_plan(tests: str, *, entry_point: str | None) -> TestPlan:
     """Split test code into setup pieces and individually counted tests.
 

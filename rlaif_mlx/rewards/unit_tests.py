@@ -1,43 +1,31 @@
 """Unit tests run against candidates, with pass or fail decided outside the candidate's process.
 
-A session is two processes joined by two pipes:
+A session is two processes, joined by a pipe one way and a message socket the other:
 
 - the **host** (``host.py``), inside the sandbox, forks one fresh process per
-  solution and serves its functions; it never sees a test;
-- the **driver** (``driver.py``), outside the sandbox, runs the task's tests
-  (see ``test_plan``) with the solution's names bound to stand-ins that call
-  into the host and decode the answers as plain data (``wire.py``).
+  solution and hands the driver that process's two pipe ends; it never sees a test;
+- the **driver** (``driver.py``, ``driver_link.py``), outside the sandbox, runs the
+  task's tests (see ``test_plan``) with the solution's names bound to stand-ins
+  that call the solution's process and decode the answers as plain data (``wire.py``).
 
 Only the driver's verdicts count, and only this process reads them: nothing
-the candidate prints, writes or exits with can pass a test. A session grades
-many solutions (one sandbox start for all of them); when a solution brings the
-host down, it is failed (it crashed) and the solutions after it are graded
-again alone. Each verdict carries a kind set here: ``passed``, ``failed``,
-``timed_out``, ``crashed``, or ``infrastructure`` when the sandbox or the
-driver could not run at all, before any candidate code ran.
+the candidate prints, writes or exits with can pass a test. Sessions are kept
+warm across batches (``grader_pool``): one sandbox start serves batch after
+batch, the host ends each solution's processes and files before the next, and a
+session a solution brought down is replaced. Each verdict carries a kind set here:
+``passed``, ``failed``, ``timed_out``, ``crashed``, or ``infrastructure`` when the
+sandbox or the driver could not run at all, before any candidate code ran.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
+import math
 import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
-from .sandbox import SandboxLimits, SandboxResult
-from .sandbox_modes import select_mode
-from .sandbox_process import run_mode
+from .grader_pool import pool_for
+from .sandbox import SandboxLimits
 from .test_plan import TestPlan, build_test_plan
-
-_HERE = Path(__file__).parent
-_WIRE = (_HERE / "wire.py").read_text()
-HOST = _WIRE + "\n" + (_HERE / "host.py").read_text()
-DRIVER = _WIRE + "\n" + (_HERE / "driver.py").read_text()
-_STARTUP_S = 10.0  # sandbox and driver start-up, on top of the solutions' own budgets
 
 PASSED, FAILED, TIMED_OUT, CRASHED, INFRASTRUCTURE = "passed", "failed", "timed_out", "crashed", "infrastructure"
 
@@ -119,182 +107,62 @@ def run_sessions(
     limits: SandboxLimits | None = None,
     per_test_timeout_s: float | None = None,
     python: str = sys.executable,
-    session_size: int = 64,
     workers: int = 1,
 ) -> dict[str, TestOutcome]:
-    """Tests many solutions, spread over ``workers`` sessions at a time of at most ``session_size`` each.
+    """Tests many solutions on up to ``workers`` warm sessions at a time (see ``grader_pool``).
 
     Returns:
         uid -> outcome, for every job.
     """
     limits = limits or SandboxLimits()
     per_test = per_test_timeout_s or max(timeout_s / 2, 0.1)
+    cpu = limits.cpu_seconds or math.ceil(timeout_s) + 1
     out: dict[str, TestOutcome] = {}
-    empty = [job for job in jobs if job.plan.total == 0]
-    for job in empty:
-        out[job.uid] = TestOutcome(0, 0, 0.0, "the task's tests contain no assert", False, kind=INFRASTRUCTURE)
-    todo = [job for job in jobs if job.plan.total > 0]
-    # One sandbox start per worker when the batch allows: starts cost more than a solution's tests.
-    size = max(1, min(session_size, -(-len(todo) // max(workers, 1))))
-    chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
-    if chunks:
-        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(chunks)))) as pool:
-            for results in pool.map(lambda c: _session_with_retries(c, timeout_s, per_test, limits, python), chunks):
-                out.update(results)
-    return out
-
-
-def _session_with_retries(jobs, timeout_s, per_test, limits, python) -> dict[str, TestOutcome]:
-    """One session; the solutions after one that brought the host down are graded again, alone.
-
-    A solution no session could grade (the sandbox or the driver failed before it ran) is an
-    infrastructure failure: left unscored, never a score.
-    """
-    out, problem = _session(jobs, timeout_s, per_test, limits, python)
-    rest = [job for job in jobs if job.uid not in out]
-    if rest and out and len(jobs) > 1:
-        for job in rest:  # alone, so no other solution can take them down
-            single, problem = _session([job], timeout_s, per_test, limits, python)
-            out.update(single)
+    by_uid: dict[str, UnitTestJob] = {}
+    payloads = []
     for job in jobs:
-        if job.uid not in out:
-            reason = problem or "the grader ended before this solution ran"
-            out[job.uid] = TestOutcome(0, job.plan.total, 0.0, reason, False, kind=INFRASTRUCTURE)
-    return out
-
-
-def _session(jobs, timeout_s, per_test, limits, python) -> tuple[dict[str, TestOutcome], str | None]:
-    """Runs one host and one driver over ``jobs``; the verdicts it got, and what went wrong, if anything."""
-    payload = json.dumps(
-        [
+        if job.plan.total == 0:
+            out[job.uid] = TestOutcome(0, 0, 0.0, "the task's tests contain no assert", False, kind=INFRASTRUCTURE)
+            continue
+        by_uid[job.uid] = job
+        payloads.append(
             {
-                "uid": j.uid,
-                "prelude": j.prelude,
-                "solution": j.solution,
-                "pieces": j.plan.pieces,
-                "names": list(j.plan.names),
+                "uid": job.uid,
+                "prelude": job.prelude,
+                "solution": job.solution,
+                "pieces": job.plan.pieces,
+                "names": list(job.plan.names),
                 "timeout": timeout_s,
                 "per_test": per_test,
+                "cpu": cpu,
             }
-            for j in jobs
-        ]
-    )
-    budget = timeout_s * len(jobs) + _STARTUP_S
-    mode = select_mode(python)
-    to_host_r, to_host_w = os.pipe()
-    to_driver_r, to_driver_w = os.pipe()
-    try:
-        driver = subprocess.Popen(
-            [python, "-I", "-B", "-c", DRIVER],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=(to_host_w, to_driver_r),
-            start_new_session=True,
-            env={
-                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                "LANG": "C.UTF-8",
-                "PYTHONHASHSEED": "0",
-                "RLAIF_RPC_OUT": str(to_host_w),
-                "RLAIF_RPC_IN": str(to_driver_r),
-            },
         )
-    except OSError as exc:  # e.g. EAGAIN: no process could be started
-        for fd in (to_host_r, to_host_w, to_driver_r, to_driver_w):
-            os.close(fd)
-        return {}, f"the test driver could not start: {exc}"
-    os.close(to_host_w)
-    os.close(to_driver_r)
-    streams: dict[str, bytes] = {}
-    helpers = [
-        threading.Thread(target=_feed, args=(driver, payload), daemon=True),
-        threading.Thread(target=_drain, args=(driver.stdout, streams, "stdout"), daemon=True),
-        threading.Thread(target=_drain, args=(driver.stderr, streams, "stderr"), daemon=True),
-    ]
-    for helper in helpers:
-        helper.start()
+    if payloads:
+        pool = pool_for(python, limits)
+        budgets = {p["uid"]: timeout_s for p in payloads}
+        for payload, verdict, problem, stopped in pool.grade(payloads, budgets, workers=workers):
+            job = by_uid[payload["uid"]]
+            out[job.uid] = _outcome_of(job, verdict, problem, stopped)
+    return out
+
+
+def _outcome_of(job: UnitTestJob, verdict: dict | None, problem: str | None, stopped: bool) -> TestOutcome:
+    """The driver's verdict as an outcome; no verdict is the grader's failure, never the solution's."""
+    total = job.plan.total
+    if verdict is None:
+        reason = problem or "the grader ended before this solution ran"
+        return TestOutcome(0, total, 0.0, reason, False, kind=INFRASTRUCTURE)
+    if verdict.get("host_gone"):  # the host went down while this solution's code ran
+        kind = TIMED_OUT if stopped else CRASHED
+        why = "timed out" if stopped else "the sandbox's host process died"
+        return TestOutcome(0, total, 0.0, f"stopped: {why} while this solution ran", stopped, kind=kind)
     try:
-        result = run_mode(
-            HOST,
-            mode=mode,
-            stdin="",
-            timeout_s=budget,
-            limits=limits,
-            python=python,
-            extra_files=None,
-            pass_fds={"RLAIF_RPC_IN": to_host_r, "RLAIF_RPC_OUT": to_driver_w},
-            env={"RLAIF_PID_NAMESPACE": "1" if mode.pid_namespace else "0"},
-        )
-    except OSError as exc:
-        driver.kill()
-        driver.wait()
-        return {}, f"the sandbox could not start: {exc}"
-    try:
-        driver.wait(timeout=_STARTUP_S + timeout_s)
-    except subprocess.TimeoutExpired:
-        driver.kill()
-        driver.wait()
-    for helper in helpers:
-        helper.join()
-    verdicts, errors = _verdicts(streams.get("stdout", b""), jobs, result)
-    problem = _problem(result, driver.returncode, streams.get("stderr", b"")) or next(iter(errors.values()), None)
-    return verdicts, problem
-
-
-def _drain(stream, into: dict[str, bytes], name: str, cap: int = 1 << 20) -> None:
-    """Reads a pipe to its end, keeping the first ``cap`` bytes (the tests may print)."""
-    kept = bytearray()
-    for chunk in iter(lambda: stream.read(65536), b""):
-        kept += chunk[: max(cap - len(kept), 0)]
-    stream.close()
-    into[name] = bytes(kept)
-
-
-def _feed(driver: subprocess.Popen, payload: str) -> None:
-    try:
-        driver.stdin.write(payload.encode())
-        driver.stdin.close()
-    except OSError:  # the driver is gone; its missing verdicts say so
-        pass
-
-
-def _problem(result: SandboxResult, driver_rc: int | None, driver_stderr: bytes) -> str | None:
-    """What kept the session from grading, from the trusted side's view (never the candidate's output)."""
-    if result.killed_reason and result.killed_reason.startswith("sandbox "):
-        return result.killed_reason  # the supervisor's own status: setup or exec failed
-    if driver_rc not in (0, None):
-        tail = driver_stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
-        return f"the test driver failed (exit {driver_rc}): {tail[0][:200]}"
-    return None
-
-
-def _verdicts(
-    stdout: bytes, jobs: list[UnitTestJob], result: SandboxResult
-) -> tuple[dict[str, TestOutcome], dict[str, str]]:
-    """The driver's verdicts as outcomes, and its own errors by uid (a solution it could not grade)."""
-    by_uid = {job.uid: job for job in jobs}
-    out: dict[str, TestOutcome] = {}
-    errors: dict[str, str] = {}
-    for line in stdout.decode("utf-8", "replace").splitlines():
-        try:
-            verdict = json.loads(line)
-            job = by_uid[verdict["uid"]]
-        except (ValueError, KeyError, TypeError):
-            continue
-        total = job.plan.total
-        if verdict.get("host_gone"):  # the host went down while this solution's code ran
-            kind = TIMED_OUT if result.timed_out else CRASHED
-            why = "timed out" if result.timed_out else "the sandbox's host process died"
-            out[job.uid] = TestOutcome(
-                0, total, 0.0, f"stopped: {why} while this solution ran", result.timed_out, kind=kind
-            )
-            continue
-        if "driver_error" in verdict:
-            errors[job.uid] = f"the test driver failed: {str(verdict['driver_error'])[:200]}"
-            continue
         passed = min(int(verdict["passed"]), total)
-        out[job.uid] = _outcome(verdict, passed, total)
-    return out, errors
+        return _outcome(verdict, passed, total)
+    except (KeyError, TypeError, ValueError) as exc:
+        return TestOutcome(
+            0, total, 0.0, f"the test driver failed: a malformed verdict ({exc})", False, kind=INFRASTRUCTURE
+        )
 
 
 def _outcome(verdict: dict, passed: int, total: int) -> TestOutcome:

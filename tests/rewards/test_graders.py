@@ -347,7 +347,8 @@ def test_a_process_that_cannot_be_started_is_the_graders_failure_not_the_solutio
     if sandbox_capabilities()["privileges"] != "nobody":
         pytest.skip("the process limit is per user: only an isolated 'nobody' makes it bite here alone")
     out = run_unit_tests(GOOD, SQUARE_TESTS, limits=SandboxLimits(max_processes=1))
-    assert out.kind == "infrastructure" and "cannot start a process" in out.error
+    # The host cannot fork the solution or, while warm sessions of other tests hold 'nobody' processes, not start.
+    assert out.kind == "infrastructure" and "cannot start a process" in out.error, out
 
 
 def test_no_warning_about_the_students_code_reaches_the_user():
