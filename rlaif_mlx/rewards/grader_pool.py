@@ -304,6 +304,9 @@ def pool_for(python: str, limits: SandboxLimits) -> GraderPool:
         key = (python, limits)
         pool = _POOLS.pop(key, None)
         if pool is None or pool.closed:
+            if not _POOLS:  # the first pool of this process: its sessions end with it (not at import)
+                atexit.unregister(close_pools)
+                atexit.register(close_pools)
             pool = GraderPool(python, limits)
         _POOLS[key] = pool  # the most recently used last
         old = [k for k in _POOLS if k != key][: max(len(_POOLS) - MAX_POOLS, 0)]
@@ -320,6 +323,3 @@ def close_pools() -> None:
         _POOLS.clear()
     for pool in pools:
         pool.close()
-
-
-atexit.register(close_pools)
