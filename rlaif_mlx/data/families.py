@@ -39,7 +39,8 @@ class Template:
         constants: the pool of the constant it varies.
         prompt: the instruction, with ``{name}`` and ``{k}``.
         code: the reference body's source, with ``{name}`` and ``{k}``.
-        inputs: draws the arguments of one test call from a random source.
+        inputs: draws the arguments of one test call from a random source, given the constant
+            (so some draws land where this constant and its rivals give different answers).
         difficulty: 1 (easiest) to 3, for the curriculum.
     """
 
@@ -48,20 +49,33 @@ class Template:
     constants: tuple[int | str, ...]
     prompt: str
     code: str
-    inputs: Callable[[random.Random], tuple]
+    inputs: Callable[[random.Random, int | str], tuple]
     difficulty: int
 
 
-def _ints(rng: random.Random) -> tuple:
-    return (rng.randint(-20, 20),)
+def _int_near(rng: random.Random, k: int) -> int:
+    """Anywhere in -50..50, or a multiple of k, or next to k: where constants are told apart."""
+    draw = rng.random()
+    if draw < 0.4:
+        return rng.randint(-50, 50)
+    if draw < 0.7:
+        return k * rng.randint(-3, 3)
+    return k + rng.randint(-3, 3)
 
 
-def _int_list(rng: random.Random) -> tuple:
-    return ([rng.randint(-9, 9) for _ in range(rng.randint(0, 6))],)
+def _ints(rng: random.Random, k: int) -> tuple:
+    return (_int_near(rng, k),)
 
 
-def _word(rng: random.Random) -> tuple:
-    return ("".join(rng.choice("abcdeklmnorstu") for _ in range(rng.randint(0, 8))),)
+def _int_list(rng: random.Random, k: int) -> tuple:
+    return ([rng.randint(-12, 12) if rng.random() < 0.6 else k + rng.randint(-2, 2) for _ in range(rng.randint(0, 7))],)
+
+
+def _word(rng: random.Random, k: int | str) -> tuple:
+    letters = [rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(0, 9))]
+    if isinstance(k, str) and rng.random() < 0.5:  # the letter itself, at the start now and then
+        letters.insert(0 if rng.random() < 0.3 else rng.randint(0, len(letters)), k)
+    return ("".join(letters),)
 
 
 def _pool(words: str) -> tuple[str, ...]:
@@ -210,24 +224,57 @@ def _split(values: tuple, rng: random.Random) -> tuple[list, list]:
     return shuffled[cut:], shuffled[:cut]
 
 
+MIN_TESTS = 5
+MAX_DRAWS = 4000
+
+
+def _function(template: Template, k: int | str) -> Callable:
+    namespace: dict = {}
+    exec(compile(template.code.format(name="f", k=k), "<reference>", "exec"), namespace)  # our own template
+    return namespace["f"]
+
+
+def _calls(template: Template, k: int | str, rng: random.Random) -> list[tuple[tuple, object]]:
+    """Test calls ``(args, expected)`` that no rival passes: the template with any other of its
+    constants (a policy that wrote a training task's constant), or a function that returns one value.
+
+    Draws inputs until every rival fails at least one call and two calls expect different values,
+    keeping the first ``MIN_TESTS``, then only those that catch a rival not yet caught or bring a second value.
+
+    Raises:
+        ValueError: the template's inputs cannot tell this constant from a rival (a generator bug).
+    """
+    function = _function(template, k)
+    rivals = {other: _function(template, other) for other in template.constants if other != k}
+    calls: list[tuple[tuple, object]] = []
+    seen: set[str] = set()
+    for _ in range(MAX_DRAWS):
+        args = template.inputs(rng, k)
+        if repr(args) in seen:
+            continue
+        expected = function(*args)
+        caught = [other for other, rival in rivals.items() if rival(*args) != expected]
+        values = {repr(value) for _, value in calls}
+        if caught or len(calls) < MIN_TESTS or (len(values) < 2 and repr(expected) not in values):
+            seen.add(repr(args))
+            calls.append((args, expected))
+            for other in caught:
+                del rivals[other]
+        if not rivals and len(calls) >= MIN_TESTS and len({repr(v) for _, v in calls}) >= 2:
+            return calls
+    raise ValueError(f"{template.family} {k!r}: its inputs do not tell it from {sorted(map(str, rivals))[:3]}")
+
+
 def _task(template: Template, name: str, k: int | str, part: str, rng: random.Random) -> Task:
     code = template.code.format(name=name, k=k)
-    namespace: dict = {}
-    exec(compile(code, "<reference>", "exec"), namespace)  # our own template, to compute the expected values
-    function = namespace[name]
-    calls, seen = [], set()
-    while len(calls) < 5:
-        args = template.inputs(rng)
-        key = repr(args)
-        if key in seen and len(seen) < 50:
-            continue
-        seen.add(key)
-        calls.append(f"assert {name}({', '.join(map(repr, args))}) == {function(*args)!r}")
+    tests = [
+        f"assert {name}({', '.join(map(repr, args))}) == {expected!r}" for args, expected in _calls(template, k, rng)
+    ]
     return Task(
         id=f"{template.family}-{part}-{name}-{k}",
         prompt=template.prompt.format(name=name, k=k),
         language="python",
-        tests="\n".join(calls) + "\n",
+        tests="\n".join(tests) + "\n",
         entry_point=name,
         reference=code,
         difficulty=float(template.difficulty),

@@ -34,6 +34,26 @@ def test_held_out_tasks_ask_for_constants_training_never_showed_with_their_templ
     assert not {t.reference for t in HELDOUT} & {t.reference for t in TRAIN}
 
 
+def test_no_rival_passes_a_tasks_tests():
+    """The reward cannot be had without the task's own constant: the template with any other of its
+    constants (a training task's answer) fails, and so does any function that returns one value."""
+    templates = {t.family: t for t in TEMPLATES}
+    for task in HELDOUT + TRAIN[::7]:
+        family, name, constant = parts(task)
+        template = templates[family]
+        k = next(c for c in template.constants if str(c) == constant)
+        calls = [
+            (line.split(" == ")[0].removeprefix("assert "), line.split(" == ")[1]) for line in task.tests.splitlines()
+        ]
+        assert len({expected for _, expected in calls}) >= 2, task.id  # a constant answer fails
+        for other in template.constants:
+            if other == k:
+                continue
+            namespace: dict = {}
+            exec(template.code.format(name=name, k=other), namespace)
+            assert any(eval(call, namespace) != eval(expected) for call, expected in calls), (task.id, other)
+
+
 def test_the_split_is_reproducible_and_a_seed_changes_it():
     again_train, again_heldout = generate_tasks(seed=0)
     assert [t.id for t in again_heldout] == [t.id for t in HELDOUT] and again_train[5] == TRAIN[5]
