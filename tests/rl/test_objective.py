@@ -1,15 +1,14 @@
 """The shared policy loss on numpy, torch and mlx, checked against hand arithmetic; and the loss a
 step trains on, for every combination of the objective's options that the config accepts."""
 
-import itertools
 import math
-import typing
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import rl_reference as ref
 from pydantic import ValidationError
+from test_advantages import accepted  # the same enumeration of accepted config combinations
 
 from rlaif_mlx.backends.base import StepStats
 from rlaif_mlx.config import RlaifConfig, TrainingConfig
@@ -336,21 +335,7 @@ def test_why_k1_in_the_loss_is_refused():
 KEYS = ("kl_placement", "kl_estimator", "baseline", "scale_by_std", "whiten_advantages", "skip_zero_variance_groups")
 
 
-def accepted_combinations() -> list[dict]:
-    """The product of the six keys' values (read off the config's types) that ``RlaifConfig`` accepts."""
-    options = [typing.get_args(RlaifConfig.model_fields[k].annotation) or (False, True) for k in KEYS]
-    found = []
-    for values in itertools.product(*options):
-        combo = dict(zip(KEYS, values, strict=True))
-        try:
-            RlaifConfig(**combo)
-        except ValidationError:
-            continue
-        found.append(combo)
-    return found
-
-
-COMBOS = accepted_combinations()
+COMBOS = accepted(**dict.fromkeys(KEYS))  # every combination of the six keys the config accepts
 # Three prompts, three samples: varied, flat (all pass), and one with an unscored sample.
 REWARDS = [[0.0, 0.5, 1.0], [1.0, 1.0, 1.0], [0.25, None, 1.0]]
 STEP_MASK = np.array([[0, 1, 1, 1], [0, 1, 1, 0], [0, 1, 0, 0]] * 3, dtype=np.float64)
