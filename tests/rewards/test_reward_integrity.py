@@ -197,3 +197,26 @@ def test_every_bundled_humaneval_solution_scores_one():
     pipeline = RewardPipeline(RewardConfig(test_timeout_s=10, max_workers=2))
     results = pipeline.score([(t.id, t, f"```python\n{t.reference}\n```") for t in tasks])
     assert {uid: (r.reward, r.kind) for uid, r in results.items() if r.reward != 1.0} == {}
+
+
+TRIVIAL_ANSWERS = ("None", "0", "1", "-1", "True", "False", "''", "[]", "{}", "()", "args[0] if args else None")
+
+
+@pytest.mark.parametrize("task_set", ["builtin:quickstart_train.jsonl", "builtin:quickstart_eval.jsonl", "humaneval"])
+def test_no_trivial_answer_passes_a_bundled_task(task_set):
+    """A function that returns one value (or its first argument) whatever it is asked fails at least one
+    test of every bundled task; each task's reference, graded in the same batch, passes them all."""
+    tasks = [t for t in load_task_set(task_set).tasks if t.tests]
+    items = []
+    for task in tasks:
+        items.append((f"{task.id}#reference", task, f"```python\n{task.reference}\n```"))
+        for i, answer in enumerate(TRIVIAL_ANSWERS):
+            code = f"def {task.entry_point}(*args, **kwargs):\n    return {answer}\n"
+            items.append((f"{task.id}#{i}", task, f"```python\n{code}```"))
+    pipeline = RewardPipeline(RewardConfig(weights={"tests": 1.0}, test_timeout_s=10, max_workers=2))
+    results = pipeline.score(items)
+    references = {uid: r.reward for uid, r in results.items() if uid.endswith("#reference")}
+    assert set(references.values()) == {1.0} and len(references) == len(tasks)
+    rivals = {uid: r for uid, r in results.items() if not uid.endswith("#reference")}
+    forged = {uid: (r.reward, r.kind) for uid, r in rivals.items() if r.reward != 0.0}
+    assert all(reward is not None and reward < 1.0 for reward, _ in forged.values()), forged
