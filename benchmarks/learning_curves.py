@@ -111,56 +111,56 @@ def runs_of_one_warmup(backend: str, seed: int, args: argparse.Namespace, out: P
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """One panel per setting (rows) and backend (columns), one line per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     backends = sorted({r["backend"] for r in rows})
-    fig, axes = plt.subplots(1, len(backends), figsize=(6 * len(backends), 4), squeeze=False, sharey=True)
-    colours = {"grpo": "tab:blue", "drgrpo": "tab:green", "quickstart": "tab:orange"}
-    for ax, backend in zip(axes[0], backends, strict=True):
-        for r in (r for r in rows if r["backend"] == backend):
-            steps, values = zip(*r["curve"], strict=True)
-            ax.plot(
-                steps,
-                values,
-                color=colours[r["setting"]],
-                alpha=0.8,
-                marker="o",
-                markersize=3,
-                linestyle=("-", "--", ":")[r["seed"] % 3],
-                label=f"{r['setting']} seed {r['seed']}",
-            )
-        ax.set_title(f"held-out pass@1, {backend}")
+    settings = [s for s in SETTINGS if any(r["setting"] == s for r in rows)]
+    fig, axes = plt.subplots(
+        len(settings), len(backends), figsize=(6 * len(backends), 3.2 * len(settings)), squeeze=False, sharey=True
+    )
+    for row_axes, setting in zip(axes, settings, strict=True):
+        for ax, backend in zip(row_axes, backends, strict=True):
+            for r in sorted((r for r in rows if (r["backend"], r["setting"]) == (backend, setting)), key=seed_of):
+                steps, values = zip(*r["curve"], strict=True)
+                ax.plot(steps, values, color=f"C{r['seed']}", marker="o", markersize=3, label=f"seed {r['seed']}")
+            ax.set_title(f"{backend}, {setting}", fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, ncol=2)
+        row_axes[0].set_ylabel("held-out pass@1")
+    for ax in axes[-1]:
         ax.set_xlabel("RL step (0 = after the warm-up alone)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("pass@1 on 285 held-out tasks (greedy)")
+    fig.suptitle("pass@1 on the 285 held-out tasks (one greedy completion each)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+
+
+def seed_of(row: dict) -> int:
+    return row["seed"]
 
 
 def table(rows: list[dict]) -> str:
     """Markdown: per backend and setting, each seed's held-out pass@1 after the warm-up and after RL."""
+    seeds = sorted({r["seed"] for r in rows})
+    columns = " | ".join(f"seed {s}: warm-up -> RL" for s in seeds)
     lines = [
-        "| backend | setting | seed 0 warm-up -> RL | seed 1 | seed 2 | RL above warm-up | mean change |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| backend | setting | {columns} | RL above warm-up | mean change |",
+        "| --- | --- | " + "--- | " * len(seeds) + "--- | --- |",
     ]
     for backend in sorted({r["backend"] for r in rows}, reverse=True):
         for setting in SETTINGS:
-            runs = sorted(
-                (r for r in rows if (r["backend"], r["setting"]) == (backend, setting)), key=lambda r: r["seed"]
-            )
+            runs = {r["seed"]: r for r in rows if (r["backend"], r["setting"]) == (backend, setting)}
             if not runs:
                 continue
-            cells = [f"{r['warmup_pass@1']:.3f} -> {r['final_pass@1']:.3f}" for r in runs]
-            cells += ["-"] * (3 - len(cells))
-            above = sum(r["final_pass@1"] > r["warmup_pass@1"] for r in runs)
-            change = sum(r["final_pass@1"] - r["warmup_pass@1"] for r in runs) / len(runs)
-            lines.append(
-                f"| {backend} | {setting} | {' | '.join(cells[:3])} | {above} of {len(runs)} | {change:+.3f} |"
-            )
+            cells = [
+                f"{runs[s]['warmup_pass@1']:.3f} -> {runs[s]['final_pass@1']:.3f}" if s in runs else "-" for s in seeds
+            ]
+            above = sum(r["final_pass@1"] > r["warmup_pass@1"] for r in runs.values())
+            change = sum(r["final_pass@1"] - r["warmup_pass@1"] for r in runs.values()) / len(runs)
+            lines.append(f"| {backend} | {setting} | {' | '.join(cells)} | {above} of {len(runs)} | {change:+.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -176,7 +176,7 @@ def main() -> None:
     parser.add_argument("--backends", default="torch,mlx")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--settings", default="grpo,drgrpo,quickstart")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--out", default="benchmarks/results/learning")
     parser.add_argument("--warm-from", help="start RL from an earlier --out's warm-ups (same sft_* settings)")
