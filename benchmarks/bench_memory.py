@@ -79,7 +79,7 @@ def measure(settings: dict, model_path: str) -> dict[str, int]:
                 completions = backend.sample(prompts, n=settings["group"], params=params)
             sequences = SequenceBatch.from_completions(completions, pad_id=backend.pad_id)
             with probe.phase("reference", backend, record=step == 1):
-                ref = backend.logprobs(sequences, reference=True)
+                ref = backend.logprobs(sequences, reference=True, prompt_targets=False)  # as the trainer scores
             weights = aggregation_weights(sequences.loss_mask, aggregation="token_mean").astype(np.float32)
             advantages = rng.standard_normal(len(completions)).astype(np.float32)
             batch = TrainBatch(sequences, advantages, weights, ref_logp=ref)

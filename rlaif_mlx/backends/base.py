@@ -224,7 +224,9 @@ class Backend(Protocol):
         """
         ...
 
-    def logprobs(self, batch: SequenceBatch, *, reference: bool = False, temperature: float = 1.0) -> np.ndarray:
+    def logprobs(
+        self, batch: SequenceBatch, *, reference: bool = False, temperature: float = 1.0, prompt_targets: bool = True
+    ) -> np.ndarray:
         """Per-token log-probs ``[N, T-1]`` (float32, 0 on padding targets).
 
         Args:
@@ -232,6 +234,8 @@ class Backend(Protocol):
             reference: score under the frozen reference (LoRA: adapters off) instead of the policy.
             temperature: score ``softmax(logits / temperature)``: the sampling temperature,
                 so that these equal the log-probs recorded while sampling. Must be > 0.
+            prompt_targets: also score the prompts' own tokens; False leaves them 0 (only the
+                ``loss_mask`` targets are scored: the LM head skips the prompt positions).
 
         Returns:
             Column ``t`` is ``log p(ids[t+1] | ids[:t+1])`` at ``temperature``.

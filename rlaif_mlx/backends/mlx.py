@@ -134,7 +134,9 @@ class MlxBackend:
 
     # ---------------------------------------------------------------- logprobs
 
-    def logprobs(self, batch: SequenceBatch, *, reference: bool = False, temperature: float = 1.0) -> np.ndarray:
+    def logprobs(
+        self, batch: SequenceBatch, *, reference: bool = False, temperature: float = 1.0, prompt_targets: bool = True
+    ) -> np.ndarray:
         """``Backend.logprobs``, per micro-batch, each shared prompt forwarded once (``mlx_groups``)."""
         temperature = check_temperature(temperature)
         self._model.eval()
@@ -145,17 +147,21 @@ class MlxBackend:
         off = self._adapters_off() if reference and self._reference is None else contextlib.nullcontext()
         with off:
             for start in range(0, n, step):
-                logp = self._score(model, batch.rows(slice(start, start + step)), temperature)
+                logp = self._score(model, batch.rows(slice(start, start + step)), temperature, prompt_targets)
                 out[start : start + len(logp), : logp.shape[1]] = logp
         return out
 
-    def _score(self, model, rows: SequenceBatch, temperature: float) -> np.ndarray:
+    def _score(self, model, rows: SequenceBatch, temperature: float, prompts: bool) -> np.ndarray:
         """Row-layout log-probs of one micro-batch, each shared prompt forwarded once (``mlx_groups``)."""
         groups = grouped.find_groups(rows)
         if groups is None:
-            return np.array(ops.token_logp(model, *mlx_train.arrays(rows), temperature))
-        prompt_logp, completion_logp = grouped.grouped_logp(model, groups, prompt_targets=True, temperature=temperature)
-        return groups.to_row_layout(np.array(prompt_logp), np.array(completion_logp), rows.loss_mask.shape[1])
+            logp = np.array(ops.token_logp(model, *mlx_train.arrays(rows), temperature))
+            return logp if prompts else logp * rows.loss_mask
+        prompt_logp, completion_logp = grouped.grouped_logp(
+            model, groups, prompt_targets=prompts, temperature=temperature
+        )
+        prompt_logp = None if prompt_logp is None else np.array(prompt_logp)
+        return groups.to_row_layout(prompt_logp, np.array(completion_logp), rows.loss_mask.shape[1])
 
     @contextlib.contextmanager
     def _adapters_off(self):

@@ -54,11 +54,12 @@ class PromptGroups:
         picked = np.take_along_axis(array, np.minimum(columns, array.shape[1] - 1), axis=1)
         return np.where(real, picked, 0).astype(array.dtype)
 
-    def to_row_layout(self, prompt_logp: np.ndarray, completion_logp: np.ndarray, width: int) -> np.ndarray:
+    def to_row_layout(self, prompt_logp: np.ndarray | None, completion_logp: np.ndarray, width: int) -> np.ndarray:
         """Assembles ``[R, width]`` row-layout log-probs (0 on padding targets).
 
         Args:
-            prompt_logp: ``[U, P-1]`` log-probs of the left-padded unique prompts' own tokens.
+            prompt_logp: ``[U, P-1]`` log-probs of the left-padded unique prompts' own tokens
+                (None: the prompt targets stay 0).
             completion_logp: ``[R, C]`` in the completion layout.
             width: ``T - 1`` of the micro-batch.
         """
@@ -66,6 +67,8 @@ class PromptGroups:
         out = np.zeros((rows, width), dtype=np.float32)
         columns, real = self._columns()
         out[np.nonzero(real)[0], columns[real]] = completion_logp[real]
+        if prompt_logp is None:
+            return out
         # prompt target t of row r sits at column (P - 1) - (prompt_len - 1) + t of its left-padded prompt
         shift = prompt_logp.shape[1] - (self.prompt_len - 1)
         t = np.arange(prompt_logp.shape[1])[None, :]

@@ -164,7 +164,9 @@ class TorchBackend:
     # ---------------------------------------------------------------- logprobs
 
     @torch.inference_mode()
-    def logprobs(self, batch: SequenceBatch, *, reference: bool = False, temperature: float = 1.0) -> np.ndarray:
+    def logprobs(
+        self, batch: SequenceBatch, *, reference: bool = False, temperature: float = 1.0, prompt_targets: bool = True
+    ) -> np.ndarray:
         """``Backend.logprobs``, per micro-batch, each distinct prompt forwarded once (``torch_forward``)."""
         temperature = check_temperature(temperature)
         self._model.eval()
@@ -174,20 +176,23 @@ class TorchBackend:
         for index in torch_train.micro_batches(n, size, fsdp=self._fsdp, device=self.device):
             rows = batch.rows(index) if index is not None else torch_train.idle_rows(self.pad_id)
             ids, attn = torch_train.tensors(rows, device=self.device)
-            logp = self._score(ids, attn, rows.loss_mask, reference=reference, temperature=temperature)
+            logp = self._score(
+                ids, attn, rows.loss_mask, reference=reference, temperature=temperature, prompts=prompt_targets
+            )
             if index is not None:
                 out[index.start : index.start + len(rows), : logp.shape[1]] = logp.float().cpu().numpy()
         if self._fsdp is not None and reference and self._reference is not None:
             self._reference.reshard()  # its root (embeddings, head) stays gathered after a forward until resharded
         return out
 
-    def _score(self, ids, attn, loss_mask, *, reference: bool, temperature: float):
+    def _score(self, ids, attn, loss_mask, *, reference: bool, temperature: float, prompts: bool):
+        options = {"temperature": temperature, "prompt_targets": prompts}
         if not reference:
-            return fwd.sequence_logp(self._model, ids, attn, loss_mask, temperature=temperature)
+            return fwd.sequence_logp(self._model, ids, attn, loss_mask, **options)
         if self._reference is not None:
-            return fwd.sequence_logp(self._reference, ids, attn, loss_mask, temperature=temperature)
+            return fwd.sequence_logp(self._reference, ids, attn, loss_mask, **options)
         with self._model.disable_adapter():
-            return fwd.sequence_logp(self._model, ids, attn, loss_mask, temperature=temperature)
+            return fwd.sequence_logp(self._model, ids, attn, loss_mask, **options)
 
     # -------------------------------------------------------------- train_step
 

@@ -265,11 +265,8 @@ def _forward(shape: ModelShape, work: Workload, b: int, *, train: bool, trainabl
         parts["activations"] = tokens * 2 * (h + i) * b
     if mlx:  # MLX's attention on the CPU materialises the scores (recomputed in the backward pass)
         parts["attention scores"] = rows * shape.num_heads * work.new_tokens * total * 4 * (2 if train else 1)
-    # the positions whose next token is scored: completions (and, for the reference, the prompts too)
-    scored = rows * work.new_tokens
-    if mlx and not train:  # the prompts' logits stay alive while the completions are scored
-        parts["prompt logits"] = unique * work.prompt_tokens * shape.vocab_size * 4
-    elif not mlx and not train:
+    scored = rows * work.new_tokens  # the positions whose next token is scored: the completions' (the reference too)
+    if not mlx and not train:  # measured: PyTorch's reference peak did not fall when the prompts' targets went
         scored += unique * work.prompt_tokens
     if not mlx:  # the LM head runs in chunks (recomputed in the backward pass)
         scored = min(scored, max(1, HEAD_CHUNK_ELEMENTS // shape.vocab_size))

@@ -73,7 +73,7 @@ class RolloutBuilder:
         policy_logp = sampled_logprobs(completions, sequences)
         temperature = self.config.rlaif.generation_temperature  # the policy that sampled them: one T throughout
         ref_logp = (
-            self.backend.logprobs(sequences, reference=True, temperature=temperature)
+            self.backend.logprobs(sequences, reference=True, temperature=temperature, prompt_targets=False)
             if self.needs_reference()
             else None
         )

@@ -128,6 +128,23 @@ def test_sample_logprobs_equal_teacher_forced(lora, params):
         assert (forced[i, start + len(c.completion_ids) :] == 0).all()  # padding targets are 0
 
 
+@pytest.mark.parametrize("shared_prompts", [True, False], ids=["grouped", "one-per-prompt"])
+def test_logprobs_without_prompt_targets_score_only_the_completions(kind, tiny_model_path, tmp_path, shared_prompts):
+    """``prompt_targets=False`` (the reference pass) leaves the prompt cells 0 and gives the completion cells
+    exactly what the full scoring gives them, for rows that share prompts and for rows that do not."""
+    backend = with_random_adapters(make(kind, tiny_model_path), tmp_path / "adapters")
+    params = SamplingParams(max_new_tokens=6, seed=(1, 2, 3))
+    completions = backend.sample(encode(backend), n=3 if shared_prompts else 1, params=params)
+    seqs = SequenceBatch.from_completions(completions, pad_id=backend.pad_id)
+    for reference in (False, True):
+        full = backend.logprobs(seqs, reference=reference, temperature=0.8)
+        part = backend.logprobs(seqs, reference=reference, temperature=0.8, prompt_targets=False)
+        completion = seqs.loss_mask > 0
+        np.testing.assert_allclose(part[completion], full[completion], atol=1e-6)
+        assert (part[~completion] == 0).all()
+        assert (full[~completion] != 0).any()  # the prompts' own targets were scored in the full pass
+
+
 def recorded_logp(completions, seqs: SequenceBatch) -> np.ndarray:
     """The log-probs sampling recorded, laid out ``[N, T-1]`` like ``logprobs`` (0 off the completions)."""
     out = np.zeros(seqs.loss_mask.shape, dtype=np.float32)

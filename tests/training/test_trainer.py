@@ -365,10 +365,10 @@ def test_scoring_overlaps_the_reference_log_probs(tmp_path, tiny_model_path):
     reference_started = threading.Event()
     logprobs = backend.logprobs
 
-    def watched(batch, *, reference=False, temperature=1.0):
+    def watched(batch, *, reference=False, **options):
         if reference:
             reference_started.set()
-        return logprobs(batch, reference=reference, temperature=temperature)
+        return logprobs(batch, reference=reference, **options)
 
     backend.logprobs = watched
 
