@@ -124,7 +124,8 @@ def plot(rows: list[dict], path: Path) -> None:
     )
     for row_axes, setting in zip(axes, settings, strict=True):
         for ax, backend in zip(row_axes, backends, strict=True):
-            for r in sorted((r for r in rows if (r["backend"], r["setting"]) == (backend, setting)), key=seed_of):
+            runs = [r for r in rows if (r["backend"], r["setting"]) == (backend, setting)]
+            for r in sorted(runs, key=lambda r: r["seed"]):
                 steps, values = zip(*r["curve"], strict=True)
                 ax.plot(steps, values, color=f"C{r['seed']}", marker="o", markersize=3, label=f"seed {r['seed']}")
             ax.set_title(f"{backend}, {setting}", fontsize=10)
@@ -136,10 +137,6 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.suptitle("pass@1 on the 285 held-out tasks (one greedy completion each)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-
-
-def seed_of(row: dict) -> int:
-    return row["seed"]
 
 
 def table(rows: list[dict]) -> str:

@@ -136,10 +136,10 @@ def test_logprobs_without_prompt_targets_score_only_the_completions(kind, tiny_m
     params = SamplingParams(max_new_tokens=6, seed=(1, 2, 3))
     completions = backend.sample(encode(backend), n=3 if shared_prompts else 1, params=params)
     seqs = SequenceBatch.from_completions(completions, pad_id=backend.pad_id)
+    completion = seqs.loss_mask > 0
     for reference in (False, True):
         full = backend.logprobs(seqs, reference=reference, temperature=0.8)
         part = backend.logprobs(seqs, reference=reference, temperature=0.8, prompt_targets=False)
-        completion = seqs.loss_mask > 0
         np.testing.assert_allclose(part[completion], full[completion], atol=1e-6)
         assert (part[~completion] == 0).all()
         assert (full[~completion] != 0).any()  # the prompts' own targets were scored in the full pass
