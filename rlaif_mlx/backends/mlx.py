@@ -92,7 +92,7 @@ class MlxBackend:
         if ignored:
             log.warning("%s: PyTorch-only option(s); the MLX backend ignores them.", ", ".join(ignored))
         mlx_load.set_memory_limits(model.mlx, device=self.device)
-        policy = mlx_load.load_policy(model, seed=seed)
+        policy = mlx_load.load_policy(model, seed=seed, device=self.device)
         self.tokenizer, self.eos_ids, self.pad_id = policy.tokenizer, policy.eos_ids, policy.pad_id
         self._model, self._reference, self._path = policy.model, policy.reference, policy.path
         self._use_lora = model.use_lora

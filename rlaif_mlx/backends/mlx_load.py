@@ -27,6 +27,7 @@ from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load_model
 from transformers import AutoTokenizer
 
 from rlaif_mlx.backends import mlx_ops as ops
+from rlaif_mlx.backends.mlx_swiglu import swap_mlps
 from rlaif_mlx.config import MlxOptions, ModelConfig
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -52,12 +53,13 @@ class Policy:
     pad_id: int
 
 
-def load_policy(config: ModelConfig, *, seed: int) -> Policy:
+def load_policy(config: ModelConfig, *, seed: int, device: str) -> Policy:
     """Loads the tokenizer and model, and adds the LoRA adapters or the reference copy.
 
     Args:
         config: the ``model`` config section.
         seed: seeds what mlx-lm draws while building (MLX's global state is restored afterwards).
+        device: ``"cpu"`` or ``"gpu"``; on the CPU the MLP blocks compute SwiGLU through ``power`` (``mlx_swiglu``).
 
     Raises:
         ValueError: an architecture batched sampling cannot serve, or a quantised
@@ -65,7 +67,7 @@ def load_policy(config: ModelConfig, *, seed: int) -> Policy:
     """
     path = model_folder(config.base_model)
     with ops.seeded_rng(seed):
-        model = load_base(path, dtype=config.dtype)
+        model = load_base(path, dtype=config.dtype, device=device)
         try:
             ops.batch_cache(model, [0])  # an architecture batched sampling cannot serve fails here, not mid-run
         except ValueError as exc:
@@ -90,7 +92,7 @@ def load_policy(config: ModelConfig, *, seed: int) -> Policy:
             linear_to_lora_layers(model, len(model.layers), lora)
             mx.eval(model.parameters())
         else:
-            reference = load_base(path, dtype=config.dtype)
+            reference = load_base(path, dtype=config.dtype, device=device)
             reference.update(tree_map(mx.array, model.parameters()))
             reference.freeze()
     pad = tokenizer.pad_token_id
@@ -109,9 +111,14 @@ def model_folder(base: str) -> Path:
     return Path(snapshot_download(base, allow_patterns=DEFAULT_ALLOW_PATTERNS))
 
 
-def load_base(path: Path, *, dtype: str) -> nn.Module:
-    """The model in ``path`` as mlx-lm builds it, in ``dtype``, evaluated, in eval mode."""
+def load_base(path: Path, *, dtype: str, device: str) -> nn.Module:
+    """The model in ``path`` as mlx-lm builds it, in ``dtype``, evaluated, in eval mode.
+
+    On the CPU its known MLP blocks are swapped for ``PowerSwiGLU`` (same parameters, same function, ~3x faster there).
+    """
     model, _ = load_model(path)
+    if device == "cpu":
+        swap_mlps(model)
     model.set_dtype(DTYPES[dtype])
     model.eval()
     mx.eval(model.parameters())

@@ -64,7 +64,7 @@ def test_a_hub_id_loads_from_its_local_snapshot(tiny_model_path, tmp_path, monke
 
 def test_left_padded_cached_decode_equals_full_forward(tiny_model_path):
     # BatchKVCache offsets RoPE per row: a left-padded row decodes as if unpadded.
-    policy = mlx_load.load_policy(ModelConfig(base_model=str(tiny_model_path), lora_r=4), seed=0)
+    policy = mlx_load.load_policy(ModelConfig(base_model=str(tiny_model_path), lora_r=4), seed=0, device="cpu")
     model = policy.model
     prompts = [policy.tokenizer.encode(t, add_special_tokens=False) for t in ["def add(a, b):\n    return", "y"]]
     extra = [[11, 12, 13, 14, 15], [21, 22, 23, 24, 25]]

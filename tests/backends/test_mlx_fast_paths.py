@@ -315,7 +315,7 @@ def test_sampling_with_lora_merged_restores_the_weights_bit_identical(tiny_model
 
 def lora_model(path, *, random_b: bool = True):
     """The policy model as the backend loads it, held by the test; with random B (it starts at 0)."""
-    model = mlx_load.load_policy(ModelConfig(base_model=str(path), lora_r=4), seed=0).model
+    model = mlx_load.load_policy(ModelConfig(base_model=str(path), lora_r=4), seed=0, device="cpu").model
     if random_b:
         for layer in mlx_ops.lora_layers(model).values():
             layer.lora_b = mx.random.normal(layer.lora_b.shape, key=mx.random.key(7)) * 0.2
