@@ -107,6 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="cProfile our step: where the target is missed (auto), always, or never",
     )
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32", help="both sides' weights (default float32)"
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both sides run (default cpu)")
     parser.add_argument("--target", type=float, default=0.7, help="goal for our step time / TRL's (default 0.7)")
     parser.add_argument(
@@ -208,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
                 kl=args.kl,
                 learning_rate=args.learning_rate,
                 device=args.device,
+                dtype=args.dtype,
             )
             records: dict[str, list[dict]] = {side: [] for side in sides}
             for round_index in range(args.rounds):
@@ -276,7 +280,7 @@ def write_report(args: argparse.Namespace, runs: list[dict], argv: list[str]) ->
         f"- work per step: B={args.prompts} prompts x G={args.group} samples, up to T={args.new_tokens} new tokens "
         f"at temperature 1, reward = share of digit characters (in-process), beta={args.kl} (k3 KL in the loss), "
         f"LoRA r={args.lora_rank} alpha={args.lora_alpha or 2 * args.lora_rank:g} on q/k/v/o or all weights, "
-        f"lr {args.learning_rate:g} constant, one AdamW step per batch, float32 on {args.device}, "
+        f"lr {args.learning_rate:g} constant, one AdamW step per batch, {args.dtype} on {args.device}, "
         f"torch threads {_first(runs, 'torch_threads')}",
         f"- timing: median over {args.rounds} rounds x {args.steps} steps (one untimed warm-up step per round); "
         "each round of each side is a fresh process; peak memory = the highest `ru_maxrss` of its rounds; "

@@ -58,6 +58,7 @@ class StepSettings:
         profile: run the timed steps under cProfile (ours only) and report the top entries.
         device: ``cpu`` or ``cuda`` (both sides run on it).
         micro_batch: our rows per forward/backward (None: the worker's default).
+        dtype: the weights' and activations' dtype on both sides (``float32`` or ``bfloat16``).
     """
 
     model_path: str
@@ -73,6 +74,7 @@ class StepSettings:
     profile: bool = False
     device: str = "cpu"
     micro_batch: int | None = None
+    dtype: str = "float32"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

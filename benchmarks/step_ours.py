@@ -76,7 +76,7 @@ def build_config(
             "output_dir": str(output_dir),
             "model": {
                 "base_model": settings.model_path,
-                "dtype": "float32",
+                "dtype": settings.dtype,
                 "use_lora": settings.lora,
                 "lora_r": settings.lora_rank,
                 "lora_alpha": settings.lora_alpha,

@@ -6,7 +6,7 @@ own peak. Usage: ``python benchmarks/step_trl.py SETTINGS_JSON RESULT_PATH``.
 Settings that change the work are set to match ours explicitly (group size,
 completion length, temperature, LoRA, beta with TRL's k3 KL, learning rate,
 one optimizer step per generation batch, per-device batch = B*G, no gradient
-accumulation, float32 on the same device, no vLLM, no gradient checkpointing). TRL's
+accumulation, float32 (or `--dtype`) on the same device, no vLLM, no gradient checkpointing). TRL's
 own implementation choices (its fused log-prob head, its default fused AdamW,
 ``generate``) are left as they are: they are what a TRL user gets.
 
@@ -124,7 +124,7 @@ def main(settings_json: str, result_path: str) -> None:
     rss_imports = peak_rss_mb()
     out = tempfile.mkdtemp(prefix="bench-step-trl-")
     tokenizer = AutoTokenizer.from_pretrained(settings.model_path, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(settings.model_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(settings.model_path, dtype=getattr(torch, settings.dtype))
     peft_config = None
     if settings.lora:
         peft_config = LoraConfig(
