@@ -15,6 +15,7 @@ import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 from mlx_lm.models import qwen2  # noqa: E402
 from mlx_lm.models.activations import swiglu as mlx_lm_swiglu  # noqa: E402
+from mlx_lm.tuner.lora import LoRALinear  # noqa: E402
 
 from rlaif_mlx.backends import mlx_load, mlx_ops, mlx_swiglu  # noqa: E402
 from rlaif_mlx.config import ModelConfig  # noqa: E402
@@ -36,8 +37,9 @@ def test_swiglu_and_its_gradients_equal_mlx_lm_own():
         np.testing.assert_allclose(np.array(mine), np.array(reference), rtol=1e-5, atol=1e-6)
 
 
-def lora_policy(path, device: str):
-    model = mlx_load.load_policy(ModelConfig(base_model=str(path), lora_r=4), seed=0, device=device).model
+def lora_policy(path, device: str, targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")):
+    config = ModelConfig(base_model=str(path), lora_r=4, lora_target_modules=list(targets))
+    model = mlx_load.load_policy(config, seed=0, device=device).model
     for layer in mlx_ops.lora_layers(model).values():  # B starts at 0: make the adapters matter
         layer.lora_b = mx.random.normal(layer.lora_b.shape, key=mx.random.key(7)) * 0.2
     return model
@@ -63,6 +65,20 @@ def test_the_cpu_policy_computes_what_mlx_lm_does_with_the_same_parameters(tiny_
     for name, grad in ours.items():
         assert np.abs(np.array(theirs[name])).max() > 0, name
         np.testing.assert_allclose(np.array(grad), np.array(theirs[name]), rtol=1e-3, atol=1e-5, err_msg=name)
+
+
+def test_lora_on_the_mlp_projections_adapts_and_merges_inside_the_swapped_block(tiny_model_path):
+    targets = ("gate_proj", "up_proj", "down_proj")
+    swapped, kept = lora_policy(tiny_model_path, "cpu", targets), lora_policy(tiny_model_path, "gpu", targets)
+    mlp = swapped.layers[0].mlp
+    assert isinstance(mlp, mlx_swiglu.PowerSwiGLU) and all(isinstance(mlp[name], LoRALinear) for name in targets)
+    ids = mx.random.randint(3, 500, (2, 16), key=mx.random.key(6))
+    adapted = np.array(swapped(ids))
+    np.testing.assert_allclose(adapted, np.array(kept(ids)), rtol=1e-4, atol=1e-5)
+    with mlx_ops.lora_merged(swapped):
+        assert type(swapped.layers[0].mlp.gate_proj) is nn.Linear
+        np.testing.assert_allclose(np.array(swapped(ids)), adapted, rtol=1e-4, atol=1e-5)
+    assert swapped.layers[0].mlp is mlp and isinstance(mlp.gate_proj, LoRALinear)
 
 
 def test_an_unknown_mlp_is_left_alone():
