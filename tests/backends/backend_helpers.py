@@ -30,6 +30,20 @@ def make(kind: str, path, *, seed: int = 0, total_steps: int = 20, model: dict |
     return module.create(config, TrainingConfig(**training), seed=seed, total_steps=total_steps)
 
 
+def mlx_lora_model(path, *, device: str = "cpu", targets: list[str] | None = None, random_b: bool = True):
+    """The MLX policy model as the backend loads it on ``device``, held by the test; with random B (it starts at 0)."""
+    import mlx.core as mx
+
+    from rlaif_mlx.backends import mlx_load, mlx_ops
+
+    config = ModelConfig(base_model=str(path), lora_r=4, **({"lora_target_modules": targets} if targets else {}))
+    model = mlx_load.load_policy(config, seed=0, device=device).model
+    if random_b:
+        for layer in mlx_ops.lora_layers(model).values():
+            layer.lora_b = mx.random.normal(layer.lora_b.shape, key=mx.random.key(7)) * 0.2
+    return model
+
+
 def encode(backend, texts=PROMPTS) -> list[list[int]]:
     return [backend.tokenizer.encode(t, add_special_tokens=False) for t in texts]
 

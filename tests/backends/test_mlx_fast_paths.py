@@ -19,12 +19,11 @@ mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
 import mlx.nn as nn  # noqa: E402
-from backend_helpers import encode, plain_logp, plain_model, with_random_adapters  # noqa: E402
+from backend_helpers import encode, mlx_lora_model, plain_logp, plain_model, with_random_adapters  # noqa: E402
 from backend_helpers import make as make_backend  # noqa: E402
 
-from rlaif_mlx.backends import mlx_decode, mlx_groups, mlx_load, mlx_ops  # noqa: E402
+from rlaif_mlx.backends import mlx_decode, mlx_groups, mlx_ops  # noqa: E402
 from rlaif_mlx.backends.base import Completion, LossSettings, SamplingParams, SequenceBatch, TrainBatch  # noqa: E402
-from rlaif_mlx.config import ModelConfig  # noqa: E402
 from rlaif_mlx.rl.objective import aggregation_weights  # noqa: E402
 
 
@@ -313,23 +312,14 @@ def test_sampling_with_lora_merged_restores_the_weights_bit_identical(tiny_model
     assert np.abs(forced - unadapted).max() > 1e-2  # the adapters matter here
 
 
-def lora_model(path, *, random_b: bool = True):
-    """The policy model as the backend loads it, held by the test; with random B (it starts at 0)."""
-    model = mlx_load.load_policy(ModelConfig(base_model=str(path), lora_r=4), seed=0, device="cpu").model
-    if random_b:
-        for layer in mlx_ops.lora_layers(model).values():
-            layer.lora_b = mx.random.normal(layer.lora_b.shape, key=mx.random.key(7)) * 0.2
-    return model
-
-
 def test_merged_lora_is_restored_after_an_exception_and_skipped_on_quantised_bases(tiny_model_path, quantized_path):
-    model = lora_model(tiny_model_path)
+    model = mlx_lora_model(tiny_model_path)
     layers = mlx_ops.lora_layers(model)
     with pytest.raises(RuntimeError, match="boom"), mlx_ops.lora_merged(model):
         assert not mlx_ops.lora_layers(model)
         raise RuntimeError("boom")
     assert mlx_ops.lora_layers(model) == layers
-    quantized = lora_model(quantized_path, random_b=False)
+    quantized = mlx_lora_model(quantized_path, random_b=False)
     layers = mlx_ops.lora_layers(quantized)
     with mlx_ops.lora_merged(quantized):
         assert mlx_ops.lora_layers(quantized) == layers

@@ -12,13 +12,13 @@ mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
 import mlx.nn as nn  # noqa: E402
+from backend_helpers import mlx_lora_model  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 from mlx_lm.models import qwen2  # noqa: E402
 from mlx_lm.models.activations import swiglu as mlx_lm_swiglu  # noqa: E402
 from mlx_lm.tuner.lora import LoRALinear  # noqa: E402
 
-from rlaif_mlx.backends import mlx_load, mlx_ops, mlx_swiglu  # noqa: E402
-from rlaif_mlx.config import ModelConfig  # noqa: E402
+from rlaif_mlx.backends import mlx_ops, mlx_swiglu  # noqa: E402
 
 
 def test_swiglu_and_its_gradients_equal_mlx_lm_own():
@@ -37,16 +37,8 @@ def test_swiglu_and_its_gradients_equal_mlx_lm_own():
         np.testing.assert_allclose(np.array(mine), np.array(reference), rtol=1e-5, atol=1e-6)
 
 
-def lora_policy(path, device: str, targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")):
-    config = ModelConfig(base_model=str(path), lora_r=4, lora_target_modules=list(targets))
-    model = mlx_load.load_policy(config, seed=0, device=device).model
-    for layer in mlx_ops.lora_layers(model).values():  # B starts at 0: make the adapters matter
-        layer.lora_b = mx.random.normal(layer.lora_b.shape, key=mx.random.key(7)) * 0.2
-    return model
-
-
 def test_the_cpu_policy_computes_what_mlx_lm_does_with_the_same_parameters(tiny_model_path):
-    swapped, kept = lora_policy(tiny_model_path, "cpu"), lora_policy(tiny_model_path, "gpu")
+    swapped, kept = mlx_lora_model(tiny_model_path, device="cpu"), mlx_lora_model(tiny_model_path, device="gpu")
     assert all(isinstance(layer.mlp, mlx_swiglu.PowerSwiGLU) for layer in swapped.layers)
     assert all(type(layer.mlp) is qwen2.MLP for layer in kept.layers)  # on Metal the model stays as mlx-lm built it
     assert [name for name, _ in tree_flatten(swapped.parameters())] == [
@@ -68,8 +60,8 @@ def test_the_cpu_policy_computes_what_mlx_lm_does_with_the_same_parameters(tiny_
 
 
 def test_lora_on_the_mlp_projections_adapts_and_merges_inside_the_swapped_block(tiny_model_path):
-    targets = ("gate_proj", "up_proj", "down_proj")
-    swapped, kept = lora_policy(tiny_model_path, "cpu", targets), lora_policy(tiny_model_path, "gpu", targets)
+    targets = ["gate_proj", "up_proj", "down_proj"]
+    swapped, kept = (mlx_lora_model(tiny_model_path, device=d, targets=targets) for d in ("cpu", "gpu"))
     mlp = swapped.layers[0].mlp
     assert isinstance(mlp, mlx_swiglu.PowerSwiGLU) and all(isinstance(mlp[name], LoRALinear) for name in targets)
     ids = mx.random.randint(3, 500, (2, 16), key=mx.random.key(6))
