@@ -184,7 +184,11 @@ class LLMServer:
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        self._httpd.server_close()  # joins the handler threads
+        self._httpd.server_close()
+        with self._lock:
+            handlers = list(self._handler_threads)
+        for thread in handlers:  # daemon threads: server_close does not join them, so a woken one may still run
+            thread.join(timeout=600)  # a hang guard, not a speed bound
         if self._thread is not None:
             self._thread.join(timeout=5)
 
